@@ -1,0 +1,76 @@
+"""The backend interface every backend implements, and the registry that finds them."""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from blade.errors import ConfigError
+from blade.ir import Graph, Node
+from blade.target import Target
+
+
+@runtime_checkable
+class Executable(Protocol):
+    """A compiled graph: called with the flat input tensors, returns the flat outputs."""
+
+    def __call__(self, *tensors) -> list: ...
+
+    def save(self, directory: str) -> None:
+        """Write the backend's own files (the IR and weights are saved by the artifact)."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """name, supports(node), compile(graph, target) -> Executable, load(directory, graph, target)."""
+
+    name: str
+
+    def available(self, target: Target) -> bool: ...
+
+    def supports(self, node: Node) -> bool: ...
+
+    def compile(self, graph: Graph, target: Target) -> Executable: ...
+
+    def load(self, directory: str, graph: Graph, target: Target) -> Executable: ...
+
+
+_REGISTRY: dict[str, Any] = {}
+# backend="auto" prefers these in order (DESIGN.md: triton on CUDA, else onnxruntime), then eager.
+AUTO_PREFERENCE = ("triton", "onnxruntime", "eager")
+
+
+def register(backend) -> None:
+    if not isinstance(backend, Backend):
+        raise TypeError(f"{backend!r} does not implement the Backend interface")
+    _REGISTRY[backend.name] = backend
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str):
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown backend {name!r}; registered backends: {names()} (or 'auto')") from None
+
+
+def resolve(name: str, target: Target) -> tuple[Any, str]:
+    """The backend to use for `name` on `target`, and why it was chosen."""
+    if name != "auto":
+        backend = get(name)
+        if not backend.available(target):
+            raise ConfigError(f"backend {name!r} cannot run on {target.describe()}; choose one of "
+                              f"{[b for b in names() if _REGISTRY[b].available(target)]}")
+        return backend, f"{name}: requested"
+    skipped = []
+    for candidate in AUTO_PREFERENCE:
+        backend = _REGISTRY.get(candidate)
+        if backend is None:
+            skipped.append(f"{candidate} not registered")
+        elif not backend.available(target):
+            skipped.append(f"{candidate} unavailable on {target.device}")
+        else:
+            why = f"auto: {candidate}" + (f" ({'; '.join(skipped)})" if skipped else "")
+            return backend, why
+    raise ConfigError(f"no backend can run on {target.describe()}: {'; '.join(skipped)}")

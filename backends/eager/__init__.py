@@ -1,0 +1,37 @@
+"""The eager reference backend: IR → torch.fx GraphModule → PyTorch, op by op."""
+from __future__ import annotations
+
+import torch
+
+from blade.ir import Graph, Node
+from blade.target import Target
+
+
+class EagerExecutable:
+    """Runs the graph's fx module under no_grad."""
+
+    def __init__(self, graph: Graph):
+        self.module = graph.to_fx()
+
+    def __call__(self, *tensors) -> list:
+        with torch.no_grad():
+            return list(self.module(*tensors))
+
+    def save(self, directory: str) -> None:
+        """Nothing beyond the IR and weights, which the artifact saves."""
+
+
+class EagerBackend:
+    name = "eager"
+
+    def available(self, target: Target) -> bool:
+        return True
+
+    def supports(self, node: Node) -> bool:
+        return True
+
+    def compile(self, graph: Graph, target: Target) -> EagerExecutable:
+        return EagerExecutable(graph)
+
+    def load(self, directory: str, graph: Graph, target: Target) -> EagerExecutable:
+        return EagerExecutable(graph)

@@ -1,0 +1,15 @@
+"""blade: a graph-level compiler for PyTorch inference.
+
+    cm = blade.compile(model, example_inputs, dynamic_shapes=...)
+    cm(*inputs); cm.report; cm.save("model.blade"); blade.load("model.blade")
+"""
+__version__ = "0.1.0"
+
+from blade import errors  # noqa: E402
+from blade.api import compile  # noqa: E402
+from blade.artifact import load  # noqa: E402
+from blade.compiled import CompiledModel  # noqa: E402
+from blade.config import CompileConfig  # noqa: E402
+from blade.ir import Graph  # noqa: E402
+
+__all__ = ["CompileConfig", "CompiledModel", "Graph", "compile", "errors", "load", "__version__"]

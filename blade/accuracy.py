@@ -1,0 +1,103 @@
+"""Accuracy of outputs against a reference: relative error, max abs error, cosine — NaN never passes."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# Relative-error tolerance per output dtype (DESIGN.md, Measuring).
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@dataclass
+class OutputError:
+    index: int
+    dtype: str
+    max_abs: float
+    rel_err: float
+    cosine: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_err <= self.tolerance  # False for NaN
+
+
+@dataclass
+class Accuracy:
+    """The worst figures over all outputs, and each output's own."""
+
+    outputs: list[OutputError] = field(default_factory=list)
+
+    @property
+    def max_abs(self) -> float:
+        return _worst(o.max_abs for o in self.outputs)
+
+    @property
+    def rel_err(self) -> float:
+        return _worst(o.rel_err for o in self.outputs)
+
+    @property
+    def cosine(self) -> float:
+        values = [o.cosine for o in self.outputs]
+        return min(values, key=lambda v: -math.inf if math.isnan(v) else v) if values else 1.0
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    def as_dict(self) -> dict:
+        return {"max_abs": self.max_abs, "rel_err": self.rel_err, "cosine": self.cosine, "ok": self.ok,
+                "outputs": [asdict(o) for o in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Accuracy":
+        numeric = ("max_abs", "rel_err", "cosine", "tolerance")
+        return cls([OutputError(**{k: float(v) if k in numeric else v for k, v in o.items()})
+                    for o in data.get("outputs", [])])
+
+
+def _worst(values) -> float:
+    values = list(values)
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values, default=0.0)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (‖out − ref‖ when ref is all zeros); NaN if out has NaN."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if torch.isnan(out64).any() or torch.isnan(ref64).any():
+        return math.nan
+    diff = torch.linalg.vector_norm(out64 - ref64).item()
+    norm = torch.linalg.vector_norm(ref64).item()
+    return diff / norm if norm > 0 else diff
+
+
+def compare_tensor(index: int, out, ref) -> OutputError:
+    if not isinstance(ref, torch.Tensor):
+        same = out == ref
+        return OutputError(index, type(ref).__name__, 0.0 if same else math.inf, 0.0 if same else math.inf,
+                           1.0 if same else 0.0, 0.0)
+    if out.shape != ref.shape:
+        return OutputError(index, str(ref.dtype), math.inf, math.inf, 0.0, 0.0)
+    tol = TOLERANCE.get(ref.dtype, 0.0)
+    if not (ref.is_floating_point() or ref.is_complex()):
+        mismatch = (out != ref).double().mean().item() if ref.numel() else 0.0
+        return OutputError(index, str(ref.dtype), float((out.double() - ref.double()).abs().max().item())
+                           if ref.numel() else 0.0, mismatch, 1.0 - mismatch, tol)
+    rel = relative_error(out, ref)
+    diff = (out.double() - ref.double()).abs()
+    max_abs = math.nan if math.isnan(rel) else (float(diff.max().item()) if diff.numel() else 0.0)
+    a, b = out.double().flatten().nan_to_num(0.0), ref.double().flatten().nan_to_num(0.0)
+    denom = (a.norm() * b.norm()).item()
+    cosine = (a @ b).item() / denom if denom > 0 else (1.0 if torch.equal(a, b) else 0.0)
+    return OutputError(index, str(ref.dtype).removeprefix("torch."), max_abs, rel, cosine, tol)
+
+
+def compare(outputs: list, references: list) -> Accuracy:
+    """Compare flat outputs with flat references, output by output."""
+    if len(outputs) != len(references):
+        raise ValueError(f"{len(outputs)} outputs against {len(references)} references")
+    return Accuracy([compare_tensor(i, o, r) for i, (o, r) in enumerate(zip(outputs, references))])

@@ -1,0 +1,175 @@
+"""Artifacts: a directory of data plus a manifest of hashes — saved and loaded without pickle."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from blade import __version__, backends
+from blade.compiled import CompiledModel
+from blade.errors import ArtifactError, BladeError
+from blade.ir import Graph
+from blade.report import CompileReport
+from blade.serialize import graph_from_json, graph_to_json, meta_to_json
+from blade.signature import Signature
+from blade.target import Target, detect
+
+FORMAT = "blade-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH = "graph.json"
+WEIGHTS = "weights.safetensors"
+EXAMPLES = "examples.safetensors"
+BACKEND_DIR = "backend"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _canonical(data: dict) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _dedupe_constants(graph: Graph) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each distinct tensor once (tied weights share storage), and which names alias which."""
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in graph.constants.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)
+        if key in seen and tensor.numel():
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            stored[name] = tensor.detach().cpu().contiguous()
+    return stored, aliases
+
+
+def _io_spec(graph: Graph) -> dict:
+    return {"inputs": [{"name": n.name, **meta_to_json(n.val)} for n in graph.inputs],
+            "outputs": [meta_to_json(o.val) if hasattr(o, "val") else {"literal": o} for o in graph.outputs],
+            "dims": {r.name: [r.min, r.max] for r in graph.dims.values()}}
+
+
+def save(compiled: CompiledModel, path) -> Path:
+    """Write `compiled` to the directory `path` (created; an existing artifact there is replaced)."""
+    root = Path(path)
+    if root.exists() and not (root / MANIFEST).exists() and any(root.iterdir()):
+        raise ArtifactError(f"{root} exists and is not a blade artifact; choose a new path")
+    root.mkdir(parents=True, exist_ok=True)
+    stored, aliases = _dedupe_constants(compiled.graph)
+    (root / GRAPH).write_text(json.dumps(graph_to_json(compiled.graph), indent=1))
+    safetensors.torch.save_file(stored, root / WEIGHTS)
+    examples = {n.name: t.detach().cpu().contiguous() for n, t in zip(compiled.graph.inputs, compiled.example_inputs)}
+    safetensors.torch.save_file(examples, root / EXAMPLES)
+    (root / BACKEND_DIR).mkdir(exist_ok=True)
+    compiled.executable.save(str(root / BACKEND_DIR))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "blade_version": __version__,
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "safetensors": safetensors.__version__},
+        "backend": compiled.backend,
+        "target": compiled.target.as_dict(),
+        "io": _io_spec(compiled.graph),
+        "signature": compiled.signature.as_dict(),
+        "constant_aliases": aliases,
+        "report": compiled.report.as_dict(),
+        "files": {p.relative_to(root).as_posix(): _sha256(p) for p in files},
+    }
+    manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return root
+
+
+def read_manifest(path) -> dict:
+    """The manifest of the artifact at `path`, after checking its own hash and its format."""
+    root = Path(path)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{root} is not a blade artifact: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); the artifact is damaged") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{manifest_path} is not a blade manifest")
+    claimed = manifest.pop("manifest_sha256", None)
+    if claimed != hashlib.sha256(_canonical(manifest)).hexdigest():
+        raise ArtifactError(f"{manifest_path} was modified after it was written (its hash does not match); "
+                            "refusing to load — recompile or restore the original artifact")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"artifact format version {manifest.get('format_version')} is not supported by "
+                            f"blade {__version__} (supports {FORMAT_VERSION}); recompile with this blade")
+    return manifest
+
+
+def verify_files(root: Path, manifest: dict) -> None:
+    for relpath, digest in manifest["files"].items():
+        file = root / relpath
+        if not file.is_file():
+            raise ArtifactError(f"artifact file {relpath} is missing from {root}")
+        if _sha256(file) != digest:
+            raise ArtifactError(f"artifact file {relpath} does not match its sha256 in the manifest: it was "
+                                "modified or damaged; refusing to load")
+
+
+def _check_versions(manifest: dict) -> None:
+    saved_major = str(manifest.get("blade_version", "")).split(".")[0]
+    if saved_major != __version__.split(".")[0]:
+        raise ArtifactError(f"artifact written by blade {manifest.get('blade_version')}, this is blade "
+                            f"{__version__}; recompile it with this version")
+    saved_torch = manifest["versions"].get("torch", "")
+    if saved_torch.split("+")[0].split(".")[:2] != torch.__version__.split("+")[0].split(".")[:2]:
+        warnings.warn(f"artifact compiled with torch {saved_torch}, running torch {torch.__version__}; "
+                      "every operator is checked as the graph loads", stacklevel=3)
+
+
+def _check_target(saved: Target) -> Target:
+    if saved.device == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"artifact was compiled for {saved.describe()}, but this machine has no CUDA GPU "
+                            f"({detect('cpu').describe()}); recompile it for the CPU")
+    return detect(saved.device)
+
+
+def load(path) -> CompiledModel:
+    """Load an artifact written by CompiledModel.save: hashes and versions are checked first."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    _check_versions(manifest)
+    target = _check_target(Target.from_dict(manifest["target"]))
+    try:
+        constants = safetensors.torch.load_file(root / WEIGHTS)
+        examples = safetensors.torch.load_file(root / EXAMPLES)
+    except Exception as exc:
+        raise ArtifactError(f"could not read the tensors of {root}: {exc}") from exc
+    for name, source in manifest.get("constant_aliases", {}).items():
+        constants[name] = constants[source]
+    try:
+        graph = graph_from_json(json.loads((root / GRAPH).read_text()), constants)
+    except BladeError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(f"{root / GRAPH} could not be read back as a graph: {exc}") from exc
+    backend = backends.get(manifest["backend"])
+    executable = backend.load(str(root / BACKEND_DIR), graph, target)
+    report = CompileReport.from_dict(manifest.get("report", {"model": graph.name}))
+    example_inputs = [examples[n.name] for n in graph.inputs if n.name in examples]
+    return CompiledModel(graph, executable, backend.name, target, Signature.from_dict(manifest["signature"]),
+                         report, example_inputs)

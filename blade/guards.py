@@ -1,0 +1,49 @@
+"""Shape guards: every call is checked against the captured input spec — never a silent recompile."""
+from __future__ import annotations
+
+import torch
+
+from blade.errors import ShapeError
+from blade.ir import Node, dtype_name
+from blade.shapes import DimRange, evaluate, format_shape, is_static
+
+
+def check_inputs(inputs: list[Node], dims: dict[str, DimRange], tensors: list[torch.Tensor]) -> dict[str, int]:
+    """Check rank, dtype, device and every dim of each input; return the value bound to each dim."""
+    values: dict[str, int] = {}
+    bound_by: dict[str, str] = {}
+    derived = []
+    for node, tensor in zip(inputs, tensors):
+        meta = node.val
+        name = node.name
+        if tensor.dim() != meta.rank:
+            raise ShapeError(f"input '{name}': expected a {meta.rank}-d tensor {format_shape(meta.shape)}, "
+                             f"got {tensor.dim()}-d {list(tensor.shape)}")
+        if tensor.dtype != meta.dtype:
+            raise ShapeError(f"input '{name}': expected dtype {dtype_name(meta.dtype)} ({meta.dtype}), got "
+                             f"{tensor.dtype}; cast it with .to({meta.dtype}) or compile with an example of that dtype")
+        if tensor.device.type != meta.device:
+            raise ShapeError(f"input '{name}': the model was compiled for {meta.device} tensors, got one on "
+                             f"{tensor.device}; move it with .to('{meta.device}')")
+        for axis, (want, got) in enumerate(zip(meta.shape, tensor.shape)):
+            if is_static(want):
+                if want != got:
+                    raise ShapeError(f"input '{name}' dim {axis}: expected {want} (static), got {got} "
+                                     f"(shape {list(tensor.shape)}); declare this dim in dynamic_shapes to vary it")
+            elif want.is_Symbol:
+                dim = want.name
+                if dim in values and values[dim] != got:
+                    raise ShapeError(f"input '{name}' dim {axis} ('{dim}'): got {got}, but input "
+                                     f"'{bound_by[dim]}' has '{dim}' = {values[dim]}; inputs sharing a dim must agree")
+                rng = dims.get(dim)
+                if rng is not None and not rng.contains(got):
+                    hi = "inf" if rng.max is None else rng.max
+                    raise ShapeError(f"input '{name}' dim {axis} ('{dim}'): expected {rng.min}..{hi}, got {got}; "
+                                     "recompile with a wider range in dynamic_shapes")
+                values[dim], bound_by[dim] = got, name
+            else:
+                derived.append((name, axis, want, got))
+    for name, axis, want, got in derived:
+        if {s.name for s in want.free_symbols} <= set(values) and evaluate(want, values) != got:
+            raise ShapeError(f"input '{name}' dim {axis}: expected {want} = {evaluate(want, values)}, got {got}")
+    return values

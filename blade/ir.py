@@ -1,0 +1,412 @@
+"""The blade IR: a networkx DiGraph of operations with explicit inputs, constants and outputs."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import networkx as nx
+import torch
+
+from blade.errors import GraphError
+from blade.shapes import DimRange, Shape, Size, dim_symbol, format_shape
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape (ints and sympy expressions), dtype and device type of one tensor value."""
+
+    shape: Shape
+    dtype: torch.dtype
+    device: str = "cpu"
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def __str__(self) -> str:
+        return f"{dtype_name(self.dtype)}{format_shape(self.shape)}"
+
+
+@dataclass(frozen=True)
+class ScalarMeta:
+    """A Python scalar value (a symbolic size, a flag); `value` is known when static."""
+
+    type: type
+    value: Size | float | bool | None = None
+
+    def __str__(self) -> str:
+        shown = "?" if self.value is None else str(self.value)
+        return f"{self.type.__name__}({shown})"
+
+
+_DTYPE_NAMES = {
+    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
+    torch.uint8: "u8", torch.bool: "b8", torch.complex64: "c64",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def format_meta(val) -> str:
+    if isinstance(val, (tuple, list)):
+        return "(" + ", ".join(format_meta(v) for v in val) + ")"
+    return "none" if val is None else str(val)
+
+
+def format_target(target) -> str:
+    """aten.linear.default for an op overload; module.name for a Python function."""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__name__", None) or repr(target)
+    return f"{module.replace('_operator', 'operator')}.{name}" if module else name
+
+
+class Node:
+    """One operation: an input, a constant (weight/buffer) or a call of `target` on `args`/`kwargs`.
+
+    `args`/`kwargs` hold literals and references to other Nodes; `meta["val"]` is the TensorMeta,
+    ScalarMeta or tuple of them describing each output.
+    """
+
+    __slots__ = ("name", "op", "target", "args", "kwargs", "meta")
+
+    def __init__(self, name: str, op: str, target: Any, args=(), kwargs=None, meta=None):
+        self.name = name
+        self.op = op  # "input" | "constant" | "call"
+        self.target = target
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.meta = dict(meta or {})
+
+    @property
+    def val(self):
+        return self.meta.get("val")
+
+    @property
+    def shape(self) -> Shape:
+        return self._tensor_meta().shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._tensor_meta().dtype
+
+    def _tensor_meta(self) -> TensorMeta:
+        if not isinstance(self.val, TensorMeta):
+            raise GraphError(f"node {self.name} does not produce a single tensor (meta: {format_meta(self.val)})")
+        return self.val
+
+    def refs(self) -> list["Node"]:
+        """The nodes this node reads, in argument order, each once."""
+        return list(dict.fromkeys(iter_refs((self.args, self.kwargs))))
+
+    def __repr__(self) -> str:
+        return f"%{self.name}"
+
+
+def iter_refs(obj) -> Iterator[Node]:
+    """Every Node referenced inside a nest of tuples, lists and dicts."""
+    if isinstance(obj, Node):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from iter_refs(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from iter_refs(item)
+    elif isinstance(obj, slice):
+        yield from iter_refs((obj.start, obj.stop, obj.step))
+
+
+def map_refs(obj, fn: Callable[[Node], Any]):
+    """A copy of a nest of tuples, lists and dicts with every Node replaced by fn(node)."""
+    if isinstance(obj, Node):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_refs(item, fn) for item in obj)
+    if isinstance(obj, list):
+        return [map_refs(item, fn) for item in obj]
+    if isinstance(obj, dict):
+        return {key: map_refs(item, fn) for key, item in obj.items()}
+    if isinstance(obj, slice):
+        return slice(*(map_refs(item, fn) for item in (obj.start, obj.stop, obj.step)))
+    return obj
+
+
+def _slot_paths(args, kwargs) -> Iterator[tuple[Node, str]]:
+    def walk(obj, path):
+        if isinstance(obj, Node):
+            yield obj, path
+        elif isinstance(obj, (tuple, list)):
+            for i, item in enumerate(obj):
+                yield from walk(item, f"{path}[{i}]")
+        elif isinstance(obj, dict):
+            for key, item in obj.items():
+                yield from walk(item, f"{path}.{key}" if path else str(key))
+    for i, arg in enumerate(args):
+        yield from walk(arg, f"args[{i}]")
+    for key, arg in kwargs.items():
+        yield from walk(arg, f"kwargs.{key}")
+
+
+class Graph:
+    """One networkx.DiGraph of Nodes (edge u→v: v reads u) with ordered inputs, constants, outputs.
+
+    Mutate through the methods here so that edges always follow the arguments; `verify()` checks
+    the invariants. `nodes` lists the nodes in a stable topological order.
+    """
+
+    def __init__(self, name: str = "graph"):
+        self.name = name
+        self.nx = nx.DiGraph()
+        self.inputs: list[Node] = []
+        self.constants: dict[str, torch.Tensor] = {}  # constant node name -> tensor
+        self.outputs: list[Any] = []  # Nodes or literals, in the order the model returns them
+        self.dims: dict[str, DimRange] = {}
+        self._by_name: dict[str, Node] = {}
+        self._rank: dict[Node, int] = {}
+        self._counter = itertools.count()
+        self._order_cache: list[Node] | None = None
+
+    # -- reading -----------------------------------------------------------------------------
+    @property
+    def nodes(self) -> list[Node]:
+        """All nodes in topological order (ties broken by insertion order)."""
+        if self._order_cache is None:
+            self._order_cache = list(nx.lexicographical_topological_sort(self.nx, key=self._rank.__getitem__))
+        return list(self._order_cache)
+
+    @property
+    def call_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.op == "call"]
+
+    @property
+    def constant_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.op == "constant"]
+
+    @property
+    def output_nodes(self) -> list[Node]:
+        return [o for o in self.outputs if isinstance(o, Node)]
+
+    @property
+    def symbols(self) -> dict:
+        return {name: dim_symbol(name) for name in self.dims}
+
+    def __len__(self) -> int:
+        return self.nx.number_of_nodes()
+
+    def __contains__(self, node) -> bool:
+        return isinstance(node, Node) and self._by_name.get(node.name) is node
+
+    def node(self, name: str) -> Node:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise GraphError(f"graph {self.name} has no node named {name!r}") from None
+
+    def users(self, node: Node) -> list[Node]:
+        return sorted(self.nx.successors(node), key=self._rank.__getitem__)
+
+    def is_output(self, node: Node) -> bool:
+        return any(o is node for o in self.outputs)
+
+    # -- building ----------------------------------------------------------------------------
+    def _unique_name(self, hint: str) -> str:
+        base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint) or "node"
+        if base[0].isdigit():
+            base = "_" + base
+        name, i = base, 1
+        while name in self._by_name:
+            name, i = f"{base}_{i}", i + 1
+        return name
+
+    def _insert(self, node: Node) -> Node:
+        if node.name in self._by_name:
+            raise GraphError(f"graph {self.name} already has a node named {node.name!r}")
+        self._by_name[node.name] = node
+        self._rank[node] = next(self._counter)
+        self.nx.add_node(node)
+        self._connect(node)
+        return node
+
+    def _connect(self, node: Node) -> None:
+        for src, slot in _slot_paths(node.args, node.kwargs):
+            if self.nx.has_edge(src, node):
+                self.nx.edges[src, node]["slots"].append(slot)
+            else:
+                self.nx.add_edge(src, node, slots=[slot])
+        self._order_cache = None
+
+    def add_input(self, name: str, meta: TensorMeta) -> Node:
+        node = self._insert(Node(self._unique_name(name), "input", None, meta={"val": meta}))
+        self.inputs.append(node)
+        return node
+
+    def add_constant(self, name: str, tensor: torch.Tensor, source: str | None = None) -> Node:
+        """A weight or buffer; `source` is its name in the original module (e.g. encoder.0.weight)."""
+        meta = {"val": TensorMeta(tuple(tensor.shape), tensor.dtype, tensor.device.type)}
+        node = self._insert(Node(self._unique_name(name), "constant", source or name, meta=meta))
+        self.constants[node.name] = tensor
+        return node
+
+    def add_node(self, target, args=(), kwargs=None, meta=None, name: str | None = None) -> Node:
+        """A call of `target`; the caller provides meta["val"] (passes never leave it empty)."""
+        hint = name or getattr(target, "__name__", None) or format_target(target).split(".")[-2]
+        node = Node(self._unique_name(hint.split(".")[0]), "call", target, args, kwargs, meta)
+        return self._insert(node)
+
+    def set_args(self, node: Node, args=None, kwargs=None) -> None:
+        """Replace a node's arguments (and with them its incoming edges)."""
+        for src in list(self.nx.predecessors(node)):
+            self.nx.remove_edge(src, node)
+        if args is not None:
+            node.args = tuple(args)
+        if kwargs is not None:
+            node.kwargs = dict(kwargs)
+        self._connect(node)
+
+    def replace_all_uses(self, old: Node, new: Node) -> int:
+        """Point every reader of `old` (and the outputs) at `new`; returns how many were changed."""
+        swap = lambda n: new if n is old else n  # noqa: E731
+        users = self.users(old)
+        for user in users:
+            self.set_args(user, map_refs(user.args, swap), map_refs(user.kwargs, swap))
+        changed = len(users)
+        for i, out in enumerate(self.outputs):
+            if out is old:
+                self.outputs[i] = new
+                changed += 1
+        return changed
+
+    def remove_node(self, node: Node) -> None:
+        """Remove a node nobody reads."""
+        users = self.users(node)
+        if users or self.is_output(node):
+            readers = [u.name for u in users] + (["<outputs>"] if self.is_output(node) else [])
+            raise GraphError(f"cannot remove {node.name}: still read by {readers}")
+        self.nx.remove_node(node)
+        del self._by_name[node.name]
+        del self._rank[node]
+        if node.op == "input":
+            self.inputs.remove(node)
+        if node.op == "constant":
+            del self.constants[node.name]
+        self._order_cache = None
+
+    # -- checking ----------------------------------------------------------------------------
+    def verify(self) -> "Graph":
+        """Check the invariants; raise GraphError listing every broken one."""
+        problems = []
+        if not nx.is_directed_acyclic_graph(self.nx):
+            cycle = nx.find_cycle(self.nx)
+            problems.append("cycle: " + " -> ".join(u.name for u, _ in cycle) + f" -> {cycle[0][0].name}")
+        for node in self.nx.nodes:
+            if self._by_name.get(node.name) is not node:
+                problems.append(f"node {node.name} is not registered under its name")
+            for ref in iter_refs((node.args, node.kwargs)):
+                if ref not in self:
+                    problems.append(f"dangling reference: {node.name} reads {ref.name}, which is not in the graph")
+            wanted = {ref for ref in iter_refs((node.args, node.kwargs)) if ref in self}
+            if wanted != set(self.nx.predecessors(node)):
+                problems.append(f"edges of {node.name} do not match its arguments (mutate through Graph methods)")
+            if "val" not in node.meta:
+                problems.append(f"node {node.name} has no meta['val']")
+            if node.op == "call" and node.target is None:
+                problems.append(f"call node {node.name} has no target")
+            if node.op == "constant" and node.name not in self.constants:
+                problems.append(f"constant {node.name} has no tensor")
+        for out in self.output_nodes:
+            if out not in self:
+                problems.append(f"dangling reference: output {out.name} is not in the graph")
+        for inp in self.inputs:
+            if inp not in self or inp.op != "input":
+                problems.append(f"input {inp.name} is not an input node of the graph")
+        if problems:
+            raise GraphError(f"graph {self.name} is broken:\n  " + "\n  ".join(problems))
+        return self
+
+    # -- showing -----------------------------------------------------------------------------
+    def format_node(self, node: Node) -> str:
+        meta = format_meta(node.val)
+        if node.op == "input":
+            return f"%{node.name}: {meta} = input"
+        if node.op == "constant":
+            return f"%{node.name}: {meta} = constant {node.target}"
+        shown = [repr(a) for a in node.args] + [f"{k}={v!r}" for k, v in node.kwargs.items()]
+        source = f"  # {node.meta['source']}" if node.meta.get("source") else ""
+        return f"%{node.name}: {meta} = {format_target(node.target)}({', '.join(shown)}){source}"
+
+    def __str__(self) -> str:
+        header = f"graph {self.name}(" + ", ".join(f"{n.name}: {n.val}" for n in self.inputs) + ")"
+        lines = [header]
+        if self.dims:
+            lines.append("  dims: " + ", ".join(str(r) for r in self.dims.values()))
+        lines += ["  " + self.format_node(n) for n in self.nodes]
+        lines.append("  return (" + ", ".join(repr(o) for o in self.outputs) + ")")
+        return "\n".join(lines)
+
+    def to_dot(self) -> str:
+        """Graphviz DOT text: one box per node labelled with its op and output meta."""
+        def quote(text: str) -> str:
+            return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        styles = {"input": "shape=oval", "constant": "shape=box,style=dashed", "call": "shape=box"}
+        lines = [f"digraph {quote(self.name)} {{", "  rankdir=TB;"]
+        for node in self.nodes:
+            op = node.op if node.op != "call" else format_target(node.target)
+            label = f"{node.name}\\n{op}\\n{format_meta(node.val)}"
+            lines.append(f"  {quote(node.name)} [label={quote(label)},{styles[node.op]}];")
+        for src, dst in self.nx.edges:
+            lines.append(f"  {quote(src.name)} -> {quote(dst.name)};")
+        for i, out in enumerate(self.output_nodes):
+            lines.append(f'  {quote(out.name)} -> "output"  [label="{i}"];')
+        lines.append("}")
+        return "\n".join(lines)
+
+    # -- conversions -------------------------------------------------------------------------
+    @classmethod
+    def from_exported(cls, ep: torch.export.ExportedProgram, dim_names=None, name: str = "graph") -> "Graph":
+        """Import an ExportedProgram; `dim_names` maps torch's shape symbols to the user's Dim names."""
+        from blade.fx_bridge import graph_from_exported
+
+        return graph_from_exported(ep, dim_names or {}, name)
+
+    def to_fx(self) -> torch.fx.GraphModule:
+        """A GraphModule taking the flat inputs and returning the tuple of flat outputs."""
+        from blade.fx_bridge import graph_to_fx
+
+        return graph_to_fx(self)
+
+    def copy(self) -> "Graph":
+        """A structural copy sharing the constant tensors (passes work on copies)."""
+        new = Graph(self.name)
+        new.dims = dict(self.dims)
+        mapping: dict[Node, Node] = {}
+        for node in self.nodes:
+            if node.op == "input":
+                mapping[node] = new.add_input(node.name, node.val)
+            elif node.op == "constant":
+                mapping[node] = new.add_constant(node.name, self.constants[node.name], node.target)
+            else:
+                args = map_refs(node.args, mapping.__getitem__)
+                kwargs = map_refs(node.kwargs, mapping.__getitem__)
+                mapping[node] = new._insert(Node(node.name, "call", node.target, args, kwargs, node.meta))
+        new.inputs = [mapping[n] for n in self.inputs]
+        new.outputs = [mapping.get(o, o) if isinstance(o, Node) else o for o in self.outputs]
+        return new
+
+    def count_targets(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self.call_nodes:
+            key = format_target(node.target)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+def topo_nodes(nodes: Iterable[Node], graph: Graph) -> list[Node]:
+    """A subset of a graph's nodes in its topological order."""
+    wanted = set(nodes)
+    return [n for n in graph.nodes if n in wanted]

@@ -1,0 +1,81 @@
+"""The compile report: what every pass did, node counts, timings, accuracy against eager."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from blade.accuracy import Accuracy
+
+
+@dataclass
+class CompileReport:
+    """Readable with str(), machine-readable with as_dict() / to_json()."""
+
+    model: str
+    backend: str = ""
+    backend_reason: str = ""
+    target: dict = field(default_factory=dict)
+    optimize: int = 0
+    dims: list[str] = field(default_factory=list)
+    specialized: list[str] = field(default_factory=list)
+    passes: list[dict] = field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+    ops_before: dict = field(default_factory=dict)
+    ops_after: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    accuracy: Accuracy | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k != "accuracy"}
+        data["accuracy"] = self.accuracy.as_dict() if self.accuracy else None
+        return _json_safe(data)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.as_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompileReport":
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "accuracy"}
+        report = cls(**fields)
+        if data.get("accuracy"):
+            report.accuracy = Accuracy.from_dict(data["accuracy"])
+        return report
+
+    def __str__(self) -> str:
+        lines = [f"blade compile report: {self.model}",
+                 f"  backend   {self.backend}  ({self.backend_reason})",
+                 f"  target    {self.target.get('device', '?')} {self.target.get('name', '')}",
+                 f"  optimize  O{self.optimize}"]
+        if self.dims:
+            lines.append(f"  dims      {', '.join(self.dims)}")
+        for text in self.specialized:
+            lines.append(f"  specialized: {text}")
+        lines.append(f"  nodes     {self.nodes_before} -> {self.nodes_after}")
+        for record in self.passes:
+            counts = ", ".join(f"{k}={v}" for k, v in sorted(record["counts"].items())) or "no change"
+            lines.append(f"  pass {record['name']:<10} {record['nodes_before']} -> {record['nodes_after']} nodes "
+                         f"in {record['seconds'] * 1e3:.1f} ms: {counts}")
+            lines += [f"      {note}" for note in record["notes"]]
+        if self.seconds:
+            lines.append("  seconds   " + ", ".join(f"{k} {v:.3f}" for k, v in self.seconds.items()))
+        if self.accuracy is not None:
+            acc = self.accuracy
+            verdict = "ok" if acc.ok else "OUT OF TOLERANCE"
+            lines.append(f"  accuracy  rel_err {acc.rel_err:.3g}, max_abs {acc.max_abs:.3g}, "
+                         f"cosine {acc.cosine:.6f} over {len(acc.outputs)} outputs: {verdict}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _json_safe(value):
+    """Non-finite floats as strings, so the report is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -1,0 +1,188 @@
+"""The IR as JSON data and a tensor table — never pickle, never eval."""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+
+from blade.errors import ArtifactError
+from blade.ir import Graph, Node, ScalarMeta, TensorMeta, format_target
+from blade.shapes import DimRange, size_from_json, size_to_json
+
+FORMAT_VERSION = 1
+
+# Python callables (not ATen ops) that exported graphs use for symbolic size arithmetic.
+_PYTHON_TARGETS = {
+    f"operator.{fn.__name__}": fn
+    for fn in (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
+               operator.truediv, operator.mod, operator.neg, operator.pow, operator.eq, operator.ne,
+               operator.lt, operator.le, operator.gt, operator.ge, operator.and_, operator.or_)
+}
+_PYTHON_TARGETS.update({
+    f"torch.{name}": getattr(torch, name)
+    for name in ("sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_ite")
+    if hasattr(torch, name)
+})
+_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_SIMPLE_TYPES = {"int": int, "float": float, "bool": bool}
+
+
+def target_to_json(target, where: str) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    name = format_target(target)
+    if _PYTHON_TARGETS.get(name) is target:
+        return name
+    raise ArtifactError(f"node {where}: cannot save target {name!r} (only torch ops and size arithmetic)")
+
+
+def target_from_json(name: str):
+    """Resolve a saved target by lookup in torch.ops or the whitelist; nothing is imported or run."""
+    if name in _PYTHON_TARGETS:
+        return _PYTHON_TARGETS[name]
+    parts = name.split(".")
+    if len(parts) != 3:
+        raise ArtifactError(f"unknown target {name!r} in the saved graph")
+    namespace, op, overload = parts
+    try:
+        return getattr(getattr(getattr(torch.ops, namespace), op), overload)
+    except (AttributeError, RuntimeError):
+        raise ArtifactError(
+            f"operator {name} is not available in this torch {torch.__version__} — install the torch "
+            "version the artifact was compiled with, or recompile it here") from None
+
+
+def value_to_json(value, where: str):
+    """A literal or a reference in node arguments as tagged JSON."""
+    if isinstance(value, Node):
+        return {"node": value.name}
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"float": repr(value)}
+    if isinstance(value, (list, tuple)):
+        items = [value_to_json(v, where) for v in value]
+        return items if isinstance(value, list) else {"tuple": items}
+    if isinstance(value, dict):
+        return {"dict": {str(k): value_to_json(v, where) for k, v in value.items()}}
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": value.type}
+    if isinstance(value, torch.layout):
+        return {"layout": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.memory_format):
+        return {"memory_format": str(value).removeprefix("torch.")}
+    raise ArtifactError(f"node {where}: cannot save argument {value!r} of type {type(value).__name__}")
+
+
+def value_from_json(data, nodes: dict[str, Node]):
+    if isinstance(data, list):
+        return [value_from_json(v, nodes) for v in data]
+    if not isinstance(data, dict):
+        return data
+    (tag, payload), = data.items()
+    if tag == "node":
+        return nodes[payload]
+    if tag == "tuple":
+        return tuple(value_from_json(v, nodes) for v in payload)
+    if tag == "dict":
+        return {k: value_from_json(v, nodes) for k, v in payload.items()}
+    if tag == "float":
+        return float(payload)
+    if tag == "dtype":
+        return _DTYPES[payload]
+    if tag == "device":
+        return torch.device(payload)
+    if tag in ("layout", "memory_format"):
+        value = getattr(torch, payload)
+        if not isinstance(value, (torch.layout, torch.memory_format)):
+            raise ArtifactError(f"bad {tag} {payload!r} in the saved graph")
+        return value
+    raise ArtifactError(f"unknown value tag {tag!r} in the saved graph")
+
+
+def meta_to_json(val):
+    if isinstance(val, TensorMeta):
+        return {"shape": [size_to_json(s) for s in val.shape], "dtype": str(val.dtype).removeprefix("torch."),
+                "device": val.device}
+    if isinstance(val, ScalarMeta):
+        value = val.value if isinstance(val.value, (bool, float)) or val.value is None else size_to_json(val.value)
+        return {"scalar": val.type.__name__, "value": value}
+    if isinstance(val, tuple):
+        return {"tuple": [meta_to_json(v) for v in val]}
+    return None
+
+
+def meta_from_json(data, symbols):
+    if data is None:
+        return None
+    if "tuple" in data:
+        return tuple(meta_from_json(v, symbols) for v in data["tuple"])
+    if "scalar" in data:
+        kind = _SIMPLE_TYPES[data["scalar"]]
+        value = data["value"]
+        if kind is int and value is not None:
+            value = size_from_json(value, symbols)
+        return ScalarMeta(kind, value)
+    return TensorMeta(tuple(size_from_json(s, symbols) for s in data["shape"]), _DTYPES[data["dtype"]],
+                      data["device"])
+
+
+def graph_to_json(graph: Graph) -> dict[str, Any]:
+    """Everything about the graph but the constant tensors (saved apart, keyed by node name)."""
+    nodes = []
+    for node in graph.nodes:
+        entry = {"name": node.name, "op": node.op, "meta": meta_to_json(node.val)}
+        if node.op == "constant":
+            entry["source"] = node.target
+        if node.op == "call":
+            entry["target"] = target_to_json(node.target, node.name)
+            entry["args"] = value_to_json(list(node.args), node.name)
+            entry["kwargs"] = value_to_json(node.kwargs, node.name)
+            if node.meta.get("source"):
+                entry["source"] = node.meta["source"]
+        nodes.append(entry)
+    return {
+        "format": FORMAT_VERSION,
+        "name": graph.name,
+        "dims": [{"name": r.name, "min": r.min, "max": r.max} for r in graph.dims.values()],
+        "nodes": nodes,
+        "inputs": [n.name for n in graph.inputs],
+        "outputs": [value_to_json(o, "<outputs>") for o in graph.outputs],
+    }
+
+
+def graph_from_json(data: dict[str, Any], constants: dict[str, torch.Tensor]) -> Graph:
+    """Rebuild a Graph from graph_to_json data and its constant tensors, then verify it."""
+    if data.get("format") != FORMAT_VERSION:
+        raise ArtifactError(f"graph format {data.get('format')} is not the supported {FORMAT_VERSION}")
+    graph = Graph(data["name"])
+    graph.dims = {d["name"]: DimRange(d["name"], d["min"], d["max"]) for d in data["dims"]}
+    symbols = graph.symbols
+    by_name: dict[str, Node] = {}
+    inputs = {}
+    for entry in data["nodes"]:
+        meta = meta_from_json(entry["meta"], symbols)
+        name = entry["name"]
+        if entry["op"] == "input":
+            node = inputs[name] = graph.add_input(name, meta)
+        elif entry["op"] == "constant":
+            if name not in constants:
+                raise ArtifactError(f"weights file has no tensor for constant {name}")
+            node = graph.add_constant(name, constants[name], entry.get("source"))
+        else:
+            args = tuple(value_from_json(entry["args"], by_name))
+            kwargs = value_from_json(entry["kwargs"], by_name)
+            node_meta = {"val": meta, **({"source": entry["source"]} if entry.get("source") else {})}
+            node = graph.add_node(target_from_json(entry["target"]), args, kwargs, node_meta, name=name)
+        if node.name != name:
+            raise ArtifactError(f"duplicate node name {name!r} in the saved graph")
+        by_name[name] = node
+    graph.inputs = [inputs[n] for n in data["inputs"]]
+    graph.outputs = [value_from_json(o, by_name) for o in data["outputs"]]
+    return graph.verify()

@@ -1,0 +1,136 @@
+"""Input and output structure (tuples, dicts, dataclasses, ModelOutputs) as JSON data.
+
+A pytree TreeSpec becomes a JSON tree that an artifact can carry. Rebuilding never imports a
+module: a custom container class is used only if it is already registered with torch's pytree in
+this process; otherwise the output comes back as a dict (keyed containers) or a tuple.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch.utils._pytree as pytree
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _context_to_json(ctx):
+    if ctx is None or isinstance(ctx, (str, int, bool, float)):
+        return ctx
+    if isinstance(ctx, (list, tuple)):
+        items = [_context_to_json(c) for c in ctx]
+        return items if isinstance(ctx, list) else {"tuple": items}
+    raise TypeError(type(ctx).__name__)
+
+
+def _context_from_json(data):
+    if isinstance(data, list):
+        return [_context_from_json(d) for d in data]
+    if isinstance(data, dict):
+        return tuple(_context_from_json(d) for d in data["tuple"])
+    return data
+
+
+def _is_namedtuple(cls: type) -> bool:
+    return issubclass(cls, tuple) and hasattr(cls, "_fields")
+
+
+def spec_to_json(spec: pytree.TreeSpec) -> dict[str, Any]:
+    """A TreeSpec as a JSON tree."""
+    if spec.is_leaf():
+        return {"kind": "leaf"}
+    cls = spec.type
+    children = [spec_to_json(c) for c in spec.children_specs]
+    if cls is type(None):
+        return {"kind": "none"}
+    if cls in (tuple, list):
+        return {"kind": cls.__name__, "children": children}
+    if cls is dict:
+        return {"kind": "dict", "keys": list(spec.context), "children": children}
+    if _is_namedtuple(cls):
+        return {"kind": "namedtuple", "class": _qualname(cls), "fields": list(cls._fields), "children": children}
+    try:
+        context = _context_to_json(spec.context)
+    except TypeError:
+        context = None
+    keys = _keys_of(cls, spec.context, len(children))
+    return {"kind": "custom", "class": _qualname(cls), "context": context, "keys": keys, "children": children}
+
+
+def _keys_of(cls, context, n: int) -> list[str] | None:
+    """Field names of a keyed container (ModelOutput keys, dataclass fields) for the dict fallback."""
+    if isinstance(context, (list, tuple)) and len(context) == n and all(isinstance(k, str) for k in context):
+        return list(context)
+    if isinstance(context, (list, tuple)) and context and isinstance(context[0], (list, tuple)):
+        first = list(context[0])
+        if len(first) == n and all(isinstance(k, str) for k in first):
+            return first
+    fields = getattr(cls, "__dataclass_fields__", None)
+    if fields and len(fields) == n:
+        return list(fields)
+    return None
+
+
+def _registered_class(name: str) -> type | None:
+    for cls in pytree.SUPPORTED_NODES:
+        if _qualname(cls) == name:
+            return cls
+    return None
+
+
+def _loaded_class(name: str) -> type | None:
+    module, _, qualname = name.rpartition(".")
+    obj = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None) if obj is not None else None
+    return obj if isinstance(obj, type) else None
+
+
+def count_leaves(tree: dict[str, Any]) -> int:
+    if tree["kind"] == "leaf":
+        return 1
+    return sum(count_leaves(c) for c in tree.get("children", []))
+
+
+def unflatten(tree: dict[str, Any], leaves: list) -> Any:
+    """Rebuild the structure described by `tree` around `leaves` (in flatten order)."""
+    it = iter(leaves)
+
+    def build(node):
+        kind = node["kind"]
+        if kind == "leaf":
+            return next(it)
+        if kind == "none":
+            return None
+        values = [build(c) for c in node.get("children", [])]
+        if kind in ("tuple", "list"):
+            return tuple(values) if kind == "tuple" else values
+        if kind == "dict":
+            return dict(zip(node["keys"], values))
+        if kind == "namedtuple":
+            cls = _loaded_class(node["class"])
+            return cls(*values) if cls is not None else dict(zip(node["fields"], values))
+        cls = _registered_class(node["class"])
+        if cls is not None and node.get("context") is not None:
+            return pytree.SUPPORTED_NODES[cls].unflatten_fn(values, _context_from_json(node["context"]))
+        return dict(zip(node["keys"], values)) if node.get("keys") else tuple(values)
+
+    return build(tree)
+
+
+def describe(tree: dict[str, Any]) -> str:
+    """A short human description of a structure, e.g. (tensor, {mask: tensor})."""
+    kind = tree["kind"]
+    if kind == "leaf":
+        return "tensor"
+    if kind == "none":
+        return "None"
+    parts = [describe(c) for c in tree.get("children", [])]
+    if kind == "dict":
+        return "{" + ", ".join(f"{k}: {p}" for k, p in zip(tree["keys"], parts)) + "}"
+    if kind == "list":
+        return "[" + ", ".join(parts) + "]"
+    name = "" if kind == "tuple" else tree["class"].rsplit(".", 1)[-1]
+    return f"{name}(" + ", ".join(parts) + ")"

@@ -1,0 +1,72 @@
+"""The pass manager: runs a pipeline of passes and records what each one did."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from blade.config import CompileConfig
+from blade.errors import ConfigError, GraphError
+from blade.ir import Graph
+
+Pass = Callable[[Graph, "PassContext"], Graph]
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: its counters, notes, node counts and time."""
+
+    name: str
+    nodes_before: int = 0
+    nodes_after: int = 0
+    seconds: float = 0.0
+    counts: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "nodes_before": self.nodes_before, "nodes_after": self.nodes_after,
+                "seconds": round(self.seconds, 6), "counts": dict(self.counts), "notes": list(self.notes)}
+
+
+@dataclass
+class PassContext:
+    """Handed to every pass: the user's config and the record the pass writes into."""
+
+    config: CompileConfig
+    record: PassRecord
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.record.counts[key] += n
+
+    def note(self, text: str) -> None:
+        self.record.notes.append(text)
+
+
+def pass_name(fn: Pass) -> str:
+    module = getattr(fn, "__module__", "") or ""
+    return module.rsplit(".", 1)[-1] if fn.__name__ == "run" else fn.__name__
+
+
+def run_pipeline(graph: Graph, pipeline: list[Pass], config: CompileConfig) -> tuple[Graph, list[PassRecord]]:
+    """Run each pass on a copy of the graph, in order; verify after each one in debug mode."""
+    records = []
+    graph = graph.copy()
+    for fn in pipeline:
+        if not callable(fn):
+            raise ConfigError(f"pipeline entry {fn!r} is not a pass (a function graph, ctx -> graph)")
+        record = PassRecord(pass_name(fn), nodes_before=len(graph))
+        start = time.perf_counter()
+        result = fn(graph, PassContext(config, record))
+        if not isinstance(result, Graph):
+            raise GraphError(f"pass {record.name} returned {type(result).__name__}, not a Graph")
+        graph = result
+        record.seconds = time.perf_counter() - start
+        record.nodes_after = len(graph)
+        if config.debug:
+            try:
+                graph.verify()
+            except GraphError as exc:
+                raise GraphError(f"after pass {record.name}: {exc}") from exc
+        records.append(record)
+    return graph, records
