@@ -7,6 +7,7 @@ this process; otherwise the output comes back as a dict (keyed containers) or a 
 from __future__ import annotations
 
 import sys
+from collections import namedtuple
 from typing import Any
 
 import torch.utils._pytree as pytree
@@ -33,30 +34,28 @@ def _context_from_json(data):
     return data
 
 
-def _is_namedtuple(cls: type) -> bool:
-    return issubclass(cls, tuple) and hasattr(cls, "_fields")
-
-
 def spec_to_json(spec: pytree.TreeSpec) -> dict[str, Any]:
     """A TreeSpec as a JSON tree."""
     if spec.is_leaf():
         return {"kind": "leaf"}
     cls = spec.type
-    children = [spec_to_json(c) for c in spec.children_specs]
+    children = [spec_to_json(c) for c in (spec.children() if hasattr(spec, "children") else spec.children_specs)]
     if cls is type(None):
         return {"kind": "none"}
     if cls in (tuple, list):
         return {"kind": cls.__name__, "children": children}
     if cls is dict:
         return {"kind": "dict", "keys": list(spec.context), "children": children}
-    if _is_namedtuple(cls):
-        return {"kind": "namedtuple", "class": _qualname(cls), "fields": list(cls._fields), "children": children}
+    if cls is namedtuple:  # torch files every namedtuple under this one key, the class as context
+        real = spec.context
+        return {"kind": "namedtuple", "class": _qualname(real), "fields": list(real._fields), "children": children}
+    tree = {"kind": "custom", "class": _qualname(cls), "keys": _keys_of(cls, spec.context, len(children)),
+            "children": children}
     try:
-        context = _context_to_json(spec.context)
+        tree["context"] = {"value": _context_to_json(spec.context)}
     except TypeError:
-        context = None
-    keys = _keys_of(cls, spec.context, len(children))
-    return {"kind": "custom", "class": _qualname(cls), "context": context, "keys": keys, "children": children}
+        pass  # not data: rebuilt as a dict or tuple instead
+    return tree
 
 
 def _keys_of(cls, context, n: int) -> list[str] | None:
@@ -113,8 +112,8 @@ def unflatten(tree: dict[str, Any], leaves: list) -> Any:
             cls = _loaded_class(node["class"])
             return cls(*values) if cls is not None else dict(zip(node["fields"], values))
         cls = _registered_class(node["class"])
-        if cls is not None and node.get("context") is not None:
-            return pytree.SUPPORTED_NODES[cls].unflatten_fn(values, _context_from_json(node["context"]))
+        if cls is not None and "context" in node:
+            return pytree.SUPPORTED_NODES[cls].unflatten_fn(values, _context_from_json(node["context"]["value"]))
         return dict(zip(node["keys"], values)) if node.get("keys") else tuple(values)
 
     return build(tree)

@@ -1,0 +1,6 @@
+"""`python -m blade` runs the command line."""
+import sys
+
+from blade.cli import main
+
+sys.exit(main())

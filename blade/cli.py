@@ -1,0 +1,256 @@
+"""The blade command line: compile, run, bench, inspect, demo (`blade …` or `python -m blade …`)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from blade.errors import BladeError, InputError
+
+
+class Progress:
+    """One line per long step on stderr, with the time since start (quiet with --json)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.start = quiet, time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[blade {time.perf_counter() - self.start:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+def load_source(spec: str):
+    """(model, example_args, dynamic_shapes) from 'pkg.module:factory' or a .pt2 file."""
+    if spec.endswith(".pt2"):
+        return spec, (), None
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        raise InputError(f"source {spec!r} is neither a .pt2 file nor 'module:factory' "
+                         "(e.g. blade.models.bert:tiny)")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"cannot load factory {spec!r}: {exc}") from exc
+    built = factory()
+    if isinstance(built, torch.nn.Module):
+        raise InputError(f"factory {spec!r} returned only a module; return (model, example_inputs[, dynamic_shapes])")
+    model, example_inputs, *rest = built
+    return model, example_inputs, rest[0] if rest else None
+
+
+def _compile(spec: str, args, progress):
+    import blade
+
+    model, example_inputs, dynamic_shapes = load_source(spec)
+    progress(f"capturing and compiling {spec} (backend {args.backend}, O{args.optimize})")
+    compiled = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend=args.backend,
+                             optimize=args.optimize)
+    return model, example_inputs, compiled
+
+
+def _bench(model, example_inputs, compiled, args, progress) -> dict:
+    from blade.timing import time_interleaved
+
+    if isinstance(model, str):
+        model = torch.export.load(model).module()
+        example_inputs = compiled.example_inputs
+    progress(f"timing eager vs blade ({args.warmup} warm-up, {args.repeat} runs each, interleaved)")
+    flat = compiled.flat_inputs(*example_inputs)
+    with torch.no_grad():
+        medians = time_interleaved({"eager": lambda: model(*example_inputs), "blade": lambda: compiled.run_flat(flat)},
+                                   warmup=args.warmup, repeat=args.repeat, device=compiled.target.device)
+    return {"eager_ms": medians["eager"] * 1e3, "blade_ms": medians["blade"] * 1e3,
+            "speedup": medians["eager"] / medians["blade"], "target": compiled.target.describe()}
+
+
+def _print_bench(result: dict) -> None:
+    print(f"eager {result['eager_ms']:.3f} ms, blade {result['blade_ms']:.3f} ms (median): "
+          f"speedup x{result['speedup']:.2f} on {result['target']}")
+
+
+def cmd_compile(args, progress) -> int:
+    _, _, compiled = _compile(args.source, args, progress)
+    progress(f"saving {args.output}")
+    compiled.save(args.output)
+    if args.json:
+        print(json.dumps({"artifact": str(args.output), "report": compiled.report.as_dict()}))
+    else:
+        print(compiled.report)
+        print(f"saved {args.output}")
+    return 0 if compiled.report.accuracy is None or compiled.report.accuracy.ok else 1
+
+
+def cmd_run(args, progress) -> int:
+    import safetensors.torch
+
+    import blade
+
+    progress(f"loading {args.artifact}")
+    compiled = blade.load(args.artifact)
+    names = [n.name for n in compiled.graph.inputs]
+    if args.inputs:
+        given = safetensors.torch.load_file(args.inputs)
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise InputError(f"{args.inputs} lacks input(s) {missing}; it must hold tensors named {names}")
+        flat = [given[n] for n in names]
+        from blade.guards import check_inputs
+
+        check_inputs(compiled.graph.inputs, compiled.graph.dims, flat)
+    else:
+        flat = compiled.example_inputs
+    progress("running")
+    outputs = compiled.run_flat(flat)
+    tensors = {f"output_{i}": o.contiguous() for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)}
+    if args.output:
+        safetensors.torch.save_file(tensors, args.output)
+    summary = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for name, t in tensors.items()}
+    if args.json:
+        print(json.dumps({"outputs": summary, "file": args.output}))
+    else:
+        for name, info in summary.items():
+            print(f"{name}: {info['dtype']}{info['shape']}")
+    return 0
+
+
+def cmd_bench(args, progress) -> int:
+    model, example_inputs, compiled = _compile(args.source, args, progress)
+    result = _bench(model, example_inputs, compiled, args, progress)
+    print(json.dumps(result) if args.json else "", end="\n" if args.json else "")
+    if not args.json:
+        _print_bench(result)
+    return 0
+
+
+def cmd_inspect(args, progress) -> int:
+    from blade.artifact import read_manifest, verify_files
+
+    manifest = read_manifest(args.artifact)
+    verify_files(Path(args.artifact), manifest)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    io = manifest["io"]
+    print(f"blade artifact {args.artifact} (format {manifest['format_version']}, blade {manifest['blade_version']}, "
+          f"torch {manifest['versions']['torch']})")
+    print(f"  backend {manifest['backend']} for {manifest['target']['device']} {manifest['target']['name']}")
+    print("  dims    " + ", ".join(f"{k} in [{lo}, {'inf' if hi is None else hi}]" for k, (lo, hi) in io["dims"].items()))
+    for spec in io["inputs"]:
+        print(f"  input   {spec['name']}: {spec['dtype']}{_shape_text(spec['shape'])}")
+    for i, spec in enumerate(io["outputs"]):
+        text = f"{spec['dtype']}{_shape_text(spec['shape'])}" if spec and "shape" in spec else json.dumps(spec)
+        print(f"  output  {i}: {text}")
+    for relpath, digest in sorted(manifest["files"].items()):
+        print(f"  file    {relpath}  sha256 {digest[:16]}…")
+    from blade.report import CompileReport
+
+    print(CompileReport.from_dict(manifest["report"]))
+    if args.graph:
+        import blade
+
+        print(blade.load(args.artifact).graph)
+    return 0
+
+
+def _shape_text(shape) -> str:
+    from blade.shapes import size_from_json, dim_symbol
+
+    def show(size):
+        if isinstance(size, int):
+            return str(size)
+        names = _dim_names(size["expr"])
+        return str(size_from_json(size, {n: dim_symbol(n) for n in names}))
+    return "[" + ", ".join(show(s) for s in shape) + "]"
+
+
+def _dim_names(expr) -> set[str]:
+    if isinstance(expr, dict):
+        if "dim" in expr:
+            return {expr["dim"]}
+        return set().union(*(_dim_names(a) for a in expr.get("args", [])))
+    return set()
+
+
+def cmd_demo(args, progress) -> int:
+    import blade.models
+
+    source = f"blade.models.{args.model}:{args.size}"
+    model, example_inputs, compiled = _compile(source, args, progress)
+    result = _bench(model, example_inputs, compiled, args, progress)
+    ok = compiled.report.accuracy.ok
+    if args.json:
+        print(json.dumps({"model": args.model, "size": args.size, "report": compiled.report.as_dict(),
+                          "bench": result, "ok": ok}))
+    else:
+        print(compiled.report)
+        _print_bench(result)
+        print("demo passed: outputs match eager" if ok else "demo FAILED: outputs differ from eager")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import blade
+    import blade.backends
+    import blade.models
+
+    parser = argparse.ArgumentParser(prog="blade", description="blade: a graph-level compiler for PyTorch inference")
+    parser.add_argument("--version", action="version", version=f"blade {blade.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, compile_options=False, bench_options=False):
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        if compile_options:
+            p.add_argument("--backend", default="auto", help=f"auto or one of {blade.backends.names()}")
+            p.add_argument("--optimize", "-O", type=int, default=2, help="pass pipeline level: 0, 1 or 2")
+        if bench_options:
+            p.add_argument("--warmup", type=int, default=3)
+            p.add_argument("--repeat", type=int, default=20)
+        return p
+
+    p = common(sub.add_parser("compile", help="compile a model into an artifact"), compile_options=True)
+    p.add_argument("source", help="'module:factory' returning (model, example_inputs[, dynamic_shapes]), or a .pt2")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write (e.g. model.blade)")
+    p.set_defaults(func=cmd_compile)
+
+    p = common(sub.add_parser("run", help="run an artifact on inputs from a safetensors file"))
+    p.add_argument("artifact")
+    p.add_argument("--inputs", help="safetensors file with one tensor per input name (default: the saved examples)")
+    p.add_argument("-o", "--output", help="safetensors file to write the outputs to")
+    p.set_defaults(func=cmd_run)
+
+    p = common(sub.add_parser("bench", help="time eager vs compiled in one run"), True, True)
+    p.add_argument("source", help="'module:factory' or a .pt2")
+    p.set_defaults(func=cmd_bench)
+
+    p = common(sub.add_parser("inspect", help="show an artifact's manifest, specs, hashes and report"))
+    p.add_argument("artifact")
+    p.add_argument("--graph", action="store_true", help="also print the IR")
+    p.set_defaults(func=cmd_inspect)
+
+    p = common(sub.add_parser("demo", help="compile a zoo model, check accuracy, compare speed with eager"), True, True)
+    p.add_argument("--model", default="bert", choices=blade.models.names())
+    p.add_argument("--size", default="tiny", choices=["tiny", "base"])
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # torch's own pytree deprecation notice, raised inside ExportedProgram.module(); not actionable here.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    args = build_parser().parse_args(argv)
+    progress = Progress(quiet=args.json)
+    try:
+        return args.func(args, progress)
+    except BladeError as exc:
+        print(f"blade: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Shared test helpers: outputs against a reference, over whole output structures."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.utils._pytree as pytree
+
+from blade.accuracy import relative_error
+
+
+def assert_matches(out, ref, tol: float = 1e-6) -> None:
+    """Same structure; every tensor within `tol` relative error (NaN fails); other leaves equal."""
+    out_leaves, out_spec = pytree.tree_flatten(out)
+    ref_leaves, ref_spec = pytree.tree_flatten(ref)
+    assert out_spec == ref_spec, f"structure differs:\n{out_spec}\nvs\n{ref_spec}"
+    for i, (o, r) in enumerate(zip(out_leaves, ref_leaves)):
+        if isinstance(r, torch.Tensor):
+            assert o.shape == r.shape and o.dtype == r.dtype, f"output {i}: {o.shape} {o.dtype} vs {r.shape} {r.dtype}"
+            err = relative_error(o, r)
+            assert not math.isnan(err) and err <= tol, f"output {i}: relative error {err} > {tol}"
+        else:
+            assert o == r, f"output {i}: {o!r} != {r!r}"

@@ -1,0 +1,151 @@
+"""Capture: sources (module, ExportedProgram, .pt2), output structures, eval mode, and its errors."""
+from __future__ import annotations
+
+import dataclasses
+from collections import namedtuple
+
+import pytest
+import torch
+from torch.export import Dim
+
+import blade
+from blade.errors import CaptureError, ConfigError, InputError
+
+from helpers import assert_matches
+
+Pair = namedtuple("Pair", ["first", "second"])
+
+
+@dataclasses.dataclass
+class Prediction:
+    logits: torch.Tensor
+    extras: dict
+
+
+class Structured(torch.nn.Module):
+    """Returns nested tuples, dicts, a namedtuple and a dataclass."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 6)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x, scale=None):
+        y = self.drop(self.proj(x))
+        if scale is not None:
+            y = y * scale
+        return {"pair": Pair(y, y.sum(-1)), "pred": Prediction(y.tanh(), {"max": y.amax(-1)}), "tuple": (y + 1,)}
+
+
+def test_output_structures_are_kept():
+    model = Structured()
+    x, scale = torch.randn(3, 6), torch.randn(6)
+    cm = blade.compile(model, (x,), example_kwargs={"scale": scale})
+    fresh_x, fresh_scale = torch.randn(3, 6), torch.randn(6)
+    out = cm(fresh_x, scale=fresh_scale)
+    assert isinstance(out["pair"], Pair) and isinstance(out["pred"], Prediction)
+    assert_matches(out, model.eval()(fresh_x, scale=fresh_scale))
+    assert_matches(cm(x=fresh_x, scale=fresh_scale), out, tol=0)  # same call, by name
+
+
+def test_dropout_is_gone_and_training_flags_restored():
+    model = Structured().train()
+    cm = blade.compile(model, (torch.randn(3, 6),))
+    assert model.training and model.drop.training, "compile must not leave the user's model in eval mode"
+    targets = {str(n.target) for n in cm.graph.call_nodes}
+    assert not any("dropout" in t for t in targets)
+    out = cm(torch.ones(3, 6))
+    assert not out["tuple"][0].requires_grad
+    assert_matches(cm(torch.ones(3, 6)), out, tol=0)  # deterministic: no dropout at inference
+
+
+class DictOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        y = self.proj(x)
+        return {"y": y, "parts": (y.relu(), y.sum(0))}
+
+
+def test_exported_program_and_pt2_sources(tmp_path):
+    model = DictOut().eval()
+    x = torch.randn(4, 6)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: Dim("rows", min=2, max=16)},))
+    path = tmp_path / "structured.pt2"
+    torch.export.save(ep, path)
+    for source in (ep, str(path)):
+        cm = blade.compile(source, (x,))
+        fresh = torch.randn(7, 6)
+        assert_matches(cm(fresh), ep.module()(fresh))
+        assert cm.graph.dims["x_dim0"].max == 16  # a .pt2 carries no Dim names: named after the input
+
+
+def test_missing_pt2_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        blade.compile(str(tmp_path / "nope.pt2"), (torch.randn(2),))
+
+
+class Branchy(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x + 1
+        return x - 1
+
+
+def test_data_dependent_control_flow_is_a_capture_error():
+    with pytest.raises(CaptureError) as info:
+        blade.compile(Branchy(), (torch.randn(3),))
+    message = str(info.value)
+    assert "GuardOnDataDependentSymNode" in message  # torch's reason is kept
+    assert "torch.where" in message and "hint:" in message
+
+
+class FixesBatch(torch.nn.Module):
+    def forward(self, x):
+        return x.view(2, -1)
+
+
+def test_specialized_dynamic_dim_is_a_capture_error():
+    with pytest.raises(CaptureError, match="(?s)batch.*hint: a dim you declared dynamic is fixed"):
+        blade.compile(FixesBatch(), (torch.randn(2, 3),), dynamic_shapes=({0: Dim("batch")},))
+
+
+def test_malformed_dynamic_shapes_are_config_errors():
+    model, x = Structured(), torch.randn(3, 6)
+    with pytest.raises(ConfigError, match=r"dynamic_shapes names \['y'\].*inputs are \['x'\]"):
+        blade.compile(model, (x,), dynamic_shapes={"y": {0: Dim("batch")}})
+    with pytest.raises(ConfigError, match="axis 5 is out of range for a 2-d input"):
+        blade.compile(model, (x,), dynamic_shapes={"x": {5: Dim("batch")}})
+    with pytest.raises(ConfigError, match="must be a dict keyed by input name"):
+        blade.compile(model, (x,), dynamic_shapes="batch")
+
+
+def test_non_tensor_inputs_are_rejected():
+    with pytest.raises(InputError, match=r"example input 'args\[1\]' is a int"):
+        blade.compile(Structured(), (torch.randn(3, 6), 3))
+    with pytest.raises(InputError, match="nn.Module"):
+        blade.compile(lambda x: x + 1, (torch.randn(3),))
+
+
+def test_unknown_backend_and_level_are_config_errors():
+    with pytest.raises(ConfigError, match=r"unknown backend 'tensorrt'; registered backends: \['eager'\]"):
+        blade.compile(Structured(), (torch.randn(3, 6),), backend="tensorrt")
+    with pytest.raises(ConfigError, match="optimize=7 is not a level"):
+        blade.compile(Structured(), (torch.randn(3, 6),), optimize=7)
+
+
+class MutatesBuffer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(1))
+
+    def forward(self, x):
+        self.count.add_(1)
+        return x + self.count
+
+
+def test_state_mutation_is_refused():
+    with pytest.raises(CaptureError, match="mutates count"):
+        blade.compile(MutatesBuffer(), (torch.randn(3),))

@@ -1,0 +1,119 @@
+"""Hugging Face BERT and GPT-2 (small random configs, no download) compile, match eager and stay dynamic."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.export import Dim
+from torch.utils._pytree import tree_leaves
+
+import blade
+from blade.accuracy import relative_error
+from blade.errors import ShapeError
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, MAX_POS, HIDDEN = 128, 64, 32
+TOL = 1e-6
+CASES = [(model, attn) for model in ("bert", "gpt2") for attn in ("eager", "sdpa")]
+KEYS = {"bert": ["last_hidden_state", "pooler_output"], "gpt2": ["logits"]}
+# Every model takes (input_ids, attention_mask) by name; BERT's forward also takes them as its first two
+# positional parameters (GPT-2's second parameter is its KV cache, see test_none_for_absent_optional_input).
+CALLS = {
+    "kwargs": lambda f, ids, mask: f(input_ids=ids, attention_mask=mask),
+    "kwargs-reordered": lambda f, ids, mask: f(attention_mask=mask, input_ids=ids),
+    "mixed": lambda f, ids, mask: f(ids, attention_mask=mask),
+}
+POSITIONAL = {"bert": {"positional": lambda f, ids, mask: f(ids, mask)}, "gpt2": {}}
+
+
+def build(name: str, attn: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "bert":
+        config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=MAX_POS,
+                                         attn_implementation=attn)
+        model = transformers.BertModel(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=MAX_POS,
+                                         use_cache=False, bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+        model = transformers.GPT2LMHeadModel(config)
+    assert model.config._attn_implementation == attn
+    return model.eval()
+
+
+def make_inputs(batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and an attention mask with some padding in the first row."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, seq - seq // 3:] = 0
+    return ids, mask
+
+
+def assert_matches(out, ref, keys: list[str]) -> None:
+    """Same ModelOutput class and keys, and every tensor within TOL relative error (NaN fails)."""
+    assert type(out) is type(ref)
+    assert list(out.keys()) == list(ref.keys()) == keys
+    outs, refs = tree_leaves(out), tree_leaves(ref)
+    assert len(outs) == len(refs) == len(keys)
+    for key, o, r in zip(keys, outs, refs):
+        assert o.shape == r.shape, key
+        err = relative_error(o, r)
+        assert err <= TOL, f"{key}: rel_err {err}"
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda case: "-".join(case))
+def case(request):
+    name, attn = request.param
+    model = build(name, attn)
+    ids, mask = make_inputs(2, 8, seed=1)
+    batch, seq = Dim("batch", min=1, max=8), Dim("seq", min=2, max=MAX_POS)
+    if name == "bert":  # example inputs by position
+        cm = blade.compile(model, (ids, mask), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+    else:  # example inputs by name
+        cm = blade.compile(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
+                           dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
+    return name, model, cm
+
+
+def test_report(case):
+    name, _, cm = case
+    report = cm.report
+    assert report.backend == "eager"
+    assert sorted(d.split()[0] for d in report.dims) == ["batch", "seq"], report.dims
+    assert report.specialized == []
+    assert report.accuracy is not None and report.accuracy.ok, str(report)
+    assert len(report.accuracy.outputs) == len(KEYS[name])
+
+
+def test_fresh_inputs_every_size_and_convention_without_recompile(case, monkeypatch):
+    name, model, cm = case
+    executable, graph = cm.executable, cm.graph
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("blade re-exported the model: a new size must not recompile")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    for seed, (batch, seq) in enumerate([(3, 13), (1, MAX_POS), (8, 2), (2, 8)], start=100):
+        ids, mask = make_inputs(batch, seq, seed)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask)
+        for call in {**CALLS, **POSITIONAL[name]}.values():
+            assert_matches(call(cm, ids, mask), ref, KEYS[name])
+        assert tree_leaves(ref)[0].shape[:2] == (batch, seq)
+    with pytest.raises(ShapeError, match="batch"):
+        CALLS["kwargs"](cm, *make_inputs(9, 8, seed=0))  # batch 9 is outside [1, 8]
+    assert cm.executable is executable and cm.graph is graph
+
+
+@pytest.mark.xfail(strict=True, raises=blade.errors.InputError,
+                   reason="torch 2.13's pytree flattens None to a leaf, which check_tensor_leaves rejects")
+def test_none_for_absent_optional_input():
+    """HF code passes None for optional inputs: positionally (GPT-2's cache) or by name (token_type_ids)."""
+    model = build("gpt2", "eager")
+    ids, mask = make_inputs(2, 8, seed=1)
+    cm = blade.compile(model, example_kwargs={"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask)
+    assert_matches(cm(ids, None, mask), ref, KEYS["gpt2"])
+    assert_matches(cm(input_ids=ids, attention_mask=mask, token_type_ids=None), ref, KEYS["gpt2"])
