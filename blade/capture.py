@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -60,7 +61,8 @@ def normalize_example(example_inputs, example_kwargs) -> tuple[tuple, dict]:
         example_inputs = tuple(example_inputs)
     if not isinstance(example_inputs, tuple):
         raise InputError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
-    example_kwargs = dict(example_kwargs or {})
+    # None stands for an absent optional input: leave it to the model's default
+    example_kwargs = {k: v for k, v in (example_kwargs or {}).items() if v is not None}
     check_tensor_leaves(example_inputs, example_kwargs, what="example input")
     return example_inputs, example_kwargs
 
@@ -175,8 +177,8 @@ _GENERIC_HINT = ("see torch.export's documentation for this failure; torch.expor
 
 
 def _reason(exc: BaseException, max_lines: int = 12) -> str:
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    lines = [ln for ln in lines if "draft_export" not in ln and "For more information" not in ln]
+    text = re.sub(r"\s*For more information[^:]*: \S+", "", str(exc))
+    lines = [ln for ln in text.strip().splitlines() if ln.strip() and "draft_export" not in ln]
     shown = lines[:max_lines] + (["..."] if len(lines) > max_lines else [])
     return "\n".join(shown)
 

@@ -29,13 +29,15 @@ class Signature:
     def flatten(self, args: tuple, kwargs: dict) -> list:
         """The flat input leaves of a call, in the order the graph's inputs expect."""
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-        if spec_to_json(spec) == self.in_tree:
-            return leaves
-        args, kwargs = self._rebind(args, kwargs)
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        if spec_to_json(spec) != self.in_tree:
-            raise InputError(f"inputs are structured as {describe(spec_to_json(spec))}, but the model was "
-                             f"compiled for {describe(self.in_tree)}")
+        if spec_to_json(spec) != self.in_tree or any(leaf is None for leaf in leaves):
+            args, kwargs = self._rebind(args, kwargs)
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            if spec_to_json(spec) != self.in_tree:
+                raise InputError(f"inputs are structured as {describe(spec_to_json(spec))}, but the model was "
+                                 f"compiled for {describe(self.in_tree)}")
+        if any(leaf is None for leaf in leaves):
+            raise InputError(f"an input the model was compiled with is None; pass a tensor "
+                             f"(compiled inputs: {describe(self.in_tree)})")
         return leaves
 
     def _rebind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -75,7 +77,7 @@ class Signature:
 def check_tensor_leaves(args: tuple, kwargs: dict, what: str = "input") -> None:
     """Every leaf of the inputs must be a tensor (None stands for an absent optional input)."""
     for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]:
-        if not isinstance(leaf, torch.Tensor):
+        if leaf is not None and not isinstance(leaf, torch.Tensor):
             where = _path_name(path)
             raise InputError(
                 f"{what} {where} is a {type(leaf).__name__} ({leaf!r}); blade compiles models whose inputs are "

@@ -1,7 +1,7 @@
 """Cleanup: remove no-ops (identity views, copies and casts, eval-mode dropout), merge common
 subexpressions, and drop dead code.
 
-Matches: the no-op rules in NOOP_RULES (each checks that output and input have the same shape,
+Matches: runtime metadata asserts that the IR's meta already proves; the no-op rules in NOOP_RULES (each checks that output and input have the same shape,
 dtype and device before it fires); pure call nodes with the same target and arguments (CSE);
 call nodes and constants that no output reads (DCE). Leaves alone: graph inputs (the calling
 convention), side-effecting ops (runtime asserts), random ops, and a copy whose removal would make
@@ -133,6 +133,27 @@ def remove_noops(graph: Graph, ctx: PassContext) -> None:
         ctx.count(f"noop:{format_target(node.target)}")
 
 
+def _assert_holds(node: Node) -> bool:
+    """An _assert_tensor_metadata whose dtype/device/size claims the input's meta already proves."""
+    src = _source(node)
+    meta = src.val if src is not None else None
+    if not isinstance(meta, TensorMeta):
+        return False
+    dtype, size = _arg(node, 3, "dtype"), _arg(node, 1, "size")
+    device = node.kwargs.get("device")
+    return ((dtype is None or dtype == meta.dtype)
+            and (device is None or torch.device(device).type == meta.device)
+            and (size is None or (not any(isinstance(s, Node) for s in size) and same_shape(tuple(size), meta.shape)))
+            and _arg(node, 2, "stride") is None)
+
+
+def remove_proven_asserts(graph: Graph, ctx: PassContext) -> None:
+    for node in graph.call_nodes:
+        if node.target == aten._assert_tensor_metadata.default and _assert_holds(node):
+            graph.remove_node(node)
+            ctx.count("asserts_proven")
+
+
 def _freeze(value):
     """A hashable key for an argument nest (nodes by identity)."""
     if isinstance(value, Node):
@@ -174,6 +195,7 @@ def eliminate_dead_code(graph: Graph, ctx: PassContext) -> None:
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
+    remove_proven_asserts(graph, ctx)
     remove_noops(graph, ctx)
     eliminate_common_subexpressions(graph, ctx)
     eliminate_dead_code(graph, ctx)

@@ -1,0 +1,165 @@
+"""Artifacts: save → load in a fresh process without the model's code; tampering is refused."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import safetensors.torch
+import torch
+from torch.export import Dim
+
+import blade
+import blade.models as zoo
+from blade.artifact import _canonical
+from blade.errors import ArtifactError
+
+from helpers import assert_matches
+
+
+class Encoder(torch.nn.Module):
+    """Lives only in this test file: a fresh process cannot import it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 16)
+        self.layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True)
+
+    def forward(self, ids, mask):
+        hidden = self.layer(self.embed(ids)) * mask.unsqueeze(-1)
+        return {"hidden": hidden, "pooled": (hidden.mean(1), hidden.amax(1))}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = Encoder().eval()
+    batch, seq = Dim("batch", min=1, max=8), Dim("seq", min=2, max=32)
+    example = (torch.randint(0, 50, (2, 5)), torch.ones(2, 5))
+    cm = blade.compile(model, example, dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+    path = tmp_path_factory.mktemp("art") / "encoder.blade"
+    cm.save(path)
+    return model, cm, path
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import sys, safetensors.torch, blade
+    cm = blade.load(sys.argv[1])
+    inputs = safetensors.torch.load_file(sys.argv[2])
+    out = cm(inputs["ids"], inputs["mask"])
+    safetensors.torch.save_file({"hidden": out["hidden"], "mean": out["pooled"][0], "max": out["pooled"][1]},
+                                sys.argv[3])
+    assert not any(m.startswith(("blade.models", "test_")) for m in sys.modules), "model code was imported"
+    print(type(out).__name__, type(out["pooled"]).__name__, cm.report.accuracy.ok)
+""")
+
+
+def test_load_in_a_fresh_process_reproduces_outputs(saved, tmp_path):
+    model, _, path = saved
+    ids, mask = torch.randint(0, 50, (3, 11)), (torch.rand(3, 11) > 0.3).float()
+    safetensors.torch.save_file({"ids": ids, "mask": mask}, tmp_path / "in.safetensors")
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(path), str(tmp_path / "in.safetensors"),
+                             str(tmp_path / "out.safetensors")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["dict", "tuple", "True"]
+    out = safetensors.torch.load_file(tmp_path / "out.safetensors")
+    with torch.no_grad():
+        ref = model(ids, mask)
+    assert_matches({"hidden": out["hidden"], "pooled": (out["mean"], out["max"])}, ref)
+
+
+def test_load_in_process_keeps_structure_and_report(saved):
+    _, cm, path = saved
+    loaded = blade.load(path)
+    ids, mask = torch.randint(0, 50, (4, 9)), torch.ones(4, 9)
+    assert_matches(loaded(ids, mask), cm(ids, mask), tol=0)
+    assert loaded.report.as_dict() == cm.report.as_dict()
+    assert str(loaded.graph) == str(cm.graph)
+    with pytest.raises(blade.errors.ShapeError, match="'seq'"):
+        loaded(torch.randint(0, 50, (4, 40)), torch.ones(4, 40))
+
+
+def _copy(path, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy.blade"
+    shutil.copytree(path, target)
+    return target
+
+
+def _rewrite_manifest(path, change) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.pop("manifest_sha256")
+    change(manifest)
+    manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_tampered_weights_are_refused(saved, tmp_path):
+    path = _copy(saved[2], tmp_path)
+    data = bytearray((path / "weights.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (path / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="weights.safetensors does not match its sha256"):
+        blade.load(path)
+
+
+def test_tampered_manifest_is_refused(saved, tmp_path):
+    path = _copy(saved[2], tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["io"]["dims"]["seq"] = [2, 4096]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="manifest.json was modified after it was written"):
+        blade.load(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="is not valid JSON"):
+        blade.load(path)
+
+
+def test_tampered_graph_is_refused_even_with_a_matching_manifest(saved, tmp_path):
+    path = _copy(saved[2], tmp_path)
+    graph = json.loads((path / "graph.json").read_text())
+    graph["nodes"][-1]["target"] = "builtins.eval"
+    (path / "graph.json").write_text(json.dumps(graph))
+    digest = hashlib.sha256((path / "graph.json").read_bytes()).hexdigest()
+    _rewrite_manifest(path, lambda m: m["files"].__setitem__("graph.json", digest))
+    with pytest.raises(ArtifactError, match="builtins.eval"):
+        blade.load(path)
+
+
+def test_missing_file_version_and_target_mismatch(saved, tmp_path):
+    path = _copy(saved[2], tmp_path)
+    (path / "examples.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="examples.safetensors is missing"):
+        blade.load(path)
+    path = _copy(saved[2], tmp_path / "b")
+    _rewrite_manifest(path, lambda m: m.__setitem__("format_version", 99))
+    with pytest.raises(ArtifactError, match="format version 99 is not supported"):
+        blade.load(path)
+    if not torch.cuda.is_available():
+        path = _copy(saved[2], tmp_path / "c")
+        _rewrite_manifest(path, lambda m: m["target"].update(device="cuda", name="NVIDIA H100"))
+        with pytest.raises(ArtifactError, match="compiled for cuda NVIDIA H100.*no CUDA GPU"):
+            blade.load(path)
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        blade.load(tmp_path)
+
+
+def test_tied_weights_are_stored_once(tmp_path):
+    model, example_inputs, dynamic_shapes = zoo.get("gpt")
+    # optimize=0: cleanup would drop the second (unread) placeholder of the tied weight
+    cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, optimize=0)
+    cm.save(tmp_path / "gpt.blade")
+    manifest = json.loads((tmp_path / "gpt.blade" / "manifest.json").read_text())
+    assert manifest["constant_aliases"], "the tied embedding / lm_head weight should be stored once"
+    loaded = blade.load(tmp_path / "gpt.blade")
+    for alias, source in manifest["constant_aliases"].items():
+        assert loaded.graph.constants[alias].data_ptr() == loaded.graph.constants[source].data_ptr()
+    ids = zoo.sample_inputs("gpt", seed=4, batch=2, seq=9)
+    assert_matches(loaded(*ids), cm(*ids), tol=0)

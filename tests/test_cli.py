@@ -1,0 +1,84 @@
+"""The command line: compile → inspect → run on an artifact, bench, demo; --json; exit codes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+
+import blade.models as zoo
+
+
+def blade_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "blade", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "mlp.blade"
+    result = blade_cli("compile", "blade.models.mlp:tiny", "-o", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["report"]["accuracy"]["ok"] and data["artifact"] == str(path)
+    return path
+
+
+def test_compile_shows_progress_without_json(tmp_path):
+    result = blade_cli("compile", "blade.models.mlp:tiny", "-o", str(tmp_path / "m.blade"))
+    assert result.returncode == 0, result.stderr
+    assert "capturing and compiling blade.models.mlp:tiny" in result.stderr
+    assert "blade compile report" in result.stdout
+
+
+def test_inspect(artifact):
+    result = blade_cli("inspect", str(artifact), "--graph")
+    assert result.returncode == 0, result.stderr
+    assert "input   input: float32[batch, 16]" in result.stdout
+    assert "dims    batch in [1, 64]" in result.stdout and "aten.linear.default" in result.stdout
+    data = json.loads(blade_cli("inspect", str(artifact), "--json").stdout)
+    assert data["backend"] == "eager" and "weights.safetensors" in data["files"]
+
+
+def test_run_with_inputs_file(artifact, tmp_path):
+    model, _, _ = zoo.get("mlp")
+    (x,) = zoo.sample_inputs("mlp", seed=7, batch=5)
+    safetensors.torch.save_file({"input": x}, tmp_path / "in.safetensors")
+    out_file = tmp_path / "out.safetensors"
+    result = blade_cli("run", str(artifact), "--inputs", str(tmp_path / "in.safetensors"), "-o", str(out_file),
+                       "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outputs"]["output_0"]["shape"][0] == 5
+    with torch.no_grad():
+        assert torch.allclose(safetensors.torch.load_file(out_file)["output_0"], model(x), rtol=1e-6, atol=1e-7)
+
+
+def test_run_rejects_bad_inputs(artifact, tmp_path):
+    safetensors.torch.save_file({"input": torch.randn(5, 3)}, tmp_path / "bad.safetensors")
+    result = blade_cli("run", str(artifact), "--inputs", str(tmp_path / "bad.safetensors"))
+    assert result.returncode == 1
+    assert "input 'input' dim 1: expected 16 (static), got 3" in result.stderr
+    safetensors.torch.save_file({"y": torch.randn(5, 16)}, tmp_path / "wrong.safetensors")
+    result = blade_cli("run", str(artifact), "--inputs", str(tmp_path / "wrong.safetensors"))
+    assert result.returncode == 1 and "lacks input(s) ['input']" in result.stderr
+
+
+def test_failures_exit_non_zero(tmp_path):
+    result = blade_cli("compile", "no.such.module:tiny", "-o", str(tmp_path / "x.blade"))
+    assert result.returncode == 1 and "cannot load factory 'no.such.module:tiny'" in result.stderr
+    result = blade_cli("run", str(tmp_path))
+    assert result.returncode == 1 and "manifest.json is missing" in result.stderr
+    assert blade_cli("compile").returncode == 2  # usage error
+
+
+def test_bench_and_demo_json():
+    result = blade_cli("bench", "blade.models.mlp:tiny", "--repeat", "5", "--warmup", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    bench = json.loads(result.stdout)
+    assert bench["eager_ms"] > 0 and bench["blade_ms"] > 0 and bench["speedup"] > 0
+    result = blade_cli("demo", "--model", "mlp", "--repeat", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    demo = json.loads(result.stdout)
+    assert demo["ok"] and demo["report"]["backend"] == "eager"
