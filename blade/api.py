@@ -1,6 +1,7 @@
 """blade.compile: capture → passes → backend → CompiledModel, with the report of every step."""
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -27,6 +28,7 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     `dynamic_shapes` follows torch.export's convention; `backend` is a registered name or "auto";
     `optimize` picks the pass pipeline (0 none, 1 cleanup, 2 all); `passes` (a list) replaces it.
     """
+    debug = debug or os.environ.get("BLADE_DEBUG") == "1"  # the test suite verifies the IR after every pass
     config = CompileConfig(backend=backend, optimize=optimize, debug=debug, check_accuracy=check_accuracy)
     pipeline = list(passes) if passes is not None else pipelines.pipeline_for(optimize)
     start = time.perf_counter()

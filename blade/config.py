@@ -1,8 +1,7 @@
 """Compile options shared by the face and the passes (ground floor: imports nothing of blade)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 OPTIMIZE_LEVELS = (0, 1, 2)
 DEFAULT_OPTIMIZE = 2
@@ -16,4 +15,3 @@ class CompileConfig:
     optimize: int = DEFAULT_OPTIMIZE
     debug: bool = False  # verify the IR after every pass
     check_accuracy: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import networkx as nx
 import torch
@@ -405,8 +405,3 @@ class Graph:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-
-def topo_nodes(nodes: Iterable[Node], graph: Graph) -> list[Node]:
-    """A subset of a graph's nodes in its topological order."""
-    wanted = set(nodes)
-    return [n for n in graph.nodes if n in wanted]

@@ -149,3 +149,11 @@ class MutatesBuffer(torch.nn.Module):
 def test_state_mutation_is_refused():
     with pytest.raises(CaptureError, match="mutates count"):
         blade.compile(MutatesBuffer(), (torch.randn(3),))
+
+
+def test_auto_dims_that_specialize_are_reported():
+    model = FixesBatch()
+    cm = blade.compile(model, (torch.randn(2, 3),), dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},))
+    assert any("axis 0" in text and "= 2" in text for text in cm.report.specialized), cm.report.specialized
+    assert "specialized: x axis 0" in str(cm.report)
+    assert cm.report.dims == ["x_dim1 in [2, inf]"]  # the dim torch kept dynamic, named after its input
