@@ -66,10 +66,17 @@ def _worst(values) -> float:
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (‖out − ref‖ when ref is all zeros); NaN if out has NaN."""
+    """‖out − ref‖ / ‖ref‖ in float64 over the finite entries (‖out − ref‖ when ref is all zeros).
+
+    NaN anywhere gives NaN (never passes); ±inf must stand in the same places with the same sign.
+    """
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     if torch.isnan(out64).any() or torch.isnan(ref64).any():
         return math.nan
+    infinite = torch.isinf(ref64)
+    if not torch.equal(infinite, torch.isinf(out64)) or not torch.equal(out64[infinite], ref64[infinite]):
+        return math.inf
+    out64, ref64 = out64[~infinite], ref64[~infinite]
     diff = torch.linalg.vector_norm(out64 - ref64).item()
     norm = torch.linalg.vector_norm(ref64).item()
     return diff / norm if norm > 0 else diff
@@ -80,20 +87,24 @@ def compare_tensor(index: int, out, ref) -> OutputError:
         same = out == ref
         return OutputError(index, type(ref).__name__, 0.0 if same else math.inf, 0.0 if same else math.inf,
                            1.0 if same else 0.0, 0.0)
-    if out.shape != ref.shape:
-        return OutputError(index, str(ref.dtype), math.inf, math.inf, 0.0, 0.0)
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return OutputError(index, str(ref.dtype).removeprefix("torch."), math.inf, math.inf, 0.0, 0.0)
     tol = TOLERANCE.get(ref.dtype, 0.0)
+    dtype = str(ref.dtype).removeprefix("torch.")
     if not (ref.is_floating_point() or ref.is_complex()):
         mismatch = (out != ref).double().mean().item() if ref.numel() else 0.0
-        return OutputError(index, str(ref.dtype), float((out.double() - ref.double()).abs().max().item())
+        return OutputError(index, dtype, float((out.double() - ref.double()).abs().max().item())
                            if ref.numel() else 0.0, mismatch, 1.0 - mismatch, tol)
     rel = relative_error(out, ref)
-    diff = (out.double() - ref.double()).abs()
-    max_abs = math.nan if math.isnan(rel) else (float(diff.max().item()) if diff.numel() else 0.0)
-    a, b = out.double().flatten().nan_to_num(0.0), ref.double().flatten().nan_to_num(0.0)
+    finite = torch.isfinite(ref.double())
+    diff = (out.double() - ref.double()).abs()[finite]
+    max_abs = rel if not math.isfinite(rel) else (float(diff.max().item()) if diff.numel() else 0.0)
+    a, b = out.double()[finite].flatten(), ref.double()[finite].flatten()
     denom = (a.norm() * b.norm()).item()
     cosine = (a @ b).item() / denom if denom > 0 else (1.0 if torch.equal(a, b) else 0.0)
-    return OutputError(index, str(ref.dtype).removeprefix("torch."), max_abs, rel, cosine, tol)
+    if not math.isfinite(rel):
+        cosine = rel if math.isnan(rel) else 0.0
+    return OutputError(index, dtype, max_abs, rel, cosine, tol)
 
 
 def compare(outputs: list, references: list) -> Accuracy:

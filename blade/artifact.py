@@ -119,9 +119,31 @@ def read_manifest(path) -> dict:
     return manifest
 
 
+def _safe_file(root: Path, relpath: str) -> Path:
+    """The file `relpath` names inside the artifact: no absolute paths, no '..', no symlinks."""
+    parts = Path(relpath).parts
+    if Path(relpath).is_absolute() or ".." in parts or not parts:
+        raise ArtifactError(f"manifest lists {relpath!r}, which is outside the artifact; refusing to load")
+    file = root / relpath
+    for step in [root.joinpath(*parts[:i + 1]) for i in range(len(parts))]:
+        if step.is_symlink():
+            raise ArtifactError(f"artifact file {relpath} is a symbolic link; refusing to load")
+    return file
+
+
 def verify_files(root: Path, manifest: dict) -> None:
-    for relpath, digest in manifest["files"].items():
-        file = root / relpath
+    """Every file the artifact needs is listed, inside it, a plain file, and matches its sha256."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError("manifest has no 'files' table; the artifact is damaged")
+    missing = [name for name in (GRAPH, WEIGHTS, EXAMPLES) if name not in files]
+    unexpected = [name for name in files if name not in (GRAPH, WEIGHTS, EXAMPLES)
+                  and not name.startswith(f"{BACKEND_DIR}/")]
+    if missing or unexpected:
+        raise ArtifactError(f"manifest lists the wrong files (missing {missing}, unexpected {unexpected}); "
+                            "the artifact is damaged")
+    for relpath, digest in files.items():
+        file = _safe_file(root, relpath)
         if not file.is_file():
             raise ArtifactError(f"artifact file {relpath} is missing from {root}")
         if _sha256(file) != digest:
@@ -160,6 +182,8 @@ def load(path) -> CompiledModel:
     except Exception as exc:
         raise ArtifactError(f"could not read the tensors of {root}: {exc}") from exc
     for name, source in manifest.get("constant_aliases", {}).items():
+        if source not in constants:
+            raise ArtifactError(f"constant {name} is stored as {source}, which the weights file lacks")
         constants[name] = constants[source]
     try:
         graph = graph_from_json(json.loads((root / GRAPH).read_text()), constants)

@@ -43,6 +43,9 @@ def capture(model, example_inputs=(), example_kwargs=None, dynamic_shapes=None, 
     if isinstance(model, (str, os.PathLike)):
         model = _load_pt2(model)
     if isinstance(model, torch.export.ExportedProgram):
+        if dynamic_shapes is not None:
+            raise ConfigError("dynamic_shapes cannot change an ExportedProgram (or .pt2): its dims were fixed "
+                              "when it was exported — pass dynamic_shapes to torch.export.export instead")
         captured = _from_exported(model, example_inputs, example_kwargs, name)
     elif isinstance(model, torch.nn.Module):
         captured = _from_module(model, example_inputs, example_kwargs, dynamic_shapes, name)
@@ -94,8 +97,19 @@ def _register_output_dataclasses(output) -> None:
             _register_output_dataclasses(item)
 
 
+def _drop_positional_none(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Absent optional inputs given positionally as None: pass the ones after them by name."""
+    if None not in args:
+        return args, kwargs
+    first = args.index(None)
+    names = list(inspect.signature(model.forward).parameters)
+    later = {names[i]: a for i, a in enumerate(args) if i > first and a is not None}
+    return args[:first], {**later, **kwargs}
+
+
 def _from_module(model, example_inputs, example_kwargs, dynamic_shapes, name) -> Captured:
     args, kwargs = normalize_example(example_inputs, example_kwargs)
+    args, kwargs = _drop_positional_none(model, args, kwargs)
     arg_names = list(inspect.signature(model.forward).parameters)
     flat_specs = flat_dim_specs(model, args, kwargs, dynamic_shapes)
     with _eval_mode(model), torch.no_grad():
@@ -122,6 +136,7 @@ def _from_exported(ep, example_inputs, example_kwargs, name) -> Captured:
         raise InputError("this ExportedProgram carries no example inputs: pass example_inputs to blade.compile")
     args, kwargs = normalize_example(example_inputs, example_kwargs)
     ep = ep.run_decompositions({})
+    _refuse_training_graph(ep)
     dim_names, _ = name_dims(ep, [None] * len(_user_input_nodes(ep)))
     graph = Graph.from_exported(ep, dim_names, name or "exported")
     module = ep.module()
@@ -136,6 +151,20 @@ def _from_exported(ep, example_inputs, example_kwargs, name) -> Captured:
 
     return Captured(graph, ep, spec_to_json(ep.call_spec.in_spec), spec_to_json(ep.call_spec.out_spec),
                     arg_names, args, kwargs, reference, reference_outputs)
+
+
+_TRAINING_ONLY = {"native_dropout", "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
+
+
+def _refuse_training_graph(ep) -> None:
+    """An ExportedProgram captured in training mode would run dropout at inference: refuse it."""
+    for node in ep.graph.nodes:
+        op = getattr(node.target, "_schema", None)
+        name = op.name.split("::")[-1] if op is not None else ""
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        if name in _TRAINING_ONLY and train is True:
+            raise CaptureError(f"node {node.name} ({node.target}) runs in training mode: this program was "
+                               "exported from a model in train mode — call model.eval() before torch.export")
 
 
 def _load_pt2(path) -> torch.export.ExportedProgram:
@@ -286,6 +315,9 @@ def name_dims(ep, flat_specs: list) -> tuple[dict, list[str]]:
         for axis, size in enumerate(val.shape):
             wanted = (axes or {}).get(axis)
             expr = size.node.expr if isinstance(size, torch.SymInt) else None
+            if expr is not None and not expr.is_Symbol and len(expr.free_symbols) == 1:
+                root = getattr(wanted, "root", None)  # a derived Dim such as 2*d names its root d
+                expr, wanted = next(iter(expr.free_symbols)), root if _dim_label(root) else None
             if expr is None or not expr.is_Symbol:
                 if wanted is not None and not _is_static_request(wanted):
                     specialized.append(f"{node.name} axis {axis} ({_dim_label(wanted) or wanted}) = {size}")

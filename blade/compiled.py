@@ -31,7 +31,8 @@ class CompiledModel:
         check_tensor_leaves(args, kwargs)
         tensors = self.signature.flatten(args, kwargs)
         check_inputs(self.graph.inputs, self.graph.dims, tensors)
-        return tensors
+        # the IR assumes dense inputs (torch.export traced contiguous examples): views rely on it
+        return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
     def run_flat(self, tensors: list[torch.Tensor]) -> list:
         return self.executable(*tensors)

@@ -65,7 +65,8 @@ def _check_signature(ep: torch.export.ExportedProgram) -> None:
             target = spec.target or spec.arg.name
             raise CaptureError(
                 f"the model mutates {target} ({spec.kind.name}) during forward; blade compiles inference "
-                "graphs without state updates — keep such state outside the model or pass it as an input")
+                "graphs without state updates — keep such state outside the model or pass it as an input (a "
+                "program exported in train mode updates batch-norm statistics: export after model.eval())")
 
 
 def graph_from_exported(ep: torch.export.ExportedProgram, dim_names: dict, name: str) -> Graph:

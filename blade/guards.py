@@ -1,6 +1,7 @@
 """Shape guards: every call is checked against the captured input spec — never a silent recompile."""
 from __future__ import annotations
 
+import sympy
 import torch
 
 from blade.errors import ShapeError
@@ -44,6 +45,24 @@ def check_inputs(inputs: list[Node], dims: dict[str, DimRange], tensors: list[to
             else:
                 derived.append((name, axis, want, got))
     for name, axis, want, got in derived:
-        if {s.name for s in want.free_symbols} <= set(values) and evaluate(want, values) != got:
+        unbound = [s for s in want.free_symbols if s.name not in values]
+        if len(unbound) == 1:
+            _solve_root(name, axis, want, got, unbound[0], dims, values)
+        elif unbound:
+            raise ShapeError(f"input '{name}' dim {axis}: size {want} depends on several dims no input fixes")
+        if evaluate(want, values) != got:
             raise ShapeError(f"input '{name}' dim {axis}: expected {want} = {evaluate(want, values)}, got {got}")
     return values
+
+
+def _solve_root(name: str, axis: int, want, got: int, symbol, dims: dict[str, DimRange], values: dict) -> None:
+    """Bind the dim a derived size (such as 2*d) is made of, and check it is whole and in range."""
+    roots = [r for r in sympy.solve(sympy.Eq(want, got), symbol) if r.is_Integer]
+    if not roots:
+        raise ShapeError(f"input '{name}' dim {axis}: expected a size of the form {want}, got {got}")
+    value, rng = int(roots[0]), dims.get(symbol.name)
+    if rng is not None and not rng.contains(value):
+        hi = "inf" if rng.max is None else rng.max
+        raise ShapeError(f"input '{name}' dim {axis}: size {got} means {symbol.name} = {value}, outside "
+                         f"{rng.min}..{hi}; recompile with a wider range in dynamic_shapes")
+    values[symbol.name] = value

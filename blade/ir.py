@@ -270,9 +270,12 @@ class Graph:
         self._connect(node)
 
     def replace_all_uses(self, old: Node, new: Node) -> int:
-        """Point every reader of `old` (and the outputs) at `new`; returns how many were changed."""
+        """Point every reader of `old` (and the outputs) at `new`; returns how many were changed.
+
+        `new` itself keeps reading `old`, so `replace_all_uses(x, f(x))` inserts f after x.
+        """
         swap = lambda n: new if n is old else n  # noqa: E731
-        users = self.users(old)
+        users = [u for u in self.users(old) if u is not new]
         for user in users:
             self.set_args(user, map_refs(user.args, swap), map_refs(user.kwargs, swap))
         changed = len(users)
@@ -283,7 +286,9 @@ class Graph:
         return changed
 
     def remove_node(self, node: Node) -> None:
-        """Remove a node nobody reads."""
+        """Remove a node nobody reads (never an input: the inputs are the calling convention)."""
+        if node.op == "input":
+            raise GraphError(f"cannot remove input {node.name}: inputs are how the model is called")
         users = self.users(node)
         if users or self.is_output(node):
             readers = [u.name for u in users] + (["<outputs>"] if self.is_output(node) else [])
@@ -291,8 +296,6 @@ class Graph:
         self.nx.remove_node(node)
         del self._by_name[node.name]
         del self._rank[node]
-        if node.op == "input":
-            self.inputs.remove(node)
         if node.op == "constant":
             del self.constants[node.name]
         self._order_cache = None
@@ -325,6 +328,18 @@ class Graph:
         for inp in self.inputs:
             if inp not in self or inp.op != "input":
                 problems.append(f"input {inp.name} is not an input node of the graph")
+        if len(set(self.inputs)) != len(self.inputs):
+            problems.append("an input is listed twice in graph.inputs")
+        for node in self.nx.nodes:
+            if node.op == "input" and node not in self.inputs:
+                problems.append(f"input node {node.name} is missing from graph.inputs")
+            if node.op == "constant" and node.name in self.constants:
+                tensor = self.constants[node.name]
+                if (tuple(tensor.shape), tensor.dtype) != (node.val.shape, node.val.dtype):
+                    problems.append(f"constant {node.name} holds {tensor.dtype}{list(tensor.shape)}, meta says {node.val}")
+        orphans = [name for name in self.constants if name not in self._by_name]
+        if orphans:
+            problems.append(f"constant tensors without a node: {orphans}")
         if problems:
             raise GraphError(f"graph {self.name} is broken:\n  " + "\n  ".join(problems))
         return self

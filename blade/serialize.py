@@ -38,20 +38,36 @@ def target_to_json(target, where: str) -> str:
     raise ArtifactError(f"node {where}: cannot save target {name!r} (only torch ops and size arithmetic)")
 
 
+# Namespaces a saved graph may call into; ops that write memory or touch files are refused on top.
+_OP_NAMESPACES = ("aten", "prims", "blade")
+_REFUSED_OPS = ("aten.from_file", "aten._nested_from_file")
+
+
 def target_from_json(name: str):
-    """Resolve a saved target by lookup in torch.ops or the whitelist; nothing is imported or run."""
+    """Resolve a saved target to a pure torch operator or a whitelisted function; nothing else.
+
+    Only `namespace.op.overload` names in _OP_NAMESPACES resolve, only to OpOverloads, and only
+    to ones that neither mutate their inputs nor read files: loading never runs other code.
+    """
     if name in _PYTHON_TARGETS:
         return _PYTHON_TARGETS[name]
     parts = name.split(".")
-    if len(parts) != 3:
-        raise ArtifactError(f"unknown target {name!r} in the saved graph")
+    if len(parts) != 3 or parts[0] not in _OP_NAMESPACES or not all(p.isidentifier() for p in parts) \
+            or parts[1].startswith("__") or parts[2].startswith("_"):
+        raise ArtifactError(f"the saved graph calls {name!r}, which is not a torch operator blade may load")
     namespace, op, overload = parts
     try:
-        return getattr(getattr(getattr(torch.ops, namespace), op), overload)
+        packet = getattr(getattr(torch.ops, namespace), op)
+        target = getattr(packet, overload) if isinstance(packet, torch._ops.OpOverloadPacket) else None
     except (AttributeError, RuntimeError):
         raise ArtifactError(
             f"operator {name} is not available in this torch {torch.__version__} — install the torch "
             "version the artifact was compiled with, or recompile it here") from None
+    if not isinstance(target, torch._ops.OpOverload):
+        raise ArtifactError(f"the saved graph calls {name!r}, which is not a torch operator blade may load")
+    if target._schema.is_mutable or f"{namespace}.{op}" in _REFUSED_OPS:
+        raise ArtifactError(f"the saved graph calls {name}, which writes memory or reads files; refusing to load")
+    return target
 
 
 def value_to_json(value, where: str):
@@ -172,9 +188,13 @@ def graph_from_json(data: dict[str, Any], constants: dict[str, torch.Tensor]) ->
         if entry["op"] == "input":
             node = inputs[name] = graph.add_input(name, meta)
         elif entry["op"] == "constant":
-            if name not in constants:
+            tensor = constants.get(name)
+            if tensor is None:
                 raise ArtifactError(f"weights file has no tensor for constant {name}")
-            node = graph.add_constant(name, constants[name], entry.get("source"))
+            if (tuple(tensor.shape), tensor.dtype) != (meta.shape, meta.dtype):
+                raise ArtifactError(f"weights file holds {name} as {tensor.dtype}{list(tensor.shape)}, but the "
+                                    f"graph expects {meta}; the artifact is inconsistent")
+            node = graph.add_constant(name, tensor, entry.get("source"))
         else:
             args = tuple(value_from_json(entry["args"], by_name))
             kwargs = value_from_json(entry["kwargs"], by_name)
@@ -185,4 +205,7 @@ def graph_from_json(data: dict[str, Any], constants: dict[str, torch.Tensor]) ->
         by_name[name] = node
     graph.inputs = [inputs[n] for n in data["inputs"]]
     graph.outputs = [value_from_json(o, by_name) for o in data["outputs"]]
+    for out in graph.outputs:
+        if not isinstance(out, (Node, int, float, bool, type(None))):
+            raise ArtifactError(f"the saved graph returns {out!r}; outputs are tensors or numbers")
     return graph.verify()

@@ -26,6 +26,13 @@ def _context_to_json(ctx):
     raise TypeError(type(ctx).__name__)
 
 
+def _key_to_json(key):
+    try:
+        return _context_to_json(key)
+    except TypeError:
+        return str(key)  # an exotic key type comes back as its text
+
+
 def _context_from_json(data):
     if isinstance(data, list):
         return [_context_from_json(d) for d in data]
@@ -45,12 +52,12 @@ def spec_to_json(spec: pytree.TreeSpec) -> dict[str, Any]:
     if cls in (tuple, list):
         return {"kind": cls.__name__, "children": children}
     if cls is dict:
-        return {"kind": "dict", "keys": list(spec.context), "children": children}
+        return {"kind": "dict", "keys": [_key_to_json(k) for k in spec.context], "children": children}
     if cls is namedtuple:  # torch files every namedtuple under this one key, the class as context
         real = spec.context
         return {"kind": "namedtuple", "class": _qualname(real), "fields": list(real._fields), "children": children}
-    tree = {"kind": "custom", "class": _qualname(cls), "keys": _keys_of(cls, spec.context, len(children)),
-            "children": children}
+    keys, none_keys = _keys_of(cls, spec.context, len(children))
+    tree = {"kind": "custom", "class": _qualname(cls), "keys": keys, "none_keys": none_keys, "children": children}
     try:
         tree["context"] = {"value": _context_to_json(spec.context)}
     except TypeError:
@@ -58,18 +65,18 @@ def spec_to_json(spec: pytree.TreeSpec) -> dict[str, Any]:
     return tree
 
 
-def _keys_of(cls, context, n: int) -> list[str] | None:
-    """Field names of a keyed container (ModelOutput keys, dataclass fields) for the dict fallback."""
-    if isinstance(context, (list, tuple)) and len(context) == n and all(isinstance(k, str) for k in context):
-        return list(context)
-    if isinstance(context, (list, tuple)) and context and isinstance(context[0], (list, tuple)):
-        first = list(context[0])
-        if len(first) == n and all(isinstance(k, str) for k in first):
-            return first
+def _keys_of(cls, context, n: int) -> tuple[list[str] | None, list[str]]:
+    """Field names of a keyed container for the dict fallback: (keys of the children, fields that were None)."""
+    def names(seq):
+        return isinstance(seq, (list, tuple)) and all(isinstance(k, str) for k in seq)
+    if names(context) and len(context) == n:
+        return list(context), []  # ModelOutput: the keys present
+    if isinstance(context, (list, tuple)) and len(context) == 2 and names(context[0]) and len(context[0]) == n:
+        return list(context[0]), list(context[1]) if names(context[1]) else []  # dataclass: (flat, none)
     fields = getattr(cls, "__dataclass_fields__", None)
     if fields and len(fields) == n:
-        return list(fields)
-    return None
+        return list(fields), []
+    return None, []
 
 
 def _registered_class(name: str) -> type | None:
@@ -85,6 +92,15 @@ def _loaded_class(name: str) -> type | None:
     for part in qualname.split("."):
         obj = getattr(obj, part, None) if obj is not None else None
     return obj if isinstance(obj, type) else None
+
+
+def _hashable(key):
+    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
+
+
+def _is_namedtuple_class(cls, fields: list[str]) -> bool:
+    """Only a real namedtuple class with exactly these fields is ever called on loaded values."""
+    return (isinstance(cls, type) and issubclass(cls, tuple) and list(getattr(cls, "_fields", ())) == fields)
 
 
 def count_leaves(tree: dict[str, Any]) -> int:
@@ -107,14 +123,18 @@ def unflatten(tree: dict[str, Any], leaves: list) -> Any:
         if kind in ("tuple", "list"):
             return tuple(values) if kind == "tuple" else values
         if kind == "dict":
-            return dict(zip(node["keys"], values))
+            return dict(zip((_hashable(_context_from_json(k)) for k in node["keys"]), values))
         if kind == "namedtuple":
             cls = _loaded_class(node["class"])
-            return cls(*values) if cls is not None else dict(zip(node["fields"], values))
+            if _is_namedtuple_class(cls, node["fields"]):
+                return cls(*values)
+            return dict(zip(node["fields"], values))
         cls = _registered_class(node["class"])
         if cls is not None and "context" in node:
             return pytree.SUPPORTED_NODES[cls].unflatten_fn(values, _context_from_json(node["context"]["value"]))
-        return dict(zip(node["keys"], values)) if node.get("keys") else tuple(values)
+        if node.get("keys"):
+            return {**dict(zip(node["keys"], values)), **dict.fromkeys(node.get("none_keys", []))}
+        return tuple(values)
 
     return build(tree)
 

@@ -1,14 +1,20 @@
-"""Cleanup: remove no-ops (identity views, copies and casts, eval-mode dropout), merge common
-subexpressions, and drop dead code.
+"""Cleanup: drop proven asserts and no-ops (identity views, copies and casts, eval-mode dropout),
+merge common subexpressions, and remove dead code.
 
-Matches: runtime metadata asserts that the IR's meta already proves; the no-op rules in NOOP_RULES (each checks that output and input have the same shape,
-dtype and device before it fires); pure call nodes with the same target and arguments (CSE);
-call nodes and constants that no output reads (DCE). Leaves alone: graph inputs (the calling
-convention), side-effecting ops (runtime asserts), random ops, and a copy whose removal would make
-an output alias a graph input or a weight.
+Matches: `_assert_tensor_metadata` whose claims the IR's meta already proves; the rules in
+NOOP_RULES, each of which also needs the output's shape, dtype and device to equal the input's;
+pure call nodes with the same target and arguments (CSE); nodes and constants no output reads (DCE).
+
+Leaves alone: graph inputs (the calling convention); side-effecting and random ops; a copy whose
+result reaches an output (the caller must not get an alias of an input, a weight or another
+output); a copy of a view (it may be what makes the data dense for a later `view`); two nodes that
+are both outputs (eager returns two tensors, so must we); arithmetic identities that would flip
+the sign of a zero.
 """
 from __future__ import annotations
 
+import math
+import operator
 from typing import Callable
 
 import torch
@@ -33,6 +39,15 @@ def _arg(node: Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def is_view_op(target) -> bool:
+    """An op whose result shares memory with its first argument (schema `Tensor(a) -> Tensor(a)`)."""
+    schema = getattr(target, "_schema", None)
+    if schema is None or not schema.returns:
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
+
+
 def _always(node: Node) -> bool:
     return True
 
@@ -41,18 +56,20 @@ def _eval_dropout(node: Node) -> bool:
     return _arg(node, 2, "train") is False or _arg(node, 1, "p") == 0
 
 
-def _plain_clone(node: Node) -> bool:
-    return node.kwargs.get("memory_format") in (None, torch.preserve_format)
+def _same_layout_and_device(node: Node) -> bool:
+    """A copy/cast that keeps the memory format and names no specific device index."""
+    device = node.kwargs.get("device")
+    return (node.kwargs.get("memory_format") in (None, torch.preserve_format)
+            and (device is None or torch.device(device).index is None))
 
 
-def _no_layout_change(node: Node) -> bool:
-    return node.kwargs.get("memory_format") in (None, torch.preserve_format)
-
-
-def _is_literal(value) -> Callable[[Node], bool]:
+def _is_literal(value, *, exact_for_floats: bool = True) -> Callable[[Node], bool]:
+    """The other operand is the literal `value` (never a bool; int 0 + -0.0 would give +0.0)."""
     def check(node: Node) -> bool:
         other = _arg(node, 1, "other")
-        return not isinstance(other, Node) and other == value and not isinstance(other, bool)
+        if isinstance(other, (Node, bool)) or other != value:
+            return False
+        return exact_for_floats or not node.dtype.is_floating_point
     return check
 
 
@@ -62,25 +79,29 @@ def _identity_permutation(node: Node) -> bool:
 
 
 def _same_axes(node: Node) -> bool:
-    rank = len(node.shape)
-    return _arg(node, 1, "dim0") % max(rank, 1) == _arg(node, 2, "dim1") % max(rank, 1)
+    rank = max(len(node.shape), 1)
+    return _arg(node, 1, "dim0") % rank == _arg(node, 2, "dim1") % rank
 
 
 def _unit_step(node: Node) -> bool:
     return _arg(node, 4, "step", 1) == 1
 
 
+# Copies: they make new memory, so removing one is only safe where nobody could tell.
+COPY_OPS = {aten.clone.default, aten._to_copy.default, aten.lift_fresh_copy.default, aten.to.dtype,
+            aten.to.dtype_layout, aten.to.device}
+
 # target -> extra condition; every rule also requires the output meta to equal the input's.
 NOOP_RULES: dict[object, Callable[[Node], bool]] = {
-    aten.clone.default: _plain_clone,
+    aten.clone.default: _same_layout_and_device,
+    aten.lift_fresh_copy.default: _always,
+    aten._to_copy.default: _same_layout_and_device,
+    aten.to.dtype: _same_layout_and_device,
+    aten.to.dtype_layout: _same_layout_and_device,
+    aten.to.device: _same_layout_and_device,
     aten.alias.default: _always,
     aten.detach.default: _always,
-    aten.lift_fresh_copy.default: _always,
     aten.dropout.default: _eval_dropout,
-    aten._to_copy.default: _no_layout_change,
-    aten.to.dtype: _no_layout_change,
-    aten.to.dtype_layout: _no_layout_change,
-    aten.to.device: _no_layout_change,
     aten.type_as.default: _always,
     aten.view.default: _always,
     aten.reshape.default: _always,
@@ -96,10 +117,10 @@ NOOP_RULES: dict[object, Callable[[Node], bool]] = {
     aten.mul.Scalar: _is_literal(1),
     aten.div.Tensor: _is_literal(1),
     aten.div.Scalar: _is_literal(1),
-    aten.add.Tensor: _is_literal(0),
-    aten.add.Scalar: _is_literal(0),
     aten.sub.Tensor: _is_literal(0),
     aten.sub.Scalar: _is_literal(0),
+    aten.add.Tensor: _is_literal(0, exact_for_floats=False),
+    aten.add.Scalar: _is_literal(0, exact_for_floats=False),
 }
 
 
@@ -120,29 +141,39 @@ def _is_random(target) -> bool:
     return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
 
 
-def remove_noops(graph: Graph, ctx: PassContext) -> None:
-    for node in graph.call_nodes:
-        rule = NOOP_RULES.get(node.target)
-        src = _source(node)
-        if rule is None or src is None or not _same_meta(node.val, src.val) or not rule(node):
-            continue
-        if src.op in ("input", "constant") and graph.is_output(node):
-            continue  # the output would alias the user's input or a weight
-        graph.replace_all_uses(node, src)
-        graph.remove_node(node)
-        ctx.count(f"noop:{format_target(node.target)}")
+def _reaches_output(graph: Graph, node: Node) -> bool:
+    """True if `node`, or a view of it, is returned to the caller."""
+    stack, seen = [node], {node}
+    while stack:
+        current = stack.pop()
+        if graph.is_output(current):
+            return True
+        for user in graph.users(current):
+            if user not in seen and (is_view_op(user.target) or user.target is operator.getitem) \
+                    and _source(user) is current:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def _copy_is_needed(graph: Graph, node: Node, src: Node) -> bool:
+    """A copy must stay if it feeds an output, or if it copies a view (it may densify the data)."""
+    if node.target not in COPY_OPS:
+        return False
+    return _reaches_output(graph, node) or (src.op == "call" and is_view_op(src.target))
 
 
 def _assert_holds(node: Node) -> bool:
-    """An _assert_tensor_metadata whose dtype/device/size claims the input's meta already proves."""
+    """An _assert_tensor_metadata whose every claim the input's meta already proves."""
     src = _source(node)
     meta = src.val if src is not None else None
     if not isinstance(meta, TensorMeta):
         return False
     dtype, size = _arg(node, 3, "dtype"), _arg(node, 1, "size")
-    device = node.kwargs.get("device")
+    device, layout = node.kwargs.get("device"), node.kwargs.get("layout")
     return ((dtype is None or dtype == meta.dtype)
-            and (device is None or torch.device(device).type == meta.device)
+            and (device is None or (torch.device(device).type == meta.device and torch.device(device).index is None))
+            and (layout is None or layout == torch.strided)
             and (size is None or (not any(isinstance(s, Node) for s in size) and same_shape(tuple(size), meta.shape)))
             and _arg(node, 2, "stride") is None)
 
@@ -154,16 +185,31 @@ def remove_proven_asserts(graph: Graph, ctx: PassContext) -> None:
             ctx.count("asserts_proven")
 
 
+def remove_noops(graph: Graph, ctx: PassContext) -> None:
+    for node in graph.call_nodes:
+        rule = NOOP_RULES.get(node.target)
+        src = _source(node)
+        if rule is None or src is None or not _same_meta(node.val, src.val) or not rule(node):
+            continue
+        if _copy_is_needed(graph, node, src):
+            continue
+        if graph.is_output(node) and (src.op in ("input", "constant") or _reaches_output(graph, src)):
+            continue  # the output would alias the caller's input, a weight, or another output
+        graph.replace_all_uses(node, src)
+        graph.remove_node(node)
+        ctx.count(f"noop:{format_target(node.target)}")
+
+
 def _freeze(value):
-    """A hashable key for an argument nest (nodes by identity)."""
+    """A hashable key for an argument nest (nodes by identity; -0.0 and 0.0, 1 and 1.0 and True differ)."""
     if isinstance(value, Node):
         return ("node", id(value))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_freeze(v) for v in value))
     if isinstance(value, dict):
         return ("dict", tuple((k, _freeze(v)) for k, v in value.items()))
-    if isinstance(value, float) and value != value:
-        return ("nan",)
+    if isinstance(value, float):
+        return ("float", repr(value), math.copysign(1.0, value))
     return (type(value).__name__, value)
 
 
@@ -174,10 +220,11 @@ def eliminate_common_subexpressions(graph: Graph, ctx: PassContext) -> None:
             continue
         key = (node.target, _freeze(node.args), _freeze(node.kwargs))
         first = seen.setdefault(key, node)
-        if first is not node:
-            graph.replace_all_uses(node, first)
-            graph.remove_node(node)
-            ctx.count("cse_merged")
+        if first is node or (_reaches_output(graph, node) and _reaches_output(graph, first)):
+            continue  # two outputs stay two tensors
+        graph.replace_all_uses(node, first)
+        graph.remove_node(node)
+        ctx.count("cse_merged")
 
 
 def eliminate_dead_code(graph: Graph, ctx: PassContext) -> None:
