@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from blade.config import DEFAULT_OPTIMIZE, OPTIMIZE_LEVELS
 from blade.errors import BladeError, InputError
 
 
@@ -95,6 +96,8 @@ def cmd_run(args, progress) -> int:
     compiled = blade.load(args.artifact)
     names = [n.name for n in compiled.graph.inputs]
     if args.inputs:
+        if not Path(args.inputs).is_file():
+            raise InputError(f"inputs file {args.inputs} does not exist")
         given = safetensors.torch.load_file(args.inputs)
         missing = [n for n in names if n not in given]
         if missing:
@@ -110,12 +113,13 @@ def cmd_run(args, progress) -> int:
     tensors = {f"output_{i}": o.contiguous() for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)}
     if args.output:
         safetensors.torch.save_file(tensors, args.output)
-    summary = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for name, t in tensors.items()}
+    summary = {f"output_{i}": {"shape": list(o.shape), "dtype": str(o.dtype).removeprefix("torch.")}
+               if isinstance(o, torch.Tensor) else {"value": o} for i, o in enumerate(outputs)}
     if args.json:
         print(json.dumps({"outputs": summary, "file": args.output}))
     else:
         for name, info in summary.items():
-            print(f"{name}: {info['dtype']}{info['shape']}")
+            print(f"{name}: {info['dtype']}{info['shape']}" if "dtype" in info else f"{name}: {info['value']}")
     return 0
 
 
@@ -207,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         if compile_options:
             p.add_argument("--backend", default="auto", help=f"auto or one of {blade.backends.names()}")
-            p.add_argument("--optimize", "-O", type=int, default=2, help="pass pipeline level: 0, 1 or 2")
+            p.add_argument("--optimize", "-O", type=int, default=DEFAULT_OPTIMIZE, choices=OPTIMIZE_LEVELS,
+                           help="pass pipeline level")
         if bench_options:
             p.add_argument("--warmup", type=int, default=3)
             p.add_argument("--repeat", type=int, default=20)
@@ -249,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, progress)
     except BladeError as exc:
         print(f"blade: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug or an environment problem: still one line and a failing exit code
+        print(f"blade: internal error ({type(exc).__name__}): {exc}\n"
+              "please report it with the command that caused it", file=sys.stderr)
         return 1
 
 

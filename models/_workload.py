@@ -50,7 +50,7 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
-class DimRange:
+class ZooDim:
     """A dynamic dim: its value in the example inputs and the range torch.export may assume."""
 
     example: int
@@ -58,7 +58,7 @@ class DimRange:
     max: int
 
 
-BATCH = DimRange(example=2, min=1, max=64)
+BATCH = ZooDim(example=2, min=1, max=64)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class Workload:
 
     build: Callable[[], nn.Module]
     inputs: tuple[InputSpec, ...]
-    dims: Mapping[str, DimRange]
+    dims: Mapping[str, ZooDim]
     seed: int = 0
 
     def model(self) -> nn.Module:

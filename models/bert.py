@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ._layers import MLP, SelfAttention, init_embeddings, randomize_norms
-from ._workload import BATCH, DimRange, InputSpec, Workload, integers, padding_mask, select
+from ._workload import BATCH, ZooDim, InputSpec, Workload, integers, padding_mask, select
 
 # Added to the scores of padded keys. Large enough that softmax gives them ~0 weight, small enough
 # to stay finite in fp16 (torch.finfo(float32).min would overflow to -inf and NaN an all-pad row).
@@ -90,7 +90,7 @@ def workload(size: str = "tiny") -> Workload:
             InputSpec("input_ids", ("batch", "seq"), integers(config.vocab_size)),
             InputSpec("attention_mask", ("batch", "seq"), padding_mask()),
         ),
-        dims={"batch": BATCH, "seq": DimRange(example=config.example_seq, min=2, max=config.max_positions)},
+        dims={"batch": BATCH, "seq": ZooDim(example=config.example_seq, min=2, max=config.max_positions)},
     )
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._layers import MLP, PreNormBlock, RMSNorm, SelfAttention, SwiGLU, init_embeddings, randomize_norms
-from ._workload import BATCH, DimRange, InputSpec, Workload, integers, select
+from ._workload import BATCH, ZooDim, InputSpec, Workload, integers, select
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def workload_for(config: GPTConfig) -> Workload:
     return Workload(
         build=lambda: build(config),
         inputs=(InputSpec("input_ids", ("batch", "seq"), integers(config.vocab_size)),),
-        dims={"batch": BATCH, "seq": DimRange(example=config.example_seq, min=2, max=config.max_positions)},
+        dims={"batch": BATCH, "seq": ZooDim(example=config.example_seq, min=2, max=config.max_positions)},
     )
 
 

@@ -21,3 +21,13 @@ def assert_matches(out, ref, tol: float = 1e-6) -> None:
             assert not math.isnan(err) and err <= tol, f"output {i}: relative error {err} > {tol}"
         else:
             assert o == r, f"output {i}: {o!r} != {r!r}"
+
+
+def forbid_recompiling(monkeypatch) -> None:
+    """Make any new capture or backend compile fail the test: calls must reuse what was compiled."""
+    from blade.backends.eager import EagerBackend
+
+    def recompiled(*args, **kwargs):
+        raise AssertionError("recompiled")
+    monkeypatch.setattr(torch.export, "export", recompiled)
+    monkeypatch.setattr(EagerBackend, "compile", recompiled)

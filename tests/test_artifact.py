@@ -163,3 +163,79 @@ def test_tied_weights_are_stored_once(tmp_path):
         assert loaded.graph.constants[alias].data_ptr() == loaded.graph.constants[source].data_ptr()
     ids = zoo.sample_inputs("gpt", seed=4, batch=2, seq=9)
     assert_matches(loaded(*ids), cm(*ids), tol=0)
+
+
+def _edit_graph(path, change) -> None:
+    """Rewrite graph.json and re-sign everything, as a forger who knows the format would."""
+    graph = json.loads((path / "graph.json").read_text())
+    change(graph)
+    (path / "graph.json").write_text(json.dumps(graph))
+    digest = hashlib.sha256((path / "graph.json").read_bytes()).hexdigest()
+    _rewrite_manifest(path, lambda m: m["files"].__setitem__("graph.json", digest))
+
+
+@pytest.mark.parametrize("target, message", [
+    ("import_module.__self__.load_library", "not a torch operator blade may load"),
+    ("aten.__class__.__init__", "not a torch operator blade may load"),
+    ("aten.copy_.default", "writes memory or reads files"),
+    ("aten.from_file.default", "writes memory or reads files"),
+])
+def test_forged_graph_cannot_reach_code_or_files(saved, tmp_path, target, message):
+    path = _copy(saved[2], tmp_path)
+    _edit_graph(path, lambda g: g["nodes"][-1].__setitem__("target", target))
+    with pytest.raises(ArtifactError, match=message):
+        blade.load(path)
+
+
+def test_forged_output_structure_never_calls_arbitrary_classes(saved, tmp_path):
+    path = _copy(saved[2], tmp_path)
+    popen = {"kind": "namedtuple", "class": "subprocess.Popen", "fields": ["args"], "children": [{"kind": "leaf"}]}
+    _rewrite_manifest(path, lambda m: m["signature"].__setitem__("out_tree", popen))
+    _edit_graph(path, lambda g: g.__setitem__("outputs", [["touch", str(tmp_path / "pwned")]]))
+    with pytest.raises(ArtifactError, match="outputs are tensors or numbers"):
+        blade.load(path)
+    path = _copy(saved[2], tmp_path / "b")
+    _rewrite_manifest(path, lambda m: m["signature"].__setitem__(
+        "out_tree", {**popen, "children": [{"kind": "leaf"}, {"kind": "leaf"}, {"kind": "leaf"}]}))
+    out = blade.load(path)(torch.randint(0, 50, (2, 5)), torch.ones(2, 5))
+    assert isinstance(out, dict) and not (tmp_path / "pwned").exists()
+
+
+def test_manifest_cannot_point_outside_or_through_links(saved, tmp_path):
+    path = _copy(saved[2], tmp_path)
+    _rewrite_manifest(path, lambda m: m["files"].__setitem__("backend/../../../etc/passwd", "0" * 64))
+    with pytest.raises(ArtifactError, match="outside the artifact"):
+        blade.load(path)
+    path = _copy(saved[2], tmp_path / "b")
+    _rewrite_manifest(path, lambda m: m.__setitem__("files", {}))
+    with pytest.raises(ArtifactError, match="lists the wrong files"):
+        blade.load(path)
+    path = _copy(saved[2], tmp_path / "c")
+    (path / "weights.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (path / "weights.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        blade.load(path)
+
+
+def test_weights_must_match_the_graph(saved, tmp_path):
+    path = _copy(saved[2], tmp_path)
+    weights = safetensors.torch.load_file(path / "weights.safetensors")
+    name = next(k for k, v in weights.items() if v.dim() == 1)
+    weights[name] = torch.zeros(1)
+    safetensors.torch.save_file(weights, path / "weights.safetensors")
+    digest = hashlib.sha256((path / "weights.safetensors").read_bytes()).hexdigest()
+    _rewrite_manifest(path, lambda m: m["files"].__setitem__("weights.safetensors", digest))
+    with pytest.raises(ArtifactError, match=f"holds {name} as torch.float32\\[1\\]"):
+        blade.load(path)
+
+
+class KeyedOutputs(torch.nn.Module):
+    def forward(self, x):
+        return {("a", 1): x + 1, 2: x * 2}
+
+
+def test_dict_keys_survive_the_round_trip(tmp_path):
+    x = torch.randn(3)
+    blade.compile(KeyedOutputs(), (x,)).save(tmp_path / "k.blade")
+    out = blade.load(tmp_path / "k.blade")(x)
+    assert set(out) == {("a", 1), 2} and torch.equal(out[2], x * 2)

@@ -157,3 +157,36 @@ def test_auto_dims_that_specialize_are_reported():
     assert any("axis 0" in text and "= 2" in text for text in cm.report.specialized), cm.report.specialized
     assert "specialized: x axis 0" in str(cm.report)
     assert cm.report.dims == ["x_dim1 in [2, inf]"]  # the dim torch kept dynamic, named after its input
+
+
+def test_exported_program_options_and_training_mode(tmp_path):
+    model, x = DictOut(), torch.randn(4, 6)
+    ep = torch.export.export(model.eval(), (x,))
+    with pytest.raises(ConfigError, match="dynamic_shapes cannot change an ExportedProgram"):
+        blade.compile(ep, (x,), dynamic_shapes=({0: Dim("rows")},))
+    trained = torch.export.export(Structured().train(), (x,))
+    with pytest.raises(CaptureError, match="exported from a model in train mode.*model.eval"):
+        blade.compile(trained, (x,))
+
+
+class OptionalMiddle(torch.nn.Module):
+    def forward(self, x, bias=None, scale=None):
+        y = x if bias is None else x + bias
+        return y * scale
+
+
+def test_positional_none_means_absent():
+    x, scale = torch.randn(3), torch.randn(3)
+    cm = blade.compile(OptionalMiddle(), (x, None, scale))
+    assert torch.equal(cm(x, None, scale), x * scale)
+    assert torch.equal(cm(x, scale=scale), x * scale)
+
+
+class Masked(torch.nn.Module):
+    def forward(self, x):
+        return x.masked_fill(x < 0, float("-inf")).softmax(-1), x.masked_fill(x > 0, float("inf"))
+
+
+def test_infinite_outputs_are_accurate_when_they_match():
+    cm = blade.compile(Masked(), (torch.randn(4, 5),))
+    assert cm.report.accuracy.ok, cm.report

@@ -59,3 +59,31 @@ def test_static_model_rejects_another_batch():
     cm = blade.compile(TwoInputs(), (torch.zeros(2, 4, 3, dtype=torch.int64), torch.ones(2, 4)))
     with pytest.raises(ShapeError, match="input 'tokens' dim 0: expected 2 \\(static\\), got 3.*dynamic_shapes"):
         cm(torch.zeros(3, 4, 3, dtype=torch.int64), torch.ones(3, 4))
+
+
+class Head(torch.nn.Module):
+    def forward(self, x):
+        return x[:16] * 2  # torch proves the slice a no-op only while 2*d <= 16
+
+
+def test_derived_dims_are_solved_and_range_checked():
+    d = Dim("d", min=1, max=8)
+    cm = blade.compile(Head(), (torch.randn(6),), dynamic_shapes=({0: 2 * d},))
+    assert "d" in cm.graph.dims and str(cm.graph.inputs[0].val) == "f32[2*d]"
+    x = torch.randn(10)
+    assert torch.equal(cm(x), Head()(x))
+    with pytest.raises(ShapeError, match=r"size 40 means d = 20, outside \d+\.\.\d+"):
+        cm(torch.randn(40))
+    with pytest.raises(ShapeError, match=r"expected a size of the form 2\*d, got 7"):
+        cm(torch.randn(7))
+
+
+class Flatten(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(-1) * 2
+
+
+def test_non_contiguous_inputs_work():
+    cm = blade.compile(Flatten(), (torch.randn(3, 4),))
+    x = torch.randn(4, 3).t()
+    assert torch.equal(cm(x), Flatten()(x))

@@ -152,3 +152,34 @@ def test_graph_built_by_hand():
     assert graph.nx.edges[x, z]["slots"] == ["args[1]"]
     t = torch.randn(4)
     assert torch.equal(graph.to_fx()(t)[0], torch.relu(t) + t)
+
+
+def test_verify_catches_input_and_constant_bookkeeping(small):
+    graph = small.graph.copy()
+    graph.inputs.append(graph.inputs[0])
+    with pytest.raises(GraphError, match="listed twice"):
+        graph.verify()
+    graph = small.graph.copy()
+    graph.inputs.clear()
+    with pytest.raises(GraphError, match="input node x is missing from graph.inputs"):
+        graph.verify()
+    graph = small.graph.copy()
+    graph.constants["stray"] = torch.zeros(1)
+    with pytest.raises(GraphError, match=r"constant tensors without a node: \['stray'\]"):
+        graph.verify()
+    graph = small.graph.copy()
+    name = graph.constant_nodes[0].name
+    graph.constants[name] = torch.zeros(2)
+    with pytest.raises(GraphError, match=f"constant {name} holds"):
+        graph.verify()
+    with pytest.raises(GraphError, match="cannot remove input x"):
+        small.graph.copy().remove_node(graph.inputs[0])
+
+
+def test_replace_all_uses_can_insert_after(small):
+    graph = small.graph.copy()
+    linear = next(n for n in graph.call_nodes if n.target == torch.ops.aten.linear.default)
+    neg = graph.add_node(torch.ops.aten.neg.default, (linear,), meta={"val": linear.val})
+    graph.replace_all_uses(linear, neg)
+    graph.verify()
+    assert neg.args == (linear,) and graph.users(linear) == [neg]

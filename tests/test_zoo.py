@@ -9,7 +9,7 @@ import blade
 import blade.models as zoo
 from blade.capture import capture
 
-from helpers import assert_matches
+from helpers import assert_matches, forbid_recompiling
 
 OTHER_SIZES = {"batch": 3, "seq": 7}
 
@@ -26,16 +26,12 @@ def compiled(request):
 
 def test_matches_eager_on_fresh_inputs_without_recompiling(compiled, monkeypatch):
     name, model, cm = compiled
-    def no_export(*args, **kwargs):
-        raise AssertionError("recompiled")
-    monkeypatch.setattr(torch.export, "export", no_export)
-    executable = cm.executable
+    forbid_recompiling(monkeypatch)
     for seed in (1, 2):
         inputs = zoo.sample_inputs(name, seed=seed, **fresh_dims(name))
         with torch.no_grad():
             reference = model(*inputs)
         assert_matches(cm(*inputs), reference, tol=1e-6)
-    assert cm.executable is executable
     assert cm.report.accuracy.ok and cm.report.accuracy.rel_err <= 1e-6
 
 

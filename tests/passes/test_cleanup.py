@@ -101,3 +101,66 @@ def test_keeps_output_copies_of_inputs_and_random_ops():
     x = torch.randn(4)
     out, _ = blade.compile(ReturnsCopies(), (x,))(x)
     assert out is not x and torch.equal(out, x)
+
+
+class SelectClone(torch.nn.Module):
+    def forward(self, x):
+        return x[0].clone(), x.clone().view(x.shape)
+
+
+class WeightCopy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3, 4))
+
+    def forward(self, x):
+        return x + 1, self.w.t().clone()
+
+
+def test_outputs_never_alias_inputs_or_weights():
+    x = torch.zeros(3, 4)
+    first, second = blade.compile(SelectClone(), (x,))(x)
+    first.add_(5)
+    second.add_(5)
+    assert x.abs().sum() == 0, "writing to an output changed the caller's input"
+    model = WeightCopy()
+    cm = blade.compile(model, (torch.zeros(2),))
+    cm(torch.zeros(2))[1].mul_(0)
+    assert model.w.sum() == 12 and cm(torch.zeros(2))[1].sum() == 12
+
+
+class DensifyThenView(torch.nn.Module):
+    def forward(self, x, y):
+        return x.expand(4, 3).clone().view(-1) * 2, y[:, ::2].clone().view(-1) * 2
+
+
+def test_copies_of_views_stay():
+    x, y = torch.randn(1, 3), torch.randn(4, 6)
+    cm = blade.compile(DensifyThenView(), (x, y))
+    assert_matches(cm(x, y), DensifyThenView()(x, y))
+
+
+class SignedZeros(torch.nn.Module):
+    def forward(self, x):
+        plus, minus = torch.full_like(x, 0.0), torch.full_like(x, -0.0)
+        return x / minus, x / plus, 1 / (x + 0.0)
+
+
+def test_signed_zeros_survive():
+    x = torch.tensor([1.0, -0.0])
+    cm = blade.compile(SignedZeros(), (x,))
+    for got, want in zip(cm(x), SignedZeros()(x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # +inf vs -inf would fail
+
+
+class TwinOutputs(torch.nn.Module):
+    def forward(self, x):
+        y = torch.tanh(x)
+        return torch.tanh(x), y, y.clone()
+
+
+def test_distinct_outputs_stay_distinct_tensors():
+    x = torch.randn(3)
+    a, b, c = blade.compile(TwinOutputs(), (x,))(x)
+    assert a.data_ptr() != b.data_ptr() and b.data_ptr() != c.data_ptr()
+    assert torch.equal(a, b) and torch.equal(b, c)
