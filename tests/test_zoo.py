@@ -60,3 +60,14 @@ def test_grouped_query_llama_variant():
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         assert_matches(cm(ids), model(ids))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", zoo.names())
+def test_base_size_compiles_and_matches(name):
+    model, example_inputs, dynamic_shapes = zoo.get(name, "base")
+    cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    assert cm.report.accuracy.ok, str(cm.report)
+    inputs = zoo.sample_inputs(name, "base", seed=5, **fresh_dims(name))
+    with torch.no_grad():
+        assert_matches(cm(*inputs), model(*inputs), tol=1e-6)
