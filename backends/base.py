@@ -20,7 +20,7 @@ class Executable(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """name, supports(node), compile(graph, target) -> Executable, load(directory, graph, target)."""
+    """name, supports(node), compile(graph, target, example_inputs) -> Executable, load(directory, graph, target)."""
 
     name: str
 
@@ -28,7 +28,8 @@ class Backend(Protocol):
 
     def supports(self, node: Node) -> bool: ...
 
-    def compile(self, graph: Graph, target: Target) -> Executable: ...
+    def compile(self, graph: Graph, target: Target, example_inputs=None) -> Executable:
+        """example_inputs: flat tensors for backends that trace or export (they must not be needed to run)."""
 
     def load(self, directory: str, graph: Graph, target: Target) -> Executable: ...
 

@@ -39,7 +39,9 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     t_passes = time.perf_counter()
     graph, records = pipelines.run_pipeline(captured.graph, pipeline, config)
     t_backend = time.perf_counter()
-    executable = chosen.compile(graph, target)
+    examples = Signature(captured.in_tree, captured.out_tree, captured.arg_names).flatten(
+        captured.example_args, captured.example_kwargs)
+    executable = chosen.compile(graph, target, example_inputs=examples)
     t_done = time.perf_counter()
 
     report = CompileReport(
@@ -48,7 +50,8 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
         specialized=captured.specialized, passes=[r.as_dict() for r in records],
         nodes_before=len(captured.graph), nodes_after=len(graph),
         ops_before=captured.graph.count_targets(), ops_after=graph.count_targets(),
-        seconds={"capture": captured.seconds, "passes": t_backend - t_passes, "backend": t_done - t_backend})
+        seconds={"capture": captured.seconds, "passes": t_backend - t_passes, "backend": t_done - t_backend},
+        backend_details=executable.describe() if hasattr(executable, "describe") else {})
     signature = Signature(captured.in_tree, captured.out_tree, captured.arg_names)
     compiled = CompiledModel(graph, executable, chosen.name, target, signature, report)
     compiled.example_inputs = compiled.flat_inputs(*captured.example_args, **captured.example_kwargs)

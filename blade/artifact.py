@@ -169,8 +169,12 @@ def _check_target(saved: Target) -> Target:
     return detect(saved.device)
 
 
-def load(path) -> CompiledModel:
-    """Load an artifact written by CompiledModel.save: hashes and versions are checked first."""
+def load(path, *, trusted_namespaces: tuple[str, ...] = ()) -> CompiledModel:
+    """Load an artifact written by CompiledModel.save: hashes and versions are checked first.
+
+    The graph may call aten/prims/blade operators; name other (custom) operator namespaces in
+    `trusted_namespaces` after importing the library that registers them.
+    """
     root = Path(path)
     manifest = read_manifest(root)
     verify_files(root, manifest)
@@ -186,7 +190,7 @@ def load(path) -> CompiledModel:
             raise ArtifactError(f"constant {name} is stored as {source}, which the weights file lacks")
         constants[name] = constants[source]
     try:
-        graph = graph_from_json(json.loads((root / GRAPH).read_text()), constants)
+        graph = graph_from_json(json.loads((root / GRAPH).read_text()), constants, tuple(trusted_namespaces))
     except BladeError:
         raise
     except Exception as exc:

@@ -25,6 +25,7 @@ class CompileReport:
     ops_before: dict = field(default_factory=dict)
     ops_after: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    backend_details: dict = field(default_factory=dict)  # the backend's own account: regions, fallbacks
     accuracy: Accuracy | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -59,6 +60,13 @@ class CompileReport:
             lines.append(f"  pass {record['name']:<10} {record['nodes_before']} -> {record['nodes_after']} nodes "
                          f"in {record['seconds'] * 1e3:.1f} ms: {counts}")
             lines += [f"      {note}" for note in record["notes"]]
+        nodes = self.backend_details.get("nodes")
+        if nodes:
+            lines.append("  placement " + ", ".join(f"{engine} {n} nodes" for engine, n in nodes.items()))
+        for region in self.backend_details.get("regions", []):
+            if region.get("reason"):
+                lines.append(f"  fallback  region {region['index']} ({region['nodes']} nodes) on PyTorch: "
+                             f"{region['reason']}")
         if self.seconds:
             lines.append("  seconds   " + ", ".join(f"{k} {v:.3f}" for k, v in self.seconds.items()))
         if self.accuracy is not None:

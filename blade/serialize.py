@@ -43,7 +43,7 @@ _OP_NAMESPACES = ("aten", "prims", "blade")
 _REFUSED_OPS = ("aten.from_file", "aten._nested_from_file")
 
 
-def target_from_json(name: str):
+def target_from_json(name: str, trusted_namespaces: tuple[str, ...] = ()):
     """Resolve a saved target to a pure torch operator or a whitelisted function; nothing else.
 
     Only `namespace.op.overload` names in _OP_NAMESPACES resolve, only to OpOverloads, and only
@@ -52,9 +52,14 @@ def target_from_json(name: str):
     if name in _PYTHON_TARGETS:
         return _PYTHON_TARGETS[name]
     parts = name.split(".")
-    if len(parts) != 3 or parts[0] not in _OP_NAMESPACES or not all(p.isidentifier() for p in parts) \
-            or parts[1].startswith("__") or parts[2].startswith("_"):
+    if len(parts) != 3 or not all(p.isidentifier() for p in parts) or parts[1].startswith("__") \
+            or parts[2].startswith("_"):
         raise ArtifactError(f"the saved graph calls {name!r}, which is not a torch operator blade may load")
+    if parts[0] not in _OP_NAMESPACES + tuple(trusted_namespaces):
+        raise ArtifactError(
+            f"the saved graph calls the custom operator {name}; load runs only aten/prims/blade operators "
+            f"unless told otherwise — import the library that defines it, then "
+            f"blade.load(path, trusted_namespaces=({parts[0]!r},))")
     namespace, op, overload = parts
     try:
         packet = getattr(getattr(torch.ops, namespace), op)
@@ -173,7 +178,8 @@ def graph_to_json(graph: Graph) -> dict[str, Any]:
     }
 
 
-def graph_from_json(data: dict[str, Any], constants: dict[str, torch.Tensor]) -> Graph:
+def graph_from_json(data: dict[str, Any], constants: dict[str, torch.Tensor],
+                    trusted_namespaces: tuple[str, ...] = ()) -> Graph:
     """Rebuild a Graph from graph_to_json data and its constant tensors, then verify it."""
     if data.get("format") != FORMAT_VERSION:
         raise ArtifactError(f"graph format {data.get('format')} is not the supported {FORMAT_VERSION}")
@@ -199,7 +205,8 @@ def graph_from_json(data: dict[str, Any], constants: dict[str, torch.Tensor]) ->
             args = tuple(value_from_json(entry["args"], by_name))
             kwargs = value_from_json(entry["kwargs"], by_name)
             node_meta = {"val": meta, **({"source": entry["source"]} if entry.get("source") else {})}
-            node = graph.add_node(target_from_json(entry["target"]), args, kwargs, node_meta, name=name)
+            target = target_from_json(entry["target"], trusted_namespaces)
+            node = graph.add_node(target, args, kwargs, node_meta, name=name)
         if node.name != name:
             raise ArtifactError(f"duplicate node name {name!r} in the saved graph")
         by_name[name] = node

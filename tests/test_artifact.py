@@ -39,7 +39,7 @@ def saved(tmp_path_factory):
     model = Encoder().eval()
     batch, seq = Dim("batch", min=1, max=8), Dim("seq", min=2, max=32)
     example = (torch.randint(0, 50, (2, 5)), torch.ones(2, 5))
-    cm = blade.compile(model, example, dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+    cm = blade.compile(model, example, dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), backend="eager")
     path = tmp_path_factory.mktemp("art") / "encoder.blade"
     cm.save(path)
     return model, cm, path
@@ -154,7 +154,7 @@ def test_not_an_artifact(tmp_path):
 def test_tied_weights_are_stored_once(tmp_path):
     model, example_inputs, dynamic_shapes = zoo.get("gpt")
     # optimize=0: cleanup would drop the second (unread) placeholder of the tied weight
-    cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, optimize=0)
+    cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, optimize=0, backend="eager")
     cm.save(tmp_path / "gpt.blade")
     manifest = json.loads((tmp_path / "gpt.blade" / "manifest.json").read_text())
     assert manifest["constant_aliases"], "the tied embedding / lm_head weight should be stored once"
@@ -236,6 +236,6 @@ class KeyedOutputs(torch.nn.Module):
 
 def test_dict_keys_survive_the_round_trip(tmp_path):
     x = torch.randn(3)
-    blade.compile(KeyedOutputs(), (x,)).save(tmp_path / "k.blade")
+    blade.compile(KeyedOutputs(), (x,), backend="eager").save(tmp_path / "k.blade")
     out = blade.load(tmp_path / "k.blade")(x)
     assert set(out) == {("a", 1), 2} and torch.equal(out[2], x * 2)

@@ -40,7 +40,7 @@ class Structured(torch.nn.Module):
 def test_output_structures_are_kept():
     model = Structured()
     x, scale = torch.randn(3, 6), torch.randn(6)
-    cm = blade.compile(model, (x,), example_kwargs={"scale": scale})
+    cm = blade.compile(model, (x,), example_kwargs={"scale": scale}, backend="eager")
     fresh_x, fresh_scale = torch.randn(3, 6), torch.randn(6)
     out = cm(fresh_x, scale=fresh_scale)
     assert isinstance(out["pair"], Pair) and isinstance(out["pred"], Prediction)
@@ -50,7 +50,7 @@ def test_output_structures_are_kept():
 
 def test_dropout_is_gone_and_training_flags_restored():
     model = Structured().train()
-    cm = blade.compile(model, (torch.randn(3, 6),))
+    cm = blade.compile(model, (torch.randn(3, 6),), backend="eager")
     assert model.training and model.drop.training, "compile must not leave the user's model in eval mode"
     targets = {str(n.target) for n in cm.graph.call_nodes}
     assert not any("dropout" in t for t in targets)
@@ -76,7 +76,7 @@ def test_exported_program_and_pt2_sources(tmp_path):
     path = tmp_path / "structured.pt2"
     torch.export.save(ep, path)
     for source in (ep, str(path)):
-        cm = blade.compile(source, (x,))
+        cm = blade.compile(source, (x,), backend="eager")
         fresh = torch.randn(7, 6)
         assert_matches(cm(fresh), ep.module()(fresh))
         assert cm.graph.dims["x_dim0"].max == 16  # a .pt2 carries no Dim names: named after the input
@@ -84,7 +84,7 @@ def test_exported_program_and_pt2_sources(tmp_path):
 
 def test_missing_pt2_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        blade.compile(str(tmp_path / "nope.pt2"), (torch.randn(2),))
+        blade.compile(str(tmp_path / "nope.pt2"), (torch.randn(2),), backend="eager")
 
 
 class Branchy(torch.nn.Module):
@@ -96,7 +96,7 @@ class Branchy(torch.nn.Module):
 
 def test_data_dependent_control_flow_is_a_capture_error():
     with pytest.raises(CaptureError) as info:
-        blade.compile(Branchy(), (torch.randn(3),))
+        blade.compile(Branchy(), (torch.randn(3),), backend="eager")
     message = str(info.value)
     assert "GuardOnDataDependentSymNode" in message  # torch's reason is kept
     assert "torch.where" in message and "hint:" in message
@@ -109,31 +109,31 @@ class FixesBatch(torch.nn.Module):
 
 def test_specialized_dynamic_dim_is_a_capture_error():
     with pytest.raises(CaptureError, match="(?s)batch.*hint: a dim you declared dynamic is fixed"):
-        blade.compile(FixesBatch(), (torch.randn(2, 3),), dynamic_shapes=({0: Dim("batch")},))
+        blade.compile(FixesBatch(), (torch.randn(2, 3),), dynamic_shapes=({0: Dim("batch")},), backend="eager")
 
 
 def test_malformed_dynamic_shapes_are_config_errors():
     model, x = Structured(), torch.randn(3, 6)
     with pytest.raises(ConfigError, match=r"dynamic_shapes names \['y'\].*inputs are \['x'\]"):
-        blade.compile(model, (x,), dynamic_shapes={"y": {0: Dim("batch")}})
+        blade.compile(model, (x,), dynamic_shapes={"y": {0: Dim("batch")}}, backend="eager")
     with pytest.raises(ConfigError, match="axis 5 is out of range for a 2-d input"):
-        blade.compile(model, (x,), dynamic_shapes={"x": {5: Dim("batch")}})
+        blade.compile(model, (x,), dynamic_shapes={"x": {5: Dim("batch")}}, backend="eager")
     with pytest.raises(ConfigError, match="must be a dict keyed by input name"):
-        blade.compile(model, (x,), dynamic_shapes="batch")
+        blade.compile(model, (x,), dynamic_shapes="batch", backend="eager")
 
 
 def test_non_tensor_inputs_are_rejected():
     with pytest.raises(InputError, match=r"example input 'args\[1\]' is a int"):
-        blade.compile(Structured(), (torch.randn(3, 6), 3))
+        blade.compile(Structured(), (torch.randn(3, 6), 3), backend="eager")
     with pytest.raises(InputError, match="nn.Module"):
-        blade.compile(lambda x: x + 1, (torch.randn(3),))
+        blade.compile(lambda x: x + 1, (torch.randn(3),), backend="eager")
 
 
 def test_unknown_backend_and_level_are_config_errors():
-    with pytest.raises(ConfigError, match=r"unknown backend 'tensorrt'; registered backends: \['eager'\]"):
+    with pytest.raises(ConfigError, match=r"unknown backend 'tensorrt'; registered backends: \['eager', 'onnxruntime'\]"):
         blade.compile(Structured(), (torch.randn(3, 6),), backend="tensorrt")
     with pytest.raises(ConfigError, match="optimize=7 is not a level"):
-        blade.compile(Structured(), (torch.randn(3, 6),), optimize=7)
+        blade.compile(Structured(), (torch.randn(3, 6),), optimize=7, backend="eager")
 
 
 class MutatesBuffer(torch.nn.Module):
@@ -148,12 +148,12 @@ class MutatesBuffer(torch.nn.Module):
 
 def test_state_mutation_is_refused():
     with pytest.raises(CaptureError, match="mutates count"):
-        blade.compile(MutatesBuffer(), (torch.randn(3),))
+        blade.compile(MutatesBuffer(), (torch.randn(3),), backend="eager")
 
 
 def test_auto_dims_that_specialize_are_reported():
     model = FixesBatch()
-    cm = blade.compile(model, (torch.randn(2, 3),), dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},))
+    cm = blade.compile(model, (torch.randn(2, 3),), dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},), backend="eager")
     assert any("axis 0" in text and "= 2" in text for text in cm.report.specialized), cm.report.specialized
     assert "specialized: x axis 0" in str(cm.report)
     assert cm.report.dims == ["x_dim1 in [2, inf]"]  # the dim torch kept dynamic, named after its input
@@ -163,10 +163,10 @@ def test_exported_program_options_and_training_mode(tmp_path):
     model, x = DictOut(), torch.randn(4, 6)
     ep = torch.export.export(model.eval(), (x,))
     with pytest.raises(ConfigError, match="dynamic_shapes cannot change an ExportedProgram"):
-        blade.compile(ep, (x,), dynamic_shapes=({0: Dim("rows")},))
+        blade.compile(ep, (x,), dynamic_shapes=({0: Dim("rows")},), backend="eager")
     trained = torch.export.export(Structured().train(), (x,))
     with pytest.raises(CaptureError, match="exported from a model in train mode.*model.eval"):
-        blade.compile(trained, (x,))
+        blade.compile(trained, (x,), backend="eager")
 
 
 class OptionalMiddle(torch.nn.Module):
@@ -177,7 +177,7 @@ class OptionalMiddle(torch.nn.Module):
 
 def test_positional_none_means_absent():
     x, scale = torch.randn(3), torch.randn(3)
-    cm = blade.compile(OptionalMiddle(), (x, None, scale))
+    cm = blade.compile(OptionalMiddle(), (x, None, scale), backend="eager")
     assert torch.equal(cm(x, None, scale), x * scale)
     assert torch.equal(cm(x, scale=scale), x * scale)
 
@@ -188,5 +188,5 @@ class Masked(torch.nn.Module):
 
 
 def test_infinite_outputs_are_accurate_when_they_match():
-    cm = blade.compile(Masked(), (torch.randn(4, 5),))
+    cm = blade.compile(Masked(), (torch.randn(4, 5),), backend="eager")
     assert cm.report.accuracy.ok, cm.report

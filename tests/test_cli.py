@@ -39,7 +39,7 @@ def test_inspect(artifact):
     assert "input   input: float32[batch, 16]" in result.stdout
     assert "dims    batch in [1, 64]" in result.stdout and "aten.linear.default" in result.stdout
     data = json.loads(blade_cli("inspect", str(artifact), "--json").stdout)
-    assert data["backend"] == "eager" and "weights.safetensors" in data["files"]
+    assert data["backend"] == "onnxruntime" and "backend/region_0.onnx" in data["files"]
 
 
 def test_run_with_inputs_file(artifact, tmp_path):
@@ -81,4 +81,4 @@ def test_bench_and_demo_json():
     result = blade_cli("demo", "--model", "mlp", "--repeat", "5", "--json")
     assert result.returncode == 0, result.stderr
     demo = json.loads(result.stdout)
-    assert demo["ok"] and demo["report"]["backend"] == "eager"
+    assert demo["ok"] and demo["report"]["backend"] == "onnxruntime"

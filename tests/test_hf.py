@@ -76,10 +76,10 @@ def case(request):
     ids, mask = make_inputs(2, 8, seed=1)
     batch, seq = Dim("batch", min=1, max=8), Dim("seq", min=2, max=MAX_POS)
     if name == "bert":  # example inputs by position
-        cm = blade.compile(model, (ids, mask), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+        cm = blade.compile(model, (ids, mask), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), backend="eager")
     else:  # example inputs by name
         cm = blade.compile(model, example_kwargs={"input_ids": ids, "attention_mask": mask},
-                           dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
+                           dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, backend="eager")
     return name, model, cm
 
 
@@ -111,7 +111,7 @@ def test_none_for_absent_optional_input():
     """HF code passes None for optional inputs: positionally (GPT-2's cache) or by name (token_type_ids)."""
     model = build("gpt2", "eager")
     ids, mask = make_inputs(2, 8, seed=1)
-    cm = blade.compile(model, example_kwargs={"input_ids": ids, "attention_mask": mask, "token_type_ids": None})
+    cm = blade.compile(model, example_kwargs={"input_ids": ids, "attention_mask": mask, "token_type_ids": None}, backend="eager")
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask)
     assert_matches(cm(ids, None, mask), ref, KEYS["gpt2"])

@@ -21,7 +21,7 @@ def fresh_dims(name: str) -> dict:
 @pytest.fixture(scope="module", params=zoo.names())
 def compiled(request):
     model, example_inputs, dynamic_shapes = zoo.get(request.param)
-    return request.param, model, blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    return request.param, model, blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend="eager")
 
 
 def test_matches_eager_on_fresh_inputs_without_recompiling(compiled, monkeypatch):
@@ -56,7 +56,7 @@ def test_fx_round_trip_is_exact(name):
 
 def test_grouped_query_llama_variant():
     model, example_inputs, dynamic_shapes = zoo.gpt.tiny_llama()
-    cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend="eager")
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         assert_matches(cm(ids), model(ids))
@@ -66,7 +66,7 @@ def test_grouped_query_llama_variant():
 @pytest.mark.parametrize("name", zoo.names())
 def test_base_size_compiles_and_matches(name):
     model, example_inputs, dynamic_shapes = zoo.get(name, "base")
-    cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend="eager")
     assert cm.report.accuracy.ok, str(cm.report)
     inputs = zoo.sample_inputs(name, "base", seed=5, **fresh_dims(name))
     with torch.no_grad():

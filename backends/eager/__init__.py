@@ -30,7 +30,7 @@ class EagerBackend:
     def supports(self, node: Node) -> bool:
         return True
 
-    def compile(self, graph: Graph, target: Target) -> EagerExecutable:
+    def compile(self, graph: Graph, target: Target, example_inputs=None) -> EagerExecutable:
         return EagerExecutable(graph)
 
     def load(self, directory: str, graph: Graph, target: Target) -> EagerExecutable:

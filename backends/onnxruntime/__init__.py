@@ -1,0 +1,174 @@
+"""The ONNX Runtime backend: partition, lower supported regions to ONNX, run them in reused sessions."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from blade.backends.eager import EagerExecutable
+from blade.backends.onnxruntime.export import OPSET, export_region, save_model
+from blade.backends.onnxruntime.session import OrtRunner, cuda_available
+from blade.backends.onnxruntime.translations import TRANSLATIONS
+from blade.backends.partition import Region, build_region, partition
+from blade.errors import ArtifactError, BackendError
+from blade.ir import Graph, Node, format_target
+from blade.target import Target
+
+PLAN = "plan.json"
+_NAMESPACES = ("aten", "prims")
+
+
+def supports(node: Node) -> bool:
+    """ATen/prims ops (torch's exporter covers them) and blade ops with a translation."""
+    target = node.target
+    if target in TRANSLATIONS:
+        return True
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace in _NAMESPACES
+    return False
+
+
+@dataclass
+class Step:
+    """One region at run time: where it runs, what it reads and writes (parent node names)."""
+
+    region: Region
+    runner: object
+    engine: str  # "onnxruntime" | "torch"
+    file: str | None = None
+
+
+class OrtExecutable:
+    """Runs the regions in order; tensors pass between them by node name."""
+
+    def __init__(self, graph: Graph, steps: list[Step], workdir: Path, keep: object = None):
+        self.graph, self.steps, self.workdir = graph, steps, workdir
+        self._keep = keep  # the TemporaryDirectory holding the .onnx files, alive as long as we are
+
+    def __call__(self, *tensors) -> list:
+        env = {n.name: t for n, t in zip(self.graph.inputs, tensors)}
+        for step in self.steps:
+            outs = step.runner([env[name] for name in step.region.inputs])
+            env.update(zip(step.region.outputs, outs))
+        return [self._value(o, env) for o in self.graph.outputs]
+
+    def _value(self, out, env):
+        if not isinstance(out, Node):
+            return out
+        return env[out.name] if out.name in env else self.graph.constants[out.name]
+
+    def describe(self) -> dict:
+        """Where every node ran and why each fallback happened (for the report and the manifest)."""
+        counts = {"onnxruntime": 0, "torch": 0}
+        regions = []
+        for step in self.steps:
+            counts[step.engine] += len(step.region.nodes)
+            regions.append({"index": step.region.index, "engine": step.engine, "nodes": len(step.region.nodes),
+                            "reason": step.region.reason, "file": step.file})
+        return {"opset": OPSET, "nodes": counts, "regions": regions}
+
+    def save(self, directory: str) -> None:
+        out = Path(directory)
+        plan = {"opset": OPSET, "regions": []}
+        for step in self.steps:
+            if step.file:
+                for produced in self.workdir.glob(f"{step.file}*"):
+                    shutil.copyfile(produced, out / produced.name)
+            plan["regions"].append({"engine": step.engine, "file": step.file, "reason": step.region.reason,
+                                    "nodes": [n.name for n in step.region.nodes], "outputs": step.region.outputs})
+        (out / PLAN).write_text(json.dumps(plan, indent=1))
+
+    def to_onnx(self, path) -> None:
+        """A plain .onnx (weights in `<path>.data`) for any ONNX consumer; needs a graph with no fallback."""
+        if len(self.steps) != 1 or self.steps[0].engine != "onnxruntime":
+            fallbacks = [s.region.reason for s in self.steps if s.engine == "torch"]
+            raise BackendError(f"the graph does not run in ONNX Runtime alone ({len(self.steps)} regions; "
+                               f"PyTorch fallbacks: {fallbacks}); a single .onnx cannot hold it")
+        save_model(onnx.load(str(self.workdir / self.steps[0].file)), Path(path))
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def available(self, target: Target) -> bool:
+        return target.device == "cpu" or cuda_available()
+
+    def supports(self, node: Node) -> bool:
+        return supports(node)
+
+    def compile(self, graph: Graph, target: Target, example_inputs=None) -> OrtExecutable:
+        if example_inputs is None:
+            raise BackendError("the onnxruntime backend needs example inputs to export the graph")
+        keep = tempfile.TemporaryDirectory(prefix="blade-ort-")
+        workdir = Path(keep.name)
+        env = {n.name: t for n, t in zip(graph.inputs, example_inputs)}
+        steps = []
+        for region in partition(graph, supports):
+            inputs = [env[name] for name in region.inputs]
+            step = self._compile_region(region, inputs, target, workdir)
+            env.update(zip(region.outputs, step.runner(inputs)))
+            steps.append(step)
+        return OrtExecutable(graph, steps, workdir, keep)
+
+    def _compile_region(self, region: Region, inputs, target: Target, workdir: Path) -> Step:
+        if not region.supported:
+            region.reason = region.reason or _unsupported_reason(region)
+            return Step(region, _torch_runner(region.graph), "torch")
+        if not region.graph.outputs:
+            return Step(region, lambda tensors: [], "onnxruntime")
+        file = f"region_{region.index}.onnx"
+        try:
+            save_model(export_region(region.graph, inputs), workdir / file)
+            runner = OrtRunner(str(workdir / file), target, region.inputs, region.outputs)
+        except Exception as exc:  # the exporter or ONNX Runtime said no: run this region in PyTorch
+            region.supported = False
+            region.reason = f"ONNX export or session failed: {type(exc).__name__}: {_first_line(exc)}"
+            return Step(region, _torch_runner(region.graph), "torch")
+        return Step(region, runner, "onnxruntime", file)
+
+    def load(self, directory: str, graph: Graph, target: Target) -> OrtExecutable:
+        root = Path(directory)
+        try:
+            plan = json.loads((root / PLAN).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{root / PLAN} is missing or damaged: {exc}") from exc
+        steps = []
+        for index, entry in enumerate(plan["regions"]):
+            nodes = [graph.node(name) for name in entry["nodes"]]
+            region = build_region(graph, index, entry["engine"] == "onnxruntime", nodes, f"{graph.name}_region{index}",
+                                  outputs=[graph.node(name) for name in entry["outputs"]])
+            region.reason = entry.get("reason", "")
+            if entry["engine"] == "torch":
+                steps.append(Step(region, _torch_runner(region.graph), "torch"))
+                continue
+            if not entry["file"]:
+                steps.append(Step(region, lambda tensors: [], "onnxruntime"))
+                continue
+            try:
+                runner = OrtRunner(str(root / entry["file"]), target, region.inputs, region.outputs)
+            except Exception as exc:
+                raise ArtifactError(f"ONNX model {entry['file']} in {root} could not be loaded by ONNX Runtime "
+                                    f"({_first_line(exc)}); the artifact is damaged — recompile it") from exc
+            steps.append(Step(region, runner, "onnxruntime", entry["file"]))
+        return OrtExecutable(graph, steps, root)
+
+
+def _torch_runner(graph: Graph):
+    """A PyTorch region, called like an OrtRunner (with a list of tensors)."""
+    executable = EagerExecutable(graph)
+    return lambda tensors: executable(*tensors)
+
+
+def _unsupported_reason(region: Region) -> str:
+    targets = sorted({format_target(n.target) for n in region.nodes if not supports(n)})
+    return f"no ONNX translation for {', '.join(targets)}" if targets else "reads a tuple from a PyTorch op"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""

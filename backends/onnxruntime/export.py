@@ -1,0 +1,69 @@
+"""IR region → ONNX through torch's own exporter (torch.onnx.export, dynamo=True)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from blade.backends.onnxruntime.translations import TRANSLATIONS
+from blade.ir import Graph, Node
+
+OPSET = 18  # ONNX opset blade emits; recorded with every saved model
+
+
+def dynamic_shapes_for(graph: Graph) -> tuple:
+    """torch.export dynamic_shapes for the graph's inputs: one Dim per named dim, shared by name."""
+    dims: dict[str, Dim] = {}
+
+    def dim(name: str):
+        if name not in dims:
+            rng = graph.dims.get(name)
+            lo = rng.min if rng else 0
+            dims[name] = Dim(name, min=lo, max=rng.max) if rng and rng.max is not None else Dim(name, min=lo)
+        return dims[name]
+
+    def axes(node: Node):
+        spec = {}
+        for axis, size in enumerate(node.val.shape):
+            if not isinstance(size, int):
+                spec[axis] = dim(size.name) if size.is_Symbol else Dim.DYNAMIC
+        return spec or None
+
+    return tuple(axes(n) for n in graph.inputs)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx logs every skipped torchvision op and more; blade reports what matters itself."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_region(graph: Graph, example_inputs: list[torch.Tensor]) -> onnx.ModelProto:
+    """The graph as an ONNX model whose inputs/outputs are named after the IR nodes."""
+    module = graph.to_fx()
+    with _quiet():
+        program = torch.onnx.export(
+            module, tuple(example_inputs), dynamo=True, dynamic_shapes=dynamic_shapes_for(graph),
+            opset_version=OPSET, input_names=[n.name for n in graph.inputs],
+            output_names=[o.name for o in graph.outputs], custom_translation_table=TRANSLATIONS or None,
+            verbose=False)
+    return program.model_proto
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Write `model` with its weights as external data beside it (no 2 GB protobuf limit)."""
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)

@@ -1,0 +1,73 @@
+"""ONNX Runtime sessions: providers by target, deliberate session options, torch tensors in and out."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from blade.target import Target
+
+_CUDA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def providers_for(target: Target) -> list[str]:
+    """CPU on a CPU target; TensorRT (if present) and CUDA, then CPU, on a CUDA target."""
+    available = ort.get_available_providers()
+    if target.device == "cuda":
+        chosen = [p for p in _CUDA_PROVIDERS if p in available]
+        return chosen + ["CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def cuda_available() -> bool:
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def session_options(target: Target) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = target.cores or os.cpu_count() or 1  # one op at a time, all cores on it
+    options.inter_op_num_threads = 1
+    options.enable_mem_pattern = True
+    options.enable_cpu_mem_arena = True
+    options.log_severity_level = 3  # errors only; blade reports what matters
+    return options
+
+
+_NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+             torch.int64: np.int64, torch.int32: np.int32, torch.int8: np.int8, torch.uint8: np.uint8,
+             torch.bool: np.bool_}
+
+
+class OrtRunner:
+    """One InferenceSession, created once; called with torch tensors, returns torch tensors."""
+
+    def __init__(self, model_path: str, target: Target, input_names: list[str], output_names: list[str]):
+        self.target = target
+        self.session = ort.InferenceSession(model_path, sess_options=session_options(target),
+                                            providers=providers_for(target))
+        wanted = {i.name for i in self.session.get_inputs()}  # the exporter drops inputs nothing reads
+        self.feeds = [(i, name) for i, name in enumerate(input_names) if name in wanted]
+        self.output_names = list(output_names)
+        self.on_gpu = self.session.get_providers()[0] != "CPUExecutionProvider"
+
+    def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.on_gpu:
+            return self._run_bound(tensors)
+        feeds = {name: tensors[i].detach().contiguous().numpy() for i, name in self.feeds}
+        return [torch.from_numpy(out) for out in self.session.run(self.output_names, feeds)]
+
+    def _run_bound(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """I/O binding: inputs stay on the GPU; ONNX Runtime allocates the outputs there."""
+        binding = self.session.io_binding()
+        for i, name in self.feeds:
+            t = tensors[i].contiguous()
+            binding.bind_input(name, t.device.type, t.device.index or 0, _NUMPY_OF[t.dtype], list(t.shape), t.data_ptr())
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return [torch.from_dlpack(v) if hasattr(v, "__dlpack__") else torch.from_numpy(v.numpy()).cuda()
+                for v in binding.get_outputs()]

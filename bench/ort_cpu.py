@@ -1,0 +1,462 @@
+"""CPU inference benchmark: eager PyTorch vs torch.compile vs plain ONNX Runtime vs blade (onnxruntime).
+
+For BERT-base and GPT-base (the blade zoo's hand-written models) at batch 1 and sequence length 128
+and 256, this measures, in one run on this machine:
+
+1. eager      -- the model under torch.inference_mode();
+2. inductor   -- torch.compile(model) with torch._inductor.config.freezing = True, called under
+                 torch.no_grad() (PyTorch's documented best CPU inference setting); compiled and
+                 warmed up before timing, so compile time is excluded; a failure is recorded, not fatal;
+3. ort        -- plain ONNX Runtime: torch.onnx.export(model, inputs, dynamo=True) of the original
+                 model (static shapes, no blade), one InferenceSession with ORT_ENABLE_ALL,
+                 intra_op_num_threads = os.cpu_count(), inter_op 1, sequential, CPUExecutionProvider,
+                 fed numpy arrays;
+4. blade      -- blade.compile(model, ..., backend="onnxruntime"), called as cm(*inputs): the full
+                 public call path, input checks included. One compile per model (dynamic batch/seq,
+                 from the zoo's example inputs) serves both sequence lengths.
+
+Each contender's first output is checked against eager (relative error ||out - ref|| / ||ref||),
+then all are timed interleaved (A B C D A B C D ...) by blade.timing.time_interleaved; the median is
+reported. Utilization = model FLOPs / median time / measured fp32 peak, where
+
+* model FLOPs = 2 x (weight entries of every nn.Linear x the tokens that pass through it) + attention
+  matmuls 2 x 2 x layers x batch x seq^2 x hidden (QK^T and PV, counted in full, NOT halved for the
+  causal mask). Both are counted with forward hooks during one eager call, so GPT's LM head (an
+  nn.Linear whose weight is tied to the token embedding) is counted and embedding lookups are not,
+  and BERT's pooler counts for the one [CLS] token it sees;
+* peak = the best 2 n^3 / t of torch.matmul on fp32 n x n matrices (n = 1024, 2048, 3072, several
+  repeats each) with torch.set_num_threads(os.cpu_count()), measured in the same run.
+
+Run from the repository root, in the project's venv:
+
+    python bench/ort_cpu.py              # full run: warm-up 3, repeat 10 (several minutes on 2 cores)
+    python bench/ort_cpu.py --repeat 20  # more timed rounds
+    python bench/ort_cpu.py --quick      # smoke run: warm-up 1, repeat 3, smaller peak measurement
+    python bench/ort_cpu.py --ort-dynamic  # add a 5th contender: plain ORT exported with dynamic batch/seq
+
+The Markdown table (with a machine header) is printed and written to bench/results/ort_cpu.md; the
+same numbers, and more detail, go to bench/results/ort_cpu.json. Both are overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+import blade
+import blade.models as zoo
+import blade.target
+import blade.timing
+from blade.models._layers import SelfAttention
+
+CASES = [("bert", 128), ("bert", 256), ("gpt", 128), ("gpt", 256)]
+BATCH = 1
+SIZE = "base"
+CONTENDERS = ("eager", "inductor", "ort", "blade")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PEAK_SIZES = (1024, 2048, 3072)
+
+
+# --------------------------------------------------------------------------- machine and peak
+
+def machine_info() -> dict:
+    """CPU model, core count, the flags that matter for fp32/bf16 GEMM, and library versions."""
+    target = blade.target.detect()
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+              "amx_int8")
+    return {
+        "cpu": target.name,
+        "cores": os.cpu_count(),
+        "flags": {f: f in flags for f in wanted},
+        "target": target.describe(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "blade": blade.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def measure_peak(sizes=PEAK_SIZES, repeats: int = 5) -> dict:
+    """Best fp32 matmul rate (FLOP/s) over square sizes and repeats: 2 n^3 / t."""
+    best: dict[int, float] = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.matmul(a, b)  # warm-up (thread pool, packing buffers)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - start)
+        best[n] = 2 * n ** 3 / min(times)
+        del a, b
+    return {"flops": max(best.values()), "by_size": {str(n): f for n, f in best.items()}, "repeats": repeats}
+
+
+# --------------------------------------------------------------------------- model FLOPs
+
+def model_flops(model: nn.Module, inputs: tuple) -> dict:
+    """Linear and attention-matmul FLOPs of one forward call, counted with hooks (see module docstring)."""
+    counts = {"linear": 0, "attention": 0, "linear_modules": 0, "attention_layers": 0}
+    called = set()
+
+    def on_linear(module: nn.Linear, args, _out):
+        tokens = args[0].numel() // module.in_features
+        counts["linear"] += 2 * module.weight.numel() * tokens
+        called.add(id(module))
+
+    def on_attention(_module: SelfAttention, args, _out):
+        batch, seq, hidden = args[0].shape
+        counts["attention"] += 2 * 2 * batch * seq * seq * hidden  # QK^T and PV, full (not causal-halved)
+        counts["attention_layers"] += 1
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(on_linear))
+        elif isinstance(module, SelfAttention):
+            handles.append(module.register_forward_hook(on_attention))
+    try:
+        with torch.inference_mode():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    counts["linear_modules"] = len(linears)
+    counts["linear_weights"] = sum(m.weight.numel() for m in linears)
+    counts["unused_linears"] = sum(1 for m in linears if id(m) not in called)
+    counts["total"] = counts["linear"] + counts["attention"]
+    return counts
+
+
+# --------------------------------------------------------------------------- inputs and checks
+
+def make_inputs(name: str, seq: int) -> tuple[torch.Tensor, ...]:
+    """Batch-1 inputs: token ids from the zoo sampler; BERT's attention mask all ones (no padding)."""
+    inputs = zoo.sample_inputs(name, SIZE, seed=0, batch=BATCH, seq=seq)
+    if name == "bert":
+        inputs = (inputs[0], torch.ones_like(inputs[1]))
+    return inputs
+
+
+def first_tensor(out) -> torch.Tensor:
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return torch.as_tensor(out)
+
+
+def rel_err(out, ref: torch.Tensor) -> float:
+    out = first_tensor(out).float()
+    if out.shape != ref.shape:
+        raise ValueError(f"output shape {list(out.shape)} != eager {list(ref.shape)}")
+    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+# --------------------------------------------------------------------------- contenders
+
+@dataclass
+class Contender:
+    fn: object = None  # zero-argument callable, or None when it failed
+    status: str = "ok"
+    setup_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def eager_contender(model: nn.Module, inputs: tuple) -> Contender:
+    def run():
+        with torch.inference_mode():
+            return model(*inputs)
+    return Contender(run)
+
+
+def inductor_contender(model: nn.Module, inputs: tuple, warmup: int) -> Contender:
+    """torch.compile with freezing; compiled and warmed up here so timing sees steady state only."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()  # one static-shape compile per case (no automatic-dynamic recompile)
+    inductor_config.freezing = True
+    start = time.perf_counter()
+    try:
+        compiled = torch.compile(model)
+
+        def run():
+            with torch.no_grad():
+                return compiled(*inputs)
+
+        for _ in range(max(warmup, 2)):
+            run()
+    except Exception as exc:  # noqa: BLE001 -- record and go on, as the benchmark promises
+        torch._dynamo.reset()
+        return Contender(None, f"failed: {first_line(exc)}", time.perf_counter() - start)
+    return Contender(run, "ok", time.perf_counter() - start)
+
+
+def ort_session(path: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def ort_contender(model: nn.Module, export_inputs: tuple, run_inputs: tuple, workdir: Path, tag: str,
+                  dynamic_shapes=None) -> Contender:
+    """Plain ONNX Runtime on torch.onnx.export(dynamo=True) of the original model."""
+    start = time.perf_counter()
+    path = workdir / f"{tag}.onnx"
+    try:
+        program = torch.onnx.export(model, export_inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    verbose=False)
+        opset = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        program.save(str(path), external_data=True)
+        del program
+        session = ort_session(str(path))
+    except Exception as exc:  # noqa: BLE001
+        return Contender(None, f"failed: {first_line(exc)}", time.perf_counter() - start)
+    names = [i.name for i in session.get_inputs()]
+    arrays = [t.numpy() for t in run_inputs]
+    feeds = dict(zip(names, arrays)) if len(names) == len(arrays) else _feeds_by_name(model, names, arrays)
+
+    def run():
+        return session.run(None, feeds)
+    return Contender(run, "ok", time.perf_counter() - start, {"opset": opset, "onnx": str(path)})
+
+
+def _feeds_by_name(model: nn.Module, names: list[str], arrays: list[np.ndarray]) -> dict:
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters)
+    return {n: arrays[params.index(n)] for n in names}
+
+
+def blade_compile(name: str) -> tuple[object, float, dict]:
+    """One blade compile per model: dynamic batch/seq from the zoo's example inputs."""
+    model, example_inputs, dynamic_shapes = zoo.get(name, SIZE)
+    start = time.perf_counter()
+    cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend="onnxruntime")
+    seconds = time.perf_counter() - start
+    report = cm.report.as_dict()
+    details = {"backend": report.get("backend"), "backend_details": report.get("backend_details"),
+               "seconds": report.get("seconds"), "warnings": report.get("warnings")}
+    del model
+    return cm, seconds, details
+
+
+def blade_contender(cm, inputs: tuple, compile_s: float, details: dict) -> Contender:
+    def run():
+        return cm(*inputs)
+    return Contender(run, "ok", compile_s, details)
+
+
+# --------------------------------------------------------------------------- one model, its cases
+
+def run_model(name: str, seqs: list[int], args, peak: float, workdir: Path) -> list[dict]:
+    """Build `name` once, compile blade once, then run every sequence length; free everything after."""
+    print(f"\n== {name} {SIZE}: blade compile (dynamic batch/seq) ...", flush=True)
+    try:
+        cm, blade_s, blade_details = blade_compile(name)
+        print(f"   blade compiled in {blade_s:.1f} s: {json.dumps(blade_details['backend_details'])[:300]}", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        cm, blade_s, blade_details = None, 0.0, {"error": first_line(exc)}
+        print(f"   blade compile failed: {blade_details['error']}", flush=True)
+
+    model, example_inputs, dynamic_shapes = zoo.get(name, SIZE)
+    results = []
+    for seq in seqs:
+        results.append(run_case(name, seq, model, example_inputs, dynamic_shapes, cm, blade_s, blade_details,
+                                args, peak, workdir))
+        gc.collect()
+    del model, cm
+    torch._dynamo.reset()
+    gc.collect()
+    return results
+
+
+def run_case(name, seq, model, example_inputs, dynamic_shapes, cm, blade_s, blade_details, args, peak,
+             workdir) -> dict:
+    inputs = make_inputs(name, seq)
+    print(f"-- {name} seq {seq} batch {BATCH}", flush=True)
+    flops = model_flops(model, inputs)
+    with torch.inference_mode():
+        ref = first_tensor(model(*inputs)).float().clone()
+
+    contenders = {"eager": eager_contender(model, inputs),
+                  "inductor": inductor_contender(model, inputs, args.warmup),
+                  "ort": ort_contender(model, inputs, inputs, workdir, f"{name}_{seq}")}
+    if args.ort_dynamic:
+        contenders["ort_dynamic"] = ort_contender(model, example_inputs, inputs, workdir, f"{name}_{seq}_dyn",
+                                                  dynamic_shapes)
+    contenders["blade"] = (blade_contender(cm, inputs, blade_s, blade_details) if cm is not None
+                           else Contender(None, f"failed: {blade_details.get('error')}"))
+
+    errors = {}
+    for key, c in contenders.items():
+        if c.fn is None:
+            continue
+        try:
+            errors[key] = rel_err(c.fn(), ref)
+        except Exception as exc:  # noqa: BLE001
+            c.fn, c.status = None, f"failed at run: {first_line(exc)}"
+    for key, c in contenders.items():
+        note = f"rel_err {errors[key]:.2e}" if key in errors else c.status
+        print(f"   {key:12s} setup {c.setup_s:6.1f} s  {note}", flush=True)
+
+    live = {key: c.fn for key, c in contenders.items() if c.fn is not None}
+    medians = blade.timing.time_interleaved(live, warmup=args.warmup, repeat=args.repeat, device="cpu")
+    case = summarize(name, seq, flops, peak, contenders, medians, errors)
+    print("   " + "  ".join(f"{k} {v:.1f} ms" for k, v in case["ms"].items()), flush=True)
+    for c in contenders.values():
+        c.fn = None
+    torch._dynamo.reset()
+    return case
+
+
+def summarize(name, seq, flops, peak, contenders, medians, errors) -> dict:
+    ms = {k: v * 1e3 for k, v in medians.items()}
+    eager = medians.get("eager")
+    return {
+        "model": name, "size": SIZE, "batch": BATCH, "seq": seq, "tokens": BATCH * seq,
+        "flops": flops,
+        "ms": ms,
+        "speedup_vs_eager": {k: eager / v for k, v in medians.items()} if eager else {},
+        "blade_vs_ort": (medians["ort"] / medians["blade"]) if {"ort", "blade"} <= medians.keys() else None,
+        "utilization": {k: flops["total"] / v / peak for k, v in medians.items()},
+        "achieved_gflops": {k: flops["total"] / v / 1e9 for k, v in medians.items()},
+        "rel_err": errors,
+        "status": {k: c.status for k, c in contenders.items()},
+        "setup_s": {k: c.setup_s for k, c in contenders.items()},
+        "extra": {k: c.extra for k, c in contenders.items() if c.extra},
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+def render_markdown(machine: dict, peak: dict, cases: list[dict], args, total_s: float) -> str:
+    flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in machine["flags"].items())
+    names = [k for k in CONTENDERS + ("ort_dynamic",) if any(k in c["status"] for c in cases)]
+    lines = [
+        "# blade ONNX Runtime backend vs eager, torch.compile and plain ONNX Runtime (CPU)",
+        "",
+        f"- machine: {machine['cpu']}, {machine['cores']} cores ({machine['target']})",
+        f"- flags: {flags}",
+        f"- versions: python {machine['python']}, torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, "
+        f"blade {machine['blade']}",
+        f"- fp32 matmul peak (measured this run): {peak['flops'] / 1e9:.1f} GFLOP/s "
+        f"(best of n = {', '.join(peak['by_size'])}; "
+        + ", ".join(f"{n}: {f / 1e9:.1f}" for n, f in peak["by_size"].items()) + ")",
+        f"- timing: interleaved, median of {args.repeat} after {args.warmup} warm-up rounds; batch {BATCH}; "
+        f"total run {total_s / 60:.1f} min",
+        "- FLOPs: 2 x Linear weights x tokens through them (GPT's tied LM head included, embedding lookups not) "
+        "+ attention QK^T and PV counted in full (not halved for causal); utilization = FLOPs / time / peak",
+        "- contenders: eager = torch.inference_mode; inductor = torch.compile with inductor freezing under no_grad; "
+        "ort = torch.onnx.export(dynamo=True, static shapes) + ORT_ENABLE_ALL session; blade = "
+        "blade.compile(backend='onnxruntime'), cm(*inputs)"
+        + ("; ort_dynamic = ort exported with the zoo's dynamic batch/seq axes" if "ort_dynamic" in names else ""),
+        "",
+    ]
+    header = ["case", "GFLOP"] + [f"{n} ms" for n in names] + [f"{n} x eager" for n in names if n != "eager"]
+    header += ["blade / ort", "util " + " / ".join(names)]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for c in cases:
+        row = [f"{c['model']} seq {c['seq']}", f"{c['flops']['total'] / 1e9:.2f}"]
+        row += [f"{c['ms'][n]:.1f}" if n in c["ms"] else _short(c["status"].get(n)) for n in names]
+        row += [f"{c['speedup_vs_eager'][n]:.2f}x" if n in c["speedup_vs_eager"] else "-" for n in names
+                if n != "eager"]
+        row.append(f"{c['blade_vs_ort']:.2f}x" if c["blade_vs_ort"] else "-")
+        row.append(" / ".join(f"{100 * c['utilization'][n]:.0f}%" if n in c["utilization"] else "-" for n in names))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "blade / ort = plain ORT time / blade time (above 1: blade faster).", "",
+              "Relative error of the first output vs eager:", ""]
+    for c in cases:
+        errs = ", ".join(f"{k} {v:.1e}" for k, v in c["rel_err"].items() if k != "eager")
+        lines.append(f"- {c['model']} seq {c['seq']}: {errs}")
+    failed = [(c, k, s) for c in cases for k, s in c["status"].items() if s != "ok"]
+    if failed:
+        lines += ["", "Failures:", ""] + [f"- {c['model']} seq {c['seq']} {k}: {s}" for c, k, s in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _short(status: str | None) -> str:
+    return "failed" if status and status.startswith("failed") else "-"
+
+
+def write_results(markdown: str, payload: dict) -> None:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "ort_cpu.md").write_text(markdown)
+    (RESULTS_DIR / "ort_cpu.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=None, help="timed rounds per case (default 10; --quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 3; --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="few rounds and a smaller peak measurement")
+    parser.add_argument("--ort-dynamic", action="store_true",
+                        help="also time plain ORT exported with dynamic batch/seq axes (like blade's export)")
+    parser.add_argument("--models", nargs="+", choices=["bert", "gpt"], default=["bert", "gpt"])
+    args = parser.parse_args(argv)
+    args.repeat = args.repeat if args.repeat is not None else (3 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    torch.set_num_threads(os.cpu_count() or 1)
+    machine = machine_info()
+    print(f"machine: {machine['target']}; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}", flush=True)
+    peak = measure_peak((1024, 2048) if args.quick else PEAK_SIZES, repeats=2 if args.quick else 5)
+    print(f"fp32 matmul peak: {peak['flops'] / 1e9:.1f} GFLOP/s "
+          + str({n: round(f / 1e9, 1) for n, f in peak["by_size"].items()}), flush=True)
+
+    cases = []
+    with tempfile.TemporaryDirectory(prefix="bench-ort-") as tmp:
+        for name in args.models:
+            seqs = [s for m, s in CASES if m == name]
+            cases += run_model(name, seqs, args, peak["flops"], Path(tmp))
+    total = time.perf_counter() - start
+
+    markdown = render_markdown(machine, peak, cases, args, total)
+    print("\n" + markdown)
+    write_results(markdown, {"machine": machine, "peak": peak, "args": vars(args), "total_s": total,
+                             "cases": cases})
+    print(f"wrote {RESULTS_DIR / 'ort_cpu.md'} and ort_cpu.json; total {total:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
