@@ -77,8 +77,13 @@ def _print_bench(result: dict) -> None:
 
 def cmd_compile(args, progress) -> int:
     _, _, compiled = _compile(args.source, args, progress)
+    if args.onnx and not hasattr(compiled.executable, "to_onnx"):
+        raise InputError(f"--onnx needs --backend onnxruntime (this compile used {compiled.backend})")
     progress(f"saving {args.output}")
     compiled.save(args.output)
+    if args.onnx:
+        progress(f"writing plain ONNX {args.onnx}")
+        compiled.executable.to_onnx(args.onnx)
     if args.json:
         print(json.dumps({"artifact": str(args.output), "report": compiled.report.as_dict()}))
     else:
@@ -221,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("compile", help="compile a model into an artifact"), compile_options=True)
     p.add_argument("source", help="'module:factory' returning (model, example_inputs[, dynamic_shapes]), or a .pt2")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write (e.g. model.blade)")
+    p.add_argument("--onnx", help="also write a plain .onnx (onnxruntime backend, no PyTorch fallback) for any "
+                                  "ONNX consumer")
     p.set_defaults(func=cmd_compile)
 
     p = common(sub.add_parser("run", help="run an artifact on inputs from a safetensors file"))

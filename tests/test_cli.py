@@ -82,3 +82,16 @@ def test_bench_and_demo_json():
     assert result.returncode == 0, result.stderr
     demo = json.loads(result.stdout)
     assert demo["ok"] and demo["report"]["backend"] == "onnxruntime"
+
+
+def test_compile_writes_plain_onnx(tmp_path):
+    import onnxruntime as ort
+
+    result = blade_cli("compile", "blade.models.mlp:tiny", "-o", str(tmp_path / "m.blade"), "--backend",
+                       "onnxruntime", "--onnx", str(tmp_path / "m.onnx"))
+    assert result.returncode == 0, result.stderr
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 16]
+    result = blade_cli("compile", "blade.models.mlp:tiny", "-o", str(tmp_path / "e.blade"), "--backend", "eager",
+                       "--onnx", str(tmp_path / "e.onnx"))
+    assert result.returncode == 1 and "--onnx needs --backend onnxruntime" in result.stderr
