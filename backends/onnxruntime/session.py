@@ -34,6 +34,9 @@ def session_options(target: Target) -> ort.SessionOptions:
     options.enable_mem_pattern = True
     options.enable_cpu_mem_arena = True
     options.log_severity_level = 3  # errors only; blade reports what matters
+    # Idle intra-op threads would otherwise spin for a while after each run, stealing the cores from
+    # whatever runs next in this process (PyTorch fallback regions, the caller's own work).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
