@@ -17,7 +17,10 @@ and 256, this measures, in one run on this machine:
 
 Each contender's first output is checked against eager (relative error ||out - ref|| / ||ref||),
 then all are timed interleaved (A B C D A B C D ...) by blade.timing.time_interleaved; the median is
-reported. Utilization = model FLOPs / median time / measured fp32 peak, where
+reported. An untimed idle gap (--gap-ms, default 100) follows each contender: ONNX Runtime's intra-op
+worker threads spin for tens of ms after a run, and on a 2-core machine that costs whichever
+contender runs next about +50% (measured; see time_contenders). Utilization = model FLOPs / median
+time / measured fp32 peak, where
 
 * model FLOPs = 2 x (weight entries of every nn.Linear x the tokens that pass through it) + attention
   matmuls 2 x 2 x layers x batch x seq^2 x hidden (QK^T and PV, counted in full, NOT halved for the
@@ -25,7 +28,9 @@ reported. Utilization = model FLOPs / median time / measured fp32 peak, where
   nn.Linear whose weight is tied to the token embedding) is counted and embedding lookups are not,
   and BERT's pooler counts for the one [CLS] token it sees;
 * peak = the best 2 n^3 / t of torch.matmul on fp32 n x n matrices (n = 1024, 2048, 3072, several
-  repeats each) with torch.set_num_threads(os.cpu_count()), measured in the same run.
+  repeats each) with torch.set_num_threads(os.cpu_count()), measured in the same run. The same matmul
+  in an ONNX Runtime session is measured too (MKL, which torch uses, may pick slower kernels on AMD
+  CPUs than ORT's MLAS does), and utilization is also given against the higher of the two.
 
 Run from the repository root, in the project's venv:
 
@@ -33,20 +38,32 @@ Run from the repository root, in the project's venv:
     python bench/ort_cpu.py --repeat 20  # more timed rounds
     python bench/ort_cpu.py --quick      # smoke run: warm-up 1, repeat 3, smaller peak measurement
     python bench/ort_cpu.py --ort-dynamic  # add a 5th contender: plain ORT exported with dynamic batch/seq
+    python bench/ort_cpu.py --gap-ms 0   # no idle gaps: shows the spinning-thread interference
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/ort_cpu.py
+                                         # glibc keeps freed memory: GPT's 25-51 MB logits stop costing
+                                         # ~6-12k page faults on some calls and not others
+
+Most of a run is compiling (torch.compile per case, an ONNX export per case, one blade compile per
+model), so --quick saves little; timed rounds are a minor part.
+
+bench/ort_graph_diff.py compares blade's ONNX graph with plain exports of the same model.
 
 The Markdown table (with a machine header) is printed and written to bench/results/ort_cpu.md; the
-same numbers, and more detail, go to bench/results/ort_cpu.json. Both are overwritten.
+same numbers, and more detail, go to bench/results/ort_cpu.json. Both are overwritten (--out to change).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import logging
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +112,7 @@ def machine_info() -> dict:
         "onnxruntime": ort.__version__,
         "blade": blade.__version__,
         "torch_threads": torch.get_num_threads(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
 
 
@@ -112,6 +130,69 @@ def measure_peak(sizes=PEAK_SIZES, repeats: int = 5) -> dict:
         best[n] = 2 * n ** 3 / min(times)
         del a, b
     return {"flops": max(best.values()), "by_size": {str(n): f for n, f in best.items()}, "repeats": repeats}
+
+
+def measure_ort_peak(sizes=PEAK_SIZES, repeats: int = 5) -> dict:
+    """The same square fp32 matmul in an ONNX Runtime session (MLAS kernels), for comparison."""
+    from onnx import TensorProto, helper
+
+    best: dict[int, float] = {}
+    for n in sizes:
+        spec = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "abc"]
+        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", spec[:2], spec[2:])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        session = ort.InferenceSession(model.SerializeToString(), ort_session_options(),
+                                       providers=["CPUExecutionProvider"])
+        feeds = {"a": np.random.randn(n, n).astype(np.float32), "b": np.random.randn(n, n).astype(np.float32)}
+        session.run(None, feeds)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        best[n] = 2 * n ** 3 / min(times)
+        del session
+    return {"flops": max(best.values()), "by_size": {str(n): f for n, f in best.items()}, "repeats": repeats}
+
+
+# --------------------------------------------------------------------------- timing
+
+def time_contenders(contenders: dict, warmup: int, repeat: int, gap_s: float) -> tuple[dict, dict]:
+    """blade.timing.time_interleaved over the contenders, an untimed idle gap after each one.
+
+    The gaps are dummy contenders (time.sleep) whose times are dropped. Without them, the worker
+    threads of one ONNX Runtime session keep spinning for tens of ms after its run and take a core
+    from whichever contender runs next (on 2 cores, +50% on the next one's time).
+    Returns (median seconds, per-contender sample stats) for the real contenders only; the stats
+    include the median minor page faults per call (a fresh multi-MB output buffer faults in every
+    page, e.g. GPT's logits, depending on whether glibc gave the last one back to the OS).
+    """
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    faults: dict[str, list[int]] = {name: [] for name in contenders}
+
+    def recorded(name, fn):
+        def run():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            out = fn()
+            samples[name].append(time.perf_counter() - start)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            return out
+        return run
+
+    timed: dict = {}
+    for i, (name, fn) in enumerate(contenders.items()):
+        timed[name] = recorded(name, fn)
+        if gap_s > 0:
+            timed[f"_idle{i}"] = lambda: time.sleep(gap_s)
+    medians = blade.timing.time_interleaved(timed, warmup=warmup, repeat=repeat, device="cpu")
+    stats = {}
+    for name, values in samples.items():
+        values = sorted(values[-repeat:])  # the timed rounds (warm-up calls come first)
+        stats[name] = {"min": values[0] * 1e3, "max": values[-1] * 1e3,
+                       "p10": values[len(values) // 10] * 1e3, "p90": values[-1 - len(values) // 10] * 1e3,
+                       "minor_faults": sorted(faults[name][-repeat:])[repeat // 2]}
+    return {name: medians[name] for name in contenders}, stats
 
 
 # --------------------------------------------------------------------------- model FLOPs
@@ -168,7 +249,7 @@ def first_tensor(out) -> torch.Tensor:
 
 
 def rel_err(out, ref: torch.Tensor) -> float:
-    out = first_tensor(out).float()
+    out = first_tensor(out).detach().float()
     if out.shape != ref.shape:
         raise ValueError(f"output shape {list(out.shape)} != eager {list(ref.shape)}")
     return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
@@ -219,14 +300,18 @@ def inductor_contender(model: nn.Module, inputs: tuple, warmup: int) -> Contende
     return Contender(run, "ok", time.perf_counter() - start)
 
 
-def ort_session(path: str) -> ort.InferenceSession:
+def ort_session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+    return options
+
+
+def ort_session(path: str) -> ort.InferenceSession:
+    return ort.InferenceSession(path, sess_options=ort_session_options(), providers=["CPUExecutionProvider"])
 
 
 def ort_contender(model: nn.Module, export_inputs: tuple, run_inputs: tuple, workdir: Path, tag: str,
@@ -259,16 +344,14 @@ def _feeds_by_name(model: nn.Module, names: list[str], arrays: list[np.ndarray])
     return {n: arrays[params.index(n)] for n in names}
 
 
-def blade_compile(name: str) -> tuple[object, float, dict]:
-    """One blade compile per model: dynamic batch/seq from the zoo's example inputs."""
-    model, example_inputs, dynamic_shapes = zoo.get(name, SIZE)
+def blade_compile(model: nn.Module, example_inputs: tuple, dynamic_shapes) -> tuple[object, float, dict]:
+    """One blade compile per model: dynamic batch/seq, from the zoo's example inputs."""
     start = time.perf_counter()
     cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend="onnxruntime")
     seconds = time.perf_counter() - start
     report = cm.report.as_dict()
     details = {"backend": report.get("backend"), "backend_details": report.get("backend_details"),
                "seconds": report.get("seconds"), "warnings": report.get("warnings")}
-    del model
     return cm, seconds, details
 
 
@@ -280,17 +363,17 @@ def blade_contender(cm, inputs: tuple, compile_s: float, details: dict) -> Conte
 
 # --------------------------------------------------------------------------- one model, its cases
 
-def run_model(name: str, seqs: list[int], args, peak: float, workdir: Path) -> list[dict]:
-    """Build `name` once, compile blade once, then run every sequence length; free everything after."""
+def run_model(name: str, seqs: list[int], args, peak: dict, workdir: Path) -> list[dict]:
+    """Build `name` once, compile blade once, run every sequence length, then free it all (2 cores, 24 GB)."""
     print(f"\n== {name} {SIZE}: blade compile (dynamic batch/seq) ...", flush=True)
+    model, example_inputs, dynamic_shapes = zoo.get(name, SIZE)
     try:
-        cm, blade_s, blade_details = blade_compile(name)
+        cm, blade_s, blade_details = blade_compile(model, example_inputs, dynamic_shapes)
         print(f"   blade compiled in {blade_s:.1f} s: {json.dumps(blade_details['backend_details'])[:300]}", flush=True)
     except Exception as exc:  # noqa: BLE001
         cm, blade_s, blade_details = None, 0.0, {"error": first_line(exc)}
         print(f"   blade compile failed: {blade_details['error']}", flush=True)
 
-    model, example_inputs, dynamic_shapes = zoo.get(name, SIZE)
     results = []
     for seq in seqs:
         results.append(run_case(name, seq, model, example_inputs, dynamic_shapes, cm, blade_s, blade_details,
@@ -332,16 +415,21 @@ def run_case(name, seq, model, example_inputs, dynamic_shapes, cm, blade_s, blad
         print(f"   {key:12s} setup {c.setup_s:6.1f} s  {note}", flush=True)
 
     live = {key: c.fn for key, c in contenders.items() if c.fn is not None}
-    medians = blade.timing.time_interleaved(live, warmup=args.warmup, repeat=args.repeat, device="cpu")
+    load_before = os.getloadavg()[0]
+    medians, spread = time_contenders(live, args.warmup, args.repeat, args.gap_ms / 1e3)
     case = summarize(name, seq, flops, peak, contenders, medians, errors)
+    case["spread_ms"], case["loadavg_1min"] = spread, {"before": load_before, "after": os.getloadavg()[0]}
     print("   " + "  ".join(f"{k} {v:.1f} ms" for k, v in case["ms"].items()), flush=True)
+    noisy = [k for k, v in spread.items() if v["p90"] > 1.25 * v["p10"]]
+    if noisy:
+        print(f"   note: p90/p10 above 1.25 for {noisy}: timing is noisy (load {load_before:.2f})", flush=True)
     for c in contenders.values():
         c.fn = None
     torch._dynamo.reset()
     return case
 
 
-def summarize(name, seq, flops, peak, contenders, medians, errors) -> dict:
+def summarize(name, seq, flops, peak: dict, contenders, medians, errors) -> dict:
     ms = {k: v * 1e3 for k, v in medians.items()}
     eager = medians.get("eager")
     return {
@@ -350,7 +438,8 @@ def summarize(name, seq, flops, peak, contenders, medians, errors) -> dict:
         "ms": ms,
         "speedup_vs_eager": {k: eager / v for k, v in medians.items()} if eager else {},
         "blade_vs_ort": (medians["ort"] / medians["blade"]) if {"ort", "blade"} <= medians.keys() else None,
-        "utilization": {k: flops["total"] / v / peak for k, v in medians.items()},
+        "utilization": {k: flops["total"] / v / peak["torch"] for k, v in medians.items()},
+        "utilization_vs_best_peak": {k: flops["total"] / v / peak["best"] for k, v in medians.items()},
         "achieved_gflops": {k: flops["total"] / v / 1e9 for k, v in medians.items()},
         "rel_err": errors,
         "status": {k: c.status for k, c in contenders.items()},
@@ -361,31 +450,38 @@ def summarize(name, seq, flops, peak, contenders, medians, errors) -> dict:
 
 # --------------------------------------------------------------------------- report
 
-def render_markdown(machine: dict, peak: dict, cases: list[dict], args, total_s: float) -> str:
+def _rates(peaks: dict) -> str:
+    return ", ".join(f"n={n}: {f / 1e9:.0f}" for n, f in peaks["by_size"].items())
+
+
+def render_markdown(machine: dict, peaks: dict, cases: list[dict], args, total_s: float) -> str:
     flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in machine["flags"].items())
     names = [k for k in CONTENDERS + ("ort_dynamic",) if any(k in c["status"] for c in cases)]
+    torch_peak, ort_peak = peaks["torch_matmul"], peaks["ort_matmul"]
     lines = [
         "# blade ONNX Runtime backend vs eager, torch.compile and plain ONNX Runtime (CPU)",
         "",
         f"- machine: {machine['cpu']}, {machine['cores']} cores ({machine['target']})",
         f"- flags: {flags}",
         f"- versions: python {machine['python']}, torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, "
-        f"blade {machine['blade']}",
-        f"- fp32 matmul peak (measured this run): {peak['flops'] / 1e9:.1f} GFLOP/s "
-        f"(best of n = {', '.join(peak['by_size'])}; "
-        + ", ".join(f"{n}: {f / 1e9:.1f}" for n, f in peak["by_size"].items()) + ")",
-        f"- timing: interleaved, median of {args.repeat} after {args.warmup} warm-up rounds; batch {BATCH}; "
-        f"total run {total_s / 60:.1f} min",
+        f"blade {machine['blade']}" + (f"; env {machine['malloc_env']}" if machine["malloc_env"] else ""),
+        f"- fp32 peak, measured this run with torch.matmul on n x n ({torch_peak['repeats']} repeats, best): "
+        f"**{torch_peak['flops'] / 1e9:.0f} GFLOP/s** ({_rates(torch_peak)}); the same matmul in an ONNX Runtime "
+        f"session: {ort_peak['flops'] / 1e9:.0f} GFLOP/s ({_rates(ort_peak)})",
+        f"- timing: blade.timing.time_interleaved, median of {args.repeat} rounds after {args.warmup} warm-up "
+        f"rounds, {args.gap_ms:g} ms untimed idle gap after each contender; batch {BATCH}; "
+        f"whole run {total_s / 60:.1f} min",
         "- FLOPs: 2 x Linear weights x tokens through them (GPT's tied LM head included, embedding lookups not) "
-        "+ attention QK^T and PV counted in full (not halved for causal); utilization = FLOPs / time / peak",
-        "- contenders: eager = torch.inference_mode; inductor = torch.compile with inductor freezing under no_grad; "
-        "ort = torch.onnx.export(dynamo=True, static shapes) + ORT_ENABLE_ALL session; blade = "
-        "blade.compile(backend='onnxruntime'), cm(*inputs)"
+        "+ attention QK^T and PV counted in full (not halved for causal)",
+        "- util = FLOPs / median time / torch.matmul peak; util* = the same against the higher of the two peaks",
+        "- contenders: eager = torch.inference_mode; inductor = torch.compile with inductor freezing, under "
+        "no_grad; ort = torch.onnx.export(dynamo=True, static shapes) + ORT_ENABLE_ALL session; blade = "
+        "blade.compile(backend='onnxruntime') once per model (dynamic batch/seq), cm(*inputs)"
         + ("; ort_dynamic = ort exported with the zoo's dynamic batch/seq axes" if "ort_dynamic" in names else ""),
         "",
     ]
-    header = ["case", "GFLOP"] + [f"{n} ms" for n in names] + [f"{n} x eager" for n in names if n != "eager"]
-    header += ["blade / ort", "util " + " / ".join(names)]
+    header = ["case", "GFLOP"] + [f"{n} ms" for n in names] + [f"{n} vs eager" for n in names if n != "eager"]
+    header += ["blade vs ort", "util " + " / ".join(names), "util* " + " / ".join(names)]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for c in cases:
@@ -394,13 +490,25 @@ def render_markdown(machine: dict, peak: dict, cases: list[dict], args, total_s:
         row += [f"{c['speedup_vs_eager'][n]:.2f}x" if n in c["speedup_vs_eager"] else "-" for n in names
                 if n != "eager"]
         row.append(f"{c['blade_vs_ort']:.2f}x" if c["blade_vs_ort"] else "-")
-        row.append(" / ".join(f"{100 * c['utilization'][n]:.0f}%" if n in c["utilization"] else "-" for n in names))
+        for key in ("utilization", "utilization_vs_best_peak"):
+            row.append(" / ".join(f"{100 * c[key][n]:.0f}%" if n in c[key] else "-" for n in names))
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "blade / ort = plain ORT time / blade time (above 1: blade faster).", "",
-              "Relative error of the first output vs eager:", ""]
+    lines += ["", "x eager = eager time / contender time; blade vs ort = plain ORT time / blade time "
+              "(above 1: blade faster).", "", "Relative error of the first output vs eager "
+              "(BERT: last_hidden_state, GPT: logits):", ""]
     for c in cases:
         errs = ", ".join(f"{k} {v:.1e}" for k, v in c["rel_err"].items() if k != "eager")
         lines.append(f"- {c['model']} seq {c['seq']}: {errs}")
+    lines += ["", "Setup seconds (inductor: compile + warm-up; ort: export + session; blade: one compile per "
+              "model, shared by its cases):", ""]
+    for c in cases:
+        setup = ", ".join(f"{k} {v:.0f}" for k, v in c["setup_s"].items() if k != "eager")
+        lines.append(f"- {c['model']} seq {c['seq']}: {setup}")
+    lines += ["", "Spread of the timed rounds, p10-p90 ms [median minor page faults per call] "
+              "(1-min load average before the case):", ""]
+    for c in cases:
+        spread = ", ".join(f"{k} {v['p10']:.0f}-{v['p90']:.0f} [{v['minor_faults']}]" for k, v in c["spread_ms"].items())
+        lines.append(f"- {c['model']} seq {c['seq']}: {spread} (load {c['loadavg_1min']['before']:.2f})")
     failed = [(c, k, s) for c in cases for k, s in c["status"].items() if s != "ok"]
     if failed:
         lines += ["", "Failures:", ""] + [f"- {c['model']} seq {c['seq']} {k}: {s}" for c, k, s in failed]
@@ -411,10 +519,10 @@ def _short(status: str | None) -> str:
     return "failed" if status and status.startswith("failed") else "-"
 
 
-def write_results(markdown: str, payload: dict) -> None:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "ort_cpu.md").write_text(markdown)
-    (RESULTS_DIR / "ort_cpu.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+def write_results(markdown: str, payload: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(markdown)
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------- main
@@ -426,6 +534,10 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="few rounds and a smaller peak measurement")
     parser.add_argument("--ort-dynamic", action="store_true",
                         help="also time plain ORT exported with dynamic batch/seq axes (like blade's export)")
+    parser.add_argument("--gap-ms", type=float, default=100.0,
+                        help="untimed idle gap after each contender, so ORT's spinning threads stop (0: none)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "ort_cpu",
+                        help="write OUT.md and OUT.json (default bench/results/ort_cpu)")
     parser.add_argument("--models", nargs="+", choices=["bert", "gpt"], default=["bert", "gpt"])
     args = parser.parse_args(argv)
     args.repeat = args.repeat if args.repeat is not None else (3 if args.quick else 10)
@@ -433,28 +545,38 @@ def parse_args(argv=None):
     return args
 
 
+def quiet_exporters() -> None:
+    """torch.onnx logs every skipped torchvision op and torch warns about pytree internals: noise here."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
+    quiet_exporters()
     torch.set_num_threads(os.cpu_count() or 1)
     machine = machine_info()
     print(f"machine: {machine['target']}; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}", flush=True)
-    peak = measure_peak((1024, 2048) if args.quick else PEAK_SIZES, repeats=2 if args.quick else 5)
-    print(f"fp32 matmul peak: {peak['flops'] / 1e9:.1f} GFLOP/s "
-          + str({n: round(f / 1e9, 1) for n, f in peak["by_size"].items()}), flush=True)
+    sizes, repeats = ((1024, 2048), 2) if args.quick else (PEAK_SIZES, 5)
+    peaks = {"torch_matmul": measure_peak(sizes, repeats), "ort_matmul": measure_ort_peak(sizes, repeats)}
+    peak = {"torch": peaks["torch_matmul"]["flops"], "best": max(p["flops"] for p in peaks.values())}
+    print(f"fp32 matmul peak: torch {_rates(peaks['torch_matmul'])}; ort {_rates(peaks['ort_matmul'])} GFLOP/s",
+          flush=True)
 
     cases = []
     with tempfile.TemporaryDirectory(prefix="bench-ort-") as tmp:
         for name in args.models:
             seqs = [s for m, s in CASES if m == name]
-            cases += run_model(name, seqs, args, peak["flops"], Path(tmp))
+            cases += run_model(name, seqs, args, peak, Path(tmp))
     total = time.perf_counter() - start
 
-    markdown = render_markdown(machine, peak, cases, args, total)
+    markdown = render_markdown(machine, peaks, cases, args, total)
     print("\n" + markdown)
-    write_results(markdown, {"machine": machine, "peak": peak, "args": vars(args), "total_s": total,
-                             "cases": cases})
-    print(f"wrote {RESULTS_DIR / 'ort_cpu.md'} and ort_cpu.json; total {total:.0f} s", flush=True)
+    write_results(markdown, {"machine": machine, "peak": peaks, "args": vars(args), "total_s": total,
+                             "cases": cases}, args.out)
+    print(f"wrote {args.out}.md and {args.out.name}.json; total {total:.0f} s", flush=True)
     return 0
 
 

@@ -111,32 +111,33 @@ def count_leaves(tree: dict[str, Any]) -> int:
 
 def unflatten(tree: dict[str, Any], leaves: list) -> Any:
     """Rebuild the structure described by `tree` around `leaves` (in flatten order)."""
-    it = iter(leaves)
+    return _build(tree, iter(leaves))
 
-    def build(node):
-        kind = node["kind"]
-        if kind == "leaf":
-            return next(it)
-        if kind == "none":
-            return None
-        values = [build(c) for c in node.get("children", [])]
-        if kind in ("tuple", "list"):
-            return tuple(values) if kind == "tuple" else values
-        if kind == "dict":
-            return dict(zip((_hashable(_context_from_json(k)) for k in node["keys"]), values))
-        if kind == "namedtuple":
-            cls = _loaded_class(node["class"])
-            if _is_namedtuple_class(cls, node["fields"]):
-                return cls(*values)
-            return dict(zip(node["fields"], values))
-        cls = _registered_class(node["class"])
-        if cls is not None and "context" in node:
-            return pytree.SUPPORTED_NODES[cls].unflatten_fn(values, _context_from_json(node["context"]["value"]))
-        if node.get("keys"):
-            return {**dict(zip(node["keys"], values)), **dict.fromkeys(node.get("none_keys", []))}
-        return tuple(values)
 
-    return build(tree)
+def _build(node: dict[str, Any], leaves) -> Any:
+    # A plain recursive function, not a closure over `leaves`: a self-referencing closure is a
+    # reference cycle that would keep every call's outputs alive until the cycle collector runs.
+    kind = node["kind"]
+    if kind == "leaf":
+        return next(leaves)
+    if kind == "none":
+        return None
+    values = [_build(c, leaves) for c in node.get("children", [])]
+    if kind in ("tuple", "list"):
+        return tuple(values) if kind == "tuple" else values
+    if kind == "dict":
+        return dict(zip((_hashable(_context_from_json(k)) for k in node["keys"]), values))
+    if kind == "namedtuple":
+        cls = _loaded_class(node["class"])
+        if _is_namedtuple_class(cls, node["fields"]):
+            return cls(*values)
+        return dict(zip(node["fields"], values))
+    cls = _registered_class(node["class"])
+    if cls is not None and "context" in node:
+        return pytree.SUPPORTED_NODES[cls].unflatten_fn(values, _context_from_json(node["context"]["value"]))
+    if node.get("keys"):
+        return {**dict(zip(node["keys"], values)), **dict.fromkeys(node.get("none_keys", []))}
+    return tuple(values)
 
 
 def describe(tree: dict[str, Any]) -> str:

@@ -190,3 +190,18 @@ class Masked(torch.nn.Module):
 def test_infinite_outputs_are_accurate_when_they_match():
     cm = blade.compile(Masked(), (torch.randn(4, 5),), backend="eager")
     assert cm.report.accuracy.ok, cm.report
+
+
+def test_outputs_are_freed_as_soon_as_the_caller_drops_them():
+    import gc
+    import weakref
+
+    cm = blade.compile(DictOut(), (torch.randn(4, 6),), backend="eager")
+    gc.disable()  # a reference cycle would keep them until the collector runs
+    try:
+        out = cm(torch.randn(4, 6))
+        alive = [weakref.ref(out["y"]), weakref.ref(out["parts"][0])]
+        del out
+        assert all(ref() is None for ref in alive)
+    finally:
+        gc.enable()

@@ -113,6 +113,11 @@ class OnnxRuntimeBackend:
             step = self._compile_region(region, inputs, target, workdir)
             env.update(zip(region.outputs, step.runner(inputs)))
             steps.append(step)
+        if any(step.engine == "torch" for step in steps):  # sessions that alternate with PyTorch: no spinning
+            for step in steps:
+                if step.file:
+                    step.runner = OrtRunner(str(workdir / step.file), target, step.region.inputs,
+                                            step.region.outputs, shares_cores=True)
         return OrtExecutable(graph, steps, workdir, keep)
 
     def _compile_region(self, region: Region, inputs, target: Target, workdir: Path) -> Step:
@@ -138,6 +143,7 @@ class OnnxRuntimeBackend:
         except (OSError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"{root / PLAN} is missing or damaged: {exc}") from exc
         steps = []
+        shares_cores = any(entry["engine"] == "torch" for entry in plan["regions"])
         for index, entry in enumerate(plan["regions"]):
             nodes = [graph.node(name) for name in entry["nodes"]]
             region = build_region(graph, index, entry["engine"] == "onnxruntime", nodes, f"{graph.name}_region{index}",
@@ -150,7 +156,7 @@ class OnnxRuntimeBackend:
                 steps.append(Step(region, lambda tensors: [], "onnxruntime"))
                 continue
             try:
-                runner = OrtRunner(str(root / entry["file"]), target, region.inputs, region.outputs)
+                runner = OrtRunner(str(root / entry["file"]), target, region.inputs, region.outputs, shares_cores)
             except Exception as exc:
                 raise ArtifactError(f"ONNX model {entry['file']} in {root} could not be loaded by ONNX Runtime "
                                     f"({_first_line(exc)}); the artifact is damaged — recompile it") from exc

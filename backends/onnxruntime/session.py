@@ -25,7 +25,8 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
 
 
-def session_options(target: Target) -> ort.SessionOptions:
+def session_options(target: Target, shares_cores: bool) -> ort.SessionOptions:
+    """ORT_ENABLE_ALL, sequential, intra-op threads = cores; spinning only when ORT has the cores alone."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -34,9 +35,10 @@ def session_options(target: Target) -> ort.SessionOptions:
     options.enable_mem_pattern = True
     options.enable_cpu_mem_arena = True
     options.log_severity_level = 3  # errors only; blade reports what matters
-    # Idle intra-op threads would otherwise spin for a while after each run, stealing the cores from
-    # whatever runs next in this process (PyTorch fallback regions, the caller's own work).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if shares_cores:
+        # Idle intra-op threads spin for tens of ms after each run (ONNX Runtime's default, a few %
+        # faster alone); between PyTorch fallback regions that would steal the cores PyTorch needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -48,9 +50,10 @@ _NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64
 class OrtRunner:
     """One InferenceSession, created once; called with torch tensors, returns torch tensors."""
 
-    def __init__(self, model_path: str, target: Target, input_names: list[str], output_names: list[str]):
+    def __init__(self, model_path: str, target: Target, input_names: list[str], output_names: list[str],
+                 shares_cores: bool = False):
         self.target = target
-        self.session = ort.InferenceSession(model_path, sess_options=session_options(target),
+        self.session = ort.InferenceSession(model_path, sess_options=session_options(target, shares_cores),
                                             providers=providers_for(target))
         wanted = {i.name for i in self.session.get_inputs()}  # the exporter drops inputs nothing reads
         self.feeds = [(i, name) for i, name in enumerate(input_names) if name in wanted]

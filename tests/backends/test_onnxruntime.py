@@ -41,7 +41,7 @@ def zoo_case(request):
 def test_zoo_models_run_in_onnxruntime(zoo_case, monkeypatch):
     name, model, cm = zoo_case
     details = cm.report.backend_details
-    assert details["nodes"]["torch"] == 0 and details["opset"] == 18, cm.report
+    assert details["nodes"]["torch"] == 0 and details["opset"] == 20, cm.report
     forbid_recompiling(monkeypatch)
     monkeypatch.setattr(torch.onnx, "export", None)
     for seed in (1, 2):
