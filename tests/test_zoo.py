@@ -9,13 +9,7 @@ import blade
 import blade.models as zoo
 from blade.capture import capture
 
-from helpers import assert_matches, forbid_recompiling
-
-OTHER_SIZES = {"batch": 3, "seq": 7}
-
-
-def fresh_dims(name: str) -> dict:
-    return OTHER_SIZES if name in ("bert", "gpt") else {"batch": OTHER_SIZES["batch"]}
+from helpers import assert_matches, forbid_recompiling, fresh_dims
 
 
 @pytest.fixture(scope="module", params=zoo.names())

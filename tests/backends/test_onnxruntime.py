@@ -20,15 +20,10 @@ import blade.models as zoo
 from blade.backends import onnxruntime as ort_backend
 from blade.errors import ArtifactError, BackendError, ShapeError
 
-from helpers import assert_matches, forbid_recompiling
+from helpers import assert_matches, forbid_recompiling, fresh_dims
 from test_hf import build, make_inputs
 
 TOL = 1e-4
-FRESH = {"batch": 3, "seq": 7}
-
-
-def fresh_dims(name: str) -> dict:
-    return FRESH if name in ("bert", "gpt") else {"batch": FRESH["batch"]}
 
 
 @pytest.fixture(scope="module", params=zoo.names())
