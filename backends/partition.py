@@ -34,7 +34,8 @@ class Region:
 
 
 def is_scalar(node: Node) -> bool:
-    return node.op == "call" and isinstance(node.val, ScalarMeta)
+    """Size arithmetic and runtime asserts (which produce nothing): recomputed where read, never a region."""
+    return node.op == "call" and (isinstance(node.val, ScalarMeta) or node.val is None)
 
 
 def _support(graph: Graph, supports: Callable[[Node], bool]) -> dict[Node, bool]:
@@ -49,13 +50,22 @@ def _support(graph: Graph, supports: Callable[[Node], bool]) -> dict[Node, bool]
     return flags
 
 
-def _phases(graph: Graph, flags: dict[Node, bool]) -> dict[Node, int]:
+def _tensor_deps(node: Node, graph: Graph, flags: dict[Node, bool]) -> set[Node]:
+    """The region nodes `node` reads: directly, or through the sizes it reads (recomputed from tensors)."""
+    deps = set()
+    for pred in graph.nx.predecessors(node):
+        if pred in flags:
+            deps.add(pred)
+        elif is_scalar(pred):
+            deps |= {t for s in _scalar_closure(pred, graph) for t in graph.nx.predecessors(s) if t in flags}
+    return deps
+
+
+def _phases(graph: Graph, flags: dict[Node, bool], deps: dict[Node, set[Node]]) -> dict[Node, int]:
     phase: dict[Node, int] = {}
     for node in graph.nodes:
-        if node not in flags:
-            continue
-        phase[node] = max((phase[p] + (flags[p] != flags[node]) for p in graph.nx.predecessors(node)
-                           if p in flags), default=0)
+        if node in flags:
+            phase[node] = max((phase[p] + (flags[p] != flags[node]) for p in deps[node]), default=0)
     return phase
 
 
@@ -110,13 +120,14 @@ def build_region(parent: Graph, index: int, supported: bool, nodes: list[Node], 
 def partition(graph: Graph, supports: Callable[[Node], bool]) -> list[Region]:
     """Regions in an order that runs correctly; graph outputs that are scalars get a final region."""
     flags = _support(graph, supports)
-    phase = _phases(graph, flags)
+    deps = {node: _tensor_deps(node, graph, flags) for node in flags}
+    phase = _phases(graph, flags, deps)
     groups: dict[tuple[int, bool], list[Node]] = {}
     for node in graph.nodes:
         if node in flags:
             groups.setdefault((phase[node], flags[node]), []).append(node)
     ordered = sorted(groups.items(), key=lambda item: (item[0][0], not item[0][1]))
-    _check_acyclic(graph, [nodes for _, nodes in ordered])
+    _check_acyclic([nodes for _, nodes in ordered], deps, graph.name)
     regions = [build_region(graph, i, supported, nodes, f"{graph.name}_region{i}")
                for i, ((_, supported), nodes) in enumerate(ordered)]
     scalar_outputs = [o for o in graph.output_nodes if is_scalar(o)]
@@ -128,11 +139,10 @@ def partition(graph: Graph, supports: Callable[[Node], bool]) -> list[Region]:
     return regions
 
 
-def _check_acyclic(graph: Graph, groups: list[list[Node]]) -> None:
+def _check_acyclic(groups: list[list[Node]], deps: dict[Node, set[Node]], name: str) -> None:
     owner = {node: i for i, nodes in enumerate(groups) for node in nodes}
     condensed = nx.DiGraph()
     condensed.add_nodes_from(range(len(groups)))
-    condensed.add_edges_from((owner[u], owner[v]) for u, v in graph.nx.edges
-                             if u in owner and v in owner and owner[u] != owner[v])
+    condensed.add_edges_from((owner[u], owner[v]) for v in owner for u in deps[v] if owner[u] != owner[v])
     if not nx.is_directed_acyclic_graph(condensed) or any(u > v for u, v in condensed.edges):
-        raise GraphError(f"partition of {graph.name} would create a cycle between regions")
+        raise GraphError(f"partition of {name} would create a cycle between regions")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import operator
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -102,15 +104,26 @@ class OnnxRuntimeBackend:
         return supports(node)
 
     def compile(self, graph: Graph, target: Target, example_inputs=None) -> OrtExecutable:
+        """Partition, export and load each region; a node the exporter refuses goes to PyTorch alone."""
         if example_inputs is None:
             raise BackendError("the onnxruntime backend needs example inputs to export the graph")
+        refused: dict[str, str] = {}  # node name -> why the exporter could not translate it
+        for _ in range(_MAX_REFUSALS):
+            try:
+                return self._compile_partitioned(graph, target, example_inputs, refused)
+            except _NodeRefused as exc:
+                refused[exc.node] = exc.reason
+        raise BackendError(f"the ONNX exporter refused more than {_MAX_REFUSALS} nodes of {graph.name}: "
+                           f"{sorted(refused)}; use backend='eager'")
+
+    def _compile_partitioned(self, graph: Graph, target: Target, example_inputs, refused: dict) -> OrtExecutable:
         keep = tempfile.TemporaryDirectory(prefix="blade-ort-")
         workdir = Path(keep.name)
         env = {n.name: t for n, t in zip(graph.inputs, example_inputs)}
         steps = []
-        for region in partition(graph, supports):
+        for region in partition(graph, lambda node: node.name not in refused and supports(node)):
             inputs = [env[name] for name in region.inputs]
-            step = self._compile_region(region, inputs, target, workdir)
+            step = self._compile_region(region, inputs, target, workdir, refused)
             env.update(zip(region.outputs, step.runner(inputs)))
             steps.append(step)
         if any(step.engine == "torch" for step in steps):  # sessions that alternate with PyTorch: no spinning
@@ -120,9 +133,9 @@ class OnnxRuntimeBackend:
                                             step.region.outputs, shares_cores=True)
         return OrtExecutable(graph, steps, workdir, keep)
 
-    def _compile_region(self, region: Region, inputs, target: Target, workdir: Path) -> Step:
+    def _compile_region(self, region: Region, inputs, target: Target, workdir: Path, refused: dict) -> Step:
         if not region.supported:
-            region.reason = region.reason or _unsupported_reason(region)
+            region.reason = region.reason or _unsupported_reason(region, refused)
             return Step(region, _torch_runner(region.graph), "torch")
         if not region.graph.outputs:
             return Step(region, lambda tensors: [], "onnxruntime")
@@ -130,9 +143,12 @@ class OnnxRuntimeBackend:
         try:
             save_model(export_region(region.graph, inputs), workdir / file)
             runner = OrtRunner(str(workdir / file), target, region.inputs, region.outputs)
-        except Exception as exc:  # the exporter or ONNX Runtime said no: run this region in PyTorch
-            region.supported = False
-            region.reason = f"ONNX export or session failed: {type(exc).__name__}: {_first_line(exc)}"
+        except Exception as exc:  # the exporter or ONNX Runtime said no
+            node = _refused_node(exc, region)
+            if node is not None and node not in refused:
+                raise _NodeRefused(node, f"the ONNX exporter cannot translate it: {_summary(exc)}") from exc
+            region.supported = False  # no single culprit: this region runs in PyTorch
+            region.reason = f"ONNX export or session failed: {type(exc).__name__}: {_summary(exc)}"
             return Step(region, _torch_runner(region.graph), "torch")
         return Step(region, runner, "onnxruntime", file)
 
@@ -159,7 +175,7 @@ class OnnxRuntimeBackend:
                 runner = OrtRunner(str(root / entry["file"]), target, region.inputs, region.outputs, shares_cores)
             except Exception as exc:
                 raise ArtifactError(f"ONNX model {entry['file']} in {root} could not be loaded by ONNX Runtime "
-                                    f"({_first_line(exc)}); the artifact is damaged — recompile it") from exc
+                                    f"({_summary(exc)}); the artifact is damaged — recompile it") from exc
             steps.append(Step(region, runner, "onnxruntime", entry["file"]))
         return OrtExecutable(graph, steps, root)
 
@@ -170,11 +186,40 @@ def _torch_runner(graph: Graph):
     return lambda tensors: executable(*tensors)
 
 
-def _unsupported_reason(region: Region) -> str:
-    targets = sorted({format_target(n.target) for n in region.nodes if not supports(n)})
-    return f"no ONNX translation for {', '.join(targets)}" if targets else "reads a tuple from a PyTorch op"
+_MAX_REFUSALS = 16
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+class _NodeRefused(Exception):
+    """The exporter named one node it cannot translate: partition again without it."""
+
+    def __init__(self, node: str, reason: str):
+        super().__init__(node)
+        self.node, self.reason = node, reason
+
+
+def _refused_node(exc: BaseException, region: Region) -> str | None:
+    match = re.search(r"translating node %(\w+)", _plain_text(exc))
+    members = {n.name for n in region.nodes}
+    return match.group(1) if match and match.group(1) in members else None
+
+
+def _unsupported_reason(region: Region, refused: dict) -> str:
+    parts = [f"{format_target(n.target)} ({n.name}): {refused[n.name]}" for n in region.nodes if n.name in refused]
+    targets = sorted({format_target(n.target) for n in region.nodes
+                      if n.name not in refused and n.target is not operator.getitem and not supports(n)})
+    if targets:
+        parts.insert(0, f"no ONNX translation for {', '.join(targets)}")
+    return "; ".join(parts) or "reads a tuple from a PyTorch op"
+
+
+def _plain_text(exc: BaseException) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+
+
+def _summary(exc: BaseException) -> str:
+    """The first line of the exporter's exception summary (or of the message), without colour codes."""
+    text = _plain_text(exc).strip()
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1].strip()
+        text = re.sub(r"^<class '[\w.]+\.(\w+)'>: ", r"\1: ", text)
     return text.splitlines()[0][:300] if text else ""

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import onnx
+import sympy
 import torch
 from torch.export import Dim
 
@@ -27,11 +28,22 @@ def dynamic_shapes_for(graph: Graph) -> tuple:
             dims[name] = Dim(name, min=lo, max=rng.max) if rng and rng.max is not None else Dim(name, min=lo)
         return dims[name]
 
+    def derived(size):
+        """a*d + c of a named dim as torch's derived Dim (keeps the link to d); else Dim.DYNAMIC."""
+        if len(size.free_symbols) != 1:
+            return Dim.DYNAMIC
+        (symbol,) = size.free_symbols
+        poly = sympy.Poly(size, symbol) if size.is_polynomial(symbol) else None
+        if poly is None or poly.degree() != 1 or not all(c.is_Integer for c in poly.all_coeffs()):
+            return Dim.DYNAMIC
+        a, c = (int(v) for v in poly.all_coeffs())
+        return dim(symbol.name) * a + c if a > 0 else Dim.DYNAMIC
+
     def axes(node: Node):
         spec = {}
         for axis, size in enumerate(node.val.shape):
             if not isinstance(size, int):
-                spec[axis] = dim(size.name) if size.is_Symbol else Dim.DYNAMIC
+                spec[axis] = dim(size.name) if size.is_Symbol else derived(size)
         return spec or None
 
     return tuple(axes(n) for n in graph.inputs)
@@ -40,15 +52,18 @@ def dynamic_shapes_for(graph: Graph) -> tuple:
 @contextlib.contextmanager
 def _quiet():
     """torch.onnx logs every skipped torchvision op and more; blade reports what matters itself."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch._guards",
+                                              "torch.fx.experimental.symbolic_shapes")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def export_region(graph: Graph, example_inputs: list[torch.Tensor]) -> onnx.ModelProto:

@@ -218,3 +218,67 @@ def test_plain_onnx_for_any_consumer(tmp_path, fallback):
         assert_matches(torch.from_numpy(hidden), model(ids, mask)[0], tol=TOL)
     with pytest.raises(BackendError, match="does not run in ONNX Runtime alone"):
         fallback[1].executable.to_onnx(tmp_path / "partitioned.onnx")
+
+
+@torch.library.custom_op("blade_test::positives", mutates_args=())
+def positives(x: torch.Tensor) -> torch.Tensor:
+    return x[x > 0]
+
+
+@positives.register_fake
+def _(x):
+    return x.new_empty(torch.library.get_ctx().new_dynamic_size())
+
+
+@torch.library.custom_op("blade_test::doubled_rows", mutates_args=())
+def doubled_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x])
+
+
+@doubled_rows.register_fake
+def _(x):
+    return x.new_empty(2 * x.shape[0], x.shape[1])
+
+
+class SizesAcrossRegions(torch.nn.Module):
+    """Sizes made in one region are read in another; one size is data-dependent, one is 2*b."""
+
+    def forward(self, x):
+        kept = positives(x.relu().flatten())
+        rows = doubled_rows(x)
+        return kept * 2, (rows.view(x.shape[0], 2, -1) * 3).sum(1), rows[1:] + 1
+
+
+def test_sizes_crossing_regions_keep_the_order_right():
+    model = SizesAcrossRegions()
+    cm = blade.compile(model, (torch.randn(3, 4),), dynamic_shapes=({0: Dim("b", min=2, max=16)},),
+                       backend="onnxruntime")
+    engines = [r["engine"] for r in cm.report.backend_details["regions"]]
+    assert engines.count("torch") >= 1 and cm.report.backend_details["nodes"]["onnxruntime"] >= 4, cm.report
+    assert not any("export or session failed" in r["reason"] for r in cm.report.backend_details["regions"])
+    for rows in (2, 5, 16):
+        x = torch.randn(rows, 4)
+        assert_matches(cm(x), model(x), tol=TOL)
+
+
+class Cummax(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.second(torch.cummax(self.first(x).relu(), 1)[0]).softmax(-1)
+
+
+def test_an_op_the_exporter_refuses_falls_back_alone():
+    model = Cummax().eval()
+    cm = blade.compile(model, (torch.randn(2, 16),), dynamic_shapes=({0: Dim("b", min=1, max=16)},),
+                       backend="onnxruntime")
+    details = cm.report.backend_details
+    assert [r["engine"] for r in details["regions"]] == ["onnxruntime", "torch", "onnxruntime"]
+    reason = details["regions"][1]["reason"]
+    assert reason.startswith("aten.cummax.default (cummax): the ONNX exporter cannot translate it: DispatchError")
+    assert "\x1b" not in reason
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert_matches(cm(x), model(x), tol=TOL)
