@@ -69,11 +69,12 @@ class OrtRunner:
     def _run_bound(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """I/O binding: inputs stay on the GPU; ONNX Runtime allocates the outputs there."""
         binding = self.session.io_binding()
+        device_id = next((tensors[i].device.index or 0 for i, _ in self.feeds), 0)
         for i, name in self.feeds:
             t = tensors[i].contiguous()
             binding.bind_input(name, t.device.type, t.device.index or 0, _NUMPY_OF[t.dtype], list(t.shape), t.data_ptr())
         for name in self.output_names:
-            binding.bind_output(name, "cuda")
+            binding.bind_output(name, "cuda", device_id)
         self.session.run_with_iobinding(binding)
         return [torch.from_dlpack(v) if hasattr(v, "__dlpack__") else torch.from_numpy(v.numpy()).cuda()
                 for v in binding.get_outputs()]
