@@ -116,18 +116,23 @@ def machine_info() -> dict:
     }
 
 
+def _matmul_rate(n: int, call, repeats: int) -> float:
+    """2 n^3 / (best time of `repeats` calls), after one warm-up call (thread pool, packing buffers)."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / min(times)
+
+
 def measure_peak(sizes=PEAK_SIZES, repeats: int = 5) -> dict:
     """Best fp32 matmul rate (FLOP/s) over square sizes and repeats: 2 n^3 / t."""
     best: dict[int, float] = {}
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.matmul(a, b)  # warm-up (thread pool, packing buffers)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.matmul(a, b)
-            times.append(time.perf_counter() - start)
-        best[n] = 2 * n ** 3 / min(times)
+        best[n] = _matmul_rate(n, lambda: torch.matmul(a, b), repeats)
         del a, b
     return {"flops": max(best.values()), "by_size": {str(n): f for n, f in best.items()}, "repeats": repeats}
 
@@ -144,13 +149,7 @@ def measure_ort_peak(sizes=PEAK_SIZES, repeats: int = 5) -> dict:
         session = ort.InferenceSession(model.SerializeToString(), ort_session_options(),
                                        providers=["CPUExecutionProvider"])
         feeds = {"a": np.random.randn(n, n).astype(np.float32), "b": np.random.randn(n, n).astype(np.float32)}
-        session.run(None, feeds)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
-        best[n] = 2 * n ** 3 / min(times)
+        best[n] = _matmul_rate(n, lambda: session.run(None, feeds), repeats)
         del session
     return {"flops": max(best.values()), "by_size": {str(n): f for n, f in best.items()}, "repeats": repeats}
 
