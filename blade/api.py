@@ -39,8 +39,8 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     t_passes = time.perf_counter()
     graph, records = pipelines.run_pipeline(captured.graph, pipeline, config)
     t_backend = time.perf_counter()
-    examples = Signature(captured.in_tree, captured.out_tree, captured.arg_names).flatten(
-        captured.example_args, captured.example_kwargs)
+    signature = Signature(captured.in_tree, captured.out_tree, captured.arg_names)
+    examples = signature.flatten(captured.example_args, captured.example_kwargs)
     executable = chosen.compile(graph, target, example_inputs=examples)
     t_done = time.perf_counter()
 
@@ -52,7 +52,6 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
         ops_before=captured.graph.count_targets(), ops_after=graph.count_targets(),
         seconds={"capture": captured.seconds, "passes": t_backend - t_passes, "backend": t_done - t_backend},
         backend_details=executable.describe() if hasattr(executable, "describe") else {})
-    signature = Signature(captured.in_tree, captured.out_tree, captured.arg_names)
     compiled = CompiledModel(graph, executable, chosen.name, target, signature, report)
     compiled.example_inputs = compiled.flat_inputs(*captured.example_args, **captured.example_kwargs)
     if check_accuracy:
