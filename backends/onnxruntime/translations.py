@@ -8,4 +8,99 @@ blade op only when it has an entry here. The passes that introduce blade ops add
 """
 from __future__ import annotations
 
-TRANSLATIONS: dict = {}
+import onnx
+import onnxscript
+from onnxscript import opset20 as op
+
+from blade.ops import FLASH_ATTENTION
+
+msft = onnxscript.values.Opset("com.microsoft", 1)
+
+
+def register_contrib_schema(name: str, outputs: int = 1) -> None:
+    """Teach onnx (and so onnxscript) the schema of ONNX Runtime's com.microsoft op `name`, read
+    from ONNX Runtime itself (onnx ships no contrib schemas), declaring only its first `outputs`
+    outputs so that the node blade emits has just the ones it reads."""
+    try:
+        onnx.defs.get_schema(name, 1, "com.microsoft")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    (ort,) = [s for s in ort_c.get_all_operator_schema() if s.name == name and s.domain == "com.microsoft"]
+    formal, option = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption
+    options = {"Single": option.Single, "Optional": option.Optional, "Variadic": option.Variadic}
+
+    def params(items):
+        return [formal(p.name, p.typeStr, param_option=options[p.option.name]) for p in items]
+
+    attr_types = {"INT": onnx.defs.OpSchema.AttrType.INT, "FLOAT": onnx.defs.OpSchema.AttrType.FLOAT}
+    attributes = [onnx.defs.OpSchema.Attribute(key, attr_types[a.type.name], a.description[:200], required=a.required)
+                  for key, a in ort.attributes.items() if a.type.name in attr_types]
+    onnx.defs.register_schema(onnx.defs.OpSchema(
+        name, "com.microsoft", ort.since_version, inputs=params(ort.inputs), outputs=params(ort.outputs[:outputs]),
+        type_constraints=[(t.type_param_str, list(t.allowed_type_strs), "") for t in ort.type_constraints],
+        attributes=attributes))
+
+
+register_contrib_schema("MultiHeadAttention")
+
+
+def _static(size, what: str) -> int:
+    if not isinstance(size, int):
+        raise ValueError(f"blade::flash_attention → MultiHeadAttention needs a static {what}, got {size}")
+    return size
+
+
+def flash_attention(q, k, v, mask=None, scale=None, causal: bool = False):
+    """blade::flash_attention as com.microsoft.MultiHeadAttention.
+
+    MHA takes q as [B, Sq, Hq*D] and k/v as [B, H, Sk, D] (its BNSH form), so q is transposed in
+    and the output transposed back; K/V heads shared by a group (GQA) are expanded first, since MHA
+    has no GQA form. The mask becomes MHA's 4-D additive attention_bias; causal its unidirectional
+    flag, which is top-left aligned like the op when q and k have the same length.
+    """
+    heads = _static(q.shape[1], "number of query heads")
+    kv_heads = _static(k.shape[1], "number of key/value heads")
+    head_dim, v_dim = _static(q.shape[3], "head dim"), _static(v.shape[3], "value head dim")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError("blade::flash_attention with causal=True and different q/k lengths has no "
+                         "MultiHeadAttention form (its causal mask is bottom-right aligned)")
+    if heads != kv_heads:
+        k, v = _repeat_heads(k, heads // kv_heads, head_dim), _repeat_heads(v, heads // kv_heads, v_dim)
+    query = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, heads * head_dim]))
+    bias = None if mask is None else _attention_bias(mask, q, k)
+    out = msft.MultiHeadAttention(query, k, v, None, None, bias, num_heads=heads,
+                                  scale=float(scale if scale is not None else head_dim ** -0.5),
+                                  unidirectional=int(bool(causal)))
+    out = op.Reshape(out, op.Constant(value_ints=[0, 0, heads, v_dim]))
+    return op.Transpose(out, perm=[0, 2, 1, 3])
+
+
+def _repeat_heads(x, groups: int, dim: int):
+    """[B, Hkv, S, D] → [B, Hkv*groups, S, D], head h reading h // groups."""
+    shape = op.Shape(x)
+    batch, kv_heads, seq = (op.Slice(shape, op.Constant(value_ints=[i]), op.Constant(value_ints=[i + 1]))
+                            for i in range(3))
+    expanded = op.Expand(op.Unsqueeze(x, op.Constant(value_ints=[2])),
+                         op.Concat(batch, kv_heads, op.Constant(value_ints=[groups]), seq,
+                                   op.Constant(value_ints=[dim]), axis=0))
+    return op.Reshape(expanded, op.Concat(batch, op.Constant(value_ints=[-1]), seq,
+                                          op.Constant(value_ints=[dim]), axis=0))
+
+
+def _attention_bias(mask, q, k):
+    """The 4-D mask (the attention pass emits masks 4-D) as an additive [B|1, H|1, Sq, Sk] tensor of
+    q's type (bool: 0 where allowed, -inf where not)."""
+    if mask.dtype == onnxscript.ir.DataType.BOOL:
+        zero = op.CastLike(op.Constant(value_float=0.0), q)
+        mask = op.Where(mask, zero, op.CastLike(op.Constant(value_float=float("-inf")), q))
+    else:
+        mask = op.CastLike(mask, q)
+    q_len = op.Slice(op.Shape(q), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+    k_len = op.Slice(op.Shape(k), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+    return op.Expand(mask, op.Concat(op.Constant(value_ints=[1, 1]), q_len, k_len, axis=0))
+
+
+TRANSLATIONS: dict = {FLASH_ATTENTION: flash_attention}

@@ -1,0 +1,567 @@
+"""Attention substitution: replace every attention written out op by op, and every SDPA call, by
+one `blade::flash_attention`, which never materializes the [q_seq, k_seq] scores.
+
+Matches, anchored on each softmax over the last axis:
+    q @ kᵀ  (matmul or bmm, rank 3 or 4; kᵀ a transpose/permute view, or any [.., D, Sk] tensor)
+    → any chain of: scale (mul/div by a number or a size-only scalar, on the scores or folded
+      into q or k), additive float mask (add), boolean mask (masked_fill with -inf, where with
+      -inf), casts (fp32 upcast)
+    → softmax(dim=-1)  → optional cast back, eval dropout, clone
+    → @ v
+  K/V heads repeated for grouped-query attention (repeat_interleave on the head axis, an expand
+  of a size-1 head axis, or HF's unsqueeze-expand-reshape) are read without the repeat. A boolean
+  or float mask computed from sizes alone (tril/triu/arange comparisons) is evaluated at two sizes,
+  and when it is the causal pattern it becomes `causal=True` with no mask tensor at all.
+  `aten.scaled_dot_product_attention` maps to the same op.
+
+Leaves alone (listed in the pass notes with the reason): a softmax over another axis, scores or
+probabilities read by anything else (returned attention weights), a scale that is not a positive
+constant, masked_fill with a finite value, an output dtype other than q's, SDPA with dropout.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from blade.ir import Graph, Node, ScalarMeta, TensorMeta, map_refs
+from blade.ops import FLASH_ATTENTION
+from blade.passes.cleanup import eliminate_dead_code
+from blade.passes.manager import PassContext
+from blade.shapes import evaluate, is_static, same_shape, same_size
+
+aten = torch.ops.aten
+
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+CAST_OPS = {aten._to_copy.default, aten.to.dtype, torch.ops.prims.convert_element_type.default}
+PASS_THROUGH_OPS = CAST_OPS | {aten.clone.default, aten.alias.default, aten.dropout.default}
+RESHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+# A masked_fill value at or below this is "never attend" (finfo(fp32).min, -inf).
+MASK_OUT = -1e30
+SIZE_ONLY_MAX_NODES = 64
+SIZE_SAMPLES = (7, 12)
+
+
+class NoMatch(Exception):
+    """This softmax is not attention the pass can replace; the message says why."""
+
+
+@dataclass
+class Attention:
+    """What one matched attention computes, in the op's terms."""
+
+    q: Node
+    k: Node
+    v: Node
+    scale: float = 1.0
+    additive: list[Node] = field(default_factory=list)
+    allowed: list[Node] = field(default_factory=list)  # bool masks, True = may attend
+    disallowed: list[Node] = field(default_factory=list)  # bool masks, True = masked out
+    causal: bool = False
+    groups: int = 1
+
+
+# -- evaluating what depends on sizes alone -----------------------------------------------------
+
+class SizeOnly:
+    """Evaluates nodes that depend only on dynamic sizes and constants, at a few sample sizes."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.samples = [{name: _clamp(value, rng) for name, rng in graph.dims.items()} for value in SIZE_SAMPLES]
+        self._memo: dict[tuple[str, int], Any] = {}
+
+    def values(self, node: Node) -> list | None:
+        """The node's value at each sample, or None when it reads input data or is too big to evaluate."""
+        if _ancestors(self.graph, node, SIZE_ONLY_MAX_NODES) is None:
+            return None
+        try:
+            return [self._value(node, i) for i in range(len(self.samples))]
+        except _NotSizeOnly:
+            return None
+        except Exception:  # noqa: BLE001 - an op that cannot run on sample sizes is simply not size-only
+            return None
+
+    def _value(self, node: Node, sample: int):
+        key = (node.name, sample)
+        if key not in self._memo:
+            self._memo[key] = self._compute(node, sample)
+        return self._memo[key]
+
+    def _compute(self, node: Node, sample: int):
+        if node.op == "input":
+            raise _NotSizeOnly
+        if node.op == "constant":
+            tensor = self.graph.constants[node.name]
+            if tensor.numel() > 4 * 1024 * 1024:
+                raise _NotSizeOnly
+            return tensor
+        if node.target is aten.sym_size.int and isinstance(node.val, ScalarMeta) and node.val.value is not None:
+            return evaluate(node.val.value, self.samples[sample])
+        if isinstance(node.val, ScalarMeta) and node.val.value is not None and is_static(node.val.value):
+            return node.val.value
+        if isinstance(node.val, TensorMeta) and node.val.device != "cpu":
+            raise _NotSizeOnly
+        resolve = lambda n: self._value(n, sample)  # noqa: E731
+        args, kwargs = map_refs(node.args, resolve), map_refs(node.kwargs, resolve)
+        return node.target(*args, **kwargs)
+
+
+class _NotSizeOnly(Exception):
+    pass
+
+
+def _clamp(value: int, rng) -> int:
+    value = max(value, rng.min)
+    return value if rng.max is None else min(value, rng.max)
+
+
+def _ancestors(graph: Graph, node: Node, limit: int) -> set | None:
+    seen, stack = {node}, [node]
+    while stack:
+        for pred in graph.nx.predecessors(stack.pop()):
+            if pred not in seen:
+                seen.add(pred)
+                if len(seen) > limit:
+                    return None
+                stack.append(pred)
+    return seen
+
+
+def scalar_of(sizes: SizeOnly, arg) -> float | None:
+    """A number, or a one-element tensor that depends on sizes alone and is the same at every sample."""
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, (int, float)):
+        return float(arg)
+    if isinstance(arg, Node) and isinstance(arg.val, TensorMeta) and all(
+            is_static(s) and s == 1 for s in arg.val.shape):
+        values = sizes.values(arg)
+        if values:
+            floats = {float(v.reshape(())) if isinstance(v, torch.Tensor) else float(v) for v in values}
+            if len(floats) == 1:
+                return floats.pop()
+    return None
+
+
+# -- matching ------------------------------------------------------------------------------
+
+def _arg(node: Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _single_user(graph: Graph, node: Node, user: Node) -> None:
+    users = graph.users(node)
+    if graph.is_output(node) or any(u is not user for u in users):
+        others = [u.name for u in users if u is not user] + (["<outputs>"] if graph.is_output(node) else [])
+        raise NoMatch(f"{node.name} is also read by {', '.join(others)}")
+
+
+def _is_cast(node: Node) -> bool:
+    if node.target not in CAST_OPS:
+        return False
+    extra = set(node.kwargs) - {"dtype", "memory_format", "layout", "device"}
+    return not extra and isinstance(node.val, TensorMeta) and node.val.dtype.is_floating_point
+
+
+def _is_pass_through(node: Node) -> bool:
+    if node.target is aten.dropout.default:
+        return _arg(node, 2, "train") is False or _arg(node, 1, "p") == 0
+    if node.target is aten.clone.default or node.target is aten.alias.default:
+        return True
+    return _is_cast(node)
+
+
+def _softmax_dim(node: Node) -> int:
+    dim = _arg(node, 1, "dim")
+    return dim + node.val.rank if dim < 0 else dim
+
+
+def match_softmax(graph: Graph, sizes: SizeOnly, softmax: Node) -> tuple[Attention, Node]:
+    """The attention around `softmax` and the node it replaces (the probabilities @ v)."""
+    scores_in = softmax.args[0]
+    rank = softmax.val.rank
+    if _softmax_dim(softmax) != rank - 1:
+        raise NoMatch(f"softmax over dim {_arg(softmax, 1, 'dim')}, not the last (key) axis")
+    probs, out = _follow_down(graph, softmax)
+    if out.target not in MATMUL_OPS or out.args[0] is not probs or out.args[1] is probs:
+        raise NoMatch("its output is not multiplied by the values (no probs @ v)")
+    att = Attention(q=None, k=None, v=out.args[1])  # type: ignore[arg-type]
+    qk = _follow_up(graph, sizes, softmax, scores_in, att)
+    q, kt = qk.args[0], qk.args[1]
+    if not (isinstance(q, Node) and isinstance(kt, Node)):
+        raise NoMatch("q @ kᵀ does not read two tensors")
+    if q.val.rank != rank or kt.val.rank != rank or att.v.val.rank != rank or rank not in (3, 4):
+        raise NoMatch(f"q, kᵀ, v of rank {q.val.rank}, {kt.val.rank}, {att.v.val.rank}: only rank 3 or 4")
+    att.q = _absorb_scale(graph, sizes, q, qk, att)
+    att.k = _untranspose(graph, sizes, kt, qk, att)
+    if out.val.dtype != q.val.dtype:
+        raise NoMatch(f"attention output is {out.val.dtype} but q is {q.val.dtype}")
+    _check_shapes(att, softmax, out)
+    return att, out
+
+
+def _follow_down(graph: Graph, softmax: Node) -> tuple[Node, Node]:
+    """(the last cast/dropout/clone after the softmax, the one node that reads it)."""
+    node = softmax
+    while True:
+        users = graph.users(node)
+        if len(users) != 1 or graph.is_output(node):
+            raise NoMatch(f"the probabilities {node.name} are read by more than the values product")
+        (user,) = users
+        if _is_pass_through(user) and user.args[0] is node:
+            node = user
+            continue
+        return node, user
+
+
+def _follow_up(graph: Graph, sizes: SizeOnly, softmax: Node, node: Node, att: Attention) -> Node:
+    """Walk from the softmax input to q @ kᵀ, collecting scale and masks in att."""
+    below = softmax
+    while True:
+        if not isinstance(node, Node):
+            raise NoMatch("the scores are not a tensor node")
+        _single_user(graph, node, below)
+        if node.target in MATMUL_OPS:
+            return node
+        if _is_pass_through(node):
+            below, node = node, node.args[0]
+            continue
+        if node.target in (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar):
+            below, node = node, _take_scale(sizes, node, att)
+            continue
+        if node.target in (aten.add.Tensor, aten.add.Scalar):
+            below, node = node, _take_additive(sizes, node, att)
+            continue
+        if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            fill = scalar_of(sizes, node.args[2])
+            if fill is None or fill > MASK_OUT:
+                raise NoMatch(f"{node.name} fills with {node.args[2]!r}, not -inf")
+            att.disallowed.append(node.args[1])
+            below, node = node, node.args[0]
+            continue
+        if node.target is aten.where.self:
+            below, node = node, _take_where(sizes, node, att)
+            continue
+        raise NoMatch(f"{node.name} ({node.target}) between q @ kᵀ and softmax is not a scale, mask or cast")
+
+
+def _take_scale(sizes: SizeOnly, node: Node, att: Attention) -> Node:
+    a, b = node.args[0], node.args[1]
+    divide = node.target in (aten.div.Tensor, aten.div.Scalar)
+    if isinstance(b, Node) and scalar_of(sizes, b) is None and not divide:
+        a, b = b, a  # the constant may be on the left of a multiply
+    factor = scalar_of(sizes, b)
+    if factor is None or not isinstance(a, Node) or factor == 0:
+        raise NoMatch(f"{node.name} scales the scores by something that is not a constant")
+    factor = 1.0 / factor if divide else factor
+    if factor <= 0 or not math.isfinite(factor):
+        raise NoMatch(f"{node.name} scales the scores by {factor}, not a positive number")
+    att.scale *= factor
+    return a
+
+
+@dataclass
+class _Scaled:
+    """An additive mask that scales met nearer the softmax multiply by `factor` (applied when built)."""
+
+    mask: Node
+    factor: float
+
+
+def _take_additive(sizes: SizeOnly, node: Node, att: Attention) -> Node:
+    a, b = node.args[0], node.args[1]
+    if _arg(node, 2, "alpha", 1) != 1:
+        raise NoMatch(f"{node.name} adds with alpha")
+    if not isinstance(a, Node) or (isinstance(b, Node) and b.val.rank > a.val.rank):
+        a, b = b, a
+    if not isinstance(a, Node):
+        raise NoMatch(f"{node.name} adds two non-tensors")
+    if scalar_of(sizes, b) is not None:
+        return a  # a constant shift of every score: softmax ignores it
+    if not same_shape(node.val.shape, a.val.shape):
+        raise NoMatch(f"{node.name}: the mask {b.name} broadcasts the scores to a larger shape")
+    if not b.val.dtype.is_floating_point:
+        raise NoMatch(f"{node.name} adds a {b.val.dtype} tensor")
+    att.additive.append(b if att.scale == 1.0 else _Scaled(b, att.scale))
+    return a
+
+
+def _take_where(sizes: SizeOnly, node: Node, att: Attention) -> Node:
+    cond, yes, no = node.args
+    no_value, yes_value = scalar_of(sizes, no), scalar_of(sizes, yes)
+    if isinstance(yes, Node) and no_value is not None and no_value <= MASK_OUT:
+        att.allowed.append(cond)
+        scores = yes
+    elif isinstance(no, Node) and yes_value is not None and yes_value <= MASK_OUT:
+        att.disallowed.append(cond)
+        scores = no
+    else:
+        raise NoMatch(f"{node.name} is a where() that does not mask with -inf")
+    if not same_shape(node.val.shape, scores.val.shape):
+        raise NoMatch(f"{node.name}: the mask broadcasts the scores to a larger shape")
+    return scores
+
+
+def _absorb_scale(graph: Graph, sizes: SizeOnly, x: Node, reader: Node, att: Attention) -> Node:
+    """x, or what x scales by a positive constant (folding the constant into att.scale)."""
+    while x.target in (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar) and \
+            len(graph.users(x)) == 1 and not graph.is_output(x):
+        probe = Attention(q=None, k=None, v=None)  # type: ignore[arg-type]
+        try:
+            inner = _take_scale(sizes, x, probe)
+        except NoMatch:
+            break
+        if inner.val.dtype != x.val.dtype or not same_shape(inner.val.shape, x.val.shape):
+            break
+        att.scale *= probe.scale
+        x = inner
+    return x
+
+
+def _untranspose(graph: Graph, sizes: SizeOnly, kt: Node, qk: Node, att: Attention) -> Node:
+    """k in [.., Sk, D] from kᵀ in [.., D, Sk], looking through the transposing view."""
+    rank = kt.val.rank
+    if kt.target is aten.transpose.int:
+        dims = {d % rank for d in kt.args[1:3]}
+        if dims == {rank - 2, rank - 1}:
+            return _absorb_scale(graph, sizes, kt.args[0], kt, att)
+    if kt.target is aten.permute.default:
+        perm = [d % rank for d in kt.args[1]]
+        if perm[-2:] == [rank - 1, rank - 2] and perm[:-2] == list(range(rank - 2)):
+            return _absorb_scale(graph, sizes, kt.args[0], kt, att)
+    shape = (*kt.val.shape[:-2], kt.val.shape[-1], kt.val.shape[-2])
+    return graph.add_node(aten.transpose.int, (kt, -2, -1),
+                          meta={"val": TensorMeta(shape, kt.val.dtype, kt.val.device)}, name="k")
+
+
+def _check_shapes(att: Attention, softmax: Node, out: Node) -> None:
+    q, k, v = att.q.val.shape, att.k.val.shape, att.v.val.shape
+    if not same_size(q[-1], k[-1]) or not same_size(k[-2], v[-2]):
+        raise NoMatch(f"q {q}, k {k}, v {v} do not line up")
+    if not same_shape(out.val.shape, (*q[:-1], v[-1])):
+        raise NoMatch(f"output shape {out.val.shape} is not q's rows by v's columns")
+
+
+# -- grouped-query attention ---------------------------------------------------------------
+
+def strip_head_repeat(graph: Graph, x: Node) -> tuple[Node, int] | None:
+    """(unrepeated, groups) when x repeats a [B, Hkv, S, D] tensor's heads `groups` times in a row."""
+    if x.val.rank != 4:
+        return None
+    if x.target is aten.repeat_interleave.self_int and _arg(x, 2, "dim") in (1, -3) \
+            and _arg(x, 3, "output_size") in (None, x.val.shape[1]):
+        groups = x.args[1]
+        return (x.args[0], groups) if isinstance(groups, int) else None
+    if x.target is aten.expand.default:
+        src = x.args[0]
+        if src.val.rank == 4 and src.val.shape[1] == 1 and is_static(x.val.shape[1]) \
+                and same_shape((src.val.shape[0], *src.val.shape[2:]), (x.val.shape[0], *x.val.shape[2:])):
+            return src, x.val.shape[1]
+    node = x
+    if node.target in RESHAPE_OPS:
+        node = node.args[0]
+        if node.target is aten.clone.default:
+            node = node.args[0]
+        if node.target is aten.expand.default and node.val.rank == 5:
+            src = node.args[0]
+            if src.target is aten.unsqueeze.default and _arg(src, 1, "dim") in (2, -3):
+                base = src.args[0]
+                groups = node.val.shape[2]
+                if is_static(groups) and same_shape(base.val.shape, (x.val.shape[0], node.val.shape[1],
+                                                                     *x.val.shape[2:])):
+                    return base, groups
+    return None
+
+
+def _strip_gqa(graph: Graph, att: Attention) -> None:
+    k, v = strip_head_repeat(graph, att.k), strip_head_repeat(graph, att.v)
+    if k and v and k[1] == v[1] and k[1] > 1:
+        att.k, att.v, att.groups = k[0], v[0], k[1]
+
+
+# -- causal masks --------------------------------------------------------------------------
+
+def _causal_kind(sizes: SizeOnly, mask: Node, q_len, k_len) -> str | None:
+    """'allowed' / 'disallowed' / 'additive' when the size-only mask is exactly the causal pattern."""
+    if not same_size(q_len, k_len):
+        return None
+    values = sizes.values(mask)
+    if values is None:
+        return None
+    kinds = set()
+    for value, sample in zip(values, sizes.samples):
+        n = evaluate(q_len, sample)
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[-2:]) != (n, n) \
+                or value.numel() != n * n:
+            return None
+        value = value.reshape(n, n)
+        tril = torch.ones(n, n, dtype=torch.bool).tril()
+        if value.dtype == torch.bool:
+            kinds.add("allowed" if torch.equal(value, tril) else "disallowed" if torch.equal(value, ~tril) else None)
+        elif value.dtype.is_floating_point:
+            ok = torch.equal(value[tril], torch.zeros_like(value[tril])) and bool((value[~tril] <= MASK_OUT).all())
+            kinds.add("additive" if ok else None)
+        else:
+            return None
+    return kinds.pop() if len(kinds) == 1 and None not in kinds else None
+
+
+def _find_causal(sizes: SizeOnly, att: Attention, q_len, k_len) -> None:
+    for masks, kind in ((att.allowed, "allowed"), (att.disallowed, "disallowed"), (att.additive, "additive")):
+        for mask in list(masks):
+            plain = mask.mask if isinstance(mask, _Scaled) else mask
+            if _causal_kind(sizes, plain, q_len, k_len) == kind:
+                masks.remove(mask)
+                att.causal = True
+                return
+
+
+# -- building the replacement --------------------------------------------------------------
+
+def _meta(shape, dtype, device) -> dict:
+    return {"val": TensorMeta(tuple(shape), dtype, device)}
+
+
+def _broadcast(a, b):
+    rank = max(len(a), len(b))
+    a, b = (1,) * (rank - len(a)) + tuple(a), (1,) * (rank - len(b)) + tuple(b)
+    return tuple(y if (is_static(x) and x == 1) else x for x, y in zip(a, b))
+
+
+def build_mask(graph: Graph, att: Attention, dtype, device) -> Node | None:
+    """One mask for the op: bool when only bool masks remain, else an additive float mask."""
+    allowed = list(att.allowed)
+    for mask in att.disallowed:
+        allowed.append(graph.add_node(aten.logical_not.default, (mask,),
+                                      meta=_meta(mask.val.shape, torch.bool, mask.val.device), name="allowed"))
+    combined = None
+    for mask in allowed:
+        combined = mask if combined is None else graph.add_node(
+            aten.logical_and.default, (combined, mask),
+            meta=_meta(_broadcast(combined.val.shape, mask.val.shape), torch.bool, device), name="allowed")
+    additive = None
+    for mask in att.additive:
+        node, factor = (mask.mask, mask.factor) if isinstance(mask, _Scaled) else (mask, 1.0)
+        if factor != 1.0:
+            node = graph.add_node(aten.mul.Tensor, (node, factor), meta=_meta(node.val.shape, node.val.dtype, device),
+                                  name="mask_scaled")
+        additive = node if additive is None else graph.add_node(
+            aten.add.Tensor, (additive, node),
+            meta=_meta(_broadcast(additive.val.shape, node.val.shape), node.val.dtype, device), name="mask")
+    if additive is None:
+        return combined
+    if combined is not None:
+        additive = graph.add_node(
+            aten.masked_fill.Scalar, (additive, graph.add_node(
+                aten.logical_not.default, (combined,), meta=_meta(combined.val.shape, torch.bool, device),
+                name="disallowed"), float("-inf")),
+            meta=_meta(_broadcast(additive.val.shape, combined.val.shape), additive.val.dtype, device), name="mask")
+    return additive
+
+
+def _to_4d(graph: Graph, x: Node | None) -> Node | None:
+    """x with leading size-1 axes up to rank 4 (how it broadcasts against [B, H, Sq, Sk] anyway)."""
+    while x is not None and x.val.rank < 4:
+        x = graph.add_node(aten.unsqueeze.default, (x, 0), meta=_meta((1, *x.val.shape), x.val.dtype, x.val.device),
+                           name=f"{x.name}_4d")
+    return x
+
+
+def build(graph: Graph, att: Attention, out: Node) -> Node:
+    """Insert blade::flash_attention for att and route out's readers to it."""
+    device = att.q.val.device
+    mask = build_mask(graph, att, att.q.val.dtype, device)
+    q, k, v = att.q, att.k, att.v
+    rank3 = q.val.rank == 3
+    q, k, v, mask = (_to_4d(graph, x) for x in (q, k, v, mask))
+    shape = (*q.val.shape[:-1], v.val.shape[-1])
+    flash = graph.add_node(FLASH_ATTENTION, (q, k, v, mask, att.scale, att.causal),
+                           meta=_meta(shape, att.q.val.dtype, device), name="flash_attention")
+    result = flash
+    if rank3:
+        result = graph.add_node(aten.squeeze.dim, (flash, 0), meta=_meta(out.val.shape, out.val.dtype, device),
+                                name="attention")
+    graph.replace_all_uses(out, result)
+    return flash
+
+
+def describe(att: Attention, softmax: Node) -> str:
+    parts = [f"scale={att.scale:.6g}"]
+    if att.causal:
+        parts.append("causal")
+    if att.groups > 1:
+        parts.append(f"gqa groups={att.groups}")
+    masks = len(att.additive) + len(att.allowed) + len(att.disallowed)
+    if masks:
+        parts.append(f"{masks} mask{'s' if masks > 1 else ''}")
+    return f"softmax {softmax.name} -> flash_attention ({', '.join(parts)})"
+
+
+# -- SDPA ----------------------------------------------------------------------------------
+
+def replace_sdpa(graph: Graph, node: Node) -> Node:
+    q, k, v = node.args[:3]
+    mask = _arg(node, 3, "attn_mask")
+    dropout = _arg(node, 4, "dropout_p", 0.0)
+    causal = bool(_arg(node, 5, "is_causal", False))
+    scale = _arg(node, 6, "scale")
+    if dropout:
+        raise NoMatch(f"{node.name} has dropout_p={dropout}")
+    if any(x.val.rank != 4 for x in (q, k, v)):
+        raise NoMatch(f"{node.name} has inputs that are not 4-D")
+    if causal and mask is not None:
+        raise NoMatch(f"{node.name} has both a mask and is_causal")
+    if scale is None:
+        head_dim = q.val.shape[-1]
+        if not is_static(head_dim):
+            raise NoMatch(f"{node.name}: head dim {head_dim} is dynamic and no scale is given")
+        scale = 1.0 / math.sqrt(head_dim)
+    flash = graph.add_node(FLASH_ATTENTION, (q, k, v, _to_4d(graph, mask), float(scale), causal),
+                           meta=_meta(node.val.shape, node.val.dtype, node.val.device), name="flash_attention")
+    graph.replace_all_uses(node, flash)
+    return flash
+
+
+# -- the pass ------------------------------------------------------------------------------
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    sizes = SizeOnly(graph)
+    replaced = 0
+    for node in graph.call_nodes:
+        if node not in graph:
+            continue
+        if node.target is aten.scaled_dot_product_attention.default:
+            try:
+                replace_sdpa(graph, node)
+            except NoMatch as miss:
+                ctx.count("sdpa_left")
+                ctx.note(f"left {node.name}: {miss}")
+                continue
+            replaced += 1
+            ctx.count("attention_replaced")
+            ctx.note(f"{node.name} -> flash_attention")
+            continue
+        if node.target not in SOFTMAX_OPS:
+            continue
+        try:
+            att, out = match_softmax(graph, sizes, node)
+            _strip_gqa(graph, att)
+            _find_causal(sizes, att, att.q.val.shape[-2], att.k.val.shape[-2])
+            build(graph, att, out)
+        except NoMatch as miss:
+            ctx.count("softmax_left")
+            ctx.note(f"left softmax {node.name}: {miss}")
+            continue
+        replaced += 1
+        ctx.count("attention_replaced")
+        ctx.note(describe(att, node))
+    if replaced:
+        eliminate_dead_code(graph, ctx)
+    return graph
+
