@@ -28,7 +28,7 @@ import torch
 
 from blade.ir import Graph, Node, ScalarMeta, TensorMeta, map_refs
 from blade.ops import FLASH_ATTENTION
-from blade.passes.cleanup import eliminate_dead_code
+from blade.passes.cleanup import eliminate_dead_code, is_view_op
 from blade.passes.manager import PassContext
 from blade.shapes import evaluate, is_static, same_shape, same_size
 
@@ -525,7 +525,23 @@ def replace_sdpa(graph: Graph, node: Node) -> Node:
     flash = graph.add_node(FLASH_ATTENTION, (q, k, v, _to_4d(graph, mask), float(scale), causal),
                            meta=_meta(node.val.shape, node.val.dtype, node.val.device), name="flash_attention")
     graph.replace_all_uses(node, flash)
+    _views_to_reshapes(graph, flash)
     return flash
+
+
+def _views_to_reshapes(graph: Graph, node: Node) -> None:
+    """Let `view`s downstream of node copy when they must.
+
+    torch.export records a `view` after SDPA wherever SDPA's output strides (which follow its
+    inputs' and its backend's) made one possible; the op's output strides may differ.
+    """
+    stack = [node]
+    while stack:
+        for user in graph.users(stack.pop()):
+            if is_view_op(user.target) and user.args and user.args[0] is not None:
+                if user.target is aten.view.default:
+                    user.target = aten.reshape.default
+                stack.append(user)
 
 
 # -- the pass ------------------------------------------------------------------------------
