@@ -38,6 +38,7 @@ SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.defau
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 CAST_OPS = {aten._to_copy.default, aten.to.dtype, torch.ops.prims.convert_element_type.default}
 PASS_THROUGH_OPS = CAST_OPS | {aten.clone.default, aten.alias.default, aten.dropout.default}
+WHERE_OPS = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar}
 RESHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 # A masked_fill value at or below this is "never attend" (finfo(fp32).min, -inf).
 MASK_OUT = -1e30
@@ -245,7 +246,7 @@ def _follow_up(graph: Graph, sizes: SizeOnly, softmax: Node, node: Node, att: At
             att.disallowed.append(node.args[1])
             below, node = node, node.args[0]
             continue
-        if node.target is aten.where.self:
+        if node.target in WHERE_OPS:
             below, node = node, _take_where(sizes, node, att)
             continue
         raise NoMatch(f"{node.name} ({node.target}) between q @ kᵀ and softmax is not a scale, mask or cast")
