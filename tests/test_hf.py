@@ -93,6 +93,14 @@ def test_report(case):
     assert len(report.accuracy.outputs) == len(KEYS[name])
 
 
+def test_every_attention_becomes_one_flash_attention(case):
+    """Both layers, whether written out ("eager") or through SDPA: no softmax left, 2 blade ops."""
+    _, _, cm = case
+    counts = cm.graph.count_targets()
+    assert counts.get("blade.flash_attention.default") == 2 and "aten.softmax.int" not in counts, counts
+    assert "aten.scaled_dot_product_attention.default" not in counts
+
+
 def test_fresh_inputs_every_size_and_convention_without_recompile(case, monkeypatch):
     name, model, cm = case
     forbid_recompiling(monkeypatch)

@@ -29,6 +29,16 @@ def test_matches_eager_on_fresh_inputs_without_recompiling(compiled, monkeypatch
     assert cm.report.accuracy.ok and cm.report.accuracy.rel_err <= 1e-6
 
 
+ATTENTION_MODELS = {"bert", "gpt", "vit", "dit"}
+
+
+def test_attention_is_replaced_and_no_softmax_is_left(compiled):
+    name, _, cm = compiled
+    counts = cm.graph.count_targets()
+    assert "aten.softmax.int" not in counts, counts
+    assert (counts.get("blade.flash_attention.default", 0) > 0) == (name in ATTENTION_MODELS), counts
+
+
 def test_dims_are_the_users_names(compiled):
     name, _, cm = compiled
     wanted = {"batch", "seq"} if name in ("bert", "gpt") else {"batch"}
@@ -51,6 +61,9 @@ def test_fx_round_trip_is_exact(name):
 def test_grouped_query_llama_variant():
     model, example_inputs, dynamic_shapes = zoo.gpt.tiny_llama()
     cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend="eager")
+    (op, _) = [n for n in cm.graph.call_nodes if n.target is torch.ops.blade.flash_attention.default]
+    assert op.args[1].val.shape[1] == 2 and op.args[0].val.shape[1] == 4, "reads the 2 KV heads unrepeated"
+    assert "aten.repeat_interleave.self_int" not in cm.graph.count_targets()
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         assert_matches(cm(ids), model(ids))
