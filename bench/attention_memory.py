@@ -1,0 +1,208 @@
+"""Peak memory of zoo `gpt` base at a long sequence: eager PyTorch vs blade with the attention pass.
+
+Eager attention materializes [batch, heads, seq, seq] scores (and the masked and softmaxed copies)
+in every layer; blade's attention pass replaces them with blade::flash_attention, which does not.
+This benchmark shows what that is worth on this machine's CPU, at batch 1, seq 2048 by default:
+
+* memory -- each contender runs in a fresh child process (so allocations cannot leak between them):
+  it builds the model (seeded, same weights everywhere), compiles it if it is a blade contender
+  (dynamic batch/seq, compiled at the zoo's example size), records VmRSS, resets the kernel's
+  peak-RSS mark (`5` into /proc/self/clear_refs), runs one forward at the measured size and reads
+  VmHWM. Peak = VmHWM - VmRSS before the call: everything the forward allocated on top of the
+  weights, including the [1, seq, 50257] fp32 logits it returns (shown separately), and for ONNX
+  Runtime its arena. glibc is told to hand large freed blocks back (MALLOC_MMAP_THRESHOLD_), so
+  the before-figure does not include memory a previous call kept.
+* speed -- in this process, all contenders timed interleaved (blade.timing.time_interleaved),
+  median after warm-up, an idle gap after each so ONNX Runtime's spinning threads do not slow the
+  next one; each output is checked against eager (relative error of the logits).
+* utilization -- model FLOPs (linear layers + QKᵀ and PV counted in full, with forward hooks, as in
+  bench/ort_cpu.py) / median time / the fp32 matmul peak measured in this run (the higher of
+  torch's and ONNX Runtime's square matmul).
+Blade contenders in the memory children compile with check_accuracy=False, so the measured call is
+the first forward the process makes (ONNX Runtime's arena starts empty); the speed process keeps it.
+
+zoo `gpt` base allows 1024 positions; for longer sequences its position table is extended
+(`max_positions = seq`), nothing else changes.
+
+    python bench/attention_memory.py                 # seq 2048 (a few minutes on 2 cores)
+    python bench/attention_memory.py --seq 1024 --repeat 5
+
+Writes bench/results/attention_memory.md and .json (--out to change).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import blade
+import blade.models.gpt as gpt
+import blade.timing
+
+from ort_cpu import machine_info, measure_ort_peak, measure_peak, model_flops
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CONTENDERS = {
+    "eager": None,
+    "blade eager backend": dict(backend="eager"),
+    "blade onnxruntime": dict(backend="onnxruntime"),
+    "blade onnxruntime, no attention pass": dict(backend="onnxruntime", optimize=1),
+}
+MIB = 1024 * 1024
+
+
+def build(seq: int):
+    """zoo gpt base with room for `seq` positions, seeded weights, and its workload."""
+    config = dataclasses.replace(gpt.CONFIGS["base"], max_positions=max(seq, gpt.CONFIGS["base"].max_positions))
+    torch.manual_seed(0)
+    workload = gpt.workload_for(config)
+    model, example, dims = workload.triple()
+    return model.eval(), example, dims
+
+
+def compile_contender(name: str, model, example, dims, check_accuracy: bool = True):
+    options = CONTENDERS[name]
+    if options is None:
+        def run(ids):
+            with torch.inference_mode():
+                return model(ids)
+        return run
+    return blade.compile(model, example, dynamic_shapes=dims, check_accuracy=check_accuracy, **options)
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(name: str, seq: int, out_path: str) -> None:
+    """Measure one contender's peak memory for one forward; write JSON and the logits' edge rows."""
+    start = _status("VmRSS")
+    model, example, dims = build(seq)
+    run = compile_contender(name, model, example, dims, check_accuracy=False)  # nothing runs before the measured call
+    ids = torch.randint(0, model.token_embedding.num_embeddings, (1, seq), generator=torch.Generator().manual_seed(1))
+    before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    logits = run(ids)
+    high = _status("VmHWM")
+    result = {"name": name, "seq": seq, "peak_bytes": high - before, "process_bytes": high - start,
+              "output_bytes": logits.numel() * logits.element_size(), "rss_before": before}
+    torch.save({"rows": logits[0, list(range(8)) + list(range(seq - 8, seq))].clone()}, out_path + ".pt")
+    Path(out_path).write_text(json.dumps(result))
+
+
+def measure_memory(seq: int, workdir: Path) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    results = {}
+    for i, name in enumerate(CONTENDERS):
+        out = workdir / f"child{i}.json"
+        subprocess.run([sys.executable, __file__, "--child", name, "--seq", str(seq), "--child-out", str(out)],
+                       check=True, env=env)
+        results[name] = json.loads(out.read_text())
+        results[name]["rows"] = torch.load(str(out) + ".pt")["rows"]
+    return results
+
+
+def measure_speed(seq: int, repeat: int, gap_s: float) -> tuple[dict, dict, int]:
+    model, example, dims = build(seq)
+    runs = {name: compile_contender(name, model, example, dims) for name in CONTENDERS}
+    ids = torch.randint(0, model.token_embedding.num_embeddings, (1, seq), generator=torch.Generator().manual_seed(1))
+    reference = runs["eager"](ids)
+    errors = {}
+    for name, run in runs.items():
+        out = run(ids)
+        errors[name] = float(torch.linalg.vector_norm(out - reference) / torch.linalg.vector_norm(reference))
+    timed = {}
+    for i, (name, run) in enumerate(runs.items()):
+        timed[name] = (lambda run=run: run(ids))
+        timed[f"_idle{i}"] = lambda: time.sleep(gap_s)
+    medians = blade.timing.time_interleaved(timed, warmup=1, repeat=repeat, device="cpu")
+    flops = model_flops(model, (ids,))["total"]
+    return {name: medians[name] for name in CONTENDERS}, errors, flops
+
+
+def render(machine, peak, seq, memory, speed, errors, flops, repeat) -> str:
+    eager_peak = memory["eager"]["peak_bytes"]
+    eager_time = speed["eager"]
+    lines = [
+        f"# Peak memory: zoo gpt base, batch 1, seq {seq}, CPU",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}, "
+        f"onnxruntime {machine['onnxruntime']}, blade {machine['blade']}. "
+        f"fp32 matmul peak measured in this run: {peak['torch_flops'] / 1e9:.0f} GFLOP/s through torch, "
+        f"{peak['onnxruntime_flops'] / 1e9:.0f} through ONNX Runtime; utilization is against the higher. "
+        f"Model FLOPs {flops / 1e12:.3f} T per forward (attention counted in full). "
+        f"Timing: median of {repeat} interleaved runs after 1 warm-up.",
+        "",
+        "Peak = memory the forward allocated on top of the loaded model (VmHWM - VmRSS before the call), "
+        f"including the {memory['eager']['output_bytes'] / MIB:.0f} MiB of logits it returns.",
+        "",
+        "ONNX Runtime keeps memory it freed while creating its session (its arena) and reuses it in the "
+        "forward, so its peak above understates what it needs; 'process MiB' (peak resident during the "
+        "forward minus resident before the model was built: weights, every copy a backend keeps, and the "
+        "forward) is the footprint that counts for it.",
+        "",
+        "| contender | peak MiB | peak excl. logits MiB | × eager peak | × eager peak excl. logits "
+        "| process MiB | median s | speed vs eager | utilization | rel err vs eager |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    out_bytes = memory["eager"]["output_bytes"]
+    for name in CONTENDERS:
+        peak_bytes = memory[name]["peak_bytes"]
+        lines.append(
+            f"| {name} | {peak_bytes / MIB:.0f} | {(peak_bytes - out_bytes) / MIB:.0f} | "
+            f"{peak_bytes / eager_peak:.2f} | {(peak_bytes - out_bytes) / (eager_peak - out_bytes):.2f} | "
+            f"{memory[name]['process_bytes'] / MIB:.0f} | "
+            f"{speed[name]:.2f} | {eager_time / speed[name]:.2f}× | {flops / speed[name] / peak['flops']:.0%} | "
+            f"{errors[name]:.1e} |")
+    lines += ["", "Reproduce: `python bench/attention_memory.py --seq %d --repeat %d`" % (seq, repeat), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--gap-ms", type=float, default=200)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "attention_memory")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, args.seq, args.child_out)
+        return 0
+    machine = machine_info()
+    with tempfile.TemporaryDirectory() as tmp:
+        memory = measure_memory(args.seq, Path(tmp))
+    rows_ref = memory["eager"]["rows"]
+    for name in CONTENDERS:
+        rows = memory[name].pop("rows")
+        memory[name]["rows_rel_err"] = float(torch.linalg.vector_norm(rows - rows_ref) / torch.linalg.vector_norm(rows_ref))
+    torch_peak, ort_peak = measure_peak(sizes=(1024, 2048), repeats=3), measure_ort_peak(sizes=(1024, 2048), repeats=3)
+    peak = max(torch_peak, ort_peak, key=lambda p: p["flops"])
+    peak["torch_flops"], peak["onnxruntime_flops"] = torch_peak["flops"], ort_peak["flops"]
+    speed, errors, flops = measure_speed(args.seq, args.repeat, args.gap_ms / 1e3)
+    markdown = render(machine, peak, args.seq, memory, speed, errors, flops, args.repeat)
+    print(markdown)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(markdown)
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"machine": machine, "peak": peak, "seq": args.seq, "memory": memory, "median_s": speed,
+         "rel_err": errors, "flops": flops}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
