@@ -299,3 +299,36 @@ def test_onnxruntime_runs_it_as_multi_head_attention(tmp_path, name, kv_heads, e
     ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph.node]
     assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops, ops
     check_fresh(model, cm, *make_mask(11))
+
+
+# -- on a GPU: the whole path, with the Triton kernel as the op's CUDA implementation --------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name, kv_heads", [("causal_tril", H), ("causal_tril", 2), ("sdpa", H), ("plain", H)])
+def test_gpu_model_runs_the_triton_kernel(name, kv_heads):
+    from blade.backends.triton.kernels import attention as triton_attention
+    from blade.ops import attention_kernel
+
+    body = BODIES[name]
+    if kv_heads != H:
+        inner, groups = body, H // kv_heads
+        body = lambda q, k, v: inner(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1))  # noqa: E731
+    model = Attn(body, kv_heads).eval().cuda().half()
+    x = torch.randn(B, 64, H * D, device="cuda", dtype=torch.half)
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return triton_attention.flash_attention(*args)
+
+    with attention_kernel("cuda", counted):
+        cm = blade.compile(model, (x,), dynamic_shapes=({1: Dim("seq", min=2, max=512)},), backend="eager",
+                           check_accuracy=False)
+        assert cm.graph.count_targets().get(FLASH) == 1
+        x = torch.randn(B, 300, H * D, device="cuda", dtype=torch.half)
+        out = cm(x)
+    assert calls, "the Triton kernel did not run"
+    with torch.no_grad():
+        ref = Attn(body, kv_heads).eval().cuda()(x.float())
+    assert_matches(out.float(), ref, 1e-2)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The project's whole GPU check, in one call on a lent GPU machine (see README, "GPU checks"):
+# install blade into a throwaway folder (nothing is fetched), record the machine, run the tests
+# marked `gpu` plus the Triton kernel's tests on CUDA, the GPU benchmarks, and the default
+# (CPU) suite against that machine's torch/triton/onnxruntime. Logs and results go to $OUT.
+set -u
+OUT=${OUT:-/tmp/blade-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/blade-site . >"$OUT/install.log" 2>&1 \
+  || { cat "$OUT/install.log"; exit 1; }
+export PYTHONPATH=/tmp/blade-site
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton, onnxruntime, onnx, onnxscript; print('torch', torch.__version__, 'triton', triton.__version__, 'onnxruntime', onnxruntime.__version__, 'onnx', onnx.__version__, 'onnxscript', onnxscript.__version__, torch.cuda.get_device_name())"
+} >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+echo "== gpu tests"
+timeout ${GPU_TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
+  tests/backends/test_triton_attention.py tests/passes/test_attention.py -k "gpu or triton" >"$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$?"; tail -15 "$OUT/gpu_tests.log"
+echo "== attention benchmark"
+timeout ${BENCH_S:-300} python3 bench/attention_gpu.py --out "$OUT" ${BENCH_ARGS:-} >"$OUT/attention_gpu.log" 2>&1
+echo "bench rc=$?"; tail -30 "$OUT/attention_gpu.log"
+echo "== default suite (CPU tests on this machine's libraries)"
+timeout ${SUITE_S:-150} python3 -m pytest -q -p no:cacheprovider -x -k "not triton" >"$OUT/suite.log" 2>&1
+echo "suite rc=$?"; tail -15 "$OUT/suite.log"
