@@ -3,6 +3,7 @@
 # install blade into a throwaway folder (nothing is fetched), record the machine, run the tests
 # marked `gpu` plus the Triton kernel's tests on CUDA, the GPU benchmarks, and the default
 # (CPU) suite against that machine's torch/triton/onnxruntime. Logs and results go to $OUT.
+# python3 -P: the checkout's blade/ (without passes/ backends/ models/ mapped in) must not shadow the install.
 set -u
 OUT=${OUT:-/tmp/blade-gpu-out}
 mkdir -p "$OUT"
@@ -16,12 +17,12 @@ export PYTHONPATH=/tmp/blade-site
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 echo "== gpu tests"
-timeout ${GPU_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
+timeout ${GPU_TEST_S:-150} python3 -P -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
   tests/backends/test_triton_attention.py tests/passes/test_attention.py -k "gpu or triton" >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?"; tail -15 "$OUT/gpu_tests.log"
 echo "== attention benchmark"
-timeout ${BENCH_S:-300} python3 bench/attention_gpu.py --out "$OUT" ${BENCH_ARGS:-} >"$OUT/attention_gpu.log" 2>&1
+[ -n "${SKIP_BENCH:-}" ] || timeout ${BENCH_S:-300} python3 bench/attention_gpu.py --out "$OUT" ${BENCH_ARGS:-} >"$OUT/attention_gpu.log" 2>&1
 echo "bench rc=$?"; tail -30 "$OUT/attention_gpu.log"
 echo "== default suite (CPU tests on this machine's libraries)"
-timeout ${SUITE_S:-90} python3 -m pytest -q -p no:cacheprovider -k "not triton" >"$OUT/suite.log" 2>&1
+timeout ${SUITE_S:-90} python3 -P -m pytest -q -p no:cacheprovider -k "not triton" >"$OUT/suite.log" 2>&1
 echo "suite rc=$?"; tail -15 "$OUT/suite.log"
