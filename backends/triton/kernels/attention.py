@@ -223,6 +223,8 @@ def gpu_configs() -> list:
 
 if INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+elif os.environ.get("BLADE_TRITON_AUTOTUNE") == "0":  # each head-dim bucket's first config, untimed (quick tests)
+    _CONFIGS = list({c.blade_bucket: c for c in reversed(gpu_configs())}.values())
 else:
     _CONFIGS = gpu_configs()
 
