@@ -8,10 +8,11 @@ This benchmark shows what that is worth on this machine's CPU, at batch 1, seq 2
   it builds the model (seeded, same weights everywhere), compiles it if it is a blade contender
   (dynamic batch/seq, compiled at the zoo's example size), records VmRSS, resets the kernel's
   peak-RSS mark (`5` into /proc/self/clear_refs), runs one forward at the measured size and reads
-  VmHWM. Peak = VmHWM - VmRSS before the call: everything the forward allocated on top of the
-  weights, including the [1, seq, 50257] fp32 logits it returns (shown separately), and for ONNX
-  Runtime its arena. glibc is told to hand large freed blocks back (MALLOC_MMAP_THRESHOLD_), so
-  the before-figure does not include memory a previous call kept.
+  VmHWM (RSS peak = VmHWM - VmRSS before the call; glibc is told to hand large freed blocks back,
+  MALLOC_MMAP_THRESHOLD_). The contenders that run as PyTorch ops run once more under a dispatch
+  mode that tracks the bytes of live tensor storage after every op: the activation peak is its
+  maximum not counting the returned logits ([1, seq, 50257] fp32, which exist only at the very
+  end, when the attention's buffers are gone, so RSS alone cannot tell the two phases apart).
 * speed -- in this process, all contenders timed interleaved (blade.timing.time_interleaved),
   median after warm-up, an idle gap after each so ONNX Runtime's spinning threads do not slow the
   next one; each output is checked against eager (relative error of the logits).
@@ -42,6 +43,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import blade
 import blade.models.gpt as gpt
@@ -86,6 +90,47 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage that ops create and that are still alive, after every op.
+
+    Counts what PyTorch ops allocate (weights and inputs existed before), each storage once (views
+    share it), freed when its last reference goes. An op's own scratch memory inside one dispatcher
+    call (the CPU flash-attention kernel's per-thread blocks, say) is not seen.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.timeline: list[tuple[int, tuple[int, ...]]] = []  # (live bytes, storages created by that op)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            del self.live[key]
+        created = []
+        read = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live and key not in read:  # a view of what the op read is no new memory
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    created.append(key)
+        self.timeline.append((sum(n for _, n in self.live.values()), tuple(created)))
+        return out
+
+    def peaks(self, output: torch.Tensor) -> tuple[int, int]:
+        """(peak live bytes, peak live bytes not counting the returned output's storage)."""
+        out_key, out_bytes = output.untyped_storage().data_ptr(), output.untyped_storage().nbytes()
+        peak = activation = 0
+        output_alive = False
+        for live, created in self.timeline:
+            output_alive = output_alive or out_key in created
+            peak = max(peak, live)
+            activation = max(activation, live - (out_bytes if output_alive else 0))
+        return peak, activation
+
+
 def child(name: str, seq: int, out_path: str) -> None:
     """Measure one contender's peak memory for one forward; write JSON and the logits' edge rows."""
     start = _status("VmRSS")
@@ -99,6 +144,12 @@ def child(name: str, seq: int, out_path: str) -> None:
     high = _status("VmHWM")
     result = {"name": name, "seq": seq, "peak_bytes": high - before, "process_bytes": high - start,
               "output_bytes": logits.numel() * logits.element_size(), "rss_before": before}
+    if name == "eager" or CONTENDERS[name]["backend"] == "eager":  # runs as PyTorch ops: count tensors too
+        del logits
+        tracker = LiveTensorBytes()
+        with tracker:
+            logits = run(ids)
+        result["tensor_peak_bytes"], result["activation_peak_bytes"] = tracker.peaks(logits)
     torch.save({"rows": logits[0, list(range(8)) + list(range(seq - 8, seq))].clone()}, out_path + ".pt")
     Path(out_path).write_text(json.dumps(result))
 
@@ -133,9 +184,12 @@ def measure_speed(seq: int, repeat: int, gap_s: float) -> tuple[dict, dict, int]
     return {name: medians[name] for name in CONTENDERS}, errors, flops
 
 
+def _mib(value) -> str:
+    return "—" if value is None else f"{value / MIB:.0f}"
+
+
 def render(machine, peak, seq, memory, speed, errors, flops, repeat) -> str:
-    eager_peak = memory["eager"]["peak_bytes"]
-    eager_time = speed["eager"]
+    eager = memory["eager"]
     lines = [
         f"# Peak memory: zoo gpt base, batch 1, seq {seq}, CPU",
         "",
@@ -146,27 +200,27 @@ def render(machine, peak, seq, memory, speed, errors, flops, repeat) -> str:
         f"Model FLOPs {flops / 1e12:.3f} T per forward (attention counted in full). "
         f"Timing: median of {repeat} interleaved runs after 1 warm-up.",
         "",
-        "Peak = memory the forward allocated on top of the loaded model (VmHWM - VmRSS before the call), "
-        f"including the {memory['eager']['output_bytes'] / MIB:.0f} MiB of logits it returns.",
+        "- **activation peak**: the most tensor memory PyTorch ops held at once during the forward, not "
+        f"counting the {eager['output_bytes'] / MIB:.0f} MiB of logits the model returns (weights and inputs "
+        "existed before; counted op by op, for the contenders that run as PyTorch ops).",
+        "- **tensor peak**: the same with the logits.",
+        "- **RSS peak**: resident memory the forward added (VmHWM - VmRSS before the call), every allocator "
+        "included. ONNX Runtime reuses memory it freed while creating its session (its arena), so this "
+        "understates what it needs; **process** (peak resident during the forward minus resident before the "
+        "model was built: weights, every copy a backend keeps, the forward) is its footprint.",
         "",
-        "ONNX Runtime keeps memory it freed while creating its session (its arena) and reuses it in the "
-        "forward, so its peak above understates what it needs; 'process MiB' (peak resident during the "
-        "forward minus resident before the model was built: weights, every copy a backend keeps, and the "
-        "forward) is the footprint that counts for it.",
-        "",
-        "| contender | peak MiB | peak excl. logits MiB | × eager peak | × eager peak excl. logits "
-        "| process MiB | median s | speed vs eager | utilization | rel err vs eager |",
+        "| contender | activation peak MiB | × eager | tensor peak MiB | RSS peak MiB | process MiB "
+        "| median s | speed vs eager | utilization | rel err vs eager |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    out_bytes = memory["eager"]["output_bytes"]
     for name in CONTENDERS:
-        peak_bytes = memory[name]["peak_bytes"]
+        m = memory[name]
+        activation = m.get("activation_peak_bytes")
+        ratio = "—" if activation is None else f"{activation / eager['activation_peak_bytes']:.2f}"
         lines.append(
-            f"| {name} | {peak_bytes / MIB:.0f} | {(peak_bytes - out_bytes) / MIB:.0f} | "
-            f"{peak_bytes / eager_peak:.2f} | {(peak_bytes - out_bytes) / (eager_peak - out_bytes):.2f} | "
-            f"{memory[name]['process_bytes'] / MIB:.0f} | "
-            f"{speed[name]:.2f} | {eager_time / speed[name]:.2f}× | {flops / speed[name] / peak['flops']:.0%} | "
-            f"{errors[name]:.1e} |")
+            f"| {name} | {_mib(activation)} | {ratio} | {_mib(m.get('tensor_peak_bytes'))} | "
+            f"{_mib(m['peak_bytes'])} | {_mib(m['process_bytes'])} | {speed[name]:.2f} | "
+            f"{speed['eager'] / speed[name]:.2f}× | {flops / speed[name] / peak['flops']:.0%} | {errors[name]:.1e} |")
     lines += ["", "Reproduce: `python bench/attention_memory.py --seq %d --repeat %d`" % (seq, repeat), ""]
     return "\n".join(lines)
 

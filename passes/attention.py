@@ -12,7 +12,9 @@ Matches, anchored on each softmax over the last axis:
   of a size-1 head axis, or HF's unsqueeze-expand-reshape) are read without the repeat. A boolean
   or float mask computed from sizes alone (tril/triu/arange comparisons) is evaluated at two sizes,
   and when it is the causal pattern it becomes `causal=True` with no mask tensor at all.
-  `aten.scaled_dot_product_attention` maps to the same op.
+  `aten.scaled_dot_product_attention` maps to the same op. q, k, v stay the strided views the model
+  made (no copies); the op's output is laid out [B, Sq, Hq, Dv], so the usual clone after the
+  transpose back to [B, Sq, Hq, Dv] is dropped.
 
 Leaves alone (listed in the pass notes with the reason): a softmax over another axis, scores or
 probabilities read by anything else (returned attention weights), a scale that is not a positive
@@ -43,7 +45,11 @@ RESHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.defaul
 # A masked_fill value at or below this is "never attend" (finfo(fp32).min, -inf).
 MASK_OUT = -1e30
 SIZE_ONLY_MAX_NODES = 64
+# A size-only mask is evaluated at these sizes and at the largest its dims may take, up to
+# CAUSAL_CHECK_MAX; a mask whose seq may exceed that stays explicit (a sliding window wider than
+# every size checked would look causal).
 SIZE_SAMPLES = (7, 12)
+CAUSAL_CHECK_MAX = 8192
 
 
 class NoMatch(Exception):
@@ -63,6 +69,7 @@ class Attention:
     disallowed: list[Node] = field(default_factory=list)  # bool masks, True = masked out
     causal: bool = False
     groups: int = 1
+    notes: list[str] = field(default_factory=list)
 
 
 # -- evaluating what depends on sizes alone -----------------------------------------------------
@@ -72,7 +79,8 @@ class SizeOnly:
 
     def __init__(self, graph: Graph):
         self.graph = graph
-        self.samples = [{name: _clamp(value, rng) for name, rng in graph.dims.items()} for value in SIZE_SAMPLES]
+        self.samples = [{name: _clamp(value, rng) for name, rng in graph.dims.items()}
+                        for value in (*SIZE_SAMPLES, CAUSAL_CHECK_MAX)]
         self._memo: dict[tuple[str, int], Any] = {}
 
     def values(self, node: Node) -> list | None:
@@ -99,15 +107,15 @@ class SizeOnly:
             tensor = self.graph.constants[node.name]
             if tensor.numel() > 4 * 1024 * 1024:
                 raise _NotSizeOnly
-            return tensor
+            return tensor.cpu()
         if node.target is aten.sym_size.int and isinstance(node.val, ScalarMeta) and node.val.value is not None:
             return evaluate(node.val.value, self.samples[sample])
         if isinstance(node.val, ScalarMeta) and node.val.value is not None and is_static(node.val.value):
             return node.val.value
-        if isinstance(node.val, TensorMeta) and node.val.device != "cpu":
-            raise _NotSizeOnly
         resolve = lambda n: self._value(n, sample)  # noqa: E731
         args, kwargs = map_refs(node.args, resolve), map_refs(node.kwargs, resolve)
+        if "device" in kwargs:  # a mask built on the GPU is evaluated on the CPU
+            kwargs["device"] = torch.device("cpu")
         return node.target(*args, **kwargs)
 
 
@@ -413,7 +421,21 @@ def _causal_kind(sizes: SizeOnly, mask: Node, q_len, k_len) -> str | None:
     return kinds.pop() if len(kinds) == 1 and None not in kinds else None
 
 
+def _checkable(graph: Graph, size) -> bool:
+    """Every dim in `size` is bounded by CAUSAL_CHECK_MAX, the largest size a causal check evaluates."""
+    if is_static(size):
+        return size <= CAUSAL_CHECK_MAX
+    ranges = [graph.dims.get(s.name) for s in size.free_symbols]
+    return all(r is not None and r.max is not None and r.max <= CAUSAL_CHECK_MAX for r in ranges)
+
+
 def _find_causal(sizes: SizeOnly, att: Attention, q_len, k_len) -> None:
+    if not _checkable(sizes.graph, q_len):
+        if any(sizes.values(m.mask if isinstance(m, _Scaled) else m) is not None
+               for m in att.allowed + att.disallowed + att.additive):
+            att.notes.append(f"its size-only mask stays explicit: seq {q_len} may exceed {CAUSAL_CHECK_MAX}, the "
+                             "largest size blade checks a causal pattern at (declare a max on the Dim)")
+        return
     for masks, kind in ((att.allowed, "allowed"), (att.disallowed, "disallowed"), (att.additive, "additive")):
         for mask in list(masks):
             plain = mask.mask if isinstance(mask, _Scaled) else mask
@@ -490,6 +512,20 @@ def build(graph: Graph, att: Attention, out: Node) -> Node:
                                 name="attention")
     graph.replace_all_uses(out, result)
     return flash
+
+
+def absorb_output_copy(graph: Graph, flash: Node, ctx: PassContext) -> None:
+    """Drop the copy in `clone(flash.transpose(1, 2))`: the op's output memory is [B, Sq, Hq, Dv]
+    already, so the transpose back to the model's layout is dense without it."""
+    for transposed in graph.users(flash):
+        if transposed.target is not aten.transpose.int or {d % 4 for d in transposed.args[1:3]} != {1, 2}:
+            continue
+        for copy in graph.users(transposed):
+            memory_format = copy.kwargs.get("memory_format", torch.contiguous_format)
+            if copy.target is aten.clone.default and memory_format in (torch.contiguous_format, None) \
+                    and not graph.is_output(copy):
+                graph.replace_all_uses(copy, transposed)
+                ctx.count("output_copies_absorbed")
 
 
 def describe(att: Attention, softmax: Node) -> str:
@@ -570,14 +606,14 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             att, out = match_softmax(graph, sizes, node)
             _strip_gqa(graph, att)
             _find_causal(sizes, att, att.q.val.shape[-2], att.k.val.shape[-2])
-            build(graph, att, out)
+            absorb_output_copy(graph, build(graph, att, out), ctx)
         except NoMatch as miss:
             ctx.count("softmax_left")
             ctx.note(f"left softmax {node.name}: {miss}")
             continue
         replaced += 1
         ctx.count("attention_replaced")
-        ctx.note(describe(att, node))
+        ctx.note("; ".join([describe(att, node), *att.notes]))
     if replaced:
         eliminate_dead_code(graph, ctx)
     return graph

@@ -120,6 +120,14 @@ def test_scale_and_causal_are_read_off_the_pattern(name, causal, scale):
     assert q.val.shape[1:] == (H, q.val.shape[2], D)
 
 
+def test_the_copy_after_the_transpose_back_is_dropped():
+    """The op's output memory is [B, S, H, D]: out.transpose(1, 2) is dense, its clone needless."""
+    model, cm = compile_body(BODIES["causal_tril"])
+    assert "aten.clone.default" not in cm.graph.count_targets()
+    assert attention_record(cm)["counts"]["output_copies_absorbed"] == 1
+    check_fresh(model, cm)
+
+
 def test_scale_after_a_mask_scales_the_mask_too():
     """(s + m) * c is c*s + c*m: an additive mask met before the scale is scaled with it."""
     body = lambda q, k, v, m: ((q @ k.transpose(-1, -2) + m) * 0.5).softmax(-1) @ v  # noqa: E731
@@ -159,6 +167,28 @@ def test_sliding_window_stays_an_explicit_mask():
     model, cm = compile_body(window)
     (node,) = flash_nodes(cm)
     assert node.args[3] is not None and node.args[5] is False
+    check_fresh(model, cm)
+
+
+def test_a_window_wider_than_small_sizes_is_not_taken_for_causal():
+    """At seq 7 and 12 a 16-wide sliding window is exactly causal; at the dim's max (64) it is not."""
+    def window(q, k, v):
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(q.shape[2])[None, :]
+        return (q @ k.transpose(-1, -2) * 0.3).masked_fill(~((j <= i) & (i - j < 16)), float("-inf")).softmax(-1) @ v
+
+    model, cm = compile_body(window)
+    (node,) = flash_nodes(cm)
+    assert node.args[3] is not None and node.args[5] is False
+    check_fresh(model, cm, seq=40)
+
+
+def test_unbounded_seq_keeps_a_size_only_mask_explicit_and_says_why():
+    model = Attn(BODIES["causal_tril"]).eval()
+    cm = blade.compile(model, (torch.randn(B, S, H * D),), dynamic_shapes=({1: Dim("seq", min=2)},), backend="eager")
+    (node,) = flash_nodes(cm)
+    assert node.args[3] is not None and node.args[5] is False
+    (note,) = attention_record(cm)["notes"]
+    assert "may exceed 8192" in note and "max" in note
     check_fresh(model, cm)
 
 
@@ -267,6 +297,45 @@ def test_saved_artifact_with_the_op_loads_and_matches(tmp_path):
     loaded = blade.load(tmp_path / "m.blade")
     assert FLASH in loaded.graph.count_targets()
     check_fresh(model, loaded)
+
+
+# -- the Triton kernel, interpreted on CPU (on CUDA it is the op's implementation) ---------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA: test_gpu_model_runs_the_triton_kernel")
+@pytest.mark.parametrize("name, kv_heads, extra", [
+    ("plain", H, None), ("causal_tril", H, None), ("causal_tril", 1, None), ("sdpa_causal_scale", H, None),
+    ("additive", H, "float"), ("bool", H, "bool")])
+def test_interpreted_triton_path_runs_the_compiled_graph(name, kv_heads, extra):
+    pytest.importorskip("triton")
+    from blade.backends.triton.kernels import attention as triton_attention
+    from blade.ops import attention_kernel
+
+    bodies = {
+        "additive": lambda q, k, v, m: (q @ k.transpose(-1, -2) * 0.3 + m).softmax(-1) @ v,
+        "bool": lambda q, k, v, m: (q @ k.transpose(-1, -2) * 0.3).masked_fill(~m, float("-inf")).softmax(-1) @ v,
+    }
+    body = BODIES.get(name) or bodies[name]
+    if kv_heads != H:
+        inner = body
+        body = lambda q, k, v: inner(q, k.expand(-1, H, -1, -1), v.expand(-1, H, -1, -1))  # noqa: E731
+
+    def make_mask(seq):
+        if extra is None:
+            return ()
+        keep = torch.rand(B, 1, 1, seq) > 0.3
+        keep[..., 0] = True
+        return (torch.where(keep, 0.0, -1e4),) if extra == "float" else (keep,)
+
+    model, cm = compile_body(body, *make_mask(S), kv_heads=kv_heads)
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return triton_attention.flash_attention(*args)
+
+    with attention_kernel("cpu", counted):
+        check_fresh(model, cm, *make_mask(11))
+    assert calls == [1]
 
 
 # -- ONNX Runtime lowering ---------------------------------------------------------------------
