@@ -583,38 +583,36 @@ def _views_to_reshapes(graph: Graph, node: Node) -> None:
 
 # -- the pass ------------------------------------------------------------------------------
 
+def _describe_sdpa(sdpa: Node, flash: Node) -> str:
+    return f"{sdpa.name} -> flash_attention (scale={flash.args[4]:.6g}{', causal' if flash.args[5] else ''})"
+
+
+def replace_softmax(graph: Graph, sizes: SizeOnly, softmax: Node, ctx: PassContext) -> str:
+    """Replace the attention around `softmax`; returns what it became (raises NoMatch)."""
+    att, out = match_softmax(graph, sizes, softmax)
+    _strip_gqa(graph, att)
+    _find_causal(sizes, att, att.q.val.shape[-2], att.k.val.shape[-2])
+    absorb_output_copy(graph, build(graph, att, out), ctx)
+    return "; ".join([describe(att, softmax), *att.notes])
+
+
 def run(graph: Graph, ctx: PassContext) -> Graph:
     sizes = SizeOnly(graph)
-    replaced = 0
     for node in graph.call_nodes:
-        if node not in graph:
-            continue
         if node.target is aten.scaled_dot_product_attention.default:
-            try:
-                replace_sdpa(graph, node)
-            except NoMatch as miss:
-                ctx.count("sdpa_left")
-                ctx.note(f"left {node.name}: {miss}")
-                continue
-            replaced += 1
-            ctx.count("attention_replaced")
-            ctx.note(f"{node.name} -> flash_attention")
-            continue
-        if node.target not in SOFTMAX_OPS:
+            replace, left = lambda n: _describe_sdpa(n, replace_sdpa(graph, n)), "sdpa_left"
+        elif node.target in SOFTMAX_OPS:
+            replace, left = lambda n: replace_softmax(graph, sizes, n, ctx), "softmax_left"
+        else:
             continue
         try:
-            att, out = match_softmax(graph, sizes, node)
-            _strip_gqa(graph, att)
-            _find_causal(sizes, att, att.q.val.shape[-2], att.k.val.shape[-2])
-            absorb_output_copy(graph, build(graph, att, out), ctx)
+            ctx.note(replace(node))
         except NoMatch as miss:
-            ctx.count("softmax_left")
-            ctx.note(f"left softmax {node.name}: {miss}")
+            ctx.count(left)
+            ctx.note(f"left {node.name}: {miss}")
             continue
-        replaced += 1
         ctx.count("attention_replaced")
-        ctx.note("; ".join([describe(att, node), *att.notes]))
-    if replaced:
+    if ctx.record.counts["attention_replaced"]:
         eliminate_dead_code(graph, ctx)
     return graph
 

@@ -75,6 +75,24 @@ BODIES = {
 }
 
 
+MASKED_BODIES = {
+    "additive": lambda q, k, v, m: (q @ k.transpose(-1, -2) * 0.3 + m).softmax(-1) @ v,
+    "bool": lambda q, k, v, m: (q @ k.transpose(-1, -2) * 0.3).masked_fill(~m, float("-inf")).softmax(-1) @ v,
+    "bool_causal": lambda q, k, v, m: (q @ k.transpose(-1, -2) * 0.3).masked_fill(
+        ~(m & tril(q.shape[2])), float("-inf")).softmax(-1) @ v,
+}
+
+
+def padding_masks(kind, seq) -> tuple:
+    """() for kind None, else a [B, 1, 1, seq] key-padding mask: "float" additive (0 / -1e4) or "bool".
+    Key 0 is always kept: a query with every key masked is NaN in eager code."""
+    if kind is None:
+        return ()
+    keep = torch.rand(B, 1, 1, seq) > 0.3
+    keep[..., 0] = True
+    return (torch.where(keep, 0.0, -1e4),) if kind == "float" else (keep,)
+
+
 def compile_body(body, *extra, kv_heads=H, backend="eager", seq=S):
     model = Attn(body, kv_heads).eval()
     x = torch.randn(B, seq, H * D)
@@ -310,23 +328,11 @@ def test_interpreted_triton_path_runs_the_compiled_graph(name, kv_heads, extra):
     from blade.backends.triton.kernels import attention as triton_attention
     from blade.ops import attention_kernel
 
-    bodies = {
-        "additive": lambda q, k, v, m: (q @ k.transpose(-1, -2) * 0.3 + m).softmax(-1) @ v,
-        "bool": lambda q, k, v, m: (q @ k.transpose(-1, -2) * 0.3).masked_fill(~m, float("-inf")).softmax(-1) @ v,
-    }
-    body = BODIES.get(name) or bodies[name]
+    body = BODIES.get(name) or MASKED_BODIES[name]
     if kv_heads != H:
         inner = body
         body = lambda q, k, v: inner(q, k.expand(-1, H, -1, -1), v.expand(-1, H, -1, -1))  # noqa: E731
-
-    def make_mask(seq):
-        if extra is None:
-            return ()
-        keep = torch.rand(B, 1, 1, seq) > 0.3
-        keep[..., 0] = True
-        return (torch.where(keep, 0.0, -1e4),) if extra == "float" else (keep,)
-
-    model, cm = compile_body(body, *make_mask(S), kv_heads=kv_heads)
+    model, cm = compile_body(body, *padding_masks(extra, S), kv_heads=kv_heads)
     calls = []
 
     def counted(*args):
@@ -334,7 +340,7 @@ def test_interpreted_triton_path_runs_the_compiled_graph(name, kv_heads, extra):
         return triton_attention.flash_attention(*args)
 
     with attention_kernel("cpu", counted):
-        check_fresh(model, cm, *make_mask(11))
+        check_fresh(model, cm, *padding_masks(extra, 11))
     assert calls == [1]
 
 
@@ -345,31 +351,17 @@ def test_interpreted_triton_path_runs_the_compiled_graph(name, kv_heads, extra):
     ("sdpa", H, None),
     ("additive", H, "float"), ("bool", H, "bool"), ("bool_causal", 1, "bool")])
 def test_onnxruntime_runs_it_as_multi_head_attention(tmp_path, name, kv_heads, extra):
-    bodies = {
-        "additive": lambda q, k, v, m: (q @ k.transpose(-1, -2) * 0.3 + m).softmax(-1) @ v,
-        "bool": lambda q, k, v, m: (q @ k.transpose(-1, -2) * 0.3).masked_fill(~m, float("-inf")).softmax(-1) @ v,
-        "bool_causal": lambda q, k, v, m: (q @ k.transpose(-1, -2) * 0.3).masked_fill(
-            ~(m & tril(q.shape[2])), float("-inf")).softmax(-1) @ v,
-    }
-    body = BODIES.get(name) or bodies[name]
+    body = BODIES.get(name) or MASKED_BODIES[name]
     if kv_heads != H:
         groups = H // kv_heads
         inner = body
         body = lambda q, k, v, *m: inner(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), *m)  # noqa: E731
-
-    def make_mask(seq):
-        if extra is None:
-            return ()
-        keep = torch.rand(B, 1, 1, seq) > 0.3
-        keep[..., 0] = True
-        return (torch.where(keep, 0.0, -1e4),) if extra == "float" else (keep,)
-
-    model, cm = compile_body(body, *make_mask(S), kv_heads=kv_heads, backend="onnxruntime")
+    model, cm = compile_body(body, *padding_masks(extra, S), kv_heads=kv_heads, backend="onnxruntime")
     assert cm.report.backend_details["nodes"]["torch"] == 0, cm.report.backend_details
     cm.executable.to_onnx(tmp_path / "m.onnx")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph.node]
     assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops, ops
-    check_fresh(model, cm, *make_mask(11))
+    check_fresh(model, cm, *padding_masks(extra, 11))
 
 
 # -- on a GPU: the whole path, with the Triton kernel as the op's CUDA implementation --------------
