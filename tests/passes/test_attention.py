@@ -348,9 +348,10 @@ def test_interpreted_triton_path_runs_the_compiled_graph(name, kv_heads, extra):
 
 @pytest.mark.parametrize("name, kv_heads, extra", [
     ("plain", H, None), ("causal_tril", H, None), pytest.param("causal_tril", 2, None, marks=gqa_capture_may_fail()),
-    ("sdpa", H, None),
+    ("sdpa", H, None), ("sdpa_causal_scale", H, None),
     ("additive", H, "float"), ("bool", H, "bool"), ("bool_causal", 1, "bool")])
-def test_onnxruntime_runs_it_as_multi_head_attention(tmp_path, name, kv_heads, extra):
+def test_onnxruntime_runs_its_own_fused_attention(tmp_path, name, kv_heads, extra):
+    """Causal without a mask: GroupQueryAttention (GQA heads in place); else MultiHeadAttention."""
     body = BODIES.get(name) or MASKED_BODIES[name]
     if kv_heads != H:
         groups = H // kv_heads
@@ -360,7 +361,8 @@ def test_onnxruntime_runs_it_as_multi_head_attention(tmp_path, name, kv_heads, e
     assert cm.report.backend_details["nodes"]["torch"] == 0, cm.report.backend_details
     cm.executable.to_onnx(tmp_path / "m.onnx")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph.node]
-    assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops, ops
+    fused = "GroupQueryAttention" if "causal" in name and extra is None else "MultiHeadAttention"
+    assert ops.count(fused) == 1 and len([o for o in ops if "Attention" in o]) == 1 and "Softmax" not in ops, ops
     check_fresh(model, cm, *padding_masks(extra, 11))
 
 
