@@ -293,7 +293,7 @@ def test_report_lists_what_was_replaced():
     _, cm = compile_body(BODIES["causal_tril"])
     (note,) = attention_record(cm)["notes"]
     assert "flash_attention" in note and "causal" in note
-    assert "attention" in str(cm.report)
+    assert note in str(cm.report)
 
 
 def test_one_compile_serves_other_sequence_lengths(monkeypatch):
