@@ -612,7 +612,6 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             ctx.note(f"left {node.name}: {miss}")
             continue
         ctx.count("attention_replaced")
-    if ctx.record.counts["attention_replaced"]:
-        eliminate_dead_code(graph, ctx)
+    eliminate_dead_code(graph, ctx)  # the replaced ops, and anything a failed match had started
     return graph
 

@@ -286,6 +286,7 @@ def test_what_is_not_attention_is_left_alone_and_listed(case):
         check_fresh(model, cm)
     record = attention_record(cm)
     assert FLASH not in cm.graph.count_targets() and record["counts"]["softmax_left"] == 1
+    assert record["nodes_before"] == record["nodes_after"], "a graph the pass does not match stays as it was"
     assert any(reason in note for note in record["notes"]), record["notes"]
 
 
