@@ -1,0 +1,220 @@
+"""Cost model: FLOPs and the fewest bytes each node must move, as sympy expressions in the dims.
+
+FLOPs count a multiply-add as 2: exact for linear/addmm/mm/bmm/matmul/convolution and attention
+(QKᵀ and PV; causal attention counts the lower triangle it computes); one per output element for
+elementwise ops, one per input element for reductions and normalizations. Bytes are every tensor
+input read once and every output written once, at their dtypes; views and size arithmetic move
+nothing. An op the model does not know counts zero and is listed by name in `GraphCost.unknown`,
+never guessed.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+
+from blade.ir import Graph, Node, ScalarMeta, TensorMeta
+from blade.ops import FLASH_ATTENTION
+from blade.shapes import Size, evaluate
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Cost:
+    """FLOPs and minimum bytes of one node (ints or sympy expressions)."""
+
+    flops: Size = 0
+    bytes: Size = 0
+
+
+@dataclass
+class GraphCost:
+    """Totals, per-node costs and the ops the model did not know (counted as zero)."""
+
+    flops: Size
+    bytes: Size
+    nodes: dict[str, Cost] = field(default_factory=dict)
+    unknown: dict[str, int] = field(default_factory=dict)  # op name -> how many nodes
+
+    def at(self, dims: dict[str, int]) -> tuple[int, int]:
+        """(FLOPs, bytes) with every dynamic dim bound."""
+        return evaluate(_size(self.flops), dims), evaluate(_size(self.bytes), dims)
+
+
+def _size(expr) -> Size:
+    expr = sympy.expand(expr)
+    return int(expr) if expr.is_Integer else expr
+
+
+def numel(meta: TensorMeta) -> Size:
+    return math.prod(meta.shape) if meta.shape else 1
+
+
+def tensor_bytes(meta: TensorMeta) -> Size:
+    return numel(meta) * meta.dtype.itemsize
+
+
+def _tensor_metas(val) -> list[TensorMeta]:
+    if isinstance(val, TensorMeta):
+        return [val]
+    if isinstance(val, (tuple, list)):
+        return [m for v in val for m in _tensor_metas(v)]
+    return []
+
+
+def io_bytes(node: Node) -> Size:
+    """Every tensor the node reads (each once) plus every tensor it writes, at their dtypes."""
+    read = sum((tensor_bytes(m) for ref in node.refs() for m in _tensor_metas(ref.val)), 0)
+    return read + sum((tensor_bytes(m) for m in _tensor_metas(node.val)), 0)
+
+
+def _shape(node_arg) -> tuple:
+    return node_arg.val.shape
+
+
+# -- FLOP rules ------------------------------------------------------------------------------
+
+def _linear(node: Node) -> Size:
+    x, weight = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    out = numel(node.val)
+    return 2 * out * _shape(weight)[-1] + (out if bias is not None else 0)
+
+
+def _addmm(node: Node) -> Size:
+    return 2 * numel(node.val) * _shape(node.args[1])[-1] + numel(node.val)
+
+
+def _matmul(node: Node) -> Size:
+    """2 x output elements x the contracted length (mm, bmm, matmul with broadcast batch dims)."""
+    a = node.args[0]
+    return 2 * numel(node.val) * _shape(a)[-1]
+
+
+def _convolution(node: Node) -> Size:
+    x, weight = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    per_output = math.prod(_shape(weight)[1:])  # input channels per group x kernel window
+    out = numel(node.val)
+    return 2 * out * per_output + (out if bias is not None else 0)
+
+
+def attention_flops(batch, heads, q_len, k_len, head_dim, v_dim, causal: bool) -> Size:
+    """QKᵀ and PV: 2·B·H·Sq·Sk·(D + Dv); causal with Sq = Sk = S counts the S(S+1)/2 scores it
+    computes (causal with other lengths is counted in full: an upper bound)."""
+    if causal and sympy.sympify(q_len - k_len) == 0:
+        scores = sympy.sympify(q_len) * (q_len + 1) / 2
+    else:
+        scores = q_len * k_len
+    return _size(2 * batch * heads * scores * (head_dim + v_dim))
+
+
+def _flash_attention(node: Node) -> Size:
+    q, k, v = node.args[:3]
+    causal = bool(node.args[5]) if len(node.args) > 5 else bool(node.kwargs.get("causal", False))
+    batch, heads, q_len, head_dim = _shape(q)
+    return attention_flops(batch, heads, q_len, _shape(k)[2], head_dim, _shape(v)[-1], causal)
+
+
+def _sdpa(node: Node) -> Size:
+    q, k, v = node.args[:3]
+    causal = bool(node.args[5]) if len(node.args) > 5 else bool(node.kwargs.get("is_causal", False))
+    *batch, q_len, head_dim = _shape(q)
+    return attention_flops(math.prod(batch), 1, q_len, _shape(k)[-2], head_dim, _shape(v)[-1], causal)
+
+
+def _per_output_element(node: Node) -> Size:
+    return sum((numel(m) for m in _tensor_metas(node.val)), 0)
+
+
+def _per_input_element(node: Node) -> Size:
+    return numel(node.args[0].val)
+
+
+def _nothing(node: Node) -> Size:
+    return 0
+
+
+ELEMENTWISE = {
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor,
+    aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default, aten.pow.Tensor_Scalar,
+    aten.pow.Tensor_Tensor, aten.sqrt.default, aten.rsqrt.default, aten.exp.default, aten.log.default,
+    aten.tanh.default, aten.sigmoid.default, aten.relu.default, aten.gelu.default, aten.silu.default,
+    aten.sin.default, aten.cos.default, aten.abs.default, aten.erf.default, aten.clamp.default,
+    aten.maximum.default, aten.minimum.default, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.eq.Tensor, aten.eq.Scalar, aten.ne.Scalar,
+    aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor, aten.lt.Scalar, aten.gt.Scalar,
+    aten.logical_not.default, aten.logical_and.default, aten.logical_or.default, aten.bitwise_not.default,
+    aten.bitwise_and.Tensor, aten.hardtanh.default, aten.leaky_relu.default,
+}
+REDUCTIONS = {
+    aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
+    aten.amin.default, aten.var_mean.correction, aten.var.correction, aten.softmax.int, aten._softmax.default,
+    aten._safe_softmax.default, aten.log_softmax.int, aten._log_softmax.default, aten.layer_norm.default,
+    aten.native_layer_norm.default, aten.group_norm.default, aten._native_batch_norm_legit_no_training.default,
+    aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default,
+    aten.embedding_bag.padding_idx, aten.embedding_bag.default,
+}
+# Data movement: no arithmetic, but the bytes count (a copy reads and writes every element).
+MOVES = {
+    aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.cat.default, aten.stack.default,
+    aten.embedding.default, aten.index_select.default, aten.gather.default, aten.index.Tensor,
+    aten.repeat_interleave.self_int, aten.repeat.default, aten.tril.default, aten.triu.default,
+    aten.ones.default, aten.zeros.default, aten.full.default, aten.arange.default, aten.arange.start_step,
+    aten.ones_like.default, aten.zeros_like.default, aten.full_like.default, aten.constant_pad_nd.default,
+    torch.ops.prims.convert_element_type.default,
+}
+FLOP_RULES = {
+    aten.linear.default: _linear, aten.addmm.default: _addmm, aten.mm.default: _matmul, aten.bmm.default: _matmul,
+    aten.matmul.default: _matmul, aten.conv2d.default: _convolution, aten.convolution.default: _convolution,
+    aten.conv1d.default: _convolution, FLASH_ATTENTION: _flash_attention,
+    aten.scaled_dot_product_attention.default: _sdpa,
+    **{op: _per_output_element for op in ELEMENTWISE},
+    **{op: _per_input_element for op in REDUCTIONS},
+    **{op: _nothing for op in MOVES},
+}
+# Views, size arithmetic and checks: no FLOPs and no bytes.
+FREE = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
+    aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.split.Tensor, aten.split_with_sizes.default,
+    aten.chunk.default, aten.unbind.int, aten.alias.default, aten.detach.default, aten.sym_size.int,
+    aten.sym_numel.default, aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+    aten.sym_constrain_range_for_size.default, operator.getitem, operator.mul, operator.add, operator.sub,
+    operator.floordiv, operator.mod, operator.truediv, operator.neg,
+}
+
+
+def node_cost(node: Node) -> Cost | None:
+    """The node's cost; None when the model does not know its op."""
+    if node.op != "call" or node.target in FREE or isinstance(node.val, ScalarMeta):
+        return Cost()
+    rule = FLOP_RULES.get(node.target)
+    if rule is None:
+        return None
+    return Cost(_size(rule(node)), _size(io_bytes(node)))
+
+
+def op_name(node: Node) -> str:
+    target = node.target
+    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", repr(target))
+
+
+def graph_cost(graph: Graph) -> GraphCost:
+    """Every call node's cost and the graph's totals; unknown ops counted zero and listed."""
+    nodes, unknown = {}, {}
+    flops: Size = 0
+    moved: Size = 0
+    for node in graph.call_nodes:
+        cost = node_cost(node)
+        if cost is None:
+            unknown[op_name(node)] = unknown.get(op_name(node), 0) + 1
+            cost = Cost()
+        nodes[node.name] = cost
+        flops, moved = flops + cost.flops, moved + cost.bytes
+    return GraphCost(_size(flops), _size(moved), nodes, unknown)
+
