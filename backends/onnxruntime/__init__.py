@@ -86,7 +86,7 @@ class OrtExecutable:
         (out / PLAN).write_text(json.dumps(plan, indent=1))
 
     def to_onnx(self, path) -> None:
-        """A plain .onnx (weights in `<path>.data`) for any ONNX consumer; needs a graph with no fallback."""
+        """A plain .onnx (weights in `<path>.data`) (blade ops as ONNX Runtime contrib ops); needs a graph with no fallback."""
         if len(self.steps) != 1 or self.steps[0].engine != "onnxruntime":
             fallbacks = [s.region.reason for s in self.steps if s.engine == "torch"]
             raise BackendError(f"the graph does not run in ONNX Runtime alone ({len(self.steps)} regions; "
