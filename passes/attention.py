@@ -4,21 +4,24 @@ one `blade::flash_attention`, which never materializes the [q_seq, k_seq] scores
 Matches, anchored on each softmax over the last axis:
     q @ kᵀ  (matmul or bmm, rank 3 or 4; kᵀ a transpose/permute view, or any [.., D, Sk] tensor)
     → any chain of: scale (mul/div by a number or a size-only scalar, on the scores or folded
-      into q or k), additive float mask (add), boolean mask (masked_fill with -inf, where with
-      -inf), casts (fp32 upcast)
+      into q or k), additive float mask (add), boolean mask (masked_fill or where with -inf; with
+      a finite "never" value such as finfo.min only when the mask proves causal), casts (fp32 upcast)
     → softmax(dim=-1)  → optional cast back, eval dropout, clone
     → @ v
   K/V heads repeated for grouped-query attention (repeat_interleave on the head axis, an expand
   of a size-1 head axis, or HF's unsqueeze-expand-reshape) are read without the repeat. A boolean
-  or float mask computed from sizes alone (tril/triu/arange comparisons) is evaluated at two sizes,
-  and when it is the causal pattern it becomes `causal=True` with no mask tensor at all.
+  or float mask computed from sizes alone (tril/triu/arange comparisons), with sizes used only as
+  extents, is evaluated at two small sizes and at the dims' largest, and when it is the causal
+  pattern it becomes `causal=True` with no mask tensor at all.
   `aten.scaled_dot_product_attention` maps to the same op. q, k, v stay the strided views the model
   made (no copies); the op's output is laid out [B, Sq, Hq, Dv], so the usual clone after the
-  transpose back to [B, Sq, Hq, Dv] is dropped.
+  transpose back to [B, Sq, Hq, Dv] is dropped, and every `view` downstream becomes a `reshape`
+  (a view where the layout allows, a copy where it does not).
 
 Leaves alone (listed in the pass notes with the reason): a softmax over another axis, scores or
 probabilities read by anything else (returned attention weights), a scale that is not a positive
-constant, masked_fill with a finite value, an output dtype other than q's, SDPA with dropout.
+constant, a fill that is not "never" (or is finite on a mask that is not causal), a batch or head
+broadcast the op does not take, an output dtype other than q's, SDPA with dropout.
 """
 from __future__ import annotations
 
@@ -26,11 +29,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import networkx as nx
 import torch
 
-from blade.ir import Graph, Node, ScalarMeta, TensorMeta, map_refs
+from blade.ir import Graph, Node, ScalarMeta, TensorMeta, iter_refs, map_refs
 from blade.ops import FLASH_ATTENTION
-from blade.passes.cleanup import eliminate_dead_code, is_view_op
+from blade.passes.cleanup import eliminate_dead_code
 from blade.passes.manager import PassContext
 from blade.shapes import evaluate, is_static, same_shape, same_size
 
@@ -42,12 +46,13 @@ CAST_OPS = {aten._to_copy.default, aten.to.dtype, torch.ops.prims.convert_elemen
 PASS_THROUGH_OPS = CAST_OPS | {aten.clone.default, aten.alias.default, aten.dropout.default}
 WHERE_OPS = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar}
 RESHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-# A masked_fill value at or below this is "never attend" (finfo(fp32).min, -inf).
+# A masked_fill value at or below this is "never attend" (finfo(fp32).min, -inf); a finite one only
+# when the mask is causal (no row has every key masked, where finite and -inf fills differ).
 MASK_OUT = -1e30
 SIZE_ONLY_MAX_NODES = 64
 # A size-only mask is evaluated at these sizes and at the largest its dims may take, up to
 # CAUSAL_CHECK_MAX; a mask whose seq may exceed that stays explicit (a sliding window wider than
-# every size checked would look causal).
+# every size checked would look causal). See EXTENT_ARGS for why the largest size settles it.
 SIZE_SAMPLES = (7, 12)
 CAUSAL_CHECK_MAX = 8192
 
@@ -70,6 +75,7 @@ class Attention:
     causal: bool = False
     groups: int = 1
     notes: list[str] = field(default_factory=list)
+    finite_fills: list[Node] = field(default_factory=list)  # masks filled with a finite value, not -inf
 
 
 # -- evaluating what depends on sizes alone -----------------------------------------------------
@@ -79,7 +85,8 @@ class SizeOnly:
 
     def __init__(self, graph: Graph):
         self.graph = graph
-        self.samples = [{name: _clamp(value, rng) for name, rng in graph.dims.items()}
+        # each dim a different value (a mask mixing two dims must not look like one of them)
+        self.samples = [{name: _clamp(value + 2 * i, rng) for i, (name, rng) in enumerate(sorted(graph.dims.items()))}
                         for value in (*SIZE_SAMPLES, CAUSAL_CHECK_MAX)]
         self._memo: dict[tuple[str, int], Any] = {}
 
@@ -248,10 +255,7 @@ def _follow_up(graph: Graph, sizes: SizeOnly, softmax: Node, node: Node, att: At
             below, node = node, _take_additive(sizes, node, att)
             continue
         if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-            fill = scalar_of(sizes, node.args[2])
-            if fill is None or fill > MASK_OUT:
-                raise NoMatch(f"{node.name} fills with {node.args[2]!r}, not -inf")
-            att.disallowed.append(node.args[1])
+            _take_fill(att, node, node.args[1], scalar_of(sizes, node.args[2]), "disallowed")
             below, node = node, node.args[0]
             continue
         if node.target in WHERE_OPS:
@@ -291,7 +295,10 @@ def _take_additive(sizes: SizeOnly, node: Node, att: Attention) -> Node:
         a, b = b, a
     if not isinstance(a, Node):
         raise NoMatch(f"{node.name} adds two non-tensors")
-    if scalar_of(sizes, b) is not None:
+    shift = scalar_of(sizes, b)
+    if shift is not None:
+        if not math.isfinite(shift):
+            raise NoMatch(f"{node.name} adds {shift} to every score")
         return a  # a constant shift of every score: softmax ignores it
     if not same_shape(node.val.shape, a.val.shape):
         raise NoMatch(f"{node.name}: the mask {b.name} broadcasts the scores to a larger shape")
@@ -301,14 +308,29 @@ def _take_additive(sizes: SizeOnly, node: Node, att: Attention) -> Node:
     return a
 
 
+def _is_mask_out(value: float | None) -> bool:
+    return value is not None and not math.isnan(value) and value <= MASK_OUT
+
+
+def _take_fill(att: Attention, node: Node, mask: Node, fill: float | None, polarity: str) -> None:
+    """Record a boolean mask that fills the scores with -inf (or a finite "never attend" value)."""
+    if not _is_mask_out(fill):
+        raise NoMatch(f"{node.name} fills with {fill!r}, not -inf")
+    getattr(att, polarity).append(mask)
+    if not math.isinf(fill):
+        # exact only where some key stays unmasked in every row: a fully masked row of finite fills
+        # is uniform in eager, zeros in the op; so the mask must turn out to be the causal one
+        att.finite_fills.append(mask)
+
+
 def _take_where(sizes: SizeOnly, node: Node, att: Attention) -> Node:
     cond, yes, no = node.args
     no_value, yes_value = scalar_of(sizes, no), scalar_of(sizes, yes)
-    if isinstance(yes, Node) and no_value is not None and no_value <= MASK_OUT:
-        att.allowed.append(cond)
+    if isinstance(yes, Node) and _is_mask_out(no_value):
+        _take_fill(att, node, cond, no_value, "allowed")
         scores = yes
-    elif isinstance(no, Node) and yes_value is not None and yes_value <= MASK_OUT:
-        att.disallowed.append(cond)
+    elif isinstance(no, Node) and _is_mask_out(yes_value):
+        _take_fill(att, node, cond, yes_value, "disallowed")
         scores = no
     else:
         raise NoMatch(f"{node.name} is a where() that does not mask with -inf")
@@ -353,6 +375,12 @@ def _check_shapes(att: Attention, softmax: Node, out: Node) -> None:
     q, k, v = att.q.val.shape, att.k.val.shape, att.v.val.shape
     if not same_size(q[-1], k[-1]) or not same_size(k[-2], v[-2]):
         raise NoMatch(f"q {q}, k {k}, v {v} do not line up")
+    if not (same_size(q[0], k[0]) and same_size(k[0], v[0])):
+        raise NoMatch(f"the matmuls broadcast a batch dim (q {q}, k {k}, v {v}); the op takes equal batches")
+    if len(q) == 4 and not same_size(k[1], v[1]):
+        raise NoMatch(f"k {k} and v {v} have different head counts")
+    if len(q) == 4 and not same_size(q[1], k[1]) and not (is_static(k[1]) and k[1] == 1):
+        raise NoMatch(f"q {q} and k {k} have different head counts that are not a repeat the pass knows")
     if not same_shape(out.val.shape, (*q[:-1], v[-1])):
         raise NoMatch(f"output shape {out.val.shape} is not q's rows by v's columns")
 
@@ -392,13 +420,45 @@ def _strip_gqa(graph: Graph, att: Attention) -> None:
     k, v = strip_head_repeat(graph, att.k), strip_head_repeat(graph, att.v)
     if k and v and k[1] == v[1] and k[1] > 1:
         att.k, att.v, att.groups = k[0], v[0], k[1]
+    elif att.k.val.rank == 4 and is_static(att.k.val.shape[1]) and att.k.val.shape[1] == 1 \
+            and not same_size(att.q.val.shape[1], 1):
+        att.groups = att.q.val.shape[1]  # one K/V head broadcast by the matmul: multi-query
 
 
 # -- causal masks --------------------------------------------------------------------------
 
+# Where a size may enter a causal-mask candidate: as an extent (how many), never as a value. Then
+# each element depends on its (i, j) alone, the mask at a smaller size is the top-left block of
+# the mask at a larger one, and matching tril at the dim's largest size proves it at every size.
+EXTENT_ARGS = {
+    aten.arange.default: {0}, aten.arange.start: {1}, aten.arange.start_step: {1}, aten.ones.default: {0},
+    aten.zeros.default: {0}, aten.full.default: {0}, aten.empty.memory_format: {0}, aten.view.default: {1},
+    aten.reshape.default: {1}, aten._unsafe_view.default: {1}, aten.expand.default: {1},
+    aten.slice.Tensor: {3},
+}
+
+
+def _sizes_only_as_extents(graph: Graph, mask: Node) -> bool:
+    """The mask's subgraph uses sizes only where EXTENT_ARGS allows, and no size arithmetic."""
+    nodes = _ancestors(graph, mask, SIZE_ONLY_MAX_NODES) or set()
+    for node in nodes:
+        if node.op != "call" or node.target is aten.sym_size.int:
+            continue
+        if not isinstance(node.target, torch._ops.OpOverload):
+            return False  # operator.add & co: arithmetic on sizes
+        extents = EXTENT_ARGS.get(node.target, set())
+        for i, arg in enumerate(node.args):
+            scalars = [r for r in iter_refs(arg) if isinstance(r.val, ScalarMeta)]
+            if scalars and i not in extents:
+                return False
+        if any(isinstance(r.val, ScalarMeta) for r in iter_refs(node.kwargs)):
+            return False
+    return True
+
+
 def _causal_kind(sizes: SizeOnly, mask: Node, q_len, k_len) -> str | None:
     """'allowed' / 'disallowed' / 'additive' when the size-only mask is exactly the causal pattern."""
-    if not same_size(q_len, k_len):
+    if not same_size(q_len, k_len) or not _sizes_only_as_extents(sizes.graph, mask):
         return None
     values = sizes.values(mask)
     if values is None:
@@ -475,8 +535,9 @@ def build_mask(graph: Graph, att: Attention, dtype, device) -> Node | None:
             node = graph.add_node(aten.mul.Tensor, (node, factor), meta=_meta(node.val.shape, node.val.dtype, device),
                                   name="mask_scaled")
         additive = node if additive is None else graph.add_node(
-            aten.add.Tensor, (additive, node),
-            meta=_meta(_broadcast(additive.val.shape, node.val.shape), node.val.dtype, device), name="mask")
+            aten.add.Tensor, (additive, node), meta=_meta(_broadcast(additive.val.shape, node.val.shape),
+                                                         torch.promote_types(additive.val.dtype, node.val.dtype),
+                                                         device), name="mask")
     if additive is None:
         return combined
     if combined is not None:
@@ -562,23 +623,26 @@ def replace_sdpa(graph: Graph, node: Node) -> Node:
     flash = graph.add_node(FLASH_ATTENTION, (q, k, v, _to_4d(graph, mask), float(scale), causal),
                            meta=_meta(node.val.shape, node.val.dtype, node.val.device), name="flash_attention")
     graph.replace_all_uses(node, flash)
-    _views_to_reshapes(graph, flash)
     return flash
 
 
-def _views_to_reshapes(graph: Graph, node: Node) -> None:
-    """Let `view`s downstream of node copy when they must.
+STRIDE_BOUND_VIEWS = {aten.view.default, aten._unsafe_view.default}
 
-    torch.export records a `view` after SDPA wherever SDPA's output strides (which follow its
-    inputs' and its backend's) made one possible; the op's output strides may differ.
+
+def views_to_reshapes(graph: Graph, ctx: PassContext) -> None:
+    """Let every `view` downstream of an attention op copy when it must.
+
+    torch.export recorded `view` wherever the captured strides allowed one: after a matmul's dense
+    output, or after SDPA, whose output strides follow its inputs and its kernel. The op's output is
+    laid out [B, Sq, Hq, Dv], and elementwise ops pass a layout on, so a later view may not be
+    possible; `reshape` is the same view where it is, a copy where it is not.
     """
-    stack = [node]
-    while stack:
-        for user in graph.users(stack.pop()):
-            if is_view_op(user.target) and user.args and user.args[0] is not None:
-                if user.target is aten.view.default:
-                    user.target = aten.reshape.default
-                stack.append(user)
+    flash = [n for n in graph.call_nodes if n.target is FLASH_ATTENTION]
+    downstream = set().union(*(nx.descendants(graph.nx, n) for n in flash)) if flash else set()
+    for node in downstream:
+        if node.target in STRIDE_BOUND_VIEWS:
+            node.target = aten.reshape.default
+            ctx.count("views_made_reshapes")
 
 
 # -- the pass ------------------------------------------------------------------------------
@@ -592,6 +656,10 @@ def replace_softmax(graph: Graph, sizes: SizeOnly, softmax: Node, ctx: PassConte
     att, out = match_softmax(graph, sizes, softmax)
     _strip_gqa(graph, att)
     _find_causal(sizes, att, att.q.val.shape[-2], att.k.val.shape[-2])
+    left = [m.name for m in att.finite_fills if any(m is x for x in att.allowed + att.disallowed)]
+    if left:
+        raise NoMatch(f"masks {left} fill with a finite value and are not causal: a row with every key masked "
+                      "would average the values in eager and give zeros in the op")
     absorb_output_copy(graph, build(graph, att, out), ctx)
     return "; ".join([describe(att, softmax), *att.notes])
 
@@ -613,5 +681,6 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             continue
         ctx.count("attention_replaced")
     eliminate_dead_code(graph, ctx)  # the replaced ops, and anything a failed match had started
+    views_to_reshapes(graph, ctx)
     return graph
 

@@ -399,3 +399,93 @@ def test_gpu_model_runs_the_triton_kernel(name, kv_heads):
     with torch.no_grad():
         ref = Attn(body, kv_heads).eval().cuda()(x.float())
     assert_matches(out.float(), ref, 1e-2)
+
+
+# -- found in review: layouts, broadcasts, masks that only look causal, finite fills --------------
+
+class QKV(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, q, k, v):
+        return self.fn(q, k, v)
+
+
+def compile_qkv(fn, shapes, backend="eager", dims=None):
+    model = QKV(fn)
+    inputs = tuple(torch.randn(*s) for s in shapes)
+    cm = blade.compile(model, inputs, backend=backend, dynamic_shapes=dims)
+    fresh = tuple(torch.randn(*s) for s in shapes)
+    with torch.no_grad():
+        assert_matches(cm(*fresh), model(*fresh), 1e-5)
+    return cm
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("after", ["reshape_heads_into_batch", "flatten", "sdpa_then_add"])
+def test_views_after_the_op_work_whatever_its_layout(backend, after):
+    """The op's output memory is [B, S, H, D]: a view export recorded for a dense [B, H, S, D] result
+    (directly or through elementwise ops) must still work."""
+    fns = {
+        "reshape_heads_into_batch": lambda q, k, v: ((q @ k.transpose(-1, -2) * 0.3).softmax(-1) @ v).reshape(8, 9, 8),
+        "flatten": lambda q, k, v: ((q @ k.transpose(-1, -2) * 0.3).softmax(-1) @ v).flatten(2),
+        "sdpa_then_add": lambda q, k, v: (F.scaled_dot_product_attention(q, k, v) + 1).view(8, 9, 8),
+    }
+    cm = compile_qkv(fns[after], [(2, 4, 9, 8)] * 3, backend=backend)
+    assert cm.graph.count_targets().get(FLASH) == 1
+
+
+@pytest.mark.parametrize("k_shape, v_shape", [((1, 4, 9, 8), (1, 4, 9, 8)), ((2, 1, 9, 8), (2, 4, 9, 8)),
+                                              ((2, 4, 9, 8), (2, 1, 9, 8))])
+def test_kv_broadcast_the_op_cannot_take_is_left_alone(k_shape, v_shape):
+    cm = compile_qkv(lambda q, k, v: (q @ k.transpose(-1, -2) * 0.3).softmax(-1) @ v, [(2, 4, 9, 8), k_shape, v_shape])
+    assert FLASH not in cm.graph.count_targets()
+    assert attention_record(cm)["counts"]["softmax_left"] == 1
+
+
+def test_one_kv_head_broadcast_by_the_matmul_is_multi_query():
+    cm = compile_qkv(lambda q, k, v: (q @ k.transpose(-1, -2) * 0.3).softmax(-1) @ v, [(2, 4, 9, 8), (2, 1, 9, 8),
+                                                                                       (2, 1, 9, 8)])
+    assert cm.graph.count_targets().get(FLASH) == 1
+
+
+def test_a_mask_mixing_two_dims_is_not_taken_for_causal():
+    """j <= i + (pad - seq) is causal only when pad == seq; every sample must not set them equal."""
+    class Padded(torch.nn.Module):
+        def forward(self, q, k, v, pad):
+            s = q.shape[2]
+            i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+            allowed = j <= i + (pad.shape[0] - s)
+            return (q @ k.transpose(-1, -2) * 0.3).masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+    seq, pad = Dim("seq", min=2, max=64), Dim("pad", min=2, max=64)
+    model = Padded()
+    inputs = tuple(torch.randn(2, 4, 9, 8) for _ in range(3)) + (torch.zeros(12),)
+    cm = blade.compile(model, inputs, backend="eager",
+                       dynamic_shapes=({2: seq}, {2: seq}, {2: seq}, {0: pad}))
+    for node in flash_nodes(cm):
+        assert node.args[5] is False and node.args[3] is not None
+    fresh = tuple(torch.randn(2, 4, 9, 8) for _ in range(3)) + (torch.zeros(12),)
+    with torch.no_grad():
+        assert_matches(cm(*fresh), model(*fresh), 1e-5)
+
+
+@pytest.mark.parametrize("spelling", ["masked_fill", "where"])
+def test_a_finite_fill_on_a_padding_mask_is_left_alone(spelling):
+    """finfo.min fills: a row with every key masked averages v in eager; the op would give zeros."""
+    fill = torch.finfo(torch.float32).min
+
+    def body(q, k, v, keep):
+        scores = q @ k.transpose(-1, -2) * 0.3
+        scores = scores.masked_fill(~keep, fill) if spelling == "masked_fill" else torch.where(keep, scores, fill)
+        return scores.softmax(-1) @ v
+
+    keep = torch.rand(B, 1, 1, S) > 0.3
+    keep[0] = False  # batch 0: every key masked
+    model, cm = compile_body(body, keep)
+    assert FLASH not in cm.graph.count_targets()
+    assert any("finite value" in note for note in attention_record(cm)["notes"])
+    fresh = torch.rand(B, 1, 1, 11) > 0.3
+    fresh[0] = False
+    check_fresh(model, cm, fresh)
