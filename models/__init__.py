@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import bert, dit, dlrm, gpt, mlp, resnet, vit
+from . import bert, dit, dlrm, gpt, gpt_decode, mlp, resnet, vit
 from ._workload import SIZES, Workload
 
-_MODULES = {"bert": bert, "dit": dit, "dlrm": dlrm, "gpt": gpt, "mlp": mlp, "resnet": resnet, "vit": vit}
+_MODULES = {"bert": bert, "dit": dit, "dlrm": dlrm, "gpt": gpt, "gpt_decode": gpt_decode, "mlp": mlp, "resnet": resnet,
+            "vit": vit}
 
 __all__ = ["SIZES", "get", "names", "sample_inputs", "workload"]
 
@@ -28,5 +29,5 @@ def get(name: str, size: str = "tiny") -> tuple[nn.Module, tuple[torch.Tensor, .
 
 
 def sample_inputs(name: str, size: str = "tiny", *, seed: int = 0, **dims: int) -> tuple[torch.Tensor, ...]:
-    """Fresh valid inputs shaped like the example inputs, with dynamic dims (batch, seq) set from dims."""
+    """Fresh valid inputs shaped like the example inputs, with dynamic dims (batch, seq, past) set from dims."""
     return workload(name, size).sample_inputs(seed=seed, **dims)

@@ -50,6 +50,26 @@ class SelfAttention(nn.Module):
         out = (probs @ v).transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.out_proj(out)
 
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's K and V of x, [batch, n_kv_heads, seq, head_dim] (what a KV cache holds)."""
+        return self._split_heads(self.k_proj(x), self.n_kv_heads), self._split_heads(self.v_proj(x), self.n_kv_heads)
+
+    def step(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode one token: x [batch, 1, hidden] attends to the cache and itself (nothing masked).
+        Returns (out, K, V) with the cache grown by one. With fewer KV heads, the query heads of a
+        group are stacked into one [group, head_dim] block per KV head, so nothing is repeated."""
+        batch, seq, _ = x.shape
+        if seq != 1:
+            raise ValueError(f"step decodes one token at a time, got {seq}")
+        q = self._split_heads(self.q_proj(x), self.n_heads)
+        k_new, v_new = self.keys_values(x)
+        k, v = torch.cat([past_k, k_new], dim=2), torch.cat([past_v, v_new], dim=2)
+        q = q.reshape(batch, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
+        probs = (q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)).softmax(dim=-1)
+        out = (probs @ v).reshape(batch, 1, self.n_heads * self.head_dim)
+        return self.out_proj(out), k, v
+
 
 class MLP(nn.Sequential):
     """Linear layers with an activation between them (and after the last one if final_activation)."""
@@ -103,6 +123,13 @@ class PreNormBlock(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), causal=causal)
         return x + self.mlp(self.mlp_norm(x))
+
+    def step(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decoding step through the block (see SelfAttention.step): (x, K, V)."""
+        attended, k, v = self.attn.step(self.attn_norm(x), past_k, past_v)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), k, v
 
 
 def randomize_norms(model: nn.Module, spread: float = 0.1) -> None:

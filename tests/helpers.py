@@ -35,7 +35,8 @@ def forbid_recompiling(monkeypatch) -> None:
 
 def fresh_dims(name: str) -> dict:
     """Dynamic dims for a zoo model at sizes other than its example (batch 2, seq 12)."""
-    return {"batch": 3, "seq": 7} if name in ("bert", "gpt") else {"batch": 3}
+    return {"bert": {"batch": 3, "seq": 7}, "gpt": {"batch": 3, "seq": 7},
+            "gpt_decode": {"batch": 3, "past": 5}}.get(name, {"batch": 3})
 
 
 def _torch_version() -> tuple[int, int]:

@@ -8,8 +8,10 @@ from torch.utils._pytree import tree_leaves
 import blade.models as zoo
 from blade.models import gpt
 
-NAMES = ["bert", "dit", "dlrm", "gpt", "mlp", "resnet", "vit"]
-SEQUENCE_MODELS = {"bert", "gpt"}
+from helpers import fresh_dims
+
+NAMES = ["bert", "dit", "dlrm", "gpt", "gpt_decode", "mlp", "resnet", "vit"]
+DYNAMIC_DIMS = {"bert": {"batch", "seq"}, "gpt": {"batch", "seq"}, "gpt_decode": {"batch", "past"}}
 
 
 def dynamic_dim_names(dynamic_shapes) -> set[str]:
@@ -34,7 +36,7 @@ def test_get_tiny_returns_triple(name):
     assert not any(module.training for module in model.modules())
     assert isinstance(example_inputs, tuple) and all(isinstance(x, torch.Tensor) for x in example_inputs)
     assert isinstance(dynamic_shapes, tuple) and len(dynamic_shapes) == len(example_inputs)
-    expected_dims = {"batch", "seq"} if name in SEQUENCE_MODELS else {"batch"}
+    expected_dims = DYNAMIC_DIMS.get(name, {"batch"})
     assert dynamic_dim_names(dynamic_shapes) == expected_dims
     for x, spec in zip(example_inputs, dynamic_shapes):
         for index, dim in (spec or {}).items():
@@ -95,7 +97,7 @@ def test_unknown_dim_raises():
 @pytest.mark.parametrize("name", NAMES)
 def test_sample_inputs_match_example_structure(name):
     _, example_inputs, dynamic_shapes = zoo.get(name)
-    dims = {"batch": 3, "seq": 7} if name in SEQUENCE_MODELS else {"batch": 3}
+    dims = fresh_dims(name)
     inputs = zoo.sample_inputs(name, seed=5, **dims)
     assert len(inputs) == len(example_inputs)
     for x, example, spec in zip(inputs, example_inputs, dynamic_shapes):
@@ -130,7 +132,7 @@ def test_sample_input_values_are_valid():
 @pytest.mark.parametrize("name", NAMES)
 def test_eager_forward_is_finite_and_varied(name):
     model, _, _ = zoo.get(name)
-    dims = {"batch": 3, "seq": 7} if name in SEQUENCE_MODELS else {"batch": 3}
+    dims = fresh_dims(name)
     with torch.no_grad():
         assert_finite_and_varied(model(*zoo.sample_inputs(name, seed=1, **dims)))
 
@@ -195,3 +197,29 @@ def test_base_forward(name):
     assert not model.training
     with torch.no_grad():
         assert_finite_and_varied(model(*example_inputs))
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny_llama"])
+def test_gpt_decode_step_continues_the_full_forward(variant):
+    """prefill(ids[:, :-1]) then one step on the last token gives the full forward's last logits and
+    the cache a prefill of every token would leave."""
+    from blade.models import gpt_decode
+
+    model, _, _ = getattr(gpt_decode, variant)()
+    ids = torch.randint(0, 100, (3, 10))
+    keys, values = model.prefill(ids[:, :-1])
+    with torch.no_grad():
+        logits, new_keys, new_values = model(ids[:, -1:], keys, values)
+        full = model.gpt(ids)
+    torch.testing.assert_close(logits[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    all_keys, all_values = model.prefill(ids)
+    torch.testing.assert_close(new_keys, all_keys)
+    torch.testing.assert_close(new_values, all_values)
+    with pytest.raises(ValueError, match="one token"):
+        model(ids[:, -2:], keys, values)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
+def test_gpt_decode_7b_is_for_gpus():
+    with pytest.raises(ValueError, match="CUDA"):
+        zoo.get("gpt_decode", "7b")

@@ -29,7 +29,7 @@ def test_matches_eager_on_fresh_inputs_without_recompiling(compiled, monkeypatch
     assert cm.report.accuracy.ok and cm.report.accuracy.rel_err <= 1e-6
 
 
-ATTENTION_MODELS = {"bert", "gpt", "vit", "dit"}
+ATTENTION_MODELS = {"bert", "gpt", "gpt_decode", "vit", "dit"}
 
 
 def test_attention_is_replaced_and_no_softmax_is_left(compiled):
@@ -41,7 +41,7 @@ def test_attention_is_replaced_and_no_softmax_is_left(compiled):
 
 def test_dims_are_the_users_names(compiled):
     name, _, cm = compiled
-    wanted = {"batch", "seq"} if name in ("bert", "gpt") else {"batch"}
+    wanted = set(fresh_dims(name))
     assert {d.split(" ")[0] for d in cm.report.dims} == wanted
 
 
