@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
@@ -13,6 +14,10 @@ def install_kernels() -> bool:
     """
     if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
         return False
-    from blade.backends.triton.kernels import attention
-
+    try:
+        from blade.backends.triton.kernels import attention
+    except Exception as exc:  # noqa: BLE001 - a broken Triton install must not break `import blade`
+        warnings.warn(f"blade: Triton kernels not installed ({type(exc).__name__}: {exc}); "
+                      "blade::flash_attention runs its PyTorch reference on CUDA", stacklevel=2)
+        return False
     return attention.install()

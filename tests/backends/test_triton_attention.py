@@ -376,3 +376,15 @@ def test_what_the_kernel_does_not_take_runs_the_reference(gen):
     check(out, q, k, v, tol=1e-12)
     q32, k32, v32 = (t.float().to(DEVICE) for t in (q, k, v))
     assert attention.supports(q32, k32, v32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour")
+def test_install_kernels_is_a_no_op_without_cuda():
+    from blade.backends.triton import install_kernels
+
+    old = register_attention_kernel("cuda", None)
+    try:
+        assert install_kernels() is False
+        assert register_attention_kernel("cuda", None) is None
+    finally:
+        register_attention_kernel("cuda", old)
