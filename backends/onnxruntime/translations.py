@@ -45,7 +45,7 @@ def register_contrib_schema(name: str, outputs: int = 1) -> None:
 
 
 register_contrib_schema("MultiHeadAttention")
-register_contrib_schema("GroupQueryAttention")
+register_contrib_schema("GroupQueryAttention", outputs=3)  # with present K/V its CPU kernel holds no scores
 
 
 def _static(size, what: str) -> int:
@@ -58,11 +58,11 @@ def flash_attention(q, k, v, mask=None, scale=None, causal: bool = False):
     """blade::flash_attention as ONNX Runtime's own fused attention.
 
     Causal self-attention without a mask → com.microsoft.GroupQueryAttention: causal by design,
-    K/V heads shared by groups read in place, and on CPU it never holds the scores (measured: 40 MiB
-    and 51 ms where MultiHeadAttention's unidirectional form takes 250 MiB and 100 ms, gpt-base-sized
-    layer at seq 2048). Everything else → com.microsoft.MultiHeadAttention with K/V as [B, Sk, H*D]:
-    in that form and with no mask its CPU kernel is a flash kernel too (27 MiB, 42 ms), while
-    [B, H, Sk, D] K/V or a mask make it materialize the scores. The mask becomes MHA's 4-D additive
+    K/V heads shared by groups read in place, and on CPU, emitted with its present K/V outputs, it
+    never holds the scores. Everything else → com.microsoft.MultiHeadAttention with K/V as
+    [B, Sk, H*D]: in that form and with no mask its CPU kernel does not hold them either, while
+    [B, H, Sk, D] K/V, a mask or its unidirectional flag make it materialize them (measured by
+    bench/ort_attention_ops.py, results in bench/results/ort_attention_ops.md). The mask becomes MHA's 4-D additive
     attention_bias; causal with a mask its unidirectional flag (top-left aligned like the op when q
     and k have the same length); GQA K/V heads are expanded for MHA, which has no GQA form. Both
     take q, K, V as [B, S, H*D], so they are transposed in and the output transposed back.
@@ -77,8 +77,9 @@ def flash_attention(q, k, v, mask=None, scale=None, causal: bool = False):
     scale = float(scale if scale is not None else head_dim ** -0.5)
     query = _to_bsh(q, heads * head_dim)
     if causal and mask is None and head_dim == v_dim:
-        out = msft.GroupQueryAttention(query, _to_bsh(k, kv_heads * head_dim), _to_bsh(v, kv_heads * v_dim), None,
-                                       None, *_key_lengths(q, k), num_heads=heads, kv_num_heads=kv_heads, scale=scale)
+        out, _, _ = msft.GroupQueryAttention(query, _to_bsh(k, kv_heads * head_dim), _to_bsh(v, kv_heads * v_dim),
+                                             None, None, *_key_lengths(q, k), num_heads=heads, kv_num_heads=kv_heads,
+                                             scale=scale)
     else:
         if heads != kv_heads:
             k, v = _repeat_heads(k, heads // kv_heads, head_dim), _repeat_heads(v, heads // kv_heads, v_dim)
