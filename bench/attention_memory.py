@@ -82,7 +82,8 @@ def compile_contender(name: str, model, example, dims, check_accuracy: bool = Tr
     return blade.compile(model, example, dynamic_shapes=dims, check_accuracy=check_accuracy, **options)
 
 
-def _status(field: str) -> int:
+def proc_status_bytes(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -133,15 +134,15 @@ class LiveTensorBytes(TorchDispatchMode):
 
 def child(name: str, seq: int, out_path: str) -> None:
     """Measure one contender's peak memory for one forward; write JSON and the logits' edge rows."""
-    start = _status("VmRSS")
+    start = proc_status_bytes("VmRSS")
     model, example, dims = build(seq)
     run = compile_contender(name, model, example, dims, check_accuracy=False)  # nothing runs before the measured call
     ids = torch.randint(0, model.token_embedding.num_embeddings, (1, seq), generator=torch.Generator().manual_seed(1))
-    before = _status("VmRSS")
+    before = proc_status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     logits = run(ids)
-    high = _status("VmHWM")
+    high = proc_status_bytes("VmHWM")
     result = {"name": name, "seq": seq, "peak_bytes": high - before, "process_bytes": high - start,
               "output_bytes": logits.numel() * logits.element_size(), "rss_before": before}
     if name == "eager" or CONTENDERS[name]["backend"] == "eager":  # runs as PyTorch ops: count tensors too

@@ -29,11 +29,6 @@ CASES = {
 RESULTS = Path(__file__).resolve().parent / "results" / "ort_attention_ops.md"
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
 def child(case: dict) -> dict:
     import numpy as np
     import onnxruntime as ort
@@ -71,13 +66,15 @@ def child(case: dict) -> dict:
         feeds.update(seqlens_k=np.array([S - 1], np.int32), total=np.array(S, np.int32))
     if case.get("bias"):
         feeds["b"] = np.zeros((1, 1, S, S), np.float32)
-    before = _status("VmRSS")
+    from attention_memory import proc_status_bytes
+
+    before = proc_status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     start = time.perf_counter()
     out = session.run(["o"], feeds)[0]
     first_s = time.perf_counter() - start
-    peak = _status("VmHWM") - before
+    peak = proc_status_bytes("VmHWM") - before
     times = []
     for _ in range(5):
         start = time.perf_counter()

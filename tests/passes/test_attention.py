@@ -492,3 +492,18 @@ def test_a_finite_fill_on_a_padding_mask_is_left_alone(spelling):
     fresh = torch.rand(B, 1, 1, 11) > 0.3
     fresh[0] = False
     check_fresh(model, cm, fresh)
+
+
+@pytest.mark.parametrize("shapes, mask, words", [
+    (((2, 4, 9, 8), (2, 4, 9), (2, 4, 9, 8)), None, r"k must be 4-D"),
+    (((2, 4, 9, 8), (3, 4, 9, 8), (3, 4, 9, 8)), None, r"batch sizes differ"),
+    (((2, 4, 9, 8), (2, 3, 9, 8), (2, 3, 9, 8)), None, r"query heads 4 are not a multiple of key/value heads 3"),
+    (((2, 4, 9, 8), (2, 4, 9, 6), (2, 4, 9, 8)), None, r"q head_dim 8 != k head_dim 6"),
+    (((2, 4, 9, 8), (2, 4, 9, 8), (2, 4, 9, 8)), (5, 9), r"mask of shape \(5, 9\) does not broadcast"),
+])
+def test_the_op_names_the_argument_it_cannot_take(shapes, mask, words):
+    from blade.errors import ShapeError
+
+    q, k, v = (torch.randn(*s) for s in shapes)
+    with pytest.raises(ShapeError, match=words):
+        FLASH_ATTENTION(q, k, v, None if mask is None else torch.zeros(*mask), None, False)
