@@ -3,9 +3,13 @@
 FLOPs count a multiply-add as 2: exact for linear/addmm/mm/bmm/matmul/convolution and attention
 (QKᵀ and PV; causal attention counts the lower triangle it computes); one per output element for
 elementwise ops, one per input element for reductions and normalizations. Bytes are every tensor
-input read once and every output written once, at their dtypes; views and size arithmetic move
-nothing. An op the model does not know counts zero and is listed by name in `GraphCost.unknown`,
-never guessed.
+input read once and every output written once, at their dtypes (a lookup such as embedding reads
+only the rows it gathers); views and size arithmetic move nothing. An op the model does not know
+counts zero and is listed by name in `GraphCost.unknown`, never guessed.
+
+A region (a fused group, an ONNX Runtime node, a kernel) moves only what crosses its boundary:
+`region_cost` counts its FLOPs and those bytes; the whole graph as one region is the least any
+execution must move (weights, inputs, outputs).
 """
 from __future__ import annotations
 
@@ -66,9 +70,20 @@ def _tensor_metas(val) -> list[TensorMeta]:
     return []
 
 
+# Lookups read from their table (first argument) only the elements they write, not all of it.
+GATHERS = {aten.embedding.default, aten.index_select.default, aten.gather.default, aten.index.Tensor}
+
+
+def read_bytes(node: Node, ref: Node) -> Size:
+    """The bytes `node` reads of `ref`: all of it, or as much as it writes when it gathers from it."""
+    if node.target in GATHERS and node.args and node.args[0] is ref and isinstance(node.val, TensorMeta):
+        return tensor_bytes(node.val)
+    return sum((tensor_bytes(m) for m in _tensor_metas(ref.val)), 0)
+
+
 def io_bytes(node: Node) -> Size:
     """Every tensor the node reads (each once) plus every tensor it writes, at their dtypes."""
-    read = sum((tensor_bytes(m) for ref in node.refs() for m in _tensor_metas(ref.val)), 0)
+    read = sum((read_bytes(node, ref) for ref in node.refs()), 0)
     return read + sum((tensor_bytes(m) for m in _tensor_metas(node.val)), 0)
 
 
@@ -202,6 +217,83 @@ def node_cost(node: Node) -> Cost | None:
 def op_name(node: Node) -> str:
     target = node.target
     return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", repr(target))
+
+
+KINDS = {FLASH_ATTENTION: "attention", aten.scaled_dot_product_attention.default: "attention",
+         **{op: "conv" for op in (aten.conv1d.default, aten.conv2d.default, aten.convolution.default)},
+         **{op: "matmul" for op in (aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default,
+                                    aten.matmul.default)},
+         **{op: "reduction" for op in REDUCTIONS}, **{op: "elementwise" for op in ELEMENTWISE},
+         **{op: "move" for op in MOVES}, **{op: "view" for op in FREE}}
+# A region's kind is its most telling member's: attention over matmul over … over views.
+KIND_ORDER = ("attention", "conv", "matmul", "reduction", "elementwise", "move", "unknown", "view")
+
+
+def node_kind(node: Node) -> str:
+    if node.op != "call" or isinstance(node.val, ScalarMeta):
+        return "view"
+    return KINDS.get(node.target, "unknown")
+
+
+def region_kind(nodes) -> str:
+    """The first of KIND_ORDER among the nodes' kinds; "runtime" for a region with no IR node."""
+    kinds = {node_kind(n) for n in nodes}
+    return next((k for k in KIND_ORDER if k in kinds), "runtime")
+
+
+def _aliases(node: Node) -> bool:
+    """A view or size node: its output is (part of) an input's memory, or a Python number."""
+    return node.op == "call" and (node.target in FREE or isinstance(node.val, ScalarMeta) or node.val is None)
+
+
+def region_cost(graph: Graph, members, costs: GraphCost | None = None) -> Cost:
+    """FLOPs of the member nodes and the bytes that cross the region's boundary.
+
+    Views alias their source, so a region reads what its computing nodes read from outside (through
+    any views) and writes what they produce that is used outside or returned.
+    """
+    costs = costs or graph_cost(graph)
+    inside = {n for n in members if not _aliases(n)}
+    flops = sum((costs.nodes[n.name].flops for n in members if n.name in costs.nodes), 0)
+    reads: dict[Node, Size] = {}
+    for node in inside:
+        for ref in node.refs():
+            if _root(ref) not in inside and not isinstance(ref.val, ScalarMeta):
+                reads[ref] = _larger(reads.get(ref, 0), read_bytes(node, ref))
+    written = [n for n in inside if _escapes(graph, n, inside)]
+    moved = sum(reads.values(), 0) + sum((tensor_bytes(m) for n in written for m in _tensor_metas(n.val)), 0)
+    return Cost(_size(flops), _size(moved))
+
+
+def _root(node: Node) -> Node:
+    """The computing node (or input, or weight) whose memory a chain of views reads."""
+    while _aliases(node) and node.args and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+def _escapes(graph: Graph, node: Node, inside: set[Node]) -> bool:
+    """Whether the node's value (or a view of it) is returned or read by a computing node outside."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if graph.is_output(current):
+            return True
+        for user in graph.users(current):
+            if user in seen:
+                continue
+            seen.add(user)
+            if _aliases(user):
+                stack.append(user)
+            elif user not in inside:
+                return True
+    return False
+
+
+def _larger(a: Size, b: Size) -> Size:
+    if isinstance(a, int) and isinstance(b, int):
+        return max(a, b)
+    return sympy.Max(a, b)
 
 
 def graph_cost(graph: Graph) -> GraphCost:

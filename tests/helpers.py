@@ -53,3 +53,14 @@ def gqa_capture_may_fail():
     from blade.errors import CaptureError
     return pytest.mark.xfail(_torch_version() < (2, 13), raises=CaptureError, strict=False,
                              reason="torch.export < 2.13 cannot capture dynamic-seq repeated KV heads")
+
+
+class Apply(torch.nn.Module):
+    """A module whose forward applies `fn` to its one to three tensor arguments."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, y=None, z=None):
+        return self.fn(*(t for t in (x, y, z) if t is not None))

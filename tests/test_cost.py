@@ -12,6 +12,7 @@ from blade.capture import capture
 from blade.cost import graph_cost, node_cost
 from blade.ir import Graph
 from blade.ops import FLASH_ATTENTION
+from helpers import Apply
 
 b = sympy.Symbol("batch", integer=True, positive=True)
 BATCH = Dim("batch", min=1, max=64)
@@ -20,15 +21,6 @@ BATCH = Dim("batch", min=1, max=64)
 def cost_of(module, *inputs, dynamic=True):
     dims = tuple({0: BATCH} for _ in inputs) if dynamic else None
     return graph_cost(capture(module.eval(), inputs, dynamic_shapes=dims).graph)
-
-
-class Apply(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x, y=None, z=None):
-        return self.fn(*(t for t in (x, y, z) if t is not None))
 
 
 def test_linear_with_and_without_bias():
