@@ -1,0 +1,260 @@
+"""Machine peaks: measured dense-matmul throughput per dtype and memory bandwidth, cached on disk.
+
+A peak is the best rate any probe reaches over several large square shapes and repeats: torch's
+own matmul, plus whatever probes backends register (ONNX Runtime's MLAS kernels beat oneDNN on
+some CPUs; a utilization figure against the slower library's roof would read above 100 %).
+Bandwidth is a large copy (read + write). On known GPUs the datasheet peaks are kept beside.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from blade.target import Target
+
+FORMAT = 1  # bump when what is measured changes: old cache entries are then measured again
+
+# A probe: (device, dtype name, n) -> a callable that runs one n x n x n matmul, or None if it cannot.
+MatmulProbe = Callable[[str, str, int], "Callable[[], object] | None"]
+_PROBES: dict[str, tuple[MatmulProbe, str]] = {}  # library -> (probe, version)
+
+TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                "int8": torch.int8, "fp8_e4m3": getattr(torch, "float8_e4m3fn", None)}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8",
+               torch.uint8: "int8"}
+
+# Dense (no sparsity) datasheet peaks, FLOP/s and bytes/s, by a substring of torch's device name.
+_T = 1e12
+DATASHEETS = [
+    ("H200", {"name": "NVIDIA H200 SXM", "matmul": {"fp32": 67 * _T, "tf32": 494.7 * _T, "bf16": 989.4 * _T,
+              "fp16": 989.4 * _T, "int8": 1978.9 * _T, "fp8_e4m3": 1978.9 * _T}, "bandwidth": 4.8e12}),
+    ("H100 NVL", {"name": "NVIDIA H100 NVL", "matmul": {"fp32": 60 * _T, "tf32": 417.5 * _T, "bf16": 835.5 * _T,
+                  "fp16": 835.5 * _T, "int8": 1670.5 * _T, "fp8_e4m3": 1670.5 * _T}, "bandwidth": 3.9e12}),
+    ("H100 PCIe", {"name": "NVIDIA H100 PCIe", "matmul": {"fp32": 51 * _T, "tf32": 378 * _T, "bf16": 756 * _T,
+                   "fp16": 756 * _T, "int8": 1513 * _T, "fp8_e4m3": 1513 * _T}, "bandwidth": 2.0e12}),
+    ("H100", {"name": "NVIDIA H100 SXM", "matmul": {"fp32": 67 * _T, "tf32": 494.7 * _T, "bf16": 989.4 * _T,
+              "fp16": 989.4 * _T, "int8": 1978.9 * _T, "fp8_e4m3": 1978.9 * _T}, "bandwidth": 3.35e12}),
+    ("A100 80GB PCIe", {"name": "NVIDIA A100 80GB PCIe", "matmul": {"fp32": 19.5 * _T, "tf32": 156 * _T,
+                        "bf16": 312 * _T, "fp16": 312 * _T, "int8": 624 * _T}, "bandwidth": 1.935e12}),
+    ("A100-SXM4-80GB", {"name": "NVIDIA A100 SXM 80GB", "matmul": {"fp32": 19.5 * _T, "tf32": 156 * _T,
+                        "bf16": 312 * _T, "fp16": 312 * _T, "int8": 624 * _T}, "bandwidth": 2.039e12}),
+    ("A100", {"name": "NVIDIA A100 40GB", "matmul": {"fp32": 19.5 * _T, "tf32": 156 * _T, "bf16": 312 * _T,
+              "fp16": 312 * _T, "int8": 624 * _T}, "bandwidth": 1.555e12}),
+    ("L4", {"name": "NVIDIA L4", "matmul": {"fp32": 30.3 * _T, "tf32": 60 * _T, "bf16": 121 * _T, "fp16": 121 * _T,
+            "int8": 242.5 * _T, "fp8_e4m3": 242.5 * _T}, "bandwidth": 0.3e12}),
+    ("A10", {"name": "NVIDIA A10", "matmul": {"fp32": 31.2 * _T, "tf32": 62.5 * _T, "bf16": 125 * _T,
+             "fp16": 125 * _T, "int8": 250 * _T}, "bandwidth": 0.6e12}),
+]
+
+
+def datasheet_for(device_name: str) -> dict | None:
+    """The first datasheet entry whose key is a whole word run of the device name (A10 is not A10G)."""
+    for key, sheet in DATASHEETS:
+        if re.search(rf"(?<![0-9A-Za-z]){re.escape(key)}(?![0-9A-Za-z])", device_name, re.IGNORECASE):
+            return sheet
+    return None
+
+
+def register_matmul_probe(library: str, version: str, probe: MatmulProbe) -> None:
+    """Let a backend's library compete for the peak (its version joins the cache key)."""
+    _PROBES[library] = (probe, version)
+
+
+@dataclass
+class Peaks:
+    """Best measured FLOP/s per dtype and bytes/s, with where each came from."""
+
+    device: str
+    matmul: dict[str, float]  # dtype name -> FLOP/s (the best over probes, shapes and repeats)
+    bandwidth: float  # bytes/s of a large copy (bytes read + bytes written)
+    detail: dict = field(default_factory=dict)  # dtype -> {library: FLOP/s}; "sizes", "seconds"
+    datasheet: dict | None = None
+    key: str = ""
+    measured_at: str = ""
+
+    def flops_peak(self, dtype: str) -> tuple[float, str]:
+        """The peak for `dtype`, or fp32's when that dtype was not measured; with the dtype used."""
+        if dtype in self.matmul:
+            return self.matmul[dtype], dtype
+        return self.matmul["fp32"], "fp32"
+
+    def ridge(self, dtype: str = "fp32") -> float:
+        """Arithmetic intensity (FLOP/byte) where the compute roof meets the bandwidth roof."""
+        return self.flops_peak(dtype)[0] / self.bandwidth
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Peaks":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def describe(self) -> str:
+        rates = ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in self.matmul.items())
+        return f"{self.device}: matmul GFLOP/s {rates}; copy {self.bandwidth / 1e9:,.0f} GB/s"
+
+
+def device_label(target: Target) -> str:
+    return f"{target.device} {target.name}" + (f" ({target.cores} cores)" if target.cores else "")
+
+
+def cache_key(target: Target) -> str:
+    libraries = ",".join(f"{lib} {version}" for lib, (_, version) in sorted(_PROBES.items()))
+    return f"v{FORMAT}|{device_label(target)}|torch {torch.__version__}|{libraries}"
+
+
+def cache_path() -> Path:
+    root = os.environ.get("BLADE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blade"
+    return Path(root) / "peaks.json"
+
+
+def machine_peaks(target: Target, *, refresh: bool = False) -> Peaks:
+    """This machine's peaks from the cache, measured (a few seconds) and stored when absent."""
+    path, key = cache_path(), cache_key(target)
+    entries = _read_cache(path)
+    if not refresh and key in entries:
+        return Peaks.from_dict(entries[key])
+    peaks = measure(target)
+    entries[key] = peaks.as_dict()
+    _write_cache(path, entries)
+    return peaks
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}  # no cache or a damaged one: measure again
+
+
+def _write_cache(path: Path, entries: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(entries, indent=1))
+        temporary.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError:
+        pass  # a read-only home still profiles; it measures again next time
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+CPU_SIZES = (1024, 2048, 3072)
+GPU_SIZES = (4096, 8192)
+REPEATS = 5
+
+
+def measure(target: Target, sizes: tuple[int, ...] | None = None, repeats: int = REPEATS) -> Peaks:
+    """Measure every dtype the device supports with every probe; keep the best of each."""
+    start = time.perf_counter()
+    sizes = sizes or (GPU_SIZES if target.device == "cuda" else CPU_SIZES)
+    matmul, detail = {}, {}
+    for dtype in supported_dtypes(target):
+        rates = {}
+        for library, probe in [("torch", _torch_probe)] + [(lib, p) for lib, (p, _) in sorted(_PROBES.items())]:
+            rate = _best_rate(probe, target.device, dtype, sizes, repeats)
+            if rate:
+                rates[library] = rate
+        if rates:
+            detail[dtype] = rates
+            matmul[dtype] = max(rates.values())
+    bandwidth = _copy_bandwidth(target.device, repeats)
+    detail["sizes"], detail["seconds"] = list(sizes), time.perf_counter() - start
+    return Peaks(device_label(target), matmul, bandwidth, detail,
+                 datasheet_for(target.name) if target.device == "cuda" else None, cache_key(target),
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def supported_dtypes(target: Target) -> list[str]:
+    """fp32 always; bf16/int8 where the CPU has the instructions; tf32/fp16/bf16/int8 (fp8 on sm_89+) on GPUs."""
+    if target.device == "cuda":
+        dtypes = ["fp32", "tf32", "bf16", "fp16", "int8"]
+        major, minor = (int(c) for c in target.arch.removeprefix("sm_")[:2])
+        if (major, minor) >= (8, 9) and TORCH_DTYPES["fp8_e4m3"] is not None:
+            dtypes.append("fp8_e4m3")
+        return dtypes
+    features = set(target.features)
+    dtypes = ["fp32"]
+    if features & {"avx512_bf16", "amx_bf16"}:
+        dtypes.append("bf16")
+    if features & {"avx512_fp16", "amx_tile"}:
+        dtypes.append("fp16")
+    if features & {"avx512_vnni", "amx_int8", "asimd"}:
+        dtypes.append("int8")
+    return dtypes
+
+
+def _best_rate(probe: MatmulProbe, device: str, dtype: str, sizes, repeats: int) -> float:
+    best = 0.0
+    for n in sizes:
+        try:
+            call = probe(device, dtype, n)
+            if call is None:
+                return 0.0
+            best = max(best, 2 * n ** 3 / _best_seconds(call, device, repeats))
+        except (RuntimeError, NotImplementedError, MemoryError):
+            return best  # the library lacks this dtype here (or the shape): what it reached counts
+    return best
+
+
+def _best_seconds(call: Callable[[], object], device: str, repeats: int) -> float:
+    """Fastest of `repeats` calls after one warm-up (thread pool, packing buffers, kernel selection)."""
+    call()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - begin)
+    return min(times)
+
+
+def _torch_probe(device: str, dtype: str, n: int):
+    """torch.matmul for floats (tf32 switched on only for 'tf32'), _int_mm for int8, _scaled_mm for fp8."""
+    if dtype == "int8":
+        a = torch.randint(-64, 64, (n, n), dtype=torch.int8, device=device)
+        b = torch.randint(-64, 64, (n, n), dtype=torch.int8, device=device)
+        return lambda: torch._int_mm(a, b)
+    if dtype == "fp8_e4m3":
+        a = torch.randn(n, n, device=device).to(TORCH_DTYPES[dtype])
+        b = torch.randn(n, n, device=device).to(TORCH_DTYPES[dtype]).t()  # _scaled_mm wants column-major b
+        one = torch.ones((), device=device)
+        return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=TORCH_DTYPES[dtype])
+    b = torch.randn(n, n, device=device, dtype=TORCH_DTYPES[dtype])
+    if device != "cuda":
+        return lambda: torch.matmul(a, b)
+    allow = dtype == "tf32"
+
+    def run():
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        try:
+            return torch.matmul(a, b)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+    return run
+
+
+def _copy_bandwidth(device: str, repeats: int) -> float:
+    """(bytes read + bytes written) / best time of a large tensor copy."""
+    nbytes = (1 << 30) if device == "cuda" else (256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    seconds = _best_seconds(lambda: dst.copy_(src), device, repeats)
+    return 2 * nbytes / seconds
