@@ -1,6 +1,7 @@
 """The backend interface every backend implements, and the registry that finds them."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from blade.errors import ConfigError
@@ -16,6 +17,23 @@ class Executable(Protocol):
 
     def save(self, directory: str) -> None:
         """Write the backend's own files (the IR and weights are saved by the artifact)."""
+
+
+@dataclass(frozen=True)
+class RegionTiming:
+    """One region as the backend's own profiler saw it; `nodes` joins it to the IR and its costs."""
+
+    name: str
+    engine: str  # "torch" or "onnxruntime"
+    ops: tuple[str, ...]  # what ran: ATen ops or ONNX Runtime op types
+    nodes: tuple[str, ...]  # the IR nodes it computes (none for runtime-only work such as shape ops)
+    seconds: float  # median per call
+
+
+class Profiled(Protocol):
+    """An executable that can time its own regions: profile(tensors, warmup, repeat) -> [RegionTiming]."""
+
+    def profile(self, tensors: list, warmup: int, repeat: int) -> list[RegionTiming]: ...
 
 
 @runtime_checkable

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from blade.backends.base import RegionTiming
+from blade.backends.eager.profiler import profile_module
 from blade.ir import Graph, Node
 from blade.target import Target
 
@@ -16,6 +18,10 @@ class EagerExecutable:
     def __call__(self, *tensors) -> list:
         with torch.no_grad():
             return list(self.module(*tensors))
+
+    def profile(self, tensors: list, warmup: int, repeat: int) -> list[RegionTiming]:
+        """Every IR node timed by torch.profiler."""
+        return profile_module(self.module, tensors, warmup, repeat)
 
     def save(self, directory: str) -> None:
         """Nothing beyond the IR and weights, which the artifact saves."""

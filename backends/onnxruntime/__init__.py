@@ -13,7 +13,9 @@ import onnx
 import torch
 
 from blade.backends.eager import EagerExecutable
+from blade.backends.base import RegionTiming
 from blade.backends.onnxruntime.export import OPSET, export_region, save_model
+from blade.backends.onnxruntime.profiler import profile_session
 from blade.backends.onnxruntime.session import OrtRunner, cuda_available
 from blade.backends.onnxruntime.translations import TRANSLATIONS
 from blade.backends.partition import Region, build_region, partition
@@ -58,6 +60,22 @@ class OrtExecutable:
             outs = step.runner([env[name] for name in step.region.inputs])
             env.update(zip(step.region.outputs, outs))
         return [self._value(o, env) for o in self.graph.outputs]
+
+    def profile(self, tensors: list, warmup: int, repeat: int) -> list[RegionTiming]:
+        """ONNX Runtime regions from a profiling twin of each session, PyTorch regions from torch.profiler."""
+        env = {n.name: t for n, t in zip(self.graph.inputs, tensors)}
+        shares_cores = any(step.engine == "torch" for step in self.steps)
+        timings: list[RegionTiming] = []
+        for step in self.steps:
+            inputs = [env[name] for name in step.region.inputs]
+            if step.file:
+                timings += profile_session(self.workdir / step.file, step.region.graph, step.runner.target,
+                                           step.region.inputs, step.region.outputs, inputs, warmup, repeat,
+                                           shares_cores)
+            elif step.engine == "torch":
+                timings += EagerExecutable(step.region.graph).profile(inputs, warmup, repeat)
+            env.update(zip(step.region.outputs, step.runner(inputs)))
+        return timings
 
     def _value(self, out, env):
         if not isinstance(out, Node):

@@ -66,16 +66,34 @@ def _quiet():
             logger.setLevel(level)
 
 
+# Metadata key on every ONNX node: the IR node it came from (torch's own fx_node key names the node
+# of torch's re-export, whose names can differ); the profiler joins ONNX Runtime's times by it.
+IR_NODE_KEY = "pkg.blade.ir_node"
+
+
 def export_region(graph: Graph, example_inputs: list[torch.Tensor]) -> onnx.ModelProto:
     """The graph as an ONNX model whose inputs/outputs are named after the IR nodes."""
     module = graph.to_fx()
+    for node in module.graph.nodes:  # torch.export carries node.meta["custom"] through its retracing
+        node.meta["custom"] = {**node.meta.get("custom", {}), IR_NODE_KEY: node.name}
     with _quiet():
         program = torch.onnx.export(
             module, tuple(example_inputs), dynamo=True, dynamic_shapes=dynamic_shapes_for(graph),
             opset_version=OPSET, input_names=[n.name for n in graph.inputs],
             output_names=[o.name for o in graph.outputs], custom_translation_table=TRANSLATIONS or None,
             verbose=False)
+    _stamp_ir_nodes(program)
     return program.model_proto
+
+
+def _stamp_ir_nodes(program) -> None:
+    """Record on each ONNX node the IR node its FX node was traced from."""
+    ir_node = {n.name: (n.meta.get("custom") or {}).get(IR_NODE_KEY) for n in program.exported_program.graph.nodes}
+    for node in program.model.graph.all_nodes():
+        fx_text = node.metadata_props.get("pkg.torch.onnx.fx_node", "")
+        name = ir_node.get(fx_text[1:].split(" ", 1)[0]) if fx_text.startswith("%") else None
+        if name:
+            node.metadata_props[IR_NODE_KEY] = name
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

@@ -47,14 +47,30 @@ _NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64
              torch.bool: np.bool_}
 
 
+OPTIMIZED_MODEL = "optimized.onnx"
+
+
+def record_profile(options: ort.SessionOptions, directory: str) -> None:
+    """Per-node kernel times into `directory` (end_profiling returns the file), and the optimized
+    graph those nodes belong to as OPTIMIZED_MODEL (its weights beside it, not inline)."""
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(directory, "ort_profile")
+    options.optimized_model_filepath = os.path.join(directory, OPTIMIZED_MODEL)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                     OPTIMIZED_MODEL + ".data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+
+
 class OrtRunner:
     """One InferenceSession, created once; called with torch tensors, returns torch tensors."""
 
     def __init__(self, model_path: str, target: Target, input_names: list[str], output_names: list[str],
-                 shares_cores: bool = False):
+                 shares_cores: bool = False, profile_dir: str | None = None):
         self.target = target
-        self.session = ort.InferenceSession(model_path, sess_options=session_options(target, shares_cores),
-                                            providers=providers_for(target))
+        options = session_options(target, shares_cores)
+        if profile_dir is not None:
+            record_profile(options, profile_dir)
+        self.session = ort.InferenceSession(model_path, sess_options=options, providers=providers_for(target))
         wanted = {i.name for i in self.session.get_inputs()}  # the exporter drops inputs nothing reads
         self.feeds = [(i, name) for i, name in enumerate(input_names) if name in wanted]
         self.output_names = list(output_names)
