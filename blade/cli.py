@@ -1,4 +1,4 @@
-"""The blade command line: compile, run, bench, inspect, demo (`blade …` or `python -m blade …`)."""
+"""The blade command line: compile, run, bench, profile, inspect, demo (`blade …` or `python -m blade …`)."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,9 @@ def _compile(spec: str, args, progress):
 
 
 def _bench(model, example_inputs, compiled, args, progress) -> dict:
+    from blade.guards import check_inputs
+    from blade.peaks import machine_peaks
+    from blade.profile import model_work, utilization
     from blade.timing import time_interleaved
 
     if isinstance(model, str):
@@ -66,13 +69,23 @@ def _bench(model, example_inputs, compiled, args, progress) -> dict:
     with torch.no_grad():
         medians = time_interleaved({"eager": lambda: model(*example_inputs), "blade": lambda: compiled.run_flat(flat)},
                                    warmup=args.warmup, repeat=args.repeat, device=compiled.target.device)
+    flops, least, dtype = model_work(compiled.graph, check_inputs(compiled.graph.inputs, compiled.graph.dims, flat))
+    peaks = machine_peaks(compiled.target)
+    figures = {name: utilization(flops, least, seconds, peaks, dtype) for name, seconds in medians.items()}
     return {"eager_ms": medians["eager"] * 1e3, "blade_ms": medians["blade"] * 1e3,
-            "speedup": medians["eager"] / medians["blade"], "target": compiled.target.describe()}
+            "speedup": medians["eager"] / medians["blade"], "target": compiled.target.describe(),
+            "flops": flops, "bytes": least, "dtype": dtype, "peak_flops": peaks.flops_peak(dtype)[0],
+            "bandwidth": peaks.bandwidth, **{f"{name}_{key}": figures[name][key] for name in medians
+                                             for key in ("mfu", "mbu")}}
 
 
 def _print_bench(result: dict) -> None:
-    print(f"eager {result['eager_ms']:.3f} ms, blade {result['blade_ms']:.3f} ms (median): "
-          f"speedup x{result['speedup']:.2f} on {result['target']}")
+    print(f"eager {result['eager_ms']:.3f} ms (MFU {100 * result['eager_mfu']:.1f}%, MBU "
+          f"{100 * result['eager_mbu']:.1f}%), blade {result['blade_ms']:.3f} ms (MFU {100 * result['blade_mfu']:.1f}%, "
+          f"MBU {100 * result['blade_mbu']:.1f}%) (median): speedup x{result['speedup']:.2f} on {result['target']}")
+    print(f"  {result['flops'] / 1e9:.3f} GFLOP and {result['bytes'] / 1e6:.2f} MB per call (from the IR) against "
+          f"measured peaks {result['peak_flops'] / 1e9:.0f} GFLOP/s {result['dtype']}, "
+          f"{result['bandwidth'] / 1e9:.0f} GB/s")
 
 
 def cmd_compile(args, progress) -> int:
@@ -135,6 +148,54 @@ def cmd_bench(args, progress) -> int:
     if not args.json:
         _print_bench(result)
     return 0
+
+
+def cmd_profile(args, progress) -> int:
+    from blade.profile import profile, render
+
+    compiled, flat = _profile_target(args, progress)
+    progress(f"profiling on {compiled.backend} ({args.warmup} warm-up, {args.repeat} timed runs; the machine's "
+             "peaks are measured once and cached)")
+    result = profile(compiled, flat, warmup=args.warmup, repeat=args.repeat)
+    if args.plot:
+        result.plot(args.plot)
+        progress(f"wrote roofline {args.plot}")
+    print(result.to_json() if args.json else render(result, args.top))
+    return 0
+
+
+def _profile_target(args, progress):
+    """(compiled model, flat inputs) for a zoo model name, an artifact directory, a .pt2 or module:factory."""
+    import blade
+    import blade.models
+
+    dims = {k: v for k, v in (("batch", args.batch), ("seq", args.seq), ("past", args.past)) if v is not None}
+    target = args.target
+    if target in blade.models.names():
+        workload = blade.models.workload(target, args.size)
+        try:
+            inputs = workload.sample_inputs(seed=0, **dims)
+        except ValueError as exc:
+            raise InputError(f"zoo model {target}: {exc}") from None
+        progress(f"capturing and compiling zoo {target} ({args.size}) (backend {args.backend}, O{args.optimize})")
+        model, example_inputs, dynamic_shapes = workload.triple()
+        compiled = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend=args.backend,
+                                 optimize=args.optimize)
+        return compiled, compiled.flat_inputs(*inputs)
+    if dims:
+        raise InputError(f"--batch/--seq/--past size zoo models only; {target} is profiled on its example inputs")
+    if Path(target).is_dir():
+        progress(f"loading {target}")
+        compiled = blade.load(target)
+        if args.backend not in ("auto", compiled.backend):
+            raise InputError(f"artifact {target} was compiled for backend {compiled.backend!r}, not {args.backend!r}; "
+                             "recompile it to profile another backend")
+        return compiled, compiled.example_inputs
+    if target.endswith(".pt2") or ":" in target:
+        _, _, compiled = _compile(target, args, progress)
+        return compiled, compiled.example_inputs
+    raise InputError(f"cannot profile {target!r}: give a zoo model ({', '.join(blade.models.names())}), an artifact "
+                     "directory, a .pt2 file or 'module:factory'")
 
 
 def cmd_inspect(args, progress) -> int:
@@ -239,6 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("bench", help="time eager vs compiled in one run"), True, True)
     p.add_argument("source", help="'module:factory' or a .pt2")
     p.set_defaults(func=cmd_bench)
+
+    p = common(sub.add_parser("profile", help="time every region; MFU and MBU per region and for the model"),
+               True, True)
+    p.set_defaults(repeat=10)
+    p.add_argument("target", help="a zoo model name, an artifact directory, a .pt2 file or 'module:factory'")
+    p.add_argument("--size", default="tiny", choices=["tiny", "base"], help="zoo model size")
+    p.add_argument("--batch", type=int, help="zoo model batch size")
+    p.add_argument("--seq", type=int, help="zoo model sequence length")
+    p.add_argument("--past", type=int, help="zoo gpt_decode: cached positions")
+    p.add_argument("--top", type=int, default=15, help="regions to list (the whole list is in --json)")
+    p.add_argument("--plot", help="write a roofline picture (.svg, .png or .pdf; needs matplotlib: "
+                                  "pip install 'blade-compiler[plot]')")
+    p.set_defaults(func=cmd_profile)
 
     p = common(sub.add_parser("inspect", help="show an artifact's manifest, specs, hashes and report"))
     p.add_argument("artifact")

@@ -40,6 +40,13 @@ class CompiledModel:
     def __call__(self, *args, **kwargs):
         return self.signature.unflatten(self.run_flat(self.flat_inputs(*args, **kwargs)))
 
+    def profile(self, *args, warmup: int = 3, repeat: int = 10, **kwargs):
+        """Time every region on these inputs with the backend's profiler; a blade.profile.Profile with
+        MFU and MBU per region and for the whole model (print it, .to_json(), .plot('roofline.svg'))."""
+        from blade.profile import profile
+
+        return profile(self, self.flat_inputs(*args, **kwargs), warmup=warmup, repeat=repeat)
+
     def save(self, path) -> None:
         """Write a self-contained artifact directory (manifest, IR, weights); see blade.load."""
         from blade.artifact import save

@@ -78,6 +78,12 @@ def test_bench_and_demo_json():
     assert result.returncode == 0, result.stderr
     bench = json.loads(result.stdout)
     assert bench["eager_ms"] > 0 and bench["blade_ms"] > 0 and bench["speedup"] > 0
+    for who in ("eager", "blade"):  # utilization of both from the same IR figures and measured peaks
+        seconds = bench[f"{who}_ms"] / 1e3
+        assert bench[f"{who}_mfu"] == pytest.approx(bench["flops"] / seconds / bench["peak_flops"])
+        assert bench[f"{who}_mbu"] == pytest.approx(bench["bytes"] / seconds / bench["bandwidth"])
+    batch = 2  # mlp tiny: 16 -> 32 -> 32 -> 10 with GELU between; matmuls, biases, GELUs
+    assert bench["flops"] == 2 * batch * (16 * 32 + 32 * 32 + 32 * 10) + batch * (32 + 32 + 10) + batch * (32 + 32)
     result = blade_cli("demo", "--model", "mlp", "--repeat", "5", "--json")
     assert result.returncode == 0, result.stderr
     demo = json.loads(result.stdout)

@@ -1,0 +1,169 @@
+"""blade profile: region times from each backend's profiler joined to the cost model; MFU/MBU; the roofline."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+import torch
+
+import blade
+import blade.models as zoo
+from blade.cli import main
+from blade.cost import node_kind, region_cost
+from blade.peaks import Peaks
+from blade.profile import model_work, profile
+from helpers import Apply
+
+FAKE_PEAKS = Peaks("test machine", {"fp32": 100e9, "bf16": 400e9}, 20e9)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def check_profile_json(data: dict) -> None:
+    """The JSON keys the README documents, and the model's MFU/MBU from its own figures."""
+    model, peaks = data["model"], data["peaks"]
+    assert {"time_ms", "flops", "bytes", "mfu", "mbu"} <= model.keys()
+    peak = peaks["matmul"][model["dtype"]]
+    assert model["mfu"] == pytest.approx(model["flops"] / (model["time_ms"] / 1e3) / peak, rel=1e-9)
+    assert model["mbu"] == pytest.approx(model["bytes"] / (model["time_ms"] / 1e3) / peaks["bandwidth"], rel=1e-9)
+    assert isinstance(data["machine"], str) and data["regions"]
+    for region in data["regions"]:
+        assert {"name", "kind", "time_ms", "flops", "bytes", "mfu", "mbu", "bound"} <= region.keys()
+        assert region["time_ms"] >= 0 and region["bound"] in ("compute", "memory", "overhead")
+
+
+@pytest.mark.parametrize("model_name", ["bert", "gpt"])
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_base_region_times_sum_to_the_end_to_end_time(capsys, model_name, backend):
+    code, out, err = run_cli(capsys, "profile", model_name, "--size", "base", "--batch", "1", "--seq", "64",
+                             "--backend", backend, "--json", "--repeat", "5", "--warmup", "2")
+    assert code == 0, err
+    data = json.loads(out)
+    check_profile_json(data)
+    model = data["model"]
+    assert sum(r["time_ms"] for r in data["regions"]) == pytest.approx(model["regions_time_ms"])
+    assert 0.85 <= model["regions_time_ms"] / model["time_ms"] <= 1.15, model
+    assert data["dims"] == {"batch": 1, "seq": 64} and data["backend"] == backend
+    assert model["flops_in_regions"] >= 0.99 * model["flops"]  # every matmul found its region
+    assert not data["unknown_ops"]
+
+
+@pytest.fixture(scope="module")
+def bert_tiny():
+    return zoo.get("bert")
+
+
+def test_onnxruntime_regions_are_its_fused_nodes_with_their_ir_nodes(bert_tiny):
+    model, example, dims = bert_tiny
+    cm = blade.compile(model, example, dynamic_shapes=dims, backend="onnxruntime")
+    result = profile(cm, cm.flat_inputs(*zoo.sample_inputs("bert", batch=3, seq=9)), repeat=3, peaks=FAKE_PEAKS)
+    skip_norms = [r for r in result.regions if "SkipLayerNormalization" in r.ops]
+    assert len(skip_norms) == 4
+    for region in skip_norms:  # the out-projection's MatMul joins the Add+LayerNorm it was fused into
+        kinds = [cm.graph.node(n).target for n in region.nodes]
+        assert region.kind == "matmul" and torch.ops.aten.layer_norm.default in kinds
+        assert torch.ops.aten.linear.default in kinds and torch.ops.aten.add.Tensor in kinds
+        assert region.bytes < region.bytes_unfused  # the intermediate sum no longer crosses a boundary
+    attention = [r for r in result.regions if r.kind == "attention"]
+    assert len(attention) == 2 and all("MultiHeadAttention" in r.ops for r in attention)
+    assert result.model["flops_in_regions"] == result.model["flops"]
+    assert result.model["bytes_saved_by_fusion"] > 0
+
+
+def test_eager_regions_are_the_ir_nodes(bert_tiny):
+    model, example, dims = bert_tiny
+    cm = blade.compile(model, example, dynamic_shapes=dims, backend="eager")
+    result = cm.profile(*zoo.sample_inputs("bert", batch=2, seq=7), repeat=3)
+    assert [r.name for r in result.regions] == [n.name for n in cm.graph.call_nodes]
+    linear = next(r for r in result.regions if r.name == "linear")
+    assert linear.flops == 2 * 2 * 7 * 32 * 32 + 2 * 7 * 32
+    assert result.model["flops_in_regions"] == result.model["flops"]
+
+
+def test_model_mfu_mbu_and_bound_follow_from_the_peaks(bert_tiny):
+    model, example, dims = bert_tiny
+    cm = blade.compile(model, example, dynamic_shapes=dims, backend="eager")
+    flat = cm.flat_inputs(*example)
+    result = profile(cm, flat, repeat=3, peaks=FAKE_PEAKS)
+    flops, least, dtype = model_work(cm.graph, {"batch": 2, "seq": 12})
+    seconds = result.model["time_ms"] / 1e3
+    assert (result.model["flops"], result.model["bytes"], dtype) == (flops, least, "fp32")
+    assert result.model["mfu"] == pytest.approx(flops / seconds / 100e9)
+    assert result.model["mbu"] == pytest.approx(least / seconds / 20e9)
+    weights = sum(t.numel() * 4 for t in cm.graph.constants.values())
+    assert least >= weights - model.word_embedding.weight.numel() * 4  # embedding reads only its rows
+    ridge = 100e9 / 20e9
+    for region in result.regions:
+        if region.flops and region.bytes:
+            assert region.bound == ("compute" if region.flops / region.bytes >= ridge else "memory")
+        assert region.lost_ms <= region.time_ms + 1e-9
+    text = str(result)
+    assert "MFU" in text and "MBU" in text and "lost ms" in text
+
+
+def test_an_unknown_op_is_listed_not_guessed():
+    cm = blade.compile(Apply(lambda x: torch.fft.fft(x).real * 2), (torch.randn(4, 8),), backend="eager")
+    result = cm.profile(torch.randn(4, 8), repeat=2)
+    assert any("fft" in op for op in result.unknown_ops), result.unknown_ops
+    assert any(r.kind == "unknown" for r in result.regions)
+    assert "unknown" in str(result) and "counted as 0" in str(result)
+
+
+def test_gpt_decode_profile_reports_mbu(capsys):
+    code, out, err = run_cli(capsys, "profile", "gpt_decode", "--batch", "2", "--past", "5", "--json", "--repeat", "3",
+                             "--backend", "onnxruntime")
+    assert code == 0, err
+    data = json.loads(out)
+    check_profile_json(data)
+    assert data["model"]["mbu"] > 0 and data["model"]["bound"] == "memory"
+    assert data["dims"] == {"batch": 2, "past": 5}
+
+
+def test_plot_writes_a_valid_svg(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "roofline.svg"
+    code, out, err = run_cli(capsys, "profile", "mlp", "--backend", "onnxruntime", "--plot", str(path), "--repeat", "3")
+    assert code == 0, err
+    root = ElementTree.parse(path).getroot()
+    assert root.tag.endswith("svg")
+    assert "MFU" in out and "regions" in out
+
+
+def test_profile_of_an_artifact_and_bad_targets(capsys, tmp_path):
+    model, example, dims = zoo.get("mlp")
+    blade.compile(model, example, dynamic_shapes=dims, backend="onnxruntime").save(tmp_path / "m.blade")
+    code, out, err = run_cli(capsys, "profile", str(tmp_path / "m.blade"), "--json", "--repeat", "2")
+    assert code == 0, err
+    assert json.loads(out)["backend"] == "onnxruntime"
+    code, _, err = run_cli(capsys, "profile", str(tmp_path / "m.blade"), "--seq", "5")
+    assert code == 1 and "--batch/--seq/--past size zoo models only" in err
+    code, _, err = run_cli(capsys, "profile", str(tmp_path / "m.blade"), "--backend", "eager")
+    assert code == 1 and "compiled for backend 'onnxruntime'" in err
+    code, _, err = run_cli(capsys, "profile", "no_such_model")
+    assert code == 1 and "give a zoo model" in err
+    code, _, err = run_cli(capsys, "profile", "mlp", "--seq", "5")
+    assert code == 1 and "unknown dim(s) ['seq']" in err
+
+
+def test_region_cost_counts_only_what_crosses_the_boundary():
+    def fused_then_scaled(x, w1, w2):
+        return torch.nn.functional.gelu(x @ w1).reshape(64) * w2
+
+    cm = blade.compile(Apply(fused_then_scaled), (torch.randn(4, 8), torch.randn(8, 16), torch.randn(64)),
+                       backend="eager", optimize=0)
+    graph = cm.graph
+    (matmul,) = [n for n in graph.call_nodes if node_kind(n) == "matmul"]
+    (gelu,) = [n for n in graph.call_nodes if n.target is torch.ops.aten.gelu.default]
+    fused = region_cost(graph, [matmul, gelu])
+    assert fused.flops == 2 * 4 * 16 * 8 + 4 * 16
+    assert fused.bytes == 4 * (4 * 8 + 8 * 16 + 4 * 16)  # x and w1 in, gelu out (read through a view): no intermediate
+    assert region_cost(graph, [gelu]).bytes == 4 * (4 * 16 + 4 * 16)
+    views = [n for n in graph.call_nodes if node_kind(n) == "view"]
+    assert views and region_cost(graph, views) == region_cost(graph, []) and region_cost(graph, views).bytes == 0
+    whole = region_cost(graph, graph.call_nodes)
+    assert whole.bytes == 4 * (4 * 8 + 8 * 16 + 64 + 64)  # inputs and the output: the least any execution moves
