@@ -16,9 +16,11 @@ This benchmark shows what that is worth on this machine's CPU, at batch 1, seq 2
 * speed -- in this process, all contenders timed interleaved (blade.timing.time_interleaved),
   median after warm-up, an idle gap after each so ONNX Runtime's spinning threads do not slow the
   next one; each output is checked against eager (relative error of the logits).
-* utilization -- model FLOPs (linear layers + QKᵀ and PV counted in full, with forward hooks, as in
-  bench/ort_cpu.py) / median time / the fp32 matmul peak measured in this run (the higher of
-  torch's and ONNX Runtime's square matmul).
+* utilization -- FLOPs and least bytes per forward from blade's IR of the model (the attention-pass
+  graph: causal attention counts the half it computes; the same figures for every contender):
+  MFU = FLOPs / median time / the fp32 matmul peak, MBU = bytes / median time / copy bandwidth,
+  both peaks measured in this run by blade.peaks.measure (the best of torch's and ONNX Runtime's
+  square matmul).
 Blade contenders in the memory children compile with check_accuracy=False, so the measured call is
 the first forward the process makes (ONNX Runtime's arena starts empty); the speed process keeps it.
 
@@ -51,7 +53,10 @@ import blade
 import blade.models.gpt as gpt
 import blade.timing
 
-from ort_cpu import machine_info, measure_ort_peak, measure_peak, model_flops
+from blade.peaks import measure
+from blade.profile import model_work
+from blade.target import detect
+from ort_cpu import machine_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONTENDERS = {
@@ -181,24 +186,25 @@ def measure_speed(seq: int, repeat: int, gap_s: float) -> tuple[dict, dict, int]
         timed[name] = (lambda run=run: run(ids))
         timed[f"_idle{i}"] = lambda: time.sleep(gap_s)
     medians = blade.timing.time_interleaved(timed, warmup=1, repeat=repeat, device="cpu")
-    flops = model_flops(model, (ids,))["total"]
-    return {name: medians[name] for name in CONTENDERS}, errors, flops
+    flops, least, _ = model_work(runs["blade eager backend"].graph, {"batch": 1, "seq": seq})
+    return {name: medians[name] for name in CONTENDERS}, errors, {"flops": flops, "bytes": least}
 
 
 def _mib(value) -> str:
     return "—" if value is None else f"{value / MIB:.0f}"
 
 
-def render(machine, peak, seq, memory, speed, errors, flops, repeat) -> str:
+def render(machine, peaks, seq, memory, speed, errors, work, repeat) -> str:
     eager = memory["eager"]
     lines = [
         f"# Peak memory: zoo gpt base, batch 1, seq {seq}, CPU",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}, "
         f"onnxruntime {machine['onnxruntime']}, blade {machine['blade']}. "
-        f"fp32 matmul peak measured in this run: {peak['torch_flops'] / 1e9:.0f} GFLOP/s through torch, "
-        f"{peak['onnxruntime_flops'] / 1e9:.0f} through ONNX Runtime; utilization is against the higher. "
-        f"Model FLOPs {flops / 1e12:.3f} T per forward (attention counted in full). "
+        f"Peaks measured in this run: fp32 matmul {peaks.detail['fp32']['torch'] / 1e9:.0f} GFLOP/s through torch, "
+        f"{peaks.detail['fp32'].get('onnxruntime', 0) / 1e9:.0f} through ONNX Runtime (MFU is against the higher), "
+        f"copy {peaks.bandwidth / 1e9:.0f} GB/s. From blade's IR: {work['flops'] / 1e12:.3f} TFLOP and "
+        f"{work['bytes'] / 2 ** 20:.0f} MiB (least bytes) per forward (causal attention: the half computed). "
         f"Timing: median of {repeat} interleaved runs after 1 warm-up.",
         "",
         "- **activation peak**: the most tensor memory PyTorch ops held at once during the forward, not "
@@ -211,8 +217,8 @@ def render(machine, peak, seq, memory, speed, errors, flops, repeat) -> str:
         "model was built: weights, every copy a backend keeps, the forward) is its footprint.",
         "",
         "| contender | activation peak MiB | × eager | tensor peak MiB | RSS peak MiB | process MiB "
-        "| median s | speed vs eager | utilization | rel err vs eager |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| median s | speed vs eager | MFU | MBU | rel err vs eager |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in CONTENDERS:
         m = memory[name]
@@ -221,7 +227,8 @@ def render(machine, peak, seq, memory, speed, errors, flops, repeat) -> str:
         lines.append(
             f"| {name} | {_mib(activation)} | {ratio} | {_mib(m.get('tensor_peak_bytes'))} | "
             f"{_mib(m['peak_bytes'])} | {_mib(m['process_bytes'])} | {speed[name]:.2f} | "
-            f"{speed['eager'] / speed[name]:.2f}× | {flops / speed[name] / peak['flops']:.0%} | {errors[name]:.1e} |")
+            f"{speed['eager'] / speed[name]:.2f}× | {work['flops'] / speed[name] / peaks.matmul['fp32']:.0%} | "
+            f"{work['bytes'] / speed[name] / peaks.bandwidth:.1%} | {errors[name]:.1e} |")
     lines += ["", "Reproduce: `python bench/attention_memory.py --seq %d --repeat %d`" % (seq, repeat), ""]
     return "\n".join(lines)
 
@@ -245,17 +252,15 @@ def main(argv=None) -> int:
     for name in CONTENDERS:
         rows = memory[name].pop("rows")
         memory[name]["rows_rel_err"] = float(torch.linalg.vector_norm(rows - rows_ref) / torch.linalg.vector_norm(rows_ref))
-    torch_peak, ort_peak = measure_peak(sizes=(1024, 2048), repeats=3), measure_ort_peak(sizes=(1024, 2048), repeats=3)
-    peak = max(torch_peak, ort_peak, key=lambda p: p["flops"])
-    peak["torch_flops"], peak["onnxruntime_flops"] = torch_peak["flops"], ort_peak["flops"]
-    speed, errors, flops = measure_speed(args.seq, args.repeat, args.gap_ms / 1e3)
-    markdown = render(machine, peak, args.seq, memory, speed, errors, flops, args.repeat)
+    peaks = measure(detect(), sizes=(1024, 2048), repeats=3)
+    speed, errors, work = measure_speed(args.seq, args.repeat, args.gap_ms / 1e3)
+    markdown = render(machine, peaks, args.seq, memory, speed, errors, work, args.repeat)
     print(markdown)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(markdown)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"machine": machine, "peak": peak, "seq": args.seq, "memory": memory, "median_s": speed,
-         "rel_err": errors, "flops": flops}, indent=2, default=str))
+        {"machine": machine, "peaks": peaks.as_dict(), "seq": args.seq, "memory": memory, "median_s": speed,
+         "rel_err": errors, **work}, indent=2, default=str))
     return 0
 
 

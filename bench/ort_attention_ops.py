@@ -4,7 +4,10 @@ One gpt-base-sized attention layer (12 heads, head dim 64, batch 1, seq 2048, fp
 model, each run in a fresh child process: peak resident memory the first run adds (VmHWM - VmRSS
 before it, after resetting the mark through /proc/self/clear_refs) and its time, checked against
 torch's scaled_dot_product_attention. This is what chose blade's lowering in
-backends/onnxruntime/translations.py. One layer's scores would be 192 MiB.
+backends/onnxruntime/translations.py. One layer's scores would be 192 MiB. MFU = attention FLOPs
+(blade.cost.attention_flops: QKᵀ and PV, the causal half for causal forms) / median time / the fp32
+matmul peak, MBU = bytes (q, k, v and the bias read, the output written) / median time / copy
+bandwidth, both peaks measured in the same run (blade.peaks.measure).
 
     python bench/ort_attention_ops.py      # writes bench/results/ort_attention_ops.md
 """
@@ -93,6 +96,13 @@ def main() -> int:
         return 0
     import onnxruntime
     import platform
+
+    import blade.backends  # noqa: F401  (ONNX Runtime's matmul competes for the peak)
+    from blade.cost import attention_flops
+    from blade.peaks import measure
+    from blade.target import detect
+
+    peaks = measure(detect())
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     rows = []
     for name in CASES:
@@ -102,9 +112,17 @@ def main() -> int:
     lines = [f"# ONNX Runtime attention ops on CPU: seq {S}, {N} heads, head dim {H}, fp32, batch 1", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; onnxruntime "
              f"{onnxruntime.__version__}. Peak = resident memory the first run adds; one layer's scores are "
-             f"{N * S * S * 4 / 2 ** 20:.0f} MiB. Time: median of 5 runs after the first.", "",
-             "| form | peak MiB | median ms | rel err vs SDPA |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {r['peak_mib']:.0f} | {r['median_ms']:.0f} | {r['rel_err']:.1e} |" for name, r in rows]
+             f"{N * S * S * 4 / 2 ** 20:.0f} MiB. Time: median of 5 runs after the first. Peaks measured in this "
+             f"run: fp32 matmul {peaks.matmul['fp32'] / 1e9:.0f} GFLOP/s, copy {peaks.bandwidth / 1e9:.0f} GB/s.", "",
+             "| form | peak MiB | median ms | MFU | MBU | rel err vs SDPA |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in rows:
+        case = CASES[name]
+        flops = attention_flops(1, N, S, S, H, H, case.get("causal", False))
+        moved = 4 * (4 * S * N * H + (S * S if case.get("bias") else 0))
+        seconds = r["median_ms"] / 1e3
+        lines.append(f"| {name} | {r['peak_mib']:.0f} | {r['median_ms']:.0f} | "
+                     f"{flops / seconds / peaks.matmul['fp32']:.0%} | {moved / seconds / peaks.bandwidth:.1%} | "
+                     f"{r['rel_err']:.1e} |")
     lines += ["", "Reproduce: `python bench/ort_attention_ops.py`", ""]
     text = "\n".join(lines)
     print(text)

@@ -19,18 +19,18 @@ Each contender's first output is checked against eager (relative error ||out - r
 then all are timed interleaved (A B C D A B C D ...) by blade.timing.time_interleaved; the median is
 reported. An untimed idle gap (--gap-ms, default 100) follows each contender: ONNX Runtime's intra-op
 worker threads spin for tens of ms after a run, and on a 2-core machine that costs whichever
-contender runs next about +50% (measured; see time_contenders). Utilization = model FLOPs / median
-time / measured fp32 peak, where
+contender runs next about +50% (measured; see time_contenders).
 
-* model FLOPs = 2 x (weight entries of every nn.Linear x the tokens that pass through it) + attention
-  matmuls 2 x 2 x layers x batch x seq^2 x hidden (QK^T and PV, counted in full, NOT halved for the
-  causal mask). Both are counted with forward hooks during one eager call, so GPT's LM head (an
-  nn.Linear whose weight is tied to the token embedding) is counted and embedding lookups are not,
-  and BERT's pooler counts for the one [CLS] token it sees;
-* peak = the best 2 n^3 / t of torch.matmul on fp32 n x n matrices (n = 1024, 2048, 3072, several
-  repeats each) with torch.set_num_threads(os.cpu_count()), measured in the same run. The same matmul
-  in an ONNX Runtime session is measured too (MKL, which torch uses, may pick slower kernels on AMD
-  CPUs than ORT's MLAS does), and utilization is also given against the higher of the two.
+Utilization, for every contender from the same figures (blade's IR of the same model):
+
+* FLOPs and bytes per call = blade.profile.model_work on blade's compiled graph at the case's
+  batch/seq: FLOPs of every matmul, attention (causal attention counts the half it computes),
+  elementwise op and reduction; bytes = the least any execution must move (weights read once,
+  inputs read, outputs written; an embedding reads only the rows it gathers);
+* peaks = blade.peaks.measure in the same run: the best 2 n^3 / t over n = 1024, 2048, 3072 and
+  5 repeats of torch.matmul and of ONNX Runtime's MatMul (MLAS beats torch's fp32 GEMM on this CPU),
+  and a 256 MB copy for bandwidth;
+* MFU = FLOPs / median time / fp32 peak, MBU = bytes / median time / copy bandwidth.
 
 Run from the repository root, in the project's venv:
 
@@ -76,14 +76,15 @@ import blade
 import blade.models as zoo
 import blade.target
 import blade.timing
-from blade.models._layers import SelfAttention
+from blade.guards import check_inputs
+from blade.peaks import Peaks, measure
+from blade.profile import model_work
 
 CASES = [("bert", 128), ("bert", 256), ("gpt", 128), ("gpt", 256)]
 BATCH = 1
 SIZE = "base"
 CONTENDERS = ("eager", "inductor", "ort", "blade")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PEAK_SIZES = (1024, 2048, 3072)
 
 
 # --------------------------------------------------------------------------- machine and peak
@@ -114,44 +115,6 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
-
-
-def _matmul_rate(n: int, call, repeats: int) -> float:
-    """2 n^3 / (best time of `repeats` calls), after one warm-up call (thread pool, packing buffers)."""
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / min(times)
-
-
-def measure_peak(sizes=PEAK_SIZES, repeats: int = 5) -> dict:
-    """Best fp32 matmul rate (FLOP/s) over square sizes and repeats: 2 n^3 / t."""
-    best: dict[int, float] = {}
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        best[n] = _matmul_rate(n, lambda: torch.matmul(a, b), repeats)
-        del a, b
-    return {"flops": max(best.values()), "by_size": {str(n): f for n, f in best.items()}, "repeats": repeats}
-
-
-def measure_ort_peak(sizes=PEAK_SIZES, repeats: int = 5) -> dict:
-    """The same square fp32 matmul in an ONNX Runtime session (MLAS kernels), for comparison."""
-    from onnx import TensorProto, helper
-
-    best: dict[int, float] = {}
-    for n in sizes:
-        spec = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "abc"]
-        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", spec[:2], spec[2:])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        session = ort.InferenceSession(model.SerializeToString(), ort_session_options(),
-                                       providers=["CPUExecutionProvider"])
-        feeds = {"a": np.random.randn(n, n).astype(np.float32), "b": np.random.randn(n, n).astype(np.float32)}
-        best[n] = _matmul_rate(n, lambda: session.run(None, feeds), repeats)
-        del session
-    return {"flops": max(best.values()), "by_size": {str(n): f for n, f in best.items()}, "repeats": repeats}
 
 
 # --------------------------------------------------------------------------- timing
@@ -194,41 +157,15 @@ def time_contenders(contenders: dict, warmup: int, repeat: int, gap_s: float) ->
     return {name: medians[name] for name in contenders}, stats
 
 
-# --------------------------------------------------------------------------- model FLOPs
+# --------------------------------------------------------------------------- model FLOPs and bytes
 
-def model_flops(model: nn.Module, inputs: tuple) -> dict:
-    """Linear and attention-matmul FLOPs of one forward call, counted with hooks (see module docstring)."""
-    counts = {"linear": 0, "attention": 0, "linear_modules": 0, "attention_layers": 0}
-    called = set()
-
-    def on_linear(module: nn.Linear, args, _out):
-        tokens = args[0].numel() // module.in_features
-        counts["linear"] += 2 * module.weight.numel() * tokens
-        called.add(id(module))
-
-    def on_attention(_module: SelfAttention, args, _out):
-        batch, seq, hidden = args[0].shape
-        counts["attention"] += 2 * 2 * batch * seq * seq * hidden  # QK^T and PV, full (not causal-halved)
-        counts["attention_layers"] += 1
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(on_linear))
-        elif isinstance(module, SelfAttention):
-            handles.append(module.register_forward_hook(on_attention))
-    try:
-        with torch.inference_mode():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    counts["linear_modules"] = len(linears)
-    counts["linear_weights"] = sum(m.weight.numel() for m in linears)
-    counts["unused_linears"] = sum(1 for m in linears if id(m) not in called)
-    counts["total"] = counts["linear"] + counts["attention"]
-    return counts
+def ir_work(cm, inputs: tuple) -> dict:
+    """FLOPs and least bytes of one call from blade's IR of the model, at these inputs' sizes."""
+    if cm is None:
+        return {"total": float("nan"), "bytes": float("nan"), "dtype": "fp32"}
+    graph = cm.graph
+    flops, least, dtype = model_work(graph, check_inputs(graph.inputs, graph.dims, cm.flat_inputs(*inputs)))
+    return {"total": flops, "bytes": least, "dtype": dtype}
 
 
 # --------------------------------------------------------------------------- inputs and checks
@@ -362,7 +299,7 @@ def blade_contender(cm, inputs: tuple, compile_s: float, details: dict) -> Conte
 
 # --------------------------------------------------------------------------- one model, its cases
 
-def run_model(name: str, seqs: list[int], args, peak: dict, workdir: Path) -> list[dict]:
+def run_model(name: str, seqs: list[int], args, peak: Peaks, workdir: Path) -> list[dict]:
     """Build `name` once, compile blade once, run every sequence length, then free it all (2 cores, 24 GB)."""
     print(f"\n== {name} {SIZE}: blade compile (dynamic batch/seq) ...", flush=True)
     model, example_inputs, dynamic_shapes = zoo.get(name, SIZE)
@@ -388,7 +325,7 @@ def run_case(name, seq, model, example_inputs, dynamic_shapes, cm, blade_s, blad
              workdir) -> dict:
     inputs = make_inputs(name, seq)
     print(f"-- {name} seq {seq} batch {BATCH}", flush=True)
-    flops = model_flops(model, inputs)
+    flops = ir_work(cm, inputs)
     with torch.inference_mode():
         ref = first_tensor(model(*inputs)).float().clone()
 
@@ -428,7 +365,7 @@ def run_case(name, seq, model, example_inputs, dynamic_shapes, cm, blade_s, blad
     return case
 
 
-def summarize(name, seq, flops, peak: dict, contenders, medians, errors) -> dict:
+def summarize(name, seq, flops, peak: Peaks, contenders, medians, errors) -> dict:
     ms = {k: v * 1e3 for k, v in medians.items()}
     eager = medians.get("eager")
     return {
@@ -437,8 +374,8 @@ def summarize(name, seq, flops, peak: dict, contenders, medians, errors) -> dict
         "ms": ms,
         "speedup_vs_eager": {k: eager / v for k, v in medians.items()} if eager else {},
         "blade_vs_ort": (medians["ort"] / medians["blade"]) if {"ort", "blade"} <= medians.keys() else None,
-        "utilization": {k: flops["total"] / v / peak["torch"] for k, v in medians.items()},
-        "utilization_vs_best_peak": {k: flops["total"] / v / peak["best"] for k, v in medians.items()},
+        "mfu": {k: flops["total"] / v / peak.flops_peak(flops["dtype"])[0] for k, v in medians.items()},
+        "mbu": {k: flops["bytes"] / v / peak.bandwidth for k, v in medians.items()},
         "achieved_gflops": {k: flops["total"] / v / 1e9 for k, v in medians.items()},
         "rel_err": errors,
         "status": {k: c.status for k, c in contenders.items()},
@@ -449,14 +386,14 @@ def summarize(name, seq, flops, peak: dict, contenders, medians, errors) -> dict
 
 # --------------------------------------------------------------------------- report
 
-def _rates(peaks: dict) -> str:
-    return ", ".join(f"n={n}: {f / 1e9:.0f}" for n, f in peaks["by_size"].items())
+def _rates(peaks: Peaks) -> str:
+    return "; ".join(f"{dtype} " + ", ".join(f"{lib} {rate / 1e9:.0f}" for lib, rate in by_lib.items())
+                     for dtype, by_lib in peaks.detail.items() if isinstance(by_lib, dict))
 
 
-def render_markdown(machine: dict, peaks: dict, cases: list[dict], args, total_s: float) -> str:
+def render_markdown(machine: dict, peaks: Peaks, cases: list[dict], args, total_s: float) -> str:
     flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in machine["flags"].items())
     names = [k for k in CONTENDERS + ("ort_dynamic",) if any(k in c["status"] for c in cases)]
-    torch_peak, ort_peak = peaks["torch_matmul"], peaks["ort_matmul"]
     lines = [
         "# blade ONNX Runtime backend vs eager, torch.compile and plain ONNX Runtime (CPU)",
         "",
@@ -464,15 +401,16 @@ def render_markdown(machine: dict, peaks: dict, cases: list[dict], args, total_s
         f"- flags: {flags}",
         f"- versions: python {machine['python']}, torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, "
         f"blade {machine['blade']}" + (f"; env {machine['malloc_env']}" if machine["malloc_env"] else ""),
-        f"- fp32 peak, measured this run with torch.matmul on n x n ({torch_peak['repeats']} repeats, best): "
-        f"**{torch_peak['flops'] / 1e9:.0f} GFLOP/s** ({_rates(torch_peak)}); the same matmul in an ONNX Runtime "
-        f"session: {ort_peak['flops'] / 1e9:.0f} GFLOP/s ({_rates(ort_peak)})",
+        f"- peaks, measured this run by blade.peaks.measure (best of n x n matmuls, n in {peaks.detail['sizes']}, "
+        f"5 repeats): **fp32 {peaks.matmul['fp32'] / 1e9:.0f} GFLOP/s**, copy **{peaks.bandwidth / 1e9:.0f} GB/s** "
+        f"(GFLOP/s by library: {_rates(peaks)})",
         f"- timing: blade.timing.time_interleaved, median of {args.repeat} rounds after {args.warmup} warm-up "
         f"rounds, {args.gap_ms:g} ms untimed idle gap after each contender; batch {BATCH}; "
         f"whole run {total_s / 60:.1f} min",
-        "- FLOPs: 2 x Linear weights x tokens through them (GPT's tied LM head included, embedding lookups not) "
-        "+ attention QK^T and PV counted in full (not halved for causal)",
-        "- util = FLOPs / median time / torch.matmul peak; util* = the same against the higher of the two peaks",
+        "- FLOPs and bytes per call from blade's IR of the model (blade.profile.model_work): every matmul, "
+        "attention (causal: the half computed), elementwise op and reduction; bytes = the least any execution "
+        "moves (weights, inputs, outputs)",
+        "- MFU = FLOPs / median time / fp32 peak; MBU = bytes / median time / copy bandwidth",
         "- contenders: eager = torch.inference_mode; inductor = torch.compile with inductor freezing, under "
         "no_grad; ort = torch.onnx.export(dynamo=True, static shapes) + ORT_ENABLE_ALL session; blade = "
         "blade.compile(backend='onnxruntime') once per model (dynamic batch/seq), cm(*inputs)"
@@ -480,7 +418,7 @@ def render_markdown(machine: dict, peaks: dict, cases: list[dict], args, total_s
         "",
     ]
     header = ["case", "GFLOP"] + [f"{n} ms" for n in names] + [f"{n} vs eager" for n in names if n != "eager"]
-    header += ["blade vs ort", "util " + " / ".join(names), "util* " + " / ".join(names)]
+    header += ["blade vs ort", "MFU " + " / ".join(names), "MBU " + " / ".join(names)]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for c in cases:
@@ -489,7 +427,7 @@ def render_markdown(machine: dict, peaks: dict, cases: list[dict], args, total_s
         row += [f"{c['speedup_vs_eager'][n]:.2f}x" if n in c["speedup_vs_eager"] else "-" for n in names
                 if n != "eager"]
         row.append(f"{c['blade_vs_ort']:.2f}x" if c["blade_vs_ort"] else "-")
-        for key in ("utilization", "utilization_vs_best_peak"):
+        for key in ("mfu", "mbu"):
             row.append(" / ".join(f"{100 * c[key][n]:.0f}%" if n in c[key] else "-" for n in names))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "x eager = eager time / contender time; blade vs ort = plain ORT time / blade time "
@@ -558,22 +496,20 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     machine = machine_info()
     print(f"machine: {machine['target']}; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}", flush=True)
-    sizes, repeats = ((1024, 2048), 2) if args.quick else (PEAK_SIZES, 5)
-    peaks = {"torch_matmul": measure_peak(sizes, repeats), "ort_matmul": measure_ort_peak(sizes, repeats)}
-    peak = {"torch": peaks["torch_matmul"]["flops"], "best": max(p["flops"] for p in peaks.values())}
-    print(f"fp32 matmul peak: torch {_rates(peaks['torch_matmul'])}; ort {_rates(peaks['ort_matmul'])} GFLOP/s",
-          flush=True)
+    sizes, repeats = ((1024, 2048), 2) if args.quick else (None, 5)
+    peaks = measure(blade.target.detect(), sizes, repeats)
+    print(f"peaks: {peaks.describe()} ({_rates(peaks)})", flush=True)
 
     cases = []
     with tempfile.TemporaryDirectory(prefix="bench-ort-") as tmp:
         for name in args.models:
             seqs = [s for m, s in CASES if m == name]
-            cases += run_model(name, seqs, args, peak, Path(tmp))
+            cases += run_model(name, seqs, args, peaks, Path(tmp))
     total = time.perf_counter() - start
 
     markdown = render_markdown(machine, peaks, cases, args, total)
     print("\n" + markdown)
-    write_results(markdown, {"machine": machine, "peak": peaks, "args": vars(args), "total_s": total,
+    write_results(markdown, {"machine": machine, "peaks": peaks.as_dict(), "args": vars(args), "total_s": total,
                              "cases": cases}, args.out)
     print(f"wrote {args.out}.md and {args.out.name}.json; total {total:.0f} s", flush=True)
     return 0
