@@ -144,6 +144,11 @@ def test_profile_of_an_artifact_and_bad_targets(capsys, tmp_path):
     assert code == 1 and "--batch/--seq/--past size zoo models only" in err
     code, _, err = run_cli(capsys, "profile", str(tmp_path / "m.blade"), "--backend", "eager")
     assert code == 1 and "compiled for backend 'onnxruntime'" in err
+    program = torch.export.export(model, example, dynamic_shapes=dims)
+    torch.export.save(program, tmp_path / "m.pt2")
+    code, out, err = run_cli(capsys, "profile", str(tmp_path / "m.pt2"), "--backend", "eager", "--json", "--repeat", "2")
+    assert code == 0, err
+    assert json.loads(out)["backend"] == "eager" and json.loads(out)["dims"] == {"batch": 2}
     code, _, err = run_cli(capsys, "profile", "no_such_model")
     assert code == 1 and "give a zoo model" in err
     code, _, err = run_cli(capsys, "profile", "mlp", "--seq", "5")
