@@ -30,6 +30,7 @@ class RegionTiming:
     seconds: float  # median per call
 
 
+@runtime_checkable
 class Profiled(Protocol):
     """An executable that can time its own regions: profile(tensors, warmup, repeat) -> [RegionTiming]."""
 

@@ -69,8 +69,10 @@ def _bench(model, example_inputs, compiled, args, progress) -> dict:
     with torch.no_grad():
         medians = time_interleaved({"eager": lambda: model(*example_inputs), "blade": lambda: compiled.run_flat(flat)},
                                    warmup=args.warmup, repeat=args.repeat, device=compiled.target.device)
-    flops, least, dtype = model_work(compiled.graph, check_inputs(compiled.graph.inputs, compiled.graph.dims, flat))
-    peaks = machine_peaks(compiled.target)
+    dims = check_inputs(compiled.graph.inputs, compiled.graph.dims, flat)
+    flops, least, dtype = model_work(compiled.graph, dims, device=compiled.target.device)
+    progress("utilization against this machine's peaks (measured once, about 10 s, then cached)")
+    peaks = machine_peaks(compiled.target, refresh=args.remeasure_peaks)
     figures = {name: utilization(flops, least, seconds, peaks, dtype) for name, seconds in medians.items()}
     return {"eager_ms": medians["eager"] * 1e3, "blade_ms": medians["blade"] * 1e3,
             "speedup": medians["eager"] / medians["blade"], "target": compiled.target.describe(),
@@ -151,12 +153,17 @@ def cmd_bench(args, progress) -> int:
 
 
 def cmd_profile(args, progress) -> int:
+    from blade.peaks import machine_peaks
     from blade.profile import profile, render
+    from blade.roofline import check_plot_path
 
+    if args.plot:
+        check_plot_path(args.plot)  # before minutes of profiling, not after
     compiled, flat = _profile_target(args, progress)
-    progress(f"profiling on {compiled.backend} ({args.warmup} warm-up, {args.repeat} timed runs; the machine's "
-             "peaks are measured once and cached)")
-    result = profile(compiled, flat, warmup=args.warmup, repeat=args.repeat)
+    progress("this machine's peaks (measured once, about 10 s, then cached)")
+    peaks = machine_peaks(compiled.target, refresh=args.remeasure_peaks)
+    progress(f"profiling on {compiled.backend} ({args.warmup} warm-up, {args.repeat} timed runs)")
+    result = profile(compiled, flat, warmup=args.warmup, repeat=args.repeat, peaks=peaks)
     if args.plot:
         result.plot(args.plot)
         progress(f"wrote roofline {args.plot}")
@@ -264,6 +271,16 @@ def cmd_demo(args, progress) -> int:
     return 0 if ok else 1
 
 
+def _count(least: int):
+    """An argparse type: an int of at least `least`."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     import blade
     import blade.backends
@@ -280,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--optimize", "-O", type=int, default=DEFAULT_OPTIMIZE, choices=OPTIMIZE_LEVELS,
                            help="pass pipeline level")
         if bench_options:
-            p.add_argument("--warmup", type=int, default=3)
-            p.add_argument("--repeat", type=int, default=20)
+            p.add_argument("--warmup", type=_count(0), default=3)
+            p.add_argument("--repeat", type=_count(1), default=20)
+            p.add_argument("--remeasure-peaks", action="store_true",
+                           help="measure this machine's matmul and copy peaks again instead of using the cache")
         return p
 
     p = common(sub.add_parser("compile", help="compile a model into an artifact"), compile_options=True)

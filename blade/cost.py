@@ -183,11 +183,13 @@ MOVES = {
     aten.ones_like.default, aten.zeros_like.default, aten.full_like.default, aten.constant_pad_nd.default,
     torch.ops.prims.convert_element_type.default,
 }
+MATMULS = {aten.linear.default: _linear, aten.addmm.default: _addmm, aten.mm.default: _matmul,
+           aten.bmm.default: _matmul, aten.matmul.default: _matmul}
+CONVOLUTIONS = {aten.conv1d.default: _convolution, aten.conv2d.default: _convolution,
+                aten.convolution.default: _convolution}
+ATTENTIONS = {FLASH_ATTENTION: _flash_attention, aten.scaled_dot_product_attention.default: _sdpa}
 FLOP_RULES = {
-    aten.linear.default: _linear, aten.addmm.default: _addmm, aten.mm.default: _matmul, aten.bmm.default: _matmul,
-    aten.matmul.default: _matmul, aten.conv2d.default: _convolution, aten.convolution.default: _convolution,
-    aten.conv1d.default: _convolution, FLASH_ATTENTION: _flash_attention,
-    aten.scaled_dot_product_attention.default: _sdpa,
+    **MATMULS, **CONVOLUTIONS, **ATTENTIONS,
     **{op: _per_output_element for op in ELEMENTWISE},
     **{op: _per_input_element for op in REDUCTIONS},
     **{op: _nothing for op in MOVES},
@@ -219,12 +221,9 @@ def op_name(node: Node) -> str:
     return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", repr(target))
 
 
-KINDS = {FLASH_ATTENTION: "attention", aten.scaled_dot_product_attention.default: "attention",
-         **{op: "conv" for op in (aten.conv1d.default, aten.conv2d.default, aten.convolution.default)},
-         **{op: "matmul" for op in (aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default,
-                                    aten.matmul.default)},
-         **{op: "reduction" for op in REDUCTIONS}, **{op: "elementwise" for op in ELEMENTWISE},
-         **{op: "move" for op in MOVES}, **{op: "view" for op in FREE}}
+KINDS = {**{op: "attention" for op in ATTENTIONS}, **{op: "conv" for op in CONVOLUTIONS},
+         **{op: "matmul" for op in MATMULS}, **{op: "reduction" for op in REDUCTIONS},
+         **{op: "elementwise" for op in ELEMENTWISE}, **{op: "move" for op in MOVES}, **{op: "view" for op in FREE}}
 # A region's kind is its most telling member's: attention over matmul over … over views.
 KIND_ORDER = ("attention", "conv", "matmul", "reduction", "elementwise", "move", "unknown", "view")
 
@@ -249,20 +248,34 @@ def _aliases(node: Node) -> bool:
 def region_cost(graph: Graph, members, costs: GraphCost | None = None) -> Cost:
     """FLOPs of the member nodes and the bytes that cross the region's boundary.
 
-    Views alias their source, so a region reads what its computing nodes read from outside (through
-    any views) and writes what they produce that is used outside or returned.
+    Views alias their source: a region reads each outside tensor its computing nodes use (through
+    any views: a slice reads its part, an expand no more than its source) at most once, and writes
+    what they produce that is returned or read by a computing node outside.
     """
     costs = costs or graph_cost(graph)
     inside = {n for n in members if not _aliases(n)}
     flops = sum((costs.nodes[n.name].flops for n in members if n.name in costs.nodes), 0)
-    reads: dict[Node, Size] = {}
+    reads: dict[Node, list[Size]] = {}  # outside tensor -> the bytes each use of it reads
     for node in inside:
         for ref in node.refs():
-            if _root(ref) not in inside and not isinstance(ref.val, ScalarMeta):
-                reads[ref] = _larger(reads.get(ref, 0), read_bytes(node, ref))
-    written = [n for n in inside if _escapes(graph, n, inside)]
-    moved = sum(reads.values(), 0) + sum((tensor_bytes(m) for n in written for m in _tensor_metas(n.val)), 0)
-    return Cost(_size(flops), _size(moved))
+            root = _root(ref)
+            if root not in inside and _tensor_metas(ref.val):
+                reads.setdefault(root, []).append(read_bytes(node, ref))
+    read = sum((_at_most(sum(parts, 0), _value_bytes(root)) for root, parts in reads.items()), 0)
+    written = sum((_written_bytes(graph, n, inside) for n in inside), 0)
+    return Cost(_size(flops), _size(read + written))
+
+
+def _value_bytes(node: Node) -> Size:
+    return sum((tensor_bytes(m) for m in _tensor_metas(node.val)), 0)
+
+
+def _at_most(size: Size, cap: Size) -> Size:
+    if size == cap:
+        return size
+    if isinstance(size, int) and isinstance(cap, int):
+        return min(size, cap)
+    return sympy.Min(size, cap)
 
 
 def _root(node: Node) -> Node:
@@ -272,28 +285,32 @@ def _root(node: Node) -> Node:
     return node
 
 
+def _written_bytes(graph: Graph, node: Node, inside: set[Node]) -> Size:
+    """The bytes of the node's outputs that escape the region (each element of a tuple on its own)."""
+    if isinstance(node.val, tuple) and not graph.is_output(node):
+        parts = [u for u in graph.users(node) if u.target is operator.getitem and isinstance(u.val, TensorMeta)]
+        return sum((tensor_bytes(u.val) for u in parts if _escapes(graph, u, inside)), 0)
+    return _value_bytes(node) if _escapes(graph, node, inside) else 0
+
+
 def _escapes(graph: Graph, node: Node, inside: set[Node]) -> bool:
-    """Whether the node's value (or a view of it) is returned or read by a computing node outside."""
+    """Whether the node's value (or a view of it) is returned or read by a computing node outside;
+    size queries (sym_size) and views that only take its sizes do not count."""
     stack, seen = [node], set()
     while stack:
         current = stack.pop()
         if graph.is_output(current):
             return True
         for user in graph.users(current):
-            if user in seen:
+            if user in seen or isinstance(user.val, ScalarMeta) or user.val is None:
                 continue
             seen.add(user)
             if _aliases(user):
-                stack.append(user)
+                if user.args and user.args[0] is current:
+                    stack.append(user)
             elif user not in inside:
                 return True
     return False
-
-
-def _larger(a: Size, b: Size) -> Size:
-    if isinstance(a, int) and isinstance(b, int):
-        return max(a, b)
-    return sympy.Max(a, b)
 
 
 def graph_cost(graph: Graph) -> GraphCost:

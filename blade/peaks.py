@@ -7,6 +7,7 @@ Bandwidth is a large copy (read + write). On known GPUs the datasheet peaks are 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from blade.errors import BackendError
 from blade.target import Target
 
 FORMAT = 1  # bump when what is measured changes: old cache entries are then measured again
@@ -106,8 +108,10 @@ def device_label(target: Target) -> str:
 
 
 def cache_key(target: Target) -> str:
+    """Device, threads and library versions: a change in any of them measures again."""
     libraries = ",".join(f"{lib} {version}" for lib, (_, version) in sorted(_PROBES.items()))
-    return f"v{FORMAT}|{device_label(target)}|torch {torch.__version__}|{libraries}"
+    threads = f"{torch.get_num_threads()} threads" if target.device == "cpu" else ""
+    return f"v{FORMAT}|{device_label(target)}|{threads}|torch {torch.__version__}|{libraries}"
 
 
 def cache_path() -> Path:
@@ -120,7 +124,10 @@ def machine_peaks(target: Target, *, refresh: bool = False) -> Peaks:
     path, key = cache_path(), cache_key(target)
     entries = _read_cache(path)
     if not refresh and key in entries:
-        return Peaks.from_dict(entries[key])
+        try:
+            return Peaks.from_dict(entries[key])
+        except (TypeError, KeyError):
+            pass  # an entry of another shape (edited by hand, older blade): measure again
     peaks = measure(target)
     entries[key] = peaks.as_dict()
     _write_cache(path, entries)
@@ -152,10 +159,11 @@ GPU_SIZES = (4096, 8192)
 REPEATS = 5
 
 
-def measure(target: Target, sizes: tuple[int, ...] | None = None, repeats: int = REPEATS) -> Peaks:
+def measure(target: Target, sizes: tuple[int, ...] | None = None, repeats: int | None = None) -> Peaks:
     """Measure every dtype the device supports with every probe; keep the best of each."""
     start = time.perf_counter()
     sizes = sizes or (GPU_SIZES if target.device == "cuda" else CPU_SIZES)
+    repeats = repeats or REPEATS
     matmul, detail = {}, {}
     for dtype in supported_dtypes(target):
         rates = {}
@@ -166,6 +174,9 @@ def measure(target: Target, sizes: tuple[int, ...] | None = None, repeats: int =
         if rates:
             detail[dtype] = rates
             matmul[dtype] = max(rates.values())
+    if "fp32" not in matmul:
+        raise BackendError(f"no probe could run an fp32 matmul on {device_label(target)}: the peaks cannot be "
+                           "measured; check that torch runs on this device")
     bandwidth = _copy_bandwidth(target.device, repeats)
     detail["sizes"], detail["seconds"] = list(sizes), time.perf_counter() - start
     return Peaks(device_label(target), matmul, bandwidth, detail,
@@ -177,7 +188,8 @@ def supported_dtypes(target: Target) -> list[str]:
     """fp32 always; bf16/int8 where the CPU has the instructions; tf32/fp16/bf16/int8 (fp8 on sm_89+) on GPUs."""
     if target.device == "cuda":
         dtypes = ["fp32", "tf32", "bf16", "fp16", "int8"]
-        major, minor = (int(c) for c in target.arch.removeprefix("sm_")[:2])
+        digits = re.fullmatch(r"sm_(\d+)(\d)[a-z]?", target.arch)
+        major, minor = (int(digits.group(1)), int(digits.group(2))) if digits else (0, 0)
         if (major, minor) >= (8, 9) and TORCH_DTYPES["fp8_e4m3"] is not None:
             dtypes.append("fp8_e4m3")
         return dtypes
@@ -185,7 +197,7 @@ def supported_dtypes(target: Target) -> list[str]:
     dtypes = ["fp32"]
     if features & {"avx512_bf16", "amx_bf16"}:
         dtypes.append("bf16")
-    if features & {"avx512_fp16", "amx_tile"}:
+    if features & {"avx512_fp16", "amx_fp16"}:
         dtypes.append("fp16")
     if features & {"avx512_vnni", "amx_int8", "asimd"}:
         dtypes.append("int8")
@@ -234,21 +246,33 @@ def _torch_probe(device: str, dtype: str, n: int):
         a = torch.randn(n, n, device=device).to(TORCH_DTYPES[dtype])
         b = torch.randn(n, n, device=device).to(TORCH_DTYPES[dtype]).t()  # _scaled_mm wants column-major b
         one = torch.ones((), device=device)
-        return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True)
     a = torch.randn(n, n, device=device, dtype=TORCH_DTYPES[dtype])
     b = torch.randn(n, n, device=device, dtype=TORCH_DTYPES[dtype])
     if device != "cuda":
         return lambda: torch.matmul(a, b)
-    allow = dtype == "tf32"
 
     def run():
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = allow
-        try:
+        with _tf32(dtype == "tf32"):
             return torch.matmul(a, b)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
     return run
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool):
+    """TF32 on or off for CUDA fp32 matmuls, through whichever API this torch has (mixing the legacy
+    allow_tf32 flag with fp32_precision raises in new versions)."""
+    settings = torch.backends.cuda.matmul
+    if hasattr(settings, "fp32_precision"):
+        name, value = "fp32_precision", "tf32" if allowed else "ieee"
+    else:
+        name, value = "allow_tf32", allowed
+    previous = getattr(settings, name)
+    setattr(settings, name, value)
+    try:
+        yield
+    finally:
+        setattr(settings, name, previous)
 
 
 def _copy_bandwidth(device: str, repeats: int) -> float:

@@ -4,24 +4,27 @@ A region is whatever the backend runs as one unit (an ONNX Runtime node with the
 an IR node in PyTorch). Its FLOPs and the bytes crossing its boundary come from the IR at the
 call's sizes; MFU = FLOPs / time / the measured matmul peak of its dtype, MBU = bytes / time /
 the measured copy bandwidth. The model's bytes are the least any execution moves (weights,
-inputs, outputs); its time is the end-to-end median measured in the same call.
+inputs, outputs); its time is the end-to-end median of calls timed just before and just after the
+regions, in the same call.
 """
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from blade.backends import Profiled
 from blade.cost import GraphCost, graph_cost, region_cost, region_kind
 from blade.errors import BackendError
 from blade.guards import check_inputs
 from blade.ir import Graph, Node
 from blade.peaks import DTYPE_NAMES, Peaks, machine_peaks
-from blade.report import _json_safe
+from blade.report import json_safe
 from blade.shapes import evaluate
-from blade.timing import time_interleaved
+from blade.timing import sample_interleaved
 
 
 @dataclass
@@ -39,6 +42,7 @@ class RegionProfile:
     bound: str  # "compute", "memory" or "overhead" (neither FLOPs nor bytes)
     intensity: float | None  # FLOP per byte; None when it moves no bytes
     lost_ms: float  # time above the roof: time - max(FLOPs / peak, bytes / bandwidth)
+    peak_dtype: str  # whose matmul peak MFU is against (dtype, or fp32 where dtype's was not measured)
     dtype: str
     bytes_unfused: int  # what its nodes would move one by one
     nodes: list[str] = field(default_factory=list)
@@ -57,11 +61,13 @@ class Profile:
     regions: list[RegionProfile]
     peaks: Peaks
     unknown_ops: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return _json_safe({"model": self.model, "regions": [asdict(r) for r in self.regions],
-                           "peaks": self.peaks.as_dict(), "machine": self.machine, "model_name": self.model_name,
-                           "backend": self.backend, "dims": self.dims, "unknown_ops": self.unknown_ops})
+        return json_safe({"model": self.model, "regions": [asdict(r) for r in self.regions],
+                          "peaks": self.peaks.as_dict(), "machine": self.machine, "model_name": self.model_name,
+                          "backend": self.backend, "dims": self.dims, "unknown_ops": self.unknown_ops,
+                          "warnings": self.warnings})
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.as_dict(), indent=indent)
@@ -84,47 +90,69 @@ def profile(compiled, tensors: list[torch.Tensor], *, warmup: int = 3, repeat: i
             peaks: Peaks | None = None) -> Profile:
     """Time the compiled model end to end and region by region on `tensors` (flat, checked inputs)."""
     executable = compiled.executable
-    if not hasattr(executable, "profile"):
+    if not isinstance(executable, Profiled):
         raise BackendError(f"backend {compiled.backend!r} cannot profile its regions yet; profile with "
                            "backend='eager' or 'onnxruntime'")
     graph: Graph = compiled.graph
     dims = check_inputs(graph.inputs, graph.dims, tensors)
     costs = graph_cost(graph)
     peaks = peaks or machine_peaks(compiled.target)
-    with torch.no_grad():
-        seconds = time_interleaved({"model": lambda: compiled.run_flat(tensors)}, warmup=warmup, repeat=repeat,
-                                   device=compiled.target.device)["model"]
-    timings = executable.profile(tensors, warmup, repeat)
-    regions = [_region(graph, costs, dims, peaks, t) for t in timings]
-    return Profile(graph.name, compiled.backend, peaks.device, dims,
-                   _model(graph, costs, dims, peaks, seconds, regions), regions, peaks, dict(costs.unknown))
+    call = {"model": lambda: compiled.run_flat(tensors)}
+    device = compiled.target.device
+    with torch.no_grad():  # end-to-end samples before and after the regions', so drift hits both alike
+        samples = sample_interleaved(call, warmup=warmup, repeat=(repeat + 1) // 2, device=device)["model"]
+        timings = executable.profile(tensors, warmup, repeat)
+        samples += sample_interleaved(call, warmup=1, repeat=max(repeat // 2, 1), device=device)["model"]
+    seconds = statistics.median(samples)
+    regions = [_region(graph, costs, dims, peaks, t, device) for t in timings]
+    model = _model(graph, costs, dims, peaks, seconds, regions, device)
+    return Profile(graph.name, compiled.backend, peaks.device, dims, model, regions, peaks, dict(costs.unknown),
+                   _warnings(compiled, model, peaks))
 
 
-def _region(graph: Graph, costs: GraphCost, dims: dict, peaks: Peaks, timing) -> RegionProfile:
+def _warnings(compiled, model: dict, peaks: Peaks) -> list[str]:
+    """What makes these figures less than they seem."""
+    found = []
+    if compiled.backend == "onnxruntime" and compiled.target.device == "cuda":
+        found.append("ONNX Runtime's per-node times on CUDA are host-side (launch) times, not kernel times: "
+                     "region MFU/MBU are not kernel figures (the model's are)")
+    if model["flops"] and model["flops_in_regions"] < 0.9 * model["flops"]:
+        found.append(f"only {model['flops_in_regions'] / model['flops']:.0%} of the model's FLOPs were joined to a "
+                     "region (an artifact from an older blade, or an exporter that drops node metadata)")
+    if model["peak_dtype"] != model["dtype"]:
+        found.append(f"no {model['dtype']} peak was measured on this machine: MFU is against the "
+                     f"{model['peak_dtype']} peak")
+    if model["mfu"] > 1 or model["mbu"] > 1:
+        found.append("utilization above 100 %: the cached peaks are too low (measured on a busy machine?); "
+                     "measure again with --remeasure-peaks")
+    return found
+
+
+def _region(graph: Graph, costs: GraphCost, dims: dict, peaks: Peaks, timing, device: str) -> RegionProfile:
     members = [graph.node(name) for name in timing.nodes]
     cost = region_cost(graph, members, costs)
     flops, moved = evaluate(cost.flops, dims), evaluate(cost.bytes, dims)
     unfused = sum(evaluate(costs.nodes[n.name].bytes, dims) for n in members if n.name in costs.nodes)
-    dtype = compute_dtype(members, costs, dims)
+    dtype = compute_dtype(members, costs, dims, device)
     figures = utilization(flops, moved, timing.seconds, peaks, dtype)
     return RegionProfile(timing.name, region_kind(members), timing.engine, timing.seconds * 1e3, flops, moved,
                          dtype=dtype, bytes_unfused=unfused, nodes=list(timing.nodes), ops=list(timing.ops), **figures)
 
 
-def model_work(graph: Graph, dims: dict[str, int], costs: GraphCost | None = None) -> tuple[int, int, str]:
+def model_work(graph: Graph, dims: dict[str, int], costs: GraphCost | None = None,
+               device: str = "cpu") -> tuple[int, int, str]:
     """(FLOPs, least bytes, compute dtype) of one call of the whole graph at these dim values."""
     costs = costs or graph_cost(graph)
     least = region_cost(graph, graph.call_nodes, costs).bytes
-    return evaluate(costs.flops, dims), evaluate(least, dims), compute_dtype(graph.call_nodes, costs, dims)
+    return evaluate(costs.flops, dims), evaluate(least, dims), compute_dtype(graph.call_nodes, costs, dims, device)
 
 
 def _model(graph: Graph, costs: GraphCost, dims: dict, peaks: Peaks, seconds: float,
-           regions: list[RegionProfile]) -> dict:
-    flops, least, dtype = model_work(graph, dims, costs)
+           regions: list[RegionProfile], device: str) -> dict:
+    flops, least, dtype = model_work(graph, dims, costs, device)
     figures = utilization(flops, least, seconds, peaks, dtype)
     region_ms = sum(r.time_ms for r in regions)
-    unfused = sum(evaluate(c.bytes, dims) for c in costs.nodes.values())
-    in_regions = sum(r.bytes for r in regions)
+    unfused, in_regions = sum(r.bytes_unfused for r in regions), sum(r.bytes for r in regions)
     return {"time_ms": seconds * 1e3, "flops": flops, "bytes": least, "dtype": dtype, **figures,
             "regions_time_ms": region_ms, "coverage": region_ms / (seconds * 1e3),
             "flops_in_regions": sum(r.flops for r in regions),
@@ -132,21 +160,22 @@ def _model(graph: Graph, costs: GraphCost, dims: dict, peaks: Peaks, seconds: fl
 
 
 def utilization(flops: int, moved: int, seconds: float, peaks: Peaks, dtype: str) -> dict:
-    """mfu, mbu, bound, intensity and lost_ms of work that took `seconds`."""
-    peak, _ = peaks.flops_peak(dtype)
+    """mfu, mbu, bound, intensity, lost_ms and peak_dtype of work that took `seconds`."""
+    peak, peak_dtype = peaks.flops_peak(dtype)
     roof_s = max(flops / peak, moved / peaks.bandwidth)
     intensity = flops / moved if moved else None
-    if flops and (intensity is None or intensity >= peaks.ridge(dtype)):
+    if flops and (intensity is None or intensity >= peak / peaks.bandwidth):
         bound = "compute"
     else:
         bound = "memory" if moved else "overhead"
     rate = 1 / seconds if seconds > 0 else 0.0
     return {"mfu": flops * rate / peak, "mbu": moved * rate / peaks.bandwidth, "bound": bound,
-            "intensity": intensity, "lost_ms": max(seconds - roof_s, 0.0) * 1e3}
+            "intensity": intensity, "lost_ms": max(seconds - roof_s, 0.0) * 1e3, "peak_dtype": peak_dtype}
 
 
-def compute_dtype(nodes, costs: GraphCost, dims: dict) -> str:
-    """The dtype of the inputs of the node with the most FLOPs (fp32 when none computes)."""
+def compute_dtype(nodes, costs: GraphCost, dims: dict, device: str = "cpu") -> str:
+    """The dtype of the inputs of the node with the most FLOPs (fp32 when none computes); fp32 on a
+    GPU counts as tf32 when torch lets matmuls use TF32 (torch.set_float32_matmul_precision)."""
     best: Node | None = None
     most = 0
     for node in nodes:
@@ -157,7 +186,10 @@ def compute_dtype(nodes, costs: GraphCost, dims: dict) -> str:
     if best is None:
         return "fp32"
     tensor_args = [r for r in best.refs() if hasattr(r.val, "dtype")]
-    return DTYPE_NAMES.get(tensor_args[0].val.dtype, "fp32") if tensor_args else "fp32"
+    dtype = DTYPE_NAMES.get(tensor_args[0].val.dtype, "fp32") if tensor_args else "fp32"
+    if dtype == "fp32" and device == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return dtype
 
 
 # -- text ----------------------------------------------------------------------------------------
@@ -168,7 +200,7 @@ def render(p: Profile, top: int = 15) -> str:
     peak, used = p.peaks.flops_peak(m["dtype"])
     lines = [
         f"blade profile: {p.model_name} on {p.backend} ({p.machine}), {dims}",
-        f"  peaks     {used} matmul {_rate(peak, 'FLOP/s')}, copy {_rate(p.peaks.bandwidth, 'B/s')} "
+        f"  peaks     {used} matmul {_amount(peak, 'FLOP/s')}, copy {_amount(p.peaks.bandwidth, 'B/s')} "
         f"(ridge {p.peaks.ridge(used):.1f} FLOP/B; measured {p.peaks.measured_at})",
         f"  model     {m['time_ms']:.3f} ms, {_amount(m['flops'], 'FLOP')}, {_amount(m['bytes'], 'B')} at least "
         f"-> MFU {_pct(m['mfu'])}, MBU {_pct(m['mbu'])}, {m['bound']}-bound",
@@ -176,6 +208,7 @@ def render(p: Profile, top: int = 15) -> str:
         f"bytes node by node {_amount(m['bytes_unfused'], 'B')}, across region boundaries "
         f"{_amount(m['bytes_in_regions'], 'B')} (fusion saved {_amount(m['bytes_saved_by_fusion'], 'B')})",
     ]
+    lines += [f"  warning   {w}" for w in p.warnings]
     if p.unknown_ops:
         lines.append("  unknown   " + ", ".join(f"{op} x{n}" for op, n in sorted(p.unknown_ops.items()))
                      + " (counted as 0 FLOPs and 0 bytes)")
@@ -190,10 +223,6 @@ def render(p: Profile, top: int = 15) -> str:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
-
-
-def _rate(x: float, unit: str) -> str:
-    return _amount(x, unit)
 
 
 def _amount(x: float, unit: str) -> str:

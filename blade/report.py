@@ -32,7 +32,7 @@ class CompileReport:
     def as_dict(self) -> dict:
         data = {k: v for k, v in self.__dict__.items() if k != "accuracy"}
         data["accuracy"] = self.accuracy.as_dict() if self.accuracy else None
-        return _json_safe(data)
+        return json_safe(data)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.as_dict(), indent=indent)
@@ -78,12 +78,12 @@ class CompileReport:
         return "\n".join(lines)
 
 
-def _json_safe(value):
+def json_safe(value):
     """Non-finite floats as strings, so the report is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

@@ -7,19 +7,31 @@ from pathlib import Path
 from blade.errors import ConfigError
 
 
+SUFFIXES = (".svg", ".png", ".pdf")
+
+
+def check_plot_path(path) -> None:
+    """Refuse a path the plot cannot be written to, or a missing matplotlib, before any work is done."""
+    if Path(path).suffix.lower() not in SUFFIXES:
+        raise ConfigError(f"cannot draw the roofline as {path!r}: give a file ending in {', '.join(SUFFIXES)}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError("the roofline plot needs matplotlib: pip install 'blade-compiler[plot]'") from None
+    if not Path(path).resolve().parent.is_dir():
+        raise ConfigError(f"cannot write the roofline to {path}: folder {Path(path).parent} does not exist")
+
+
 def plot(profile, path) -> None:
     """Write the picture to `path` (.svg, .png or .pdf); regions without FLOPs or bytes cannot sit on
     log axes and are counted in the title instead."""
-    try:
-        import matplotlib
+    check_plot_path(path)
+    from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend stays as it was
 
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-    except ImportError:
-        raise ConfigError("the roofline plot needs matplotlib: pip install 'blade-compiler[plot]'") from None
     peaks = profile.peaks
     placed = [r for r in profile.regions if r.flops > 0 and r.bytes > 0 and r.time_ms > 0]
-    figure, axes = plt.subplots(figsize=(8, 5.5))
+    figure = Figure(figsize=(8, 5.5))
+    axes = figure.subplots()
     low = min([r.intensity for r in placed] + [0.1]) / 2
     high = max([r.intensity for r in placed] + [peaks.ridge(d) for d in peaks.matmul]) * 4
     for dtype, peak in sorted(peaks.matmul.items(), key=lambda item: item[1]):
@@ -48,4 +60,3 @@ def plot(profile, path) -> None:
     axes.grid(True, which="both", linewidth=0.3, alpha=0.5)
     figure.tight_layout()
     figure.savefig(Path(path))
-    plt.close(figure)

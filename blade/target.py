@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
-              "amx_int8", "asimd", "sve")
+              "amx_int8", "amx_fp16", "asimd", "sve")
 
 
 @dataclass(frozen=True)

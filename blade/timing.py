@@ -16,6 +16,13 @@ def _sync(device: str) -> None:
 def time_interleaved(contenders: dict[str, Callable[[], object]], *, warmup: int = 3, repeat: int = 20,
                      device: str = "cpu") -> dict[str, float]:
     """Median seconds per call of each contender, timed in alternation so drift hits all alike."""
+    samples = sample_interleaved(contenders, warmup=warmup, repeat=repeat, device=device)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def sample_interleaved(contenders: dict[str, Callable[[], object]], *, warmup: int = 3, repeat: int = 20,
+                       device: str = "cpu") -> dict[str, list[float]]:
+    """Seconds of every timed call of each contender, in alternation, after `warmup` untimed rounds."""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
@@ -27,4 +34,4 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], *, warmup: int
             fn()
             _sync(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return samples

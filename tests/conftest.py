@@ -6,7 +6,8 @@ import tempfile
 import torch
 
 os.environ.setdefault("BLADE_DEBUG", "1")
-# Machine peaks are measured once per test session (CLI subprocesses inherit it), not read from ~/.cache.
-os.environ.setdefault("BLADE_CACHE_DIR", tempfile.mkdtemp(prefix="blade-test-cache-"))
+# The tests' own peaks cache (CLI subprocesses inherit it), not the user's ~/.cache: measured on the
+# first run on a machine, then reused (entries are keyed by device, threads and versions).
+os.environ.setdefault("BLADE_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"blade-test-cache-{os.getuid()}"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

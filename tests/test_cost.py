@@ -9,8 +9,8 @@ from torch.export import Dim
 import blade
 import blade.models as zoo
 from blade.capture import capture
-from blade.cost import graph_cost, node_cost
-from blade.ir import Graph
+from blade.cost import graph_cost, node_cost, node_kind, region_cost
+from blade.ir import Graph, ScalarMeta, TensorMeta
 from blade.ops import FLASH_ATTENTION
 from helpers import Apply
 
@@ -94,3 +94,54 @@ def test_bert_base_flops_are_the_weights_times_tokens_plus_attention():
     hidden = linears[0].in_features
     expected = 2 * sum(m.weight.numel() for m in linears) * batch * seq + 2 * 2 * layers * batch * seq * seq * hidden
     assert abs(flops - expected) / expected < 0.01, (flops, expected)
+
+
+def test_region_cost_counts_only_what_crosses_the_boundary():
+    def fused_then_scaled(x, w1, w2):
+        return torch.nn.functional.gelu(x @ w1).reshape(64) * w2
+
+    cm = blade.compile(Apply(fused_then_scaled), (torch.randn(4, 8), torch.randn(8, 16), torch.randn(64)),
+                       backend="eager", optimize=0)
+    graph = cm.graph
+    (matmul,) = [n for n in graph.call_nodes if node_kind(n) == "matmul"]
+    (gelu,) = [n for n in graph.call_nodes if n.target is torch.ops.aten.gelu.default]
+    fused = region_cost(graph, [matmul, gelu])
+    assert fused.flops == 2 * 4 * 16 * 8 + 4 * 16
+    assert fused.bytes == 4 * (4 * 8 + 8 * 16 + 4 * 16)  # x and w1 in, gelu out (read through a view): no intermediate
+    assert region_cost(graph, [gelu]).bytes == 4 * (4 * 16 + 4 * 16)
+    views = [n for n in graph.call_nodes if node_kind(n) == "view"]
+    assert views and region_cost(graph, views) == region_cost(graph, []) and region_cost(graph, views).bytes == 0
+    whole = region_cost(graph, graph.call_nodes)
+    assert whole.bytes == 4 * (4 * 8 + 8 * 16 + 64 + 64)  # inputs and the output: the least any execution moves
+
+
+def whole_bytes(fn, *inputs):
+    cm = blade.compile(Apply(fn), inputs, backend="eager", optimize=0, check_accuracy=False)
+    return region_cost(cm.graph, cm.graph.call_nodes).bytes, cm.graph
+
+
+def test_a_tensor_is_read_once_and_an_expand_no_more_than_its_source():
+    x, y = torch.randn(64, 256), torch.randn(1, 256)
+    moved, _ = whole_bytes(lambda a, b: a * b.expand(64, 256), x, y)
+    assert moved == 4 * (64 * 256 + 256 + 64 * 256)
+    moved, _ = whole_bytes(lambda a: a @ a.t(), torch.randn(64, 64))
+    assert moved == 4 * (64 * 64 + 64 * 64)  # x read once through both of its views
+
+
+def test_a_size_query_is_not_a_write():
+    aten = torch.ops.aten
+    graph = Graph("sizes")
+    x, y = (graph.add_input(name, TensorMeta((b, 8), torch.float32)) for name in "xy")
+    hidden = graph.add_node(aten.relu.default, (x,), meta={"val": TensorMeta((b, 8), torch.float32)})
+    rows = graph.add_node(aten.sym_size.int, (hidden, 0), meta={"val": ScalarMeta(int, b)})
+    shaped = graph.add_node(aten.view.default, (y, [rows, 8]), meta={"val": TensorMeta((b, 8), torch.float32)})
+    out = graph.add_node(aten.mul.Tensor, (shaped, 2), meta={"val": TensorMeta((b, 8), torch.float32)})
+    graph.outputs = [out]
+    assert region_cost(graph, [hidden]).bytes == 4 * b * 8  # reads x; its output is only measured, never read
+    assert region_cost(graph, [out]).bytes == 2 * 4 * b * 8
+
+
+def test_an_embedding_reads_only_the_rows_it_gathers():
+    table, ids = torch.nn.Embedding(1000, 16), torch.randint(0, 1000, (2, 5))
+    (node,) = [n for n in capture(table, (ids,)).graph.call_nodes if node_kind(n) == "move"]
+    assert node_cost(node).bytes == 8 * 10 + 4 * 10 * 16 + 4 * 10 * 16  # ids, the 10 rows, the output

@@ -55,6 +55,8 @@ def test_a_new_library_version_or_a_damaged_cache_measures_again(quick, monkeypa
     quick.write_text("{not json")
     third = peaks.machine_peaks(target)
     assert third.key == second.key and json.loads(quick.read_text()).keys() == {third.key}
+    quick.write_text(json.dumps({third.key: {"device": "an entry of another shape"}}))
+    assert peaks.machine_peaks(target).matmul["fp32"] > 0
 
 
 def test_every_dtype_the_cpu_has_is_measured(quick):
@@ -66,6 +68,16 @@ def test_every_dtype_the_cpu_has_is_measured(quick):
     assert peaks.supported_dtypes(Target("cpu", "x", "x86_64", ("avx2",), 2)) == ["fp32"]
     assert "fp8_e4m3" in peaks.supported_dtypes(Target("cuda", "NVIDIA H100", "sm_90"))
     assert "fp8_e4m3" not in peaks.supported_dtypes(Target("cuda", "NVIDIA A100", "sm_80"))
+    assert "fp8_e4m3" in peaks.supported_dtypes(Target("cuda", "NVIDIA B200", "sm_100"))
+    assert "fp8_e4m3" in peaks.supported_dtypes(Target("cuda", "NVIDIA H100", "sm_90a"))
+
+
+def test_no_fp32_peak_is_a_clear_error_not_a_cache_entry(quick, monkeypatch):
+    monkeypatch.setattr(peaks, "_torch_probe", lambda device, dtype, n: None)
+    monkeypatch.setattr(peaks, "_PROBES", {})
+    with pytest.raises(peaks.BackendError, match="no probe could run an fp32 matmul"):
+        peaks.machine_peaks(detect())
+    assert not quick.exists()
 
 
 def test_a_probe_that_fails_does_not_stop_the_others(quick):

@@ -5,6 +5,7 @@ import statistics
 from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, record_function
 
 from blade.backends.base import RegionTiming
@@ -39,7 +40,8 @@ def profile_module(module: torch.fx.GraphModule, tensors: list[torch.Tensor], wa
                 torch.cuda.synchronize()
     samples: dict[str, list[float]] = defaultdict(list)
     for event in recorded.events():
-        if event.name.startswith(_PREFIX):
+        # the CPU-side range only: on CUDA, kineto also reports each range as a GPU annotation (its span)
+        if event.name.startswith(_PREFIX) and event.device_type == DeviceType.CPU:
             micros = event.device_time_total if device == "cuda" else event.cpu_time_total
             samples[event.name.removeprefix(_PREFIX)].append(micros / 1e6)
     return [RegionTiming(n.name, "torch", (format_target(n.target),), (n.name,), statistics.median(samples[n.name]))

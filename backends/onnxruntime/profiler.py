@@ -99,17 +99,14 @@ def _order(optimized: onnx.ModelProto):
 
 
 def _covered_ir_nodes(original: onnx.ModelProto, optimized: onnx.ModelProto, ir_names: set[str]) -> dict[str, set]:
-    """For every optimized node, the IR nodes whose ONNX nodes it runs (itself, or what it fused)."""
+    """For every optimized node, the IR nodes whose ONNX nodes it runs (itself and what it fused)."""
     by_name = {node.name: node for node in original.graph.node}
     producer = {value: node for node in original.graph.node for value in node.output}
     available = ({v for node in optimized.graph.node for v in node.output} | {v.name for v in optimized.graph.input}
                  | {t.name for t in optimized.graph.initializer})
     covers = {}
-    for node in optimized.graph.node:
-        if node.name in by_name:
-            origins = [by_name[node.name]]
-        else:
-            origins = _fused_origins(node, producer, available)
+    for node in optimized.graph.node:  # a node that kept its name may still have absorbed others (Conv+Add)
+        origins = _fused_origins(node, producer, available) + ([by_name[node.name]] if node.name in by_name else [])
         covers[node.name] = {name for o in origins if (name := _ir_name(o)) in ir_names}
     return covers
 

@@ -68,9 +68,12 @@ class OrtRunner:
                  shares_cores: bool = False, profile_dir: str | None = None):
         self.target = target
         options = session_options(target, shares_cores)
+        providers = providers_for(target)
         if profile_dir is not None:
             record_profile(options, profile_dir)
-        self.session = ort.InferenceSession(model_path, sess_options=options, providers=providers_for(target))
+            # TensorRT compiles nodes away: ONNX Runtime cannot save that graph nor time its nodes
+            providers = [p for p in providers if p != "TensorrtExecutionProvider"]
+        self.session = ort.InferenceSession(model_path, sess_options=options, providers=providers)
         wanted = {i.name for i in self.session.get_inputs()}  # the exporter drops inputs nothing reads
         self.feeds = [(i, name) for i, name in enumerate(input_names) if name in wanted]
         self.output_names = list(output_names)
