@@ -18,7 +18,7 @@ This benchmark shows what that is worth on this machine's CPU, at batch 1, seq 2
   next one; each output is checked against eager (relative error of the logits).
 * utilization -- FLOPs and least bytes per forward from blade's IR of the model (the attention-pass
   graph: causal attention counts the half it computes; the same figures for every contender):
-  MFU = FLOPs / median time / the fp32 matmul peak, MBU = bytes / median time / copy bandwidth,
+  MFU = FLOPs / median time / the fp32 matmul peak, MBU = bytes / median time / memory bandwidth (the better of a large copy and a large read),
   both peaks measured in this run by blade.peaks.measure (the best of torch's and ONNX Runtime's
   square matmul).
 Blade contenders in the memory children compile with check_accuracy=False, so the measured call is
@@ -203,7 +203,8 @@ def render(machine, peaks, seq, memory, speed, errors, work, repeat) -> str:
         f"onnxruntime {machine['onnxruntime']}, blade {machine['blade']}. "
         f"Peaks measured in this run: fp32 matmul {peaks.detail['fp32']['torch'] / 1e9:.0f} GFLOP/s through torch, "
         f"{peaks.detail['fp32'].get('onnxruntime', 0) / 1e9:.0f} through ONNX Runtime (MFU is against the higher), "
-        f"copy {peaks.bandwidth / 1e9:.0f} GB/s. From blade's IR: {work['flops'] / 1e12:.3f} TFLOP and "
+        f"memory {peaks.bandwidth / 1e9:.0f} GB/s (copy {peaks.detail['bandwidth']['copy'] / 1e9:.0f}, read "
+        f"{peaks.detail['bandwidth']['read'] / 1e9:.0f}). From blade's IR: {work['flops'] / 1e12:.3f} TFLOP and "
         f"{work['bytes'] / 2 ** 20:.0f} MiB (least bytes) per forward (causal attention: the half computed). "
         f"Timing: median of {repeat} interleaved runs after 1 warm-up.",
         "",

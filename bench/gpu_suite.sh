@@ -18,8 +18,12 @@ export PYTHONPATH=/tmp/blade-site
 cat "$OUT/machine.txt"
 echo "== gpu tests"
 timeout ${GPU_TEST_S:-150} python3 -P -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
-  tests/backends/test_triton_attention.py tests/passes/test_attention.py -k "gpu or triton" >"$OUT/gpu_tests.log" 2>&1
+  tests/backends/test_triton_attention.py tests/passes/test_attention.py tests/test_peaks.py tests/test_profile.py \
+  -k "gpu or triton" >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?"; tail -15 "$OUT/gpu_tests.log"
+echo "== machine peaks (measured vs datasheet)"
+timeout ${PEAKS_S:-120} python3 -P -c "import json, blade.backends; from blade.peaks import measure; from blade.target import detect; print(json.dumps(measure(detect('cuda')).as_dict(), indent=1))" >"$OUT/peaks.json" 2>"$OUT/peaks.log"
+echo "peaks rc=$?"; head -c 1500 "$OUT/peaks.json"; tail -5 "$OUT/peaks.log"
 echo "== attention benchmark"
 [ -n "${SKIP_BENCH:-}" ] || timeout ${BENCH_S:-300} python3 bench/attention_gpu.py --out "$OUT" ${BENCH_ARGS:-} >"$OUT/attention_gpu.log" 2>&1
 echo "bench rc=$?"; tail -30 "$OUT/attention_gpu.log"

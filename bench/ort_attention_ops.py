@@ -6,8 +6,8 @@ before it, after resetting the mark through /proc/self/clear_refs) and its time,
 torch's scaled_dot_product_attention. This is what chose blade's lowering in
 backends/onnxruntime/translations.py. One layer's scores would be 192 MiB. MFU = attention FLOPs
 (blade.cost.attention_flops: QKᵀ and PV, the causal half for causal forms) / median time / the fp32
-matmul peak, MBU = bytes (q, k, v and the bias read, the output written) / median time / copy
-bandwidth, both peaks measured in the same run (blade.peaks.measure).
+matmul peak, MBU = bytes (q, k, v and the bias read, the output written) / median time / memory
+bandwidth (the better of a large copy and a large read), both peaks measured in the same run (blade.peaks.measure).
 
     python bench/ort_attention_ops.py      # writes bench/results/ort_attention_ops.md
 """
@@ -113,7 +113,7 @@ def main() -> int:
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; onnxruntime "
              f"{onnxruntime.__version__}. Peak = resident memory the first run adds; one layer's scores are "
              f"{N * S * S * 4 / 2 ** 20:.0f} MiB. Time: median of 5 runs after the first. Peaks measured in this "
-             f"run: fp32 matmul {peaks.matmul['fp32'] / 1e9:.0f} GFLOP/s, copy {peaks.bandwidth / 1e9:.0f} GB/s.", "",
+             f"run: fp32 matmul {peaks.matmul['fp32'] / 1e9:.0f} GFLOP/s, memory {peaks.bandwidth / 1e9:.0f} GB/s.", "",
              "| form | peak MiB | median ms | MFU | MBU | rel err vs SDPA |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in rows:
         case = CASES[name]

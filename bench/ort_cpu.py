@@ -29,8 +29,8 @@ Utilization, for every contender from the same figures (blade's IR of the same m
   inputs read, outputs written; an embedding reads only the rows it gathers);
 * peaks = blade.peaks.measure in the same run: the best 2 n^3 / t over n = 1024, 2048, 3072 and
   5 repeats of torch.matmul and of ONNX Runtime's MatMul (MLAS beats torch's fp32 GEMM on this CPU),
-  and a 256 MB copy for bandwidth;
-* MFU = FLOPs / median time / fp32 peak, MBU = bytes / median time / copy bandwidth.
+  and the better of a 256 MB copy and a 256 MB read for bandwidth;
+* MFU = FLOPs / median time / fp32 peak, MBU = bytes / median time / memory bandwidth.
 
 Run from the repository root, in the project's venv:
 
@@ -388,7 +388,7 @@ def summarize(name, seq, flops, peak: Peaks, contenders, medians, errors) -> dic
 
 def _rates(peaks: Peaks) -> str:
     return "; ".join(f"{dtype} " + ", ".join(f"{lib} {rate / 1e9:.0f}" for lib, rate in by_lib.items())
-                     for dtype, by_lib in peaks.detail.items() if isinstance(by_lib, dict))
+                     for dtype, by_lib in peaks.detail.items() if dtype in peaks.matmul)
 
 
 def render_markdown(machine: dict, peaks: Peaks, cases: list[dict], args, total_s: float) -> str:
@@ -402,7 +402,8 @@ def render_markdown(machine: dict, peaks: Peaks, cases: list[dict], args, total_
         f"- versions: python {machine['python']}, torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, "
         f"blade {machine['blade']}" + (f"; env {machine['malloc_env']}" if machine["malloc_env"] else ""),
         f"- peaks, measured this run by blade.peaks.measure (best of n x n matmuls, n in {peaks.detail['sizes']}, "
-        f"5 repeats): **fp32 {peaks.matmul['fp32'] / 1e9:.0f} GFLOP/s**, copy **{peaks.bandwidth / 1e9:.0f} GB/s** "
+        f"5 repeats): **fp32 {peaks.matmul['fp32'] / 1e9:.0f} GFLOP/s**, memory **{peaks.bandwidth / 1e9:.0f} GB/s** "
+        f"(copy {peaks.detail['bandwidth']['copy'] / 1e9:.0f}, read {peaks.detail['bandwidth']['read'] / 1e9:.0f}) "
         f"(GFLOP/s by library: {_rates(peaks)})",
         f"- timing: blade.timing.time_interleaved, median of {args.repeat} rounds after {args.warmup} warm-up "
         f"rounds, {args.gap_ms:g} ms untimed idle gap after each contender; batch {BATCH}; "
@@ -410,7 +411,7 @@ def render_markdown(machine: dict, peaks: Peaks, cases: list[dict], args, total_
         "- FLOPs and bytes per call from blade's IR of the model (blade.profile.model_work): every matmul, "
         "attention (causal: the half computed), elementwise op and reduction; bytes = the least any execution "
         "moves (weights, inputs, outputs)",
-        "- MFU = FLOPs / median time / fp32 peak; MBU = bytes / median time / copy bandwidth",
+        "- MFU = FLOPs / median time / fp32 peak; MBU = bytes / median time / memory bandwidth (the better of a large copy and a large read)",
         "- contenders: eager = torch.inference_mode; inductor = torch.compile with inductor freezing, under "
         "no_grad; ort = torch.onnx.export(dynamo=True, static shapes) + ORT_ENABLE_ALL session; blade = "
         "blade.compile(backend='onnxruntime') once per model (dynamic batch/seq), cm(*inputs)"

@@ -68,13 +68,14 @@ def render(target, peaks, rows, args, total_s) -> str:
         "# blade profile on CPU: zoo models, eager and onnxruntime backends", "",
         f"- machine: {target.describe()}; torch {torch.__version__}, blade {blade.__version__}",
         f"- peaks measured this run: fp32 matmul {peaks.matmul['fp32'] / 1e9:.0f} GFLOP/s "
-        f"({', '.join(f'{k} {v / 1e9:.0f}' for k, v in peaks.detail['fp32'].items())}), copy "
-        f"{peaks.bandwidth / 1e9:.0f} GB/s (ridge {peaks.ridge():.1f} FLOP/B)",
+        f"({', '.join(f'{k} {v / 1e9:.0f}' for k, v in peaks.detail['fp32'].items())}), memory "
+        f"{peaks.bandwidth / 1e9:.0f} GB/s (copy {peaks.detail['bandwidth']['copy'] / 1e9:.0f}, read "
+        f"{peaks.detail['bandwidth']['read'] / 1e9:.0f}; ridge {peaks.ridge():.1f} FLOP/B)",
         f"- model time: median of {args.repeat} after warm-up; regions: the backend's profiler, median per "
         f"region; coverage = regions' summed time / model time; whole run {total_s / 60:.1f} min",
         "- FLOPs and bytes from blade's IR at the call's sizes; bytes = the least any execution moves "
-        "(weights, inputs, outputs, the KV cache); MFU = FLOPs / time / fp32 peak, MBU = bytes / time / copy "
-        "bandwidth", "",
+        "(weights, inputs, outputs, the KV cache); MFU = FLOPs / time / fp32 peak, MBU = bytes / time / memory "
+        "bandwidth (the better of a large copy and a large read)", "",
         "| model | sizes | backend | ms | GFLOP | MB | MFU | MBU | bound | coverage | regions | lose most time against their roof |",
         "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:

@@ -3,7 +3,8 @@
 A peak is the best rate any probe reaches over several large square shapes and repeats: torch's
 own matmul, plus whatever probes backends register (ONNX Runtime's MLAS kernels beat oneDNN on
 some CPUs; a utilization figure against the slower library's roof would read above 100 %).
-Bandwidth is a large copy (read + write). On known GPUs the datasheet peaks are kept beside.
+Bandwidth is the better of a large copy (read + write) and a large read. On known GPUs the
+datasheet peaks are kept beside.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from blade.errors import BackendError
 from blade.target import Target
 
-FORMAT = 1  # bump when what is measured changes: old cache entries are then measured again
+FORMAT = 2  # bump when what is measured changes: old cache entries are then measured again
 
 # A probe: (device, dtype name, n) -> a callable that runs one n x n x n matmul, or None if it cannot.
 MatmulProbe = Callable[[str, str, int], "Callable[[], object] | None"]
@@ -75,7 +76,7 @@ class Peaks:
 
     device: str
     matmul: dict[str, float]  # dtype name -> FLOP/s (the best over probes, shapes and repeats)
-    bandwidth: float  # bytes/s of a large copy (bytes read + bytes written)
+    bandwidth: float  # bytes/s: the better of a large copy (bytes read + written) and a large read
     detail: dict = field(default_factory=dict)  # dtype -> {library: FLOP/s}; "sizes", "seconds"
     datasheet: dict | None = None
     key: str = ""
@@ -100,7 +101,7 @@ class Peaks:
 
     def describe(self) -> str:
         rates = ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in self.matmul.items())
-        return f"{self.device}: matmul GFLOP/s {rates}; copy {self.bandwidth / 1e9:,.0f} GB/s"
+        return f"{self.device}: matmul GFLOP/s {rates}; memory {self.bandwidth / 1e9:,.0f} GB/s"
 
 
 def device_label(target: Target) -> str:
@@ -177,7 +178,8 @@ def measure(target: Target, sizes: tuple[int, ...] | None = None, repeats: int |
     if "fp32" not in matmul:
         raise BackendError(f"no probe could run an fp32 matmul on {device_label(target)}: the peaks cannot be "
                            "measured; check that torch runs on this device")
-    bandwidth = _copy_bandwidth(target.device, repeats)
+    detail["bandwidth"] = _bandwidths(target.device, repeats)
+    bandwidth = max(detail["bandwidth"].values())
     detail["sizes"], detail["seconds"] = list(sizes), time.perf_counter() - start
     return Peaks(device_label(target), matmul, bandwidth, detail,
                  datasheet_for(target.name) if target.device == "cuda" else None, cache_key(target),
@@ -275,10 +277,11 @@ def _tf32(allowed: bool):
         setattr(settings, name, previous)
 
 
-def _copy_bandwidth(device: str, repeats: int) -> float:
-    """(bytes read + bytes written) / best time of a large tensor copy."""
+def _bandwidths(device: str, repeats: int) -> dict[str, float]:
+    """Bytes/s of a large copy ((read + written) / time) and of a large read (a sum): work that mostly
+    reads, such as a decoding step streaming its weights, can beat a copy, which also pays for writing."""
     nbytes = (1 << 30) if device == "cuda" else (256 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    seconds = _best_seconds(lambda: dst.copy_(src), device, repeats)
-    return 2 * nbytes / seconds
+    return {"copy": 2 * nbytes / _best_seconds(lambda: dst.copy_(src), device, repeats),
+            "read": nbytes / _best_seconds(lambda: src.sum(), device, repeats)}

@@ -3,7 +3,7 @@
 A region is whatever the backend runs as one unit (an ONNX Runtime node with the nodes it fused,
 an IR node in PyTorch). Its FLOPs and the bytes crossing its boundary come from the IR at the
 call's sizes; MFU = FLOPs / time / the measured matmul peak of its dtype, MBU = bytes / time /
-the measured copy bandwidth. The model's bytes are the least any execution moves (weights,
+the measured memory bandwidth (a copy or a read). The model's bytes are the least any execution moves (weights,
 inputs, outputs); its time is the end-to-end median of calls timed just before and just after the
 regions, in the same call.
 """
@@ -200,7 +200,7 @@ def render(p: Profile, top: int = 15) -> str:
     peak, used = p.peaks.flops_peak(m["dtype"])
     lines = [
         f"blade profile: {p.model_name} on {p.backend} ({p.machine}), {dims}",
-        f"  peaks     {used} matmul {_amount(peak, 'FLOP/s')}, copy {_amount(p.peaks.bandwidth, 'B/s')} "
+        f"  peaks     {used} matmul {_amount(peak, 'FLOP/s')}, memory {_amount(p.peaks.bandwidth, 'B/s')} "
         f"(ridge {p.peaks.ridge(used):.1f} FLOP/B; measured {p.peaks.measured_at})",
         f"  model     {m['time_ms']:.3f} ms, {_amount(m['flops'], 'FLOP')}, {_amount(m['bytes'], 'B')} at least "
         f"-> MFU {_pct(m['mfu'])}, MBU {_pct(m['mbu'])}, {m['bound']}-bound",

@@ -54,7 +54,7 @@ def plot(profile, path) -> None:
     axes.set_ylabel("achieved FLOP/s")
     skipped = len(profile.regions) - len(placed)
     axes.set_title(f"{profile.model_name} on {profile.backend}: {profile.machine}\n"
-                   f"copy {peaks.bandwidth / 1e9:,.0f} GB/s; {len(placed)} regions"
+                   f"memory {peaks.bandwidth / 1e9:,.0f} GB/s; {len(placed)} regions"
                    + (f" ({skipped} without FLOPs or bytes not shown)" if skipped else ""), fontsize=9)
     axes.legend(fontsize=7, loc="lower right")
     axes.grid(True, which="both", linewidth=0.3, alpha=0.5)

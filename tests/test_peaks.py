@@ -96,3 +96,17 @@ def test_an_unmeasured_dtype_falls_back_to_fp32():
     p = peaks.Peaks("m", {"fp32": 10.0}, 5.0)
     assert p.flops_peak("fp8_e4m3") == (10.0, "fp32") and p.ridge() == 2.0
     assert peaks.Peaks.from_dict(p.as_dict()) == p
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_peaks_cover_every_dtype_and_sit_under_the_datasheet(quick, monkeypatch):
+    monkeypatch.setattr(peaks, "GPU_SIZES", (2048, 4096))
+    target = detect("cuda")
+    measured = peaks.measure(target, repeats=3)
+    assert set(measured.matmul) == set(peaks.supported_dtypes(target))
+    assert measured.matmul["bf16"] > measured.matmul["fp32"] and measured.bandwidth > 1e11
+    sheet = measured.datasheet
+    if sheet:
+        for dtype, rate in measured.matmul.items():
+            assert rate < 1.1 * sheet["matmul"][dtype], (dtype, rate)

@@ -176,3 +176,15 @@ def test_profile_of_an_artifact_and_bad_targets(capsys, tmp_path):
     assert code == 1 and "give a zoo model" in err
     code, _, err = run_cli(capsys, "profile", "mlp", "--seq", "5")
     assert code == 1 and "unknown dim(s) ['seq']" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_eager_profile_on_cuda_times_the_kernels():
+    model, example, dims = zoo.get("mlp")
+    model = model.cuda()
+    cm = blade.compile(model, tuple(t.cuda() for t in example), dynamic_shapes=dims, backend="eager")
+    result = profile(cm, cm.flat_inputs(*(t.cuda() for t in example)), repeat=5, peaks=FAKE_PEAKS)
+    linear = [r for r in result.regions if r.kind == "matmul"]
+    assert linear and all(r.time_ms > 0 for r in linear)
+    assert result.model["flops_in_regions"] == result.model["flops"]
