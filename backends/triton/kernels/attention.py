@@ -47,6 +47,22 @@ MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 
 @triton.jit
+def _load_key_rows(ptrs, col_ok, offs_d, DIM: tl.constexpr, BLOCK: tl.constexpr, BOUND_N: tl.constexpr):
+    """A [BLOCK_N, BLOCK] tile of K or V: masked only where the block overruns the keys or the head dim."""
+    if BOUND_N:
+        if BLOCK == DIM:
+            rows = tl.load(ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            rows = tl.load(ptrs, mask=col_ok[:, None] & (offs_d[None, :] < DIM), other=0.0)
+    else:
+        if BLOCK == DIM:
+            rows = tl.load(ptrs)
+        else:
+            rows = tl.load(ptrs, mask=offs_d[None, :] < DIM, other=0.0)
+    return rows
+
+
+@triton.jit
 def _attend_block(acc, l_i, m_i, q, k_base, v_base, mask_base, mask_offs, start_n, offs_m, offs_n, offs_d, offs_dv,
                   row_ok, Sk, stride_kn, stride_vn, stride_mn, qk_scale,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -59,16 +75,7 @@ def _attend_block(acc, l_i, m_i, q, k_base, v_base, mask_base, mask_offs, start_
     n64 = start_n.to(tl.int64)
     k_ptrs = k_base + n64 * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
     v_ptrs = v_base + n64 * stride_vn + (offs_n[:, None] * stride_vn + offs_dv[None, :])
-    if BOUND_N:
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    k = _load_key_rows(k_ptrs, col_ok, offs_d, HEAD_DIM, BLOCK_D, BOUND_N)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
 
     if PLAIN:
@@ -105,16 +112,7 @@ def _attend_block(acc, l_i, m_i, q, k_base, v_base, mask_base, mask_offs, start_
 
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if BOUND_N:
-        if BLOCK_DV == HEAD_DIM_V:
-            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    else:
-        if BLOCK_DV == HEAD_DIM_V:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+    v = _load_key_rows(v_ptrs, col_ok, offs_dv, HEAD_DIM_V, BLOCK_DV, BOUND_N)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
