@@ -40,7 +40,7 @@ def check_profile_json(data: dict) -> None:
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 def test_base_region_times_sum_to_the_end_to_end_time(capsys, model_name, backend):
     code, out, err = run_cli(capsys, "profile", model_name, "--size", "base", "--batch", "1", "--seq", "64",
-                             "--backend", backend, "--json", "--repeat", "5", "--warmup", "2")
+                             "--backend", backend, "--json", "--repeat", "10", "--warmup", "3")
     assert code == 0, err
     data = json.loads(out)
     check_profile_json(data)

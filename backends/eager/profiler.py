@@ -30,19 +30,18 @@ def profile_module(module: torch.fx.GraphModule, tensors: list[torch.Tensor], wa
     device = "cuda" if any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor)) else "cpu"
     interpreter = _Annotated(module)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with torch.no_grad():
-        for _ in range(warmup):
+    # warm-up runs inside the profiler too, then dropped: its first ranges pay for starting it up
+    with torch.no_grad(), torch.profiler.profile(activities=activities) as recorded:
+        for _ in range(warmup + repeat):
             interpreter.run(*tensors)
-        with torch.profiler.profile(activities=activities) as recorded:
-            for _ in range(repeat):
-                interpreter.run(*tensors)
-            if device == "cuda":
-                torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
     samples: dict[str, list[float]] = defaultdict(list)
     for event in recorded.events():
         # the CPU-side range only: on CUDA, kineto also reports each range as a GPU annotation (its span)
         if event.name.startswith(_PREFIX) and event.device_type == DeviceType.CPU:
             micros = event.device_time_total if device == "cuda" else event.cpu_time_total
             samples[event.name.removeprefix(_PREFIX)].append(micros / 1e6)
-    return [RegionTiming(n.name, "torch", (format_target(n.target),), (n.name,), statistics.median(samples[n.name]))
+    return [RegionTiming(n.name, "torch", (format_target(n.target),), (n.name,),
+                         statistics.median(samples[n.name][warmup:] or samples[n.name]))
             for n in module.graph.nodes if n.name in samples]
