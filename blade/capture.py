@@ -16,6 +16,7 @@ import torch.utils._pytree as pytree
 
 from blade.errors import CaptureError, ConfigError, InputError
 from blade.ir import Graph
+from blade.serialize import is_size_arithmetic
 from blade.signature import check_tensor_leaves
 from blade.structure import spec_to_json
 
@@ -107,6 +108,25 @@ def _drop_positional_none(model, args: tuple, kwargs: dict) -> tuple[tuple, dict
     return args[:first], {**later, **kwargs}
 
 
+def functional(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program as blade's IR needs it: only functional ATen ops and size arithmetic.
+
+    torch.export's default (training) IR already is that for most inference models; lowering it
+    with run_decompositions({}) retraces the whole program (seconds on a BERT-base), so blade does
+    it only when the graph holds an op that mutates its input or a higher-order op.
+    """
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            if target._schema.is_mutable:
+                return ep.run_decompositions({})
+        elif not is_size_arithmetic(target):
+            return ep.run_decompositions({})
+    return ep
+
+
 def _from_module(model, example_inputs, example_kwargs, dynamic_shapes, name) -> Captured:
     args, kwargs = normalize_example(example_inputs, example_kwargs)
     args, kwargs = _drop_positional_none(model, args, kwargs)
@@ -116,7 +136,7 @@ def _from_module(model, example_inputs, example_kwargs, dynamic_shapes, name) ->
         reference_output = model(*args, **kwargs)
         _register_output_dataclasses(reference_output)
         ep = _export(model, args, kwargs, dynamic_shapes)
-    ep = ep.run_decompositions({})
+    ep = functional(ep)
     dim_names, specialized = name_dims(ep, flat_specs)
     graph = Graph.from_exported(ep, dim_names, name or type(model).__name__)
     out_tree = spec_to_json(ep.call_spec.out_spec)
@@ -135,7 +155,7 @@ def _from_exported(ep, example_inputs, example_kwargs, name) -> Captured:
     if not example_inputs and not example_kwargs:
         raise InputError("this ExportedProgram carries no example inputs: pass example_inputs to blade.compile")
     args, kwargs = normalize_example(example_inputs, example_kwargs)
-    ep = ep.run_decompositions({})
+    ep = functional(ep)
     _refuse_training_graph(ep)
     dim_names, _ = name_dims(ep, [None] * len(_user_input_nodes(ep)))
     graph = Graph.from_exported(ep, dim_names, name or "exported")

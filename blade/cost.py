@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 
+from blade.fused import FusedRegion
 from blade.ir import Graph, Node, ScalarMeta, TensorMeta
 from blade.ops import FLASH_ATTENTION
 from blade.shapes import Size, evaluate
@@ -176,7 +177,7 @@ REDUCTIONS = {
 }
 # Data movement: no arithmetic, but the bytes count (a copy reads and writes every element).
 MOVES = {
-    aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.cat.default, aten.stack.default,
+    aten.clone.default, aten.contiguous.default, aten._to_copy.default, aten.to.dtype, aten.cat.default, aten.stack.default,
     aten.embedding.default, aten.index_select.default, aten.gather.default, aten.index.Tensor,
     aten.repeat_interleave.self_int, aten.repeat.default, aten.tril.default, aten.triu.default,
     aten.ones.default, aten.zeros.default, aten.full.default, aten.arange.default, aten.arange.start_step,
@@ -197,7 +198,7 @@ FLOP_RULES = {
 # Views, size arithmetic and checks: no FLOPs and no bytes.
 FREE = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
-    aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.t.default, aten.dropout.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
     aten.expand.default, aten.slice.Tensor, aten.select.int, aten.split.Tensor, aten.split_with_sizes.default,
     aten.chunk.default, aten.unbind.int, aten.alias.default, aten.detach.default, aten.sym_size.int,
     aten.sym_numel.default, aten._assert_tensor_metadata.default, aten._assert_scalar.default,
@@ -208,12 +209,31 @@ FREE = {
 
 def node_cost(node: Node) -> Cost | None:
     """The node's cost; None when the model does not know its op."""
+    if isinstance(node.target, FusedRegion):
+        return fused_cost(node.target)
     if node.op != "call" or node.target in FREE or isinstance(node.val, ScalarMeta):
         return Cost()
     rule = FLOP_RULES.get(node.target)
     if rule is None:
         return None
     return Cost(_size(rule(node)), _size(io_bytes(node)))
+
+
+def fused_cost(region: FusedRegion) -> Cost | None:
+    """A fused region's cost: its ops' FLOPs, and only the bytes that cross its boundary (what
+    fusing saves is the traffic of the values that stay inside). None if an op is unknown."""
+    body = region.body
+    costs = graph_cost(body)
+    if costs.unknown:
+        return None
+    return region_cost(body, body.call_nodes, costs)
+
+
+def unfused_bytes(node: Node, costs: GraphCost) -> Size:
+    """What the node would move op by op: a fused node's body ops each on their own."""
+    if isinstance(node.target, FusedRegion):
+        return graph_cost(node.target.body).bytes
+    return costs.nodes[node.name].bytes
 
 
 def op_name(node: Node) -> str:
@@ -228,9 +248,15 @@ KINDS = {**{op: "attention" for op in ATTENTIONS}, **{op: "conv" for op in CONVO
 KIND_ORDER = ("attention", "conv", "matmul", "reduction", "elementwise", "move", "unknown", "view")
 
 
+# A fused region's cost kind, by its fusion kind.
+FUSED_KINDS = {"loop": "elementwise", "reduction": "reduction", "matmul_epilogue": "matmul"}
+
+
 def node_kind(node: Node) -> str:
     if node.op != "call" or isinstance(node.val, ScalarMeta):
         return "view"
+    if isinstance(node.target, FusedRegion):
+        return FUSED_KINDS[node.target.kind]
     return KINDS.get(node.target, "unknown")
 
 

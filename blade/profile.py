@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from blade.backends import Profiled
-from blade.cost import GraphCost, graph_cost, region_cost, region_kind
+from blade.cost import GraphCost, graph_cost, region_cost, region_kind, unfused_bytes
 from blade.errors import BackendError
 from blade.guards import check_inputs
 from blade.ir import Graph, Node
@@ -132,7 +132,7 @@ def _region(graph: Graph, costs: GraphCost, dims: dict, peaks: Peaks, timing, de
     members = [graph.node(name) for name in timing.nodes]
     cost = region_cost(graph, members, costs)
     flops, moved = evaluate(cost.flops, dims), evaluate(cost.bytes, dims)
-    unfused = sum(evaluate(costs.nodes[n.name].bytes, dims) for n in members if n.name in costs.nodes)
+    unfused = sum(evaluate(unfused_bytes(n, costs), dims) for n in members if n.name in costs.nodes)
     dtype = compute_dtype(members, costs, dims, device)
     figures = utilization(flops, moved, timing.seconds, peaks, dtype)
     return RegionProfile(timing.name, region_kind(members), timing.engine, timing.seconds * 1e3, flops, moved,

@@ -8,10 +8,12 @@ from typing import Any
 import torch
 
 from blade.errors import ArtifactError
+from blade.fused import KINDS as FUSED_KINDS, FusedRegion
 from blade.ir import Graph, Node, ScalarMeta, TensorMeta, format_target
 from blade.shapes import DimRange, size_from_json, size_to_json
 
 FORMAT_VERSION = 1
+FUSED_TARGET = "blade.fused"  # a fused node's target; its region is saved under "fused"
 
 # Python callables (not ATen ops) that exported graphs use for symbolic size arithmetic.
 _PYTHON_TARGETS = {
@@ -27,6 +29,11 @@ _PYTHON_TARGETS.update({
 })
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 _SIMPLE_TYPES = {"int": int, "float": float, "bool": bool}
+
+
+def is_size_arithmetic(target) -> bool:
+    """One of the Python functions exported graphs use for symbolic sizes (operator.*, torch.sym_*)."""
+    return _PYTHON_TARGETS.get(format_target(target)) is target
 
 
 def target_to_json(target, where: str) -> str:
@@ -161,8 +168,14 @@ def graph_to_json(graph: Graph) -> dict[str, Any]:
         entry = {"name": node.name, "op": node.op, "meta": meta_to_json(node.val)}
         if node.op == "constant":
             entry["source"] = node.target
-        if node.op == "call":
+        if node.op == "call" and isinstance(node.target, FusedRegion):
+            region = node.target
+            entry["target"] = FUSED_TARGET
+            entry["fused"] = {"kind": region.kind, "pattern": region.pattern,
+                              "attrs": value_to_json(region.attrs, node.name), "body": graph_to_json(region.body)}
+        elif node.op == "call":
             entry["target"] = target_to_json(node.target, node.name)
+        if node.op == "call":
             entry["args"] = value_to_json(list(node.args), node.name)
             entry["kwargs"] = value_to_json(node.kwargs, node.name)
             if node.meta.get("source"):
@@ -176,6 +189,15 @@ def graph_to_json(graph: Graph) -> dict[str, Any]:
         "inputs": [n.name for n in graph.inputs],
         "outputs": [value_to_json(o, "<outputs>") for o in graph.outputs],
     }
+
+
+def _fused_from_json(entry: dict, trusted_namespaces: tuple[str, ...]) -> FusedRegion:
+    """A fused node's region: its body is a saved graph like any other (same whitelist), with no weights."""
+    data = entry.get("fused")
+    if not isinstance(data, dict) or data.get("kind") not in FUSED_KINDS or not isinstance(data.get("pattern"), str):
+        raise ArtifactError(f"node {entry['name']}: damaged fused region in the saved graph")
+    body = graph_from_json(data["body"], {}, trusted_namespaces)
+    return FusedRegion(data["kind"], data["pattern"], body, value_from_json(data["attrs"], {}))
 
 
 def graph_from_json(data: dict[str, Any], constants: dict[str, torch.Tensor],
@@ -205,7 +227,8 @@ def graph_from_json(data: dict[str, Any], constants: dict[str, torch.Tensor],
             args = tuple(value_from_json(entry["args"], by_name))
             kwargs = value_from_json(entry["kwargs"], by_name)
             node_meta = {"val": meta, **({"source": entry["source"]} if entry.get("source") else {})}
-            target = target_from_json(entry["target"], trusted_namespaces)
+            target = (_fused_from_json(entry, trusted_namespaces) if entry["target"] == FUSED_TARGET
+                      else target_from_json(entry["target"], trusted_namespaces))
             node = graph.add_node(target, args, kwargs, node_meta, name=name)
         if node.name != name:
             raise ArtifactError(f"duplicate node name {name!r} in the saved graph")

@@ -43,7 +43,8 @@ aten = torch.ops.aten
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 CAST_OPS = {aten._to_copy.default, aten.to.dtype, torch.ops.prims.convert_element_type.default}
-PASS_THROUGH_OPS = CAST_OPS | {aten.clone.default, aten.alias.default, aten.dropout.default}
+COPY_OPS = {aten.clone.default, aten.contiguous.default}  # contiguous: torch.export's training IR keeps it
+PASS_THROUGH_OPS = CAST_OPS | COPY_OPS | {aten.alias.default, aten.dropout.default}
 WHERE_OPS = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar}
 RESHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 # A masked_fill value at or below this is "never attend" (finfo(fp32).min, -inf); a finite one only
@@ -188,7 +189,7 @@ def _is_cast(node: Node) -> bool:
 def _is_pass_through(node: Node) -> bool:
     if node.target is aten.dropout.default:
         return _arg(node, 2, "train") is False or _arg(node, 1, "p") == 0
-    if node.target is aten.clone.default or node.target is aten.alias.default:
+    if node.target in COPY_OPS or node.target is aten.alias.default:
         return True
     return _is_cast(node)
 
@@ -403,7 +404,7 @@ def strip_head_repeat(graph: Graph, x: Node) -> tuple[Node, int] | None:
     node = x
     if node.target in RESHAPE_OPS:
         node = node.args[0]
-        if node.target is aten.clone.default:
+        if node.target in COPY_OPS:
             node = node.args[0]
         if node.target is aten.expand.default and node.val.rank == 5:
             src = node.args[0]
@@ -583,7 +584,7 @@ def absorb_output_copy(graph: Graph, flash: Node, ctx: PassContext) -> None:
             continue
         for copy in graph.users(transposed):
             memory_format = copy.kwargs.get("memory_format", torch.contiguous_format)
-            if copy.target is aten.clone.default and memory_format in (torch.contiguous_format, None) \
+            if copy.target in COPY_OPS and memory_format in (torch.contiguous_format, None) \
                     and not graph.is_output(copy):
                 graph.replace_all_uses(copy, transposed)
                 ctx.count("output_copies_absorbed")

@@ -20,6 +20,7 @@ from blade.backends.onnxruntime.session import OrtRunner, cuda_available
 from blade.backends.onnxruntime.translations import TRANSLATIONS
 from blade.backends.partition import Region, build_region, partition
 from blade.errors import ArtifactError, BackendError
+from blade.fused import FusedRegion
 from blade.ir import Graph, Node, format_target
 from blade.target import Target
 
@@ -28,10 +29,13 @@ _NAMESPACES = ("aten", "prims")
 
 
 def supports(node: Node) -> bool:
-    """ATen/prims ops (torch's exporter covers them) and blade ops with a translation."""
+    """ATen/prims ops (torch's exporter covers them), blade ops with a translation, and fused
+    regions whose every op is supported."""
     target = node.target
     if target in TRANSLATIONS:
         return True
+    if isinstance(target, FusedRegion):
+        return all(supports(n) for n in target.body.call_nodes)
     if isinstance(target, torch._ops.OpOverload):
         return target.namespace in _NAMESPACES
     return False

@@ -7,10 +7,14 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnxscript.rewriter
+from onnx_ir.passes.common import CommonSubexpressionEliminationPass, IdentityEliminationPass, RemoveUnusedNodesPass
 import sympy
 import torch
 from torch.export import Dim
 
+from blade.backends.onnxruntime.fused import lower_fused_nodes
+from blade.backends.onnxruntime.onnx_rules import SIMPLIFY_RULES
 from blade.backends.onnxruntime.translations import TRANSLATIONS
 from blade.ir import Graph, Node
 
@@ -74,6 +78,7 @@ IR_NODE_KEY = "pkg.blade.ir_node"
 def export_region(graph: Graph, example_inputs: list[torch.Tensor]) -> onnx.ModelProto:
     """The graph as an ONNX model whose inputs/outputs are named after the IR nodes."""
     module = graph.to_fx()
+    lower_fused_nodes(module)
     for node in module.graph.nodes:  # torch.export carries node.meta["custom"] through its retracing
         node.meta["custom"] = {**node.meta.get("custom", {}), IR_NODE_KEY: node.name}
     with _quiet():
@@ -83,7 +88,16 @@ def export_region(graph: Graph, example_inputs: list[torch.Tensor]) -> onnx.Mode
             output_names=[o.name for o in graph.outputs], custom_translation_table=TRANSLATIONS or None,
             verbose=False)
     _stamp_ir_nodes(program)
+    simplify(program.model)
     return program.model_proto
+
+
+def simplify(model) -> None:
+    """Apply SIMPLIFY_RULES, then drop the Identity nodes they leave and repeated subexpressions."""
+    onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=SIMPLIFY_RULES)
+    IdentityEliminationPass()(model)
+    CommonSubexpressionEliminationPass()(model)
+    RemoveUnusedNodesPass()(model)
 
 
 def _stamp_ir_nodes(program) -> None:

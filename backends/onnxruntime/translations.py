@@ -12,23 +12,25 @@ import onnx
 import onnxscript
 from onnxscript import opset20 as op
 
+from blade.backends.onnxruntime.fused import register_schemas
 from blade.ops import FLASH_ATTENTION
 
 msft = onnxscript.values.Opset("com.microsoft", 1)
 
 
-def register_contrib_schema(name: str, outputs: int = 1) -> None:
-    """Teach onnx (and so onnxscript) the schema of ONNX Runtime's com.microsoft op `name`, read
-    from ONNX Runtime itself (onnx ships no contrib schemas), declaring only its first `outputs`
-    outputs so that the node blade emits has just the ones it reads."""
+def register_contrib_schema(name: str, outputs: int = 1, domain: str = "com.microsoft") -> None:
+    """Teach onnx (and so onnxscript) the schema of ONNX Runtime's own op `name` (a com.microsoft
+    contrib op, or one ONNX Runtime adds to the ONNX domain), read from ONNX Runtime itself (onnx
+    ships none of them), declaring only its first `outputs` outputs so that the node blade emits
+    has just the ones it reads."""
     try:
-        onnx.defs.get_schema(name, 1, "com.microsoft")
+        onnx.defs.get_schema(name, 1, domain)
         return
     except onnx.defs.SchemaError:
         pass
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 
-    (ort,) = [s for s in ort_c.get_all_operator_schema() if s.name == name and s.domain == "com.microsoft"]
+    (ort,) = [s for s in ort_c.get_all_operator_schema() if s.name == name and s.domain == domain]
     formal, option = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption
     options = {"Single": option.Single, "Optional": option.Optional, "Variadic": option.Variadic}
 
@@ -39,7 +41,7 @@ def register_contrib_schema(name: str, outputs: int = 1) -> None:
     attributes = [onnx.defs.OpSchema.Attribute(key, attr_types[a.type.name], a.description[:200], required=a.required)
                   for key, a in ort.attributes.items() if a.type.name in attr_types]
     onnx.defs.register_schema(onnx.defs.OpSchema(
-        name, "com.microsoft", ort.since_version, inputs=params(ort.inputs), outputs=params(ort.outputs[:outputs]),
+        name, domain, ort.since_version, inputs=params(ort.inputs), outputs=params(ort.outputs[:outputs]),
         type_constraints=[(t.type_param_str, list(t.allowed_type_strs), "") for t in ort.type_constraints],
         attributes=attributes))
 
@@ -76,15 +78,17 @@ def flash_attention(q, k, v, mask=None, scale=None, causal: bool = False):
                          "attention form here (theirs is bottom-right aligned)")
     scale = float(scale if scale is not None else head_dim ** -0.5)
     query = _to_bsh(q, heads * head_dim)
+    key = _to_bsh(k, kv_heads * head_dim)
     if causal and mask is None and head_dim == v_dim:
-        out, _, _ = msft.GroupQueryAttention(query, _to_bsh(k, kv_heads * head_dim), _to_bsh(v, kv_heads * v_dim),
-                                             None, None, *_key_lengths(q, k), num_heads=heads, kv_num_heads=kv_heads,
+        out, _, _ = msft.GroupQueryAttention(query, key, _to_bsh(v, kv_heads * v_dim),
+                                             None, None, *_key_lengths(query, key), num_heads=heads, kv_num_heads=kv_heads,
                                              scale=scale)
     else:
         if heads != kv_heads:
             k, v = _repeat_heads(k, heads // kv_heads, head_dim), _repeat_heads(v, heads // kv_heads, v_dim)
-        bias = None if mask is None else _attention_bias(mask, q, k)
-        out = msft.MultiHeadAttention(query, _to_bsh(k, heads * head_dim), _to_bsh(v, heads * v_dim), None, None,
+            key = _to_bsh(k, heads * head_dim)
+        bias = None if mask is None else _attention_bias(mask, q, k, query, key)
+        out = msft.MultiHeadAttention(query, key, _to_bsh(v, heads * v_dim), None, None,
                                       bias, num_heads=heads, scale=scale, unidirectional=int(bool(causal)))
     out = op.Reshape(out, op.Constant(value_ints=[0, 0, heads, v_dim]))
     return op.Transpose(out, perm=[0, 2, 1, 3])
@@ -95,11 +99,12 @@ def _to_bsh(x, width: int):
     return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, width]))
 
 
-def _key_lengths(q, k):
-    """GroupQueryAttention's seqlens_k ([B] int32, each Sk - 1: no padding) and total_sequence_length."""
+def _key_lengths(query, key):
+    """GroupQueryAttention's seqlens_k ([B] int32, each Sk - 1: no padding) and total_sequence_length,
+    read from the [B, S, H*D] query and key (so that no transposed copy of q or k stays alive)."""
     int32 = onnx.TensorProto.INT32
-    k_len = op.Slice(op.Shape(k), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
-    batch = op.Slice(op.Shape(q), op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
+    k_len = op.Shape(key, start=1, end=2)
+    batch = op.Shape(query, start=0, end=1)
     seqlens = op.Expand(op.Sub(k_len, op.Constant(value_ints=[1])), batch)
     return op.Cast(seqlens, to=int32), op.Cast(op.Squeeze(k_len, op.Constant(value_ints=[0])), to=int32)
 
@@ -116,17 +121,24 @@ def _repeat_heads(x, groups: int, dim: int):
                                           op.Constant(value_ints=[dim]), axis=0))
 
 
-def _attention_bias(mask, q, k):
-    """The 4-D mask (the attention pass emits masks 4-D) as an additive [B|1, H|1, Sq, Sk] tensor of
-    q's type (bool: 0 where allowed, -inf where not)."""
+def _attention_bias(mask, q, k, query, key):
+    """The 4-D mask (the attention pass emits masks 4-D) as an additive tensor of q's type
+    (bool: 0 where allowed, -inf where not) that spans the query axis, as MultiHeadAttention
+    wants: broadcast up to [1, 1, Sq, 1] (or [1, 1, Sq, Sk]) only where it does not already.
+    The lengths are read from `query` and `key`, the [B, S, H*D] inputs (reading them from q and k
+    would keep the exporter's transposes alive)."""
     if mask.dtype == onnxscript.ir.DataType.BOOL:
         zero = op.CastLike(op.Constant(value_float=0.0), q)
         mask = op.Where(mask, zero, op.CastLike(op.Constant(value_float=float("-inf")), q))
     else:
         mask = op.CastLike(mask, q)
-    q_len = op.Slice(op.Shape(q), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
-    k_len = op.Slice(op.Shape(k), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+    spans_query = mask.shape is not None and mask.shape[2] == q.shape[2]
+    spans_keys = mask.shape is not None and mask.shape[3] == k.shape[2]
+    if spans_query and spans_keys:
+        return mask
+    q_len = op.Shape(query, start=1, end=2)
+    k_len = op.Constant(value_ints=[1]) if spans_keys else op.Shape(key, start=1, end=2)
     return op.Expand(mask, op.Concat(op.Constant(value_ints=[1, 1]), q_len, k_len, axis=0))
 
 
-TRANSLATIONS: dict = {FLASH_ATTENTION: flash_attention}
+TRANSLATIONS: dict = {FLASH_ATTENTION: flash_attention, **register_schemas(register_contrib_schema)}

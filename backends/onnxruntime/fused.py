@@ -1,0 +1,189 @@
+"""Fused regions → ONNX Runtime's fused `com.microsoft` ops, where one exists for the pattern.
+
+At export, each fused node whose pattern ONNX Runtime has an op for calls a `blade_ort::` custom
+op instead of its body; torch.onnx.export then translates that op through TRANSLATIONS:
+
+| region pattern                 | ONNX Runtime op                                        |
+|--------------------------------|--------------------------------------------------------|
+| skip_layer_norm                | com.microsoft SkipLayerNormalization (bias, sum output)|
+| skip_rms_norm                  | com.microsoft SkipSimplifiedLayerNormalization         |
+| rms_norm                       | SimplifiedLayerNormalization (ONNX Runtime's, ONNX domain) |
+| linear/addmm + gelu (+ …)      | MatMul + com.microsoft BiasGelu                        |
+| linear/addmm + gelu tanh (+ …) | MatMul + com.microsoft FastGelu (with bias)            |
+
+Every other region — and these, when their operands do not fit the op (no gamma, a broadcast
+skip, no bias) — is exported as its body, plain ONNX, which ONNX Runtime's own optimizer fuses
+as it can. The `blade_ort::` ops exist only during export: they never enter the IR or an artifact.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import onnxscript
+import torch
+import torch.nn.functional as F
+
+from blade.fused import FusedRegion
+from blade.ir import Node, map_refs
+
+msft = onnxscript.values.Opset("com.microsoft", 1)
+onnx_ort = onnxscript.values.Opset("", 20)  # ONNX Runtime's own ops in the ONNX domain
+
+
+@torch.library.custom_op("blade_ort::skip_norm", mutates_args=())
+def skip_norm(x: torch.Tensor, skip: torch.Tensor, gamma: torch.Tensor, beta: Optional[torch.Tensor],
+              bias: Optional[torch.Tensor], eps: float, simplified: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    total = x + skip if bias is None else x + bias + skip
+    if simplified:
+        out = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps) * gamma
+    else:
+        out = F.layer_norm(total, (total.shape[-1],), gamma, beta, eps)
+    return out, total
+
+
+@skip_norm.register_fake
+def _skip_norm_fake(x, skip, gamma, beta, bias, eps, simplified):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("blade_ort::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gamma
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x, gamma, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("blade_ort::matmul_bias_gelu", mutates_args=())
+def matmul_bias_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    return F.gelu(x @ weight + bias, approximate=approximate)
+
+
+@matmul_bias_gelu.register_fake
+def _matmul_bias_gelu_fake(x, weight, bias, approximate):
+    return x.new_empty((*x.shape[:-1], weight.shape[-1]))
+
+
+# -- ONNX translations (torch.onnx.export custom_translation_table) ------------------------------
+
+def skip_norm_onnx(x, skip, gamma, beta=None, bias=None, eps: float = 1e-5, simplified: bool = False):
+    if simplified:
+        out, _, _, total = msft.SkipSimplifiedLayerNormalization(x, skip, gamma, bias, epsilon=eps)
+    else:
+        out, _, _, total = msft.SkipLayerNormalization(x, skip, gamma, beta, bias, epsilon=eps)
+    return out, total
+
+
+def rms_norm_onnx(x, gamma, eps: float = 1e-6):
+    return onnx_ort.SimplifiedLayerNormalization(x, gamma, axis=-1, epsilon=eps)
+
+
+def matmul_bias_gelu_onnx(x, weight, bias, approximate: str = "none"):
+    product = onnxscript.opset20.MatMul(x, weight)
+    return msft.FastGelu(product, bias) if approximate == "tanh" else msft.BiasGelu(product, bias)
+
+
+def register_schemas(register_contrib_schema) -> dict:
+    """Declare the ops' schemas to onnx and return their translation table entries."""
+    register_contrib_schema("SkipLayerNormalization", outputs=4)
+    register_contrib_schema("SkipSimplifiedLayerNormalization", outputs=4)
+    register_contrib_schema("SimplifiedLayerNormalization", outputs=1, domain="")
+    register_contrib_schema("BiasGelu")
+    register_contrib_schema("FastGelu")
+    return {torch.ops.blade_ort.skip_norm.default: skip_norm_onnx,
+            torch.ops.blade_ort.rms_norm.default: rms_norm_onnx,
+            torch.ops.blade_ort.matmul_bias_gelu.default: matmul_bias_gelu_onnx}
+
+
+# -- lowering a fused node at export ------------------------------------------------------------
+
+class Lowered:
+    """What an exported fused node calls instead of its body: the region's ONNX Runtime form."""
+
+    __module__ = __name__
+
+    def __init__(self, region: FusedRegion, fn: Callable):
+        self.region, self.fn = region, fn
+        self.__name__ = f"ort_{region.pattern}"
+
+    def __call__(self, *args):
+        return self.fn(self.region, *args)
+
+
+def _role(region: FusedRegion, args, role: str):
+    index = region.attrs.get("inputs", {}).get(role)
+    return None if index is None else args[index]
+
+
+def _by_output_role(region: FusedRegion, values: dict):
+    outs = tuple(values[role] for role in region.attrs["outputs"])
+    return outs if len(outs) > 1 else outs[0]
+
+
+def _static_rank(region: FusedRegion, role: str) -> int | None:
+    index = region.attrs.get("inputs", {}).get(role)
+    return None if index is None else region.body.inputs[index].val.rank
+
+
+def _lower_skip_norm(region: FusedRegion, *args):
+    out, total = torch.ops.blade_ort.skip_norm(
+        _role(region, args, "input"), _role(region, args, "skip"), _role(region, args, "gamma"),
+        _role(region, args, "beta"), _role(region, args, "bias"), region.attrs["eps"],
+        region.pattern == "skip_rms_norm")
+    return _by_output_role(region, {"out": out, "sum": total})
+
+
+def _lower_rms_norm(region: FusedRegion, *args):
+    out = torch.ops.blade_ort.rms_norm(_role(region, args, "input"), _role(region, args, "gamma"), region.attrs["eps"])
+    return _by_output_role(region, {"out": out})
+
+
+def _lower_matmul_gelu(region: FusedRegion, *args):
+    """The body, with its matmul + bias + GELU as one MatMul + BiasGelu/FastGelu (views commute)."""
+    body = region.body
+    env: dict[Node, object] = dict(zip(body.inputs, args))
+    matmul = body.call_nodes[0]
+    weight = _role(region, args, "weight")
+    if region.attrs["weight_layout"] == "out_in":
+        weight = weight.t()
+    approximate = "tanh" if region.attrs["activation"] == "gelu_tanh" else "none"
+    for node in body.call_nodes:
+        if node is matmul:
+            env[node] = torch.ops.blade_ort.matmul_bias_gelu(_role(region, args, "input"), weight,
+                                                             _role(region, args, "bias"), approximate)
+        elif node.target == torch.ops.aten.gelu.default:
+            env[node] = env[node.args[0]]
+        else:
+            env[node] = node.target(*map_refs(node.args, env.__getitem__), **map_refs(node.kwargs, env.__getitem__))
+    outs = tuple(env[o] for o in body.outputs)
+    return outs if len(outs) > 1 else outs[0]
+
+
+def lowering(region: FusedRegion) -> Lowered | None:
+    """The ONNX Runtime form of the region, or None to export its body as it is."""
+    attrs = region.attrs
+    roles = attrs.get("inputs", {})
+    if region.pattern in ("skip_layer_norm", "skip_rms_norm") and "gamma" in roles \
+            and _static_rank(region, "input") in (2, 3):
+        return Lowered(region, _lower_skip_norm)
+    if region.pattern == "rms_norm" and "gamma" in roles:
+        return Lowered(region, _lower_rms_norm)
+    if region.kind == "matmul_epilogue" and attrs.get("activation") in ("gelu", "gelu_tanh") and "bias" in roles:
+        return Lowered(region, _lower_matmul_gelu)
+    return None
+
+
+def lower_fused_nodes(module: torch.fx.GraphModule) -> int:
+    """Point every fused node of `module` that has an ONNX Runtime form at it; returns how many."""
+    count = 0
+    for node in module.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, FusedRegion):
+            lowered = lowering(node.target)
+            if lowered is not None:
+                node.target = lowered
+                count += 1
+    if count:
+        module.recompile()
+    return count

@@ -1,0 +1,87 @@
+"""Matmul epilogues: a linear layer with the activation and residual add that follow it, one region.
+
+Matches: `linear(x, W, b)` or `addmm(b, x, W)` (or a bias-less matmul of a weight) read only by
+an optional reshape/view, then an activation (GELU exact or tanh, ReLU, SiLU, sigmoid, tanh) read
+only by the next step, then optionally a residual `+ r` of the same shape. Produces: a fused region
+of kind "matmul_epilogue", pattern `<matmul>_<activation>[_residual]` (e.g. linear_gelu), attrs
+with the activation, whether the weight is stored [out, in] (linear) or [in, out] (addmm), and the
+roles of the input, weight and bias arguments.
+
+Leaves alone: a matmul read by more than one node (the activation would be computed twice or the
+raw product kept too), an activation that is not elementwise on the product alone, a matmul with
+nothing after it, and residual adds that a norm region already took.
+"""
+from __future__ import annotations
+
+import torch
+
+from blade.fused import fusable, fuse
+from blade.ir import Graph, Node
+from blade.passes.fuse_norms import only_user, plain_add
+from blade.passes.manager import PassContext
+
+aten = torch.ops.aten
+ACTIVATIONS = {aten.gelu.default: "gelu", aten.relu.default: "relu", aten.silu.default: "silu",
+               aten.sigmoid.default: "sigmoid", aten.tanh.default: "tanh"}
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _matmul_roles(node: Node) -> tuple[str, dict] | None:
+    """("linear" | "addmm", roles) for a matmul of a constant weight, else None."""
+    if node.target == aten.linear.default and not node.kwargs:
+        x, w = node.args[:2]
+        bias = node.args[2] if len(node.args) > 2 else None
+        if isinstance(w, Node) and w.op == "constant":
+            return "linear", {"input": x, "weight": w, "bias": bias}
+    if node.target == aten.addmm.default and not node.kwargs:
+        bias, x, w = node.args[:3]
+        if isinstance(w, Node) and w.op == "constant" and isinstance(bias, Node) and bias.val.rank == 1:
+            return "addmm", {"input": x, "weight": w, "bias": bias}
+    return None
+
+
+def _activation_name(node: Node) -> str | None:
+    name = ACTIVATIONS.get(node.target)
+    if name is None or node.args[0] is None:
+        return None
+    if name == "gelu" and node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none") == "tanh":
+        return "gelu_tanh"
+    return name
+
+
+def fuse_epilogue(graph: Graph, matmul: Node, ctx: PassContext) -> bool:
+    found = _matmul_roles(matmul)
+    if found is None:
+        return False
+    form, roles = found
+    members, current = [matmul], matmul
+    step = only_user(graph, current)
+    if step is not None and step.target in RESHAPES and step.args[0] is current:
+        after = only_user(graph, step)
+        if after is not None and _activation_name(after) and after.args[0] is step:
+            members, current = members + [step], step
+    activation = None
+    step = only_user(graph, current)
+    if step is not None and _activation_name(step) and step.args[0] is current:
+        activation = _activation_name(step)
+        members, current = members + [step], step
+    residual = None
+    step = only_user(graph, current)
+    if step is not None and plain_add(step) and step.args[0] is not step.args[1]:
+        residual = step.args[1] if step.args[0] is current else step.args[0]
+        members, current = members + [step], step
+    if len(members) == 1 or members[-1].target in RESHAPES or fusable(graph, members):
+        return False
+    pattern = "_".join([form] + ([activation] if activation else []) + (["residual"] if residual is not None else []))
+    fuse(graph, members, "matmul_epilogue", pattern,
+         {"matmul": form, "activation": activation or "none", "weight_layout": "out_in" if form == "linear" else "in_out"},
+         roles={**roles, "residual": residual})
+    ctx.count(f"epilogue:{pattern}")
+    return True
+
+
+def run(graph: Graph, ctx: PassContext) -> None:
+    """Fuse every matmul epilogue the graph has."""
+    for node in graph.call_nodes:
+        if node in graph and node.target in (aten.linear.default, aten.addmm.default):
+            fuse_epilogue(graph, node, ctx)

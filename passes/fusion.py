@@ -1,0 +1,120 @@
+"""Operator fusion: group the graph's nodes into fused regions (blade/fused.py), each run as one unit.
+
+In order:
+1. norms (passes/fuse_norms.py): residual add + layer norm, RMSNorm written by hand;
+2. matmul epilogues (passes/fuse_epilogues.py): linear/addmm + bias + activation + residual;
+3. loop and reduction fusion, here: every chain of elementwise ops and row reductions (softmax,
+   layer norm, mean/sum/max over the last axis, var_mean) in which each producer is read only by
+   the next op becomes one region — kind "reduction" when it holds a reduction (pattern: the
+   reduction's name, e.g. "softmax"; a mean/var layer norm written by hand is one such region),
+   else "loop". Elementwise producers fuse into a reduction (its prologue) and elementwise
+   consumers of a reduction into it (its epilogue).
+Legality: a region never creates a cycle (checked with the graph's reachability), never computes
+a value twice (a producer read by two nodes stays outside), and runs exactly the ops it replaces,
+so results differ from the unfused graph only by a backend's rounding.
+
+Leaves alone: views, copies and data movement, matmuls without an epilogue, attention (its own
+op), reductions over other axes, nodes that produce a tuple or a number.
+"""
+from __future__ import annotations
+
+import torch
+
+from blade.cost import ELEMENTWISE
+from blade.fused import fusable, fuse, is_fused, topological
+from blade.ir import Graph, Node, TensorMeta
+from blade.passes import fuse_epilogues, fuse_norms
+from blade.passes.cleanup import _arg, eliminate_dead_code
+from blade.passes.manager import PassContext
+
+aten = torch.ops.aten
+CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+ROW_REDUCTIONS = {
+    aten.softmax.int: "softmax", aten._softmax.default: "softmax", aten._safe_softmax.default: "softmax",
+    aten.log_softmax.int: "log_softmax", aten._log_softmax.default: "log_softmax",
+    aten.layer_norm.default: "layer_norm", aten.mean.dim: "mean", aten.sum.dim_IntList: "sum",
+    aten.amax.default: "amax", aten.var_mean.correction: "var_mean", aten.var.correction: "var",
+}
+
+
+def _last_axis_only(node: Node) -> bool:
+    """A reduction over just the last axis of its input."""
+    x = node.args[0]
+    if not isinstance(x, Node) or not isinstance(x.val, TensorMeta) or x.val.rank == 0:
+        return False
+    last = x.val.rank - 1
+    if ROW_REDUCTIONS[node.target] in ("softmax", "log_softmax"):
+        return _arg(node, 1, "dim") in (-1, last)
+    if node.target == aten.layer_norm.default:
+        return len(_arg(node, 1, "normalized_shape")) == 1
+    dims = _arg(node, 1, "dim")
+    return dims is not None and list(dims) in ([-1], [last])
+
+
+def fusible(node: Node) -> bool:
+    """Whether the node may join a loop/reduction region."""
+    if node.op != "call" or is_fused(node) or not isinstance(node.val, TensorMeta):
+        return False
+    if node.target in ELEMENTWISE:
+        return True
+    if node.target in CASTS:
+        return set(node.kwargs) <= {"dtype"}
+    return node.target in ROW_REDUCTIONS and _last_axis_only(node)
+
+
+def _only_reader(graph: Graph, node: Node) -> Node | None:
+    users = graph.users(node)
+    return users[0] if len(users) == 1 and not graph.is_output(node) else None
+
+
+def clusters(graph: Graph) -> list[list[Node]]:
+    """Groups of fusible nodes joined by single-reader producer→consumer edges (union-find)."""
+    parent: dict[Node, Node] = {}
+
+    def find(n: Node) -> Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    nodes = [n for n in graph.call_nodes if fusible(n)]
+    for n in nodes:
+        parent[n] = n
+    for n in nodes:
+        reader = _only_reader(graph, n)
+        if reader is not None and reader in parent:
+            parent[find(n)] = find(reader)
+    groups: dict[Node, list[Node]] = {}
+    for n in nodes:
+        groups.setdefault(find(n), []).append(n)
+    return [topological(graph, g) for g in groups.values() if len(g) > 1]
+
+
+def _pattern(members: list[Node]) -> tuple[str, str]:
+    reductions = [ROW_REDUCTIONS[m.target] for m in members if m.target in ROW_REDUCTIONS]
+    if not reductions:
+        return "loop", "loop"
+    names = list(dict.fromkeys(reductions))
+    return "reduction", "_".join(names)
+
+
+def fuse_loops(graph: Graph, ctx: PassContext) -> None:
+    for members in clusters(graph):
+        if fusable(graph, members):
+            ctx.note(f"not fused {[m.name for m in members]}: {fusable(graph, members)}")
+            continue
+        kind, pattern = _pattern(members)
+        fuse(graph, members, kind, pattern)
+        ctx.count(f"{kind}:{pattern}")
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    fuse_norms.run(graph, ctx)
+    fuse_epilogues.run(graph, ctx)
+    fuse_loops(graph, ctx)
+    eliminate_dead_code(graph, ctx)
+    fused = [n for n in graph.call_nodes if is_fused(n)]
+    ctx.count("regions", len(fused))
+    ctx.count("ops_in_regions", sum(len(n.target.body.call_nodes) for n in fused))
+    return graph
+
