@@ -169,7 +169,7 @@ ELEMENTWISE = {
 }
 REDUCTIONS = {
     aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
-    aten.amin.default, aten.var_mean.correction, aten.var.correction, aten.softmax.int, aten._softmax.default,
+    aten.amin.default, aten.var_mean.correction, aten.var.correction, aten.var.dim, aten.softmax.int, aten._softmax.default,
     aten._safe_softmax.default, aten.log_softmax.int, aten._log_softmax.default, aten.layer_norm.default,
     aten.native_layer_norm.default, aten.group_norm.default, aten._native_batch_norm_legit_no_training.default,
     aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default,

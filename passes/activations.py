@@ -1,7 +1,8 @@
 """Activations written out by hand become the one ATen op they compute.
 
-Matches: a cluster of at least MIN_OPS elementwise ops that reads one tensor x (plus literals and
-scalar weights) and produces one tensor of x's shape and dtype — e.g. GPT-2's
+Matches: the largest run of at least MIN_OPS elementwise ops that reads one tensor x (plus literals
+and scalar weights), whose intermediate values nothing else reads, and produces one tensor of x's
+shape and dtype — e.g. GPT-2's
 `0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))` — whose values, computed in float64
 at PROBE_POINTS points over [-PROBE_RANGE, PROBE_RANGE] (and at 0, ±inf-free extremes), equal a
 known activation's to within PROBE_RTOL. Produces: that activation's ATen op (`aten.gelu` with
@@ -25,7 +26,7 @@ from blade.ir import Graph, Node, TensorMeta, iter_refs, map_refs
 from blade.passes.manager import PassContext
 
 aten = torch.ops.aten
-MIN_OPS = 3
+MIN_OPS = 2
 MAX_OPS = 24
 PROBE_POINTS = 2001
 PROBE_RANGE = 12.0
@@ -40,8 +41,6 @@ ACTIVATIONS = {
     "mish": (F.mish, aten.mish.default, (), {}),
     "tanh": (torch.tanh, aten.tanh.default, (), {}),
 }
-# Single ops that already are an activation: a cluster never starts from one of these alone.
-_ALREADY = {aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default, aten.relu.default}
 
 
 def _is_elementwise(node: Node) -> bool:
@@ -69,13 +68,6 @@ def grow_cluster(graph: Graph, x: Node) -> list[Node]:
                 frontier.extend(u for u in graph.users(node) if _is_elementwise(u) and u not in cluster)
                 changed = True
     return topological(graph, cluster)
-
-
-def _single_output(graph: Graph, cluster: list[Node]) -> Node | None:
-    """The one member read outside the cluster, when every other member is read only inside it."""
-    inside = set(cluster)
-    escaping = [n for n in cluster if graph.is_output(n) or any(u not in inside for u in graph.users(n))]
-    return escaping[0] if len(escaping) == 1 else None
 
 
 def _ancestors_within(out: Node, cluster: list[Node]) -> list[Node]:
@@ -126,25 +118,33 @@ def _candidates(graph: Graph) -> list[Node]:
             and sum(1 for u in graph.users(n) if _is_elementwise(u)) >= 1]
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
-    for x in _candidates(graph):
-        if x not in graph:
-            continue
-        cluster = grow_cluster(graph, x)
-        out = _single_output(graph, cluster) if len(cluster) >= MIN_OPS else None
-        if out is None:
-            continue
+def _closed(graph: Graph, members: list[Node], out: Node) -> bool:
+    """Every member but `out` is read only inside `members` (replacing them loses nothing)."""
+    inside = set(members)
+    return not any(graph.is_output(m) or any(u not in inside for u in graph.users(m)) for m in members if m is not out)
+
+
+def find_activation(graph: Graph, x: Node) -> tuple[str, list[Node], Node] | None:
+    """The largest run of elementwise ops on x that computes a known activation."""
+    cluster = grow_cluster(graph, x)
+    for out in reversed(cluster):
         members = _ancestors_within(out, cluster)
-        if len(members) < MIN_OPS or (len(members) == 1 and members[0].target in _ALREADY):
+        if len(members) < MIN_OPS or not _closed(graph, members, out):
             continue
         if not (isinstance(out.val, TensorMeta) and out.val.dtype == x.val.dtype and out.val.shape == x.val.shape):
             continue
-        inside = set(members)
-        if any(u not in inside for m in members if m is not out for u in graph.users(m)):
-            continue
         name = identify(graph, x, members, out)
-        if name is None:
+        if name is not None:
+            return name, members, out
+    return None
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    for x in _candidates(graph):
+        found = find_activation(graph, x) if x in graph else None
+        if found is None:
             continue
+        name, members, out = found
         _, target, extra_args, kwargs = ACTIVATIONS[name]
         new = graph.add_node(target, (x, *extra_args), dict(kwargs), dict(out.meta), name=name)
         graph.replace_all_uses(out, new)

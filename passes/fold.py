@@ -53,6 +53,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             continue
         source = node.meta.get("source") or node.name
         constant = graph.add_constant(f"{node.name}_folded", values[node], f"{source} (folded)")
+        values[constant] = values[node]
         graph.replace_all_uses(node, constant)
         ctx.count("folded")
     eliminate_dead_code(graph, ctx)

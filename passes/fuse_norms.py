@@ -1,7 +1,8 @@
 """Norm fusion: residual add + layer norm, and RMSNorm as written by hand, each into one region.
 
 Matches:
-- skip_layer_norm: `layer_norm(a + b)` over the last axis, a and b of the same shape and dtype;
+- skip_layer_norm: `layer_norm(a + b)` over the last axis, a and b of the same dtype and shape
+  (or b broadcast over leading dims: a position embedding [1, S, H] added to [B, S, H]);
   when a (or b) is a `linear` with a constant bias read only by this add, the bias add moves into
   the region (the linear keeps just its matmul), as ONNX Runtime's SkipLayerNormalization takes it.
 - rms_norm: `x * rsqrt(mean(x², -1, keepdim) + eps)` (x² as pow(x, 2) or x * x), optionally times
@@ -40,6 +41,31 @@ def plain_add(node: Node) -> bool:
         same_shape(x.val.shape, node.val.shape) and x.val.dtype == node.val.dtype for x in (a, b))
 
 
+def _broadcasts_over_leading(small: tuple, full: tuple) -> bool:
+    """`small` is `full` with some leading dims 1 or absent, e.g. [1, S, H] or [S, H] for [B, S, H]."""
+    if len(small) > len(full) or len(small) == 0:
+        return False
+    offset = len(full) - len(small)
+    trailing = next((i for i, s in enumerate(small) if s != 1), len(small))
+    return same_shape(tuple(small[trailing:]), tuple(full[offset + trailing:])) and trailing < len(small)
+
+
+def skip_add(node: Node) -> tuple[Node, Node] | None:
+    """(input, skip) of a residual `input + skip`: input has the result's shape; skip the same, or
+    one broadcast over leading dims (a position embedding [1, S, H] added to [B, S, H])."""
+    if node.op != "call" or node.target != aten.add.Tensor or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = node.args
+    if not (_tensor(a) and _tensor(b)) or a.val.dtype != node.val.dtype or b.val.dtype != node.val.dtype:
+        return None
+    full = node.val.shape
+    for first, second in ((a, b), (b, a)):
+        if same_shape(first.val.shape, full) and (same_shape(second.val.shape, full)
+                                                  or _broadcasts_over_leading(second.val.shape, full)):
+            return first, second
+    return None
+
+
 def only_user(graph: Graph, node: Node) -> Node | None:
     users = graph.users(node)
     return users[0] if len(users) == 1 and not graph.is_output(node) else None
@@ -68,12 +94,14 @@ def _sum_role(graph: Graph, total: Node, members: list[Node]) -> dict:
 
 def fuse_skip_layer_norm(graph: Graph, ln: Node, ctx: PassContext) -> bool:
     x, shape = ln.args[0], _arg(ln, 1, "normalized_shape")
-    if not (isinstance(x, Node) and plain_add(x)) or len(shape) != 1 or shape[0] != x.val.shape[-1]:
+    operands = skip_add(x) if isinstance(x, Node) else None
+    if operands is None or len(shape) != 1 or shape[0] != x.val.shape[-1]:
         return False
     weight, beta, eps = _arg(ln, 2, "weight"), _arg(ln, 3, "bias"), _arg(ln, 4, "eps", 1e-5)
-    a, b = x.args
+    a, b = operands
     members, bias = [x, ln], None
-    for first, second in ((a, b), (b, a)):
+    candidates = ((a, b), (b, a)) if plain_add(x) else ((a, b),)
+    for first, second in candidates:
         bias_add = split_bias(graph, first, x)
         if bias_add is not None:
             members, bias = [bias_add, x, ln], bias_add.args[1]
@@ -127,9 +155,10 @@ def fuse_rms_norm(graph: Graph, mean: Node, ctx: PassContext) -> bool:
         return False
     roles = {"input": x, "gamma": weight}
     pattern = "rms_norm"
-    if plain_add(x):
+    if skip_add(x):
         members = [x] + members
-        roles = {"input": x.args[0], "skip": x.args[1], "gamma": weight}
+        first, second = skip_add(x)
+        roles = {"input": first, "skip": second, "gamma": weight}
         pattern = "skip_rms_norm"
     if fusable(graph, members):
         return False

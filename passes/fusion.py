@@ -34,6 +34,7 @@ ROW_REDUCTIONS = {
     aten.log_softmax.int: "log_softmax", aten._log_softmax.default: "log_softmax",
     aten.layer_norm.default: "layer_norm", aten.mean.dim: "mean", aten.sum.dim_IntList: "sum",
     aten.amax.default: "amax", aten.var_mean.correction: "var_mean", aten.var.correction: "var",
+    aten.var.dim: "var",
 }
 
 
@@ -94,8 +95,7 @@ def _pattern(members: list[Node]) -> tuple[str, str]:
     reductions = [ROW_REDUCTIONS[m.target] for m in members if m.target in ROW_REDUCTIONS]
     if not reductions:
         return "loop", "loop"
-    names = list(dict.fromkeys(reductions))
-    return "reduction", "_".join(names)
+    return "reduction", "_".join(sorted(set(reductions)))
 
 
 def fuse_loops(graph: Graph, ctx: PassContext) -> None:

@@ -1,6 +1,8 @@
 """Hugging Face BERT and GPT-2 (small random configs, no download) compile, match eager and stay dynamic."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from torch.export import Dim
@@ -9,6 +11,8 @@ from torch.utils._pytree import tree_leaves
 import blade
 from blade.accuracy import relative_error
 from blade.errors import ShapeError
+from blade.fused import is_fused
+from blade.ir import Node
 
 from helpers import forbid_recompiling
 
@@ -99,6 +103,34 @@ def test_every_attention_becomes_one_flash_attention(case):
     counts = cm.graph.count_targets()
     assert counts.get("blade.flash_attention.default") == 2 and "aten.softmax.int" not in counts, counts
     assert "aten.scaled_dot_product_attention.default" not in counts
+
+
+LAYERS = 2
+
+
+def test_norms_gelus_bias_adds_and_qkv_projections_are_fused(case):
+    """Counted in the optimized graph: no layer norm, GELU or bias add is left on its own, and each
+    layer computes Q, K and V with one matmul."""
+    name, _, cm = case
+    counts = cm.graph.count_targets()
+    assert "aten.layer_norm.default" not in counts and "aten.gelu.default" not in counts, counts
+    fused = [n for n in cm.graph.call_nodes if is_fused(n)]
+    patterns = Counter(n.target.pattern for n in fused)
+    loose_adds = [n for n in cm.graph.call_nodes if n.target == torch.ops.aten.add.Tensor
+                  and any(isinstance(a, Node) and a.op == "constant" for a in n.args)]
+    assert not loose_adds, [n.name for n in loose_adds]  # biases live in a matmul or a region
+    readers: dict = {}
+    for node in cm.graph.call_nodes:
+        if node.target in (torch.ops.aten.linear.default, torch.ops.aten.addmm.default):
+            x = node.args[0] if node.target == torch.ops.aten.linear.default else node.args[1]
+            readers.setdefault(x.name, []).append(node.name)
+    assert all(len(r) == 1 for r in readers.values()), readers  # no two projections of one input
+    if name == "bert":  # residual + bias + LN twice per layer, and the embeddings' sum + LN; FFN + GELU
+        assert patterns["skip_layer_norm"] == 2 * LAYERS + 1 and patterns["linear_gelu"] == LAYERS, patterns
+        assert counts["aten.split_with_sizes.default"] == LAYERS  # Q, K, V from one wide linear
+    else:  # GPT-2: pre-LN, so every LN (embeddings + position first, ln_f last) takes a residual add
+        assert patterns["skip_layer_norm"] == 2 * LAYERS + 1 and patterns["addmm_gelu_tanh"] == LAYERS, patterns
+        assert counts["aten.addmm.default"] == 3 * LAYERS  # c_attn (Q, K, V at once), c_proj, c_fc + c_proj
 
 
 def test_fresh_inputs_every_size_and_convention_without_recompile(case, monkeypatch):

@@ -1,6 +1,8 @@
 """Every zoo model (tiny) compiles, matches eager on fresh inputs at other sizes, and round-trips fx."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -8,6 +10,7 @@ import torch.utils._pytree as pytree
 import blade
 import blade.models as zoo
 from blade.capture import capture
+from blade.fused import is_fused
 
 from helpers import assert_matches, forbid_recompiling, fresh_dims
 
@@ -39,6 +42,18 @@ def test_attention_is_replaced_and_no_softmax_is_left(compiled):
     assert (counts.get("blade.flash_attention.default", 0) > 0) == (name in ATTENTION_MODELS), counts
 
 
+def test_layers_are_fused(compiled):
+    """Every zoo model has regions; transformer blocks their residual norms and MLP epilogues."""
+    name, _, cm = compiled
+    kinds = Counter(n.target.kind for n in cm.graph.call_nodes if is_fused(n))
+    assert kinds, name
+    if name in ATTENTION_MODELS:
+        assert kinds["reduction"] >= 2 and kinds["matmul_epilogue"] >= 1, kinds
+    for node in cm.graph.call_nodes:  # a fused op never holds another, nor nothing
+        if is_fused(node):
+            assert node.target.body.call_nodes and not any(is_fused(m) for m in node.target.body.call_nodes)
+
+
 def test_dims_are_the_users_names(compiled):
     name, _, cm = compiled
     wanted = set(fresh_dims(name))
@@ -64,9 +79,16 @@ def test_grouped_query_llama_variant():
     (op, _) = [n for n in cm.graph.call_nodes if n.target is torch.ops.blade.flash_attention.default]
     assert op.args[1].val.shape[1] == 2 and op.args[0].val.shape[1] == 4, "reads the 2 KV heads unrepeated"
     assert "aten.repeat_interleave.self_int" not in cm.graph.count_targets()
+    patterns = Counter(n.target.pattern for n in cm.graph.call_nodes if is_fused(n))
+    assert patterns["skip_rms_norm"] + patterns["rms_norm"] == 5, patterns  # 2 per layer + final, by hand
+    assert "linears_2_into_1" in [r for r in cm.report.passes if r["name"] == "horizontal"][0]["counts"]  # gate/up
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         assert_matches(cm(ids), model(ids))
+    ort = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend="onnxruntime")
+    assert ort.executable.describe()["nodes"]["torch"] == 0
+    with torch.no_grad():
+        assert_matches(ort(ids), model(ids), tol=1e-5)
 
 
 @pytest.mark.slow

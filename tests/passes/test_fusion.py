@@ -1,0 +1,220 @@
+"""fusion: each fused kind (structure), numbers against eager on both backends, graphs it leaves alone."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.export import Dim
+
+import blade
+from blade.fused import FusedRegion, creates_cycle, is_fused
+from blade.passes import activations, cleanup, fusion
+
+from helpers import Apply, assert_matches
+
+aten = torch.ops.aten
+H = 16
+
+
+class Block(torch.nn.Module):
+    """Linear layers and norms in the arrangements the fusion patterns look for."""
+
+    def __init__(self, body, norm=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = torch.nn.Linear(H, 2 * H), torch.nn.Linear(2 * H, H)
+        self.norm = torch.nn.LayerNorm(H)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+        self.scale = torch.nn.Parameter(torch.rand(H) + 0.5)
+        self.body = body
+
+    def forward(self, x, y=None):
+        return self.body(self, x) if y is None else self.body(self, x, y)
+
+
+def rms(x, w, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+BODIES = {
+    # post-LN residual: LN(x + down(...)) — the down-projection's bias moves into the region
+    "skip_layer_norm": lambda m, x: m.norm(x + m.down(F.gelu(m.up(x)))),
+    # pre-LN: the sum is both normed and carried on (a second output of the region)
+    "skip_layer_norm_sum": lambda m, x: (lambda h: h + m.norm(h))(x + m.down(m.up(x))),
+    "rms_norm": lambda m, x: rms(x, m.scale),
+    "skip_rms_norm": lambda m, x, y: (lambda h: h * 2 + rms(h, m.scale))(x + y),
+    "linear_gelu": lambda m, x: m.down(F.gelu(m.up(x))),
+    "linear_gelu_tanh_residual": lambda m, x: F.gelu(m.down(m.up(x)), approximate="tanh") + x,
+    "softmax": lambda m, x: (x * 0.5 + 1.0).softmax(-1) * 3.0,
+    "hand_layer_norm": lambda m, x: (x - x.mean(-1, keepdim=True)) / torch.sqrt(
+        x.var(-1, keepdim=True, unbiased=False) + 1e-5) * m.scale,
+    "loop": lambda m, x: torch.sigmoid(x * 3.0 - 1.0) * torch.tanh(x),
+}
+EXPECTED = {  # pattern -> fused regions of each kind the body must produce
+    "skip_layer_norm": {"skip_layer_norm": 1, "linear_gelu": 1},
+    "skip_layer_norm_sum": {"skip_layer_norm": 1},
+    "rms_norm": {"rms_norm": 1},
+    "skip_rms_norm": {"skip_rms_norm": 1, "loop": 1},  # and h * 2 + norm(h) after it
+    "linear_gelu": {"linear_gelu": 1},
+    "linear_gelu_tanh_residual": {"linear_gelu_tanh_residual": 1},
+    "softmax": {"softmax": 1},
+    "hand_layer_norm": {"mean_var": 1},
+    "loop": {"loop": 1},
+}
+
+
+def inputs(name, batch=2, seq=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq, H, generator=gen)
+    return (x, torch.randn(batch, seq, H, generator=gen)) if name == "skip_rms_norm" else (x,)
+
+
+def compile_body(name, backend="eager", passes=None):
+    model = Block(BODIES[name]).eval()
+    example = inputs(name)
+    dims = tuple({0: Dim("batch", min=1, max=8), 1: Dim("seq", min=2, max=32)} for _ in example)
+    return model, blade.compile(model, example, dynamic_shapes=dims, backend=backend, passes=passes)
+
+
+def regions(cm) -> Counter:
+    return Counter(n.target.pattern for n in cm.graph.call_nodes if is_fused(n))
+
+
+def check_fresh(model, cm, name, tol=1e-5):
+    for seed, (batch, seq) in enumerate([(3, 7), (1, 2), (8, 32)], start=1):
+        fresh = inputs(name, batch, seq, seed)
+        with torch.no_grad():
+            assert_matches(cm(*fresh), model(*fresh), tol=tol)
+
+
+@pytest.mark.parametrize("name", list(BODIES))
+def test_each_pattern_becomes_its_fused_op(name):
+    model, cm = compile_body(name)
+    assert dict(regions(cm)) == EXPECTED[name], str(cm.graph)
+    for node in cm.graph.call_nodes:
+        if is_fused(node):
+            region = node.target
+            assert region.kind in ("loop", "reduction", "matmul_epilogue")
+            assert len(region.body.inputs) == len(node.args) and region.body.call_nodes
+    check_fresh(model, cm, name)
+
+
+@pytest.mark.parametrize("name", list(BODIES))
+def test_numbers_match_eager_on_onnxruntime(name):
+    model, cm = compile_body(name, backend="onnxruntime")
+    assert cm.report.backend == "onnxruntime" and cm.executable.describe()["nodes"]["torch"] == 0
+    check_fresh(model, cm, name)
+
+
+def test_kinds_and_attrs_say_what_a_code_generator_needs():
+    _, cm = compile_body("skip_layer_norm")
+    by_pattern = {n.target.pattern: n for n in cm.graph.call_nodes if is_fused(n)}
+    norm, epilogue = by_pattern["skip_layer_norm"].target, by_pattern["linear_gelu"].target
+    assert norm.kind == "reduction" and norm.attrs["eps"] == 1e-5
+    assert set(norm.attrs["inputs"]) == {"input", "skip", "gamma", "beta", "bias"}  # the bias moved in
+    assert [n.target for n in norm.body.call_nodes] == [aten.add.Tensor, aten.add.Tensor, aten.layer_norm.default]
+    assert epilogue.kind == "matmul_epilogue" and epilogue.attrs["activation"] == "gelu"
+    assert [n.target for n in epilogue.body.call_nodes] == [aten.linear.default, aten.gelu.default]
+    linears = [n for n in cm.graph.call_nodes if n.target == aten.linear.default]
+    assert len(linears) == 1 and len(linears[0].args) == 2  # the down-projection, its bias gone to the norm
+
+
+def test_a_sum_read_on_becomes_a_second_output():
+    _, cm = compile_body("skip_layer_norm_sum")
+    (node,) = [n for n in cm.graph.call_nodes if is_fused(n)]
+    assert node.target.attrs["outputs"] == ["sum", "out"] and isinstance(node.val, tuple)
+
+
+def test_onnxruntime_gets_its_fused_contrib_ops(tmp_path):
+    wanted = {"skip_layer_norm": ["SkipLayerNormalization", "BiasGelu"], "rms_norm": ["SimplifiedLayerNormalization"],
+              "skip_rms_norm": ["SkipSimplifiedLayerNormalization"],
+              "linear_gelu_tanh_residual": ["FastGelu"]}
+    for name, ops in wanted.items():
+        _, cm = compile_body(name, backend="onnxruntime")
+        cm.executable.to_onnx(tmp_path / f"{name}.onnx")
+        types = Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
+        assert all(types[op] == 1 for op in ops), (name, types)
+        assert "LayerNormalization" not in types and "Gelu" not in types, (name, types)
+
+
+def test_a_value_read_twice_is_not_computed_twice():
+    """x * 2 feeds two chains: fusing it into both would duplicate it, so it stays outside both."""
+    model = Apply(lambda x: (lambda t: torch.exp(t) + 1.0 + torch.sin(t) * 2.0)(x * 2.0)).eval()
+    x = torch.randn(4, H)
+    cm = blade.compile(model, (x,), backend="eager")
+    ops = Counter(n.target for n in cm.graph.call_nodes)
+    inside = Counter(m.target for n in cm.graph.call_nodes if is_fused(n) for m in n.target.body.call_nodes)
+    assert ops[aten.mul.Tensor] + inside[aten.mul.Tensor] == 2  # x * 2 once, the sin product once
+    assert_matches(cm(x), model(x))
+
+
+def test_graphs_without_a_pattern_are_unchanged():
+    model = Apply(lambda x, y: x @ y).eval()
+    cm = blade.compile(model, (torch.randn(4, 8), torch.randn(8, 3)), passes=[cleanup.run, fusion.run])
+    assert [r for r in cm.report.passes if r["name"] == "fusion"][0]["nodes_after"] == \
+        [r for r in cm.report.passes if r["name"] == "fusion"][0]["nodes_before"]
+    assert not any(is_fused(n) for n in cm.graph.call_nodes)
+
+
+def test_fusion_never_creates_a_cycle():
+    """a → b → c and a → c: fusing {a, c} without b would make b both read and feed the region."""
+    model = Apply(lambda x: (lambda a: a + torch.tanh(a).sum(-1, keepdim=True).expand_as(a))(torch.exp(x))).eval()
+    cm = blade.compile(model, (torch.randn(3, 4),), passes=[cleanup.run])
+    graph = cm.graph.copy()
+    exp = next(n for n in graph.call_nodes if n.target == aten.exp.default)
+    add = next(n for n in graph.call_nodes if n.target == aten.add.Tensor)
+    assert creates_cycle(graph, {exp, add})
+    assert not creates_cycle(graph, set(graph.call_nodes))
+
+
+def test_fused_graph_saves_and_loads(tmp_path):
+    model, cm = compile_body("skip_layer_norm_sum")
+    cm.save(tmp_path / "m.blade")
+    loaded = blade.load(tmp_path / "m.blade")
+    fused = [n for n in loaded.graph.call_nodes if is_fused(n)]
+    assert len(fused) == 1 and isinstance(fused[0].target, FusedRegion)
+    assert fused[0].target.attrs == [n for n in cm.graph.call_nodes if is_fused(n)][0].target.attrs
+    check_fresh(model, loaded, "skip_layer_norm_sum")
+
+
+def test_report_counts_what_was_fused():
+    _, cm = compile_body("skip_layer_norm")
+    (record,) = [r for r in cm.report.passes if r["name"] == "fusion"]
+    assert record["counts"]["skip_layer_norm"] == 1 and record["counts"]["epilogue:linear_gelu"] == 1
+    assert record["counts"]["regions"] == 2 and record["nodes_after"] < record["nodes_before"]
+
+
+@pytest.mark.parametrize("spelling", [
+    lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))),
+    lambda x: x * (0.5 + 0.5 * torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))])
+def test_hand_written_gelu_becomes_gelu_tanh_and_fuses_into_the_matmul(spelling):
+    lin = torch.nn.Linear(H, H).eval()
+    model = Apply(lambda x: spelling(lin(x))).eval()
+    x = torch.randn(2, 5, H)
+    cm = blade.compile(model, (x,), backend="eager")
+    assert [r for r in cm.report.passes if r["name"] == "activations"][0]["counts"] == {"activation:gelu_tanh": 1}
+    assert dict(regions(cm)) == {"linear_gelu_tanh": 1}
+    for seed in (1, 2):
+        fresh = torch.randn(2, 5, H, generator=torch.Generator().manual_seed(seed))
+        assert_matches(cm(fresh), model(fresh), tol=1e-6)
+
+
+def test_expressions_that_are_not_an_activation_stay_as_written():
+    model = Apply(lambda x: 0.5 * x * (1.0 + torch.tanh(0.8 * (x + 0.044715 * x ** 3)))).eval()  # wrong constant
+    cm = blade.compile(model, (torch.randn(4, H),), passes=[cleanup.run, activations.run])
+    assert not [r for r in cm.report.passes if r["name"] == "activations"][0]["counts"]
+    assert aten.tanh.default in {n.target for n in cm.graph.call_nodes}
+
+
+def test_silu_written_out_becomes_silu():
+    model = Apply(lambda x: x * torch.sigmoid(x) + 1.0).eval()
+    x = torch.randn(4, H)
+    cm = blade.compile(model, (x,), passes=[cleanup.run, activations.run])
+    assert aten.silu.default in {n.target for n in cm.graph.call_nodes}
+    assert_matches(cm(x), model(x))
