@@ -1,7 +1,8 @@
-"""CPU inference benchmark: eager PyTorch vs torch.compile vs plain ONNX Runtime vs blade (onnxruntime).
+"""CPU inference benchmark: blade (onnxruntime) vs eager PyTorch, torch.compile, plain ONNX Runtime and
+ONNX Runtime's transformers optimizer.
 
-For BERT-base and GPT-base (the blade zoo's hand-written models) at batch 1 and sequence length 128
-and 256, this measures, in one run on this machine:
+For BERT-base and GPT-base (the blade zoo's hand-written models) at batch 1, BERT at sequence length
+128 and 256, GPT at 128, 256 and 1024, this measures, in one run on this machine:
 
 1. eager      -- the model under torch.inference_mode();
 2. inductor   -- torch.compile(model) with torch._inductor.config.freezing = True, called under
@@ -11,9 +12,20 @@ and 256, this measures, in one run on this machine:
                  model (static shapes, no blade), one InferenceSession with ORT_ENABLE_ALL,
                  intra_op_num_threads = os.cpu_count(), inter_op 1, sequential, CPUExecutionProvider,
                  fed numpy arrays;
-4. blade      -- blade.compile(model, ..., backend="onnxruntime"), called as cm(*inputs): the full
+4. ort_opt    -- ONNX Runtime's transformers optimizer (onnxruntime.transformers.optimizer.optimize_model,
+                 model_type "bert" / "gpt2", the model's heads and hidden size) on the plain export of 3,
+                 in a session with the same options; where it fails the failure is recorded;
+5. blade      -- blade.compile(model, ..., backend="onnxruntime"), called as cm(*inputs): the full
                  public call path, input checks included. One compile per model (dynamic batch/seq,
-                 from the zoo's example inputs) serves both sequence lengths.
+                 from the zoo's example inputs) serves all its sequence lengths.
+
+"blade vs best" = the fastest other contender's median / blade's median (1.00 or more: blade is the
+fastest; the fusion issue asks for at least 0.97).
+
+Before the timed cases it also measures a cold compile of zoo bert base (a fresh Python process:
+imports done, then blade.compile, time per phase and per pass) and counts the ONNX nodes of BERT-base
+as blade hands it to ONNX Runtime, as a plain export has it, and as the transformers optimizer
+leaves it.
 
 Each contender's first output is checked against eager (relative error ||out - ref|| / ||ref||),
 then all are timed interleaved (A B C D A B C D ...) by blade.timing.time_interleaved; the median is
@@ -80,10 +92,11 @@ from blade.guards import check_inputs
 from blade.peaks import Peaks, measure
 from blade.profile import model_work
 
-CASES = [("bert", 128), ("bert", 256), ("gpt", 128), ("gpt", 256)]
+CASES = [("bert", 128), ("bert", 256), ("gpt", 128), ("gpt", 256), ("gpt", 1024)]
 BATCH = 1
 SIZE = "base"
-CONTENDERS = ("eager", "inductor", "ort", "blade")
+CONTENDERS = ("eager", "inductor", "ort", "ort_opt", "blade")
+OPTIMIZER_TYPES = {"bert": "bert", "gpt": "gpt2"}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -273,6 +286,39 @@ def ort_contender(model: nn.Module, export_inputs: tuple, run_inputs: tuple, wor
     return Contender(run, "ok", time.perf_counter() - start, {"opset": opset, "onnx": str(path)})
 
 
+def ort_optimizer_contender(name: str, model: nn.Module, plain: Contender, run_inputs: tuple) -> Contender:
+    """ONNX Runtime's transformers optimizer on the plain export, in a session like plain ORT's."""
+    if plain.fn is None:
+        return Contender(None, "failed: no plain export to optimize")
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    start = time.perf_counter()
+    source = Path(plain.extra["onnx"])
+    path = source.with_name(source.stem + "_opt.onnx")
+    try:
+        config = getattr(zoo, name).CONFIGS[SIZE]
+        optimized = optimize_model(str(source), model_type=OPTIMIZER_TYPES[name], num_heads=config.n_heads,
+                                   hidden_size=config.hidden)
+        optimized.save_model_to_file(str(path), use_external_data_format=True)
+        nodes = len(optimized.model.graph.node)
+        session = ort_session(str(path))
+    except Exception as exc:  # noqa: BLE001 -- record and go on
+        return Contender(None, f"failed: {first_line(exc)}", time.perf_counter() - start)
+    names = [i.name for i in session.get_inputs()]
+    arrays = [t.numpy() for t in run_inputs]
+    feeds = dict(zip(names, arrays)) if len(names) == len(arrays) else _feeds_by_name(model, names, arrays)
+
+    def run():
+        return session.run(None, feeds)
+    return Contender(run, "ok", time.perf_counter() - start, {"onnx_nodes": nodes})
+
+
+def onnx_nodes(path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
 def _feeds_by_name(model: nn.Module, names: list[str], arrays: list[np.ndarray]) -> dict:
     import inspect
 
@@ -287,8 +333,38 @@ def blade_compile(model: nn.Module, example_inputs: tuple, dynamic_shapes) -> tu
     seconds = time.perf_counter() - start
     report = cm.report.as_dict()
     details = {"backend": report.get("backend"), "backend_details": report.get("backend_details"),
-               "seconds": report.get("seconds"), "warnings": report.get("warnings")}
+               "seconds": report.get("seconds"), "warnings": report.get("warnings"),
+               "onnx_nodes": sum(onnx_nodes(cm.executable.workdir / step.file) for step in cm.executable.steps
+                                 if step.file),
+               "passes": {p["name"]: p["counts"] for p in report.get("passes", [])}}
     return cm, seconds, details
+
+
+COLD_COMPILE = """
+import json, sys, time
+import blade, blade.models as zoo
+model, example, dims = zoo.get(sys.argv[1], "base")
+start = time.perf_counter()
+cm = blade.compile(model, example, dynamic_shapes=dims, backend="onnxruntime")
+total = time.perf_counter() - start
+report = cm.report.as_dict()
+print(json.dumps({"total_s": total, "phases_s": report["seconds"],
+                  "passes_s": {p["name"]: p["seconds"] for p in report["passes"]}}))
+"""
+
+
+def cold_compiles(name: str, runs: int) -> list[dict]:
+    """blade.compile of zoo `name` base, each in a fresh Python process (imports excluded)."""
+    import subprocess
+
+    results = []
+    for _ in range(runs):
+        done = subprocess.run([sys.executable, "-c", COLD_COMPILE, name], capture_output=True, text=True)
+        if done.returncode != 0:
+            results.append({"error": done.stderr.strip().splitlines()[-1:]})
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
 
 
 def blade_contender(cm, inputs: tuple, compile_s: float, details: dict) -> Contender:
@@ -332,6 +408,9 @@ def run_case(name, seq, model, example_inputs, dynamic_shapes, cm, blade_s, blad
     contenders = {"eager": eager_contender(model, inputs),
                   "inductor": inductor_contender(model, inputs, args.warmup),
                   "ort": ort_contender(model, inputs, inputs, workdir, f"{name}_{seq}")}
+    contenders["ort_opt"] = ort_optimizer_contender(name, model, contenders["ort"], inputs)
+    if contenders["ort"].fn is not None:
+        contenders["ort"].extra["onnx_nodes"] = onnx_nodes(contenders["ort"].extra["onnx"])
     if args.ort_dynamic:
         contenders["ort_dynamic"] = ort_contender(model, example_inputs, inputs, workdir, f"{name}_{seq}_dyn",
                                                   dynamic_shapes)
@@ -374,6 +453,9 @@ def summarize(name, seq, flops, peak: Peaks, contenders, medians, errors) -> dic
         "ms": ms,
         "speedup_vs_eager": {k: eager / v for k, v in medians.items()} if eager else {},
         "blade_vs_ort": (medians["ort"] / medians["blade"]) if {"ort", "blade"} <= medians.keys() else None,
+        "best_peer": min((k for k in medians if k != "blade"), key=medians.get, default=None),
+        "blade_vs_best": (min(v for k, v in medians.items() if k != "blade") / medians["blade"])
+        if "blade" in medians and len(medians) > 1 else None,
         "mfu": {k: flops["total"] / v / peak.flops_peak(flops["dtype"])[0] for k, v in medians.items()},
         "mbu": {k: flops["bytes"] / v / peak.bandwidth for k, v in medians.items()},
         "achieved_gflops": {k: flops["total"] / v / 1e9 for k, v in medians.items()},
@@ -391,7 +473,41 @@ def _rates(peaks: Peaks) -> str:
                      for dtype, by_lib in peaks.detail.items() if dtype in peaks.matmul)
 
 
-def render_markdown(machine: dict, peaks: Peaks, cases: list[dict], args, total_s: float) -> str:
+def _compile_and_nodes(cases: list[dict], cold: list[dict]) -> list[str]:
+    lines = []
+    ok = [r for r in cold if "total_s" in r]
+    if cold:
+        lines.append(f"Cold compile of zoo bert base (blade.compile in a fresh process, imports excluded), "
+                     f"{len(cold)} runs:")
+        lines.append("")
+        for r in cold:
+            if "total_s" not in r:
+                lines.append(f"- failed: {r.get('error')}")
+                continue
+            phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases_s"].items() if k != "total")
+            passes = ", ".join(f"{k} {v:.3f}" for k, v in r["passes_s"].items())
+            lines.append(f"- **{r['total_s']:.1f} s** (phases s: {phases}; passes s: {passes})")
+        if ok:
+            lines.append(f"- median {sorted(r['total_s'] for r in ok)[len(ok) // 2]:.1f} s")
+        lines.append("")
+    bert = next((c for c in cases if c["model"] == "bert"), None)
+    if bert:
+        extra = bert["extra"]
+        counts = {k: extra.get(k, {}).get("onnx_nodes") for k in ("ort", "ort_opt", "blade")}
+        lines.append(f"ONNX nodes of bert base as handed to ONNX Runtime: blade {counts['blade']}, plain "
+                     f"torch.onnx.export {counts['ort']}, transformers optimizer on that export {counts['ort_opt']}.")
+        lines.append("")
+        fusion = extra.get("blade", {}).get("passes", {})
+        if fusion:
+            lines.append("blade's passes on bert base: " + "; ".join(
+                f"{name} {', '.join(f'{k} {v}' for k, v in counts.items())}" for name, counts in fusion.items()
+                if counts) + ".")
+            lines.append("")
+    return lines
+
+
+def render_markdown(machine: dict, peaks: Peaks, cases: list[dict], args, total_s: float,
+                    cold: list[dict] = ()) -> str:
     flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in machine["flags"].items())
     names = [k for k in CONTENDERS + ("ort_dynamic",) if any(k in c["status"] for c in cases)]
     lines = [
@@ -413,13 +529,14 @@ def render_markdown(machine: dict, peaks: Peaks, cases: list[dict], args, total_
         "moves (weights, inputs, outputs)",
         "- MFU = FLOPs / median time / fp32 peak; MBU = bytes / median time / memory bandwidth (the better of a large copy and a large read)",
         "- contenders: eager = torch.inference_mode; inductor = torch.compile with inductor freezing, under "
-        "no_grad; ort = torch.onnx.export(dynamo=True, static shapes) + ORT_ENABLE_ALL session; blade = "
+        "no_grad; ort = torch.onnx.export(dynamo=True, static shapes) + ORT_ENABLE_ALL session; ort_opt = "
+        "onnxruntime.transformers.optimizer on that export, same session options; blade = "
         "blade.compile(backend='onnxruntime') once per model (dynamic batch/seq), cm(*inputs)"
         + ("; ort_dynamic = ort exported with the zoo's dynamic batch/seq axes" if "ort_dynamic" in names else ""),
         "",
     ]
     header = ["case", "GFLOP"] + [f"{n} ms" for n in names] + [f"{n} vs eager" for n in names if n != "eager"]
-    header += ["blade vs ort", "MFU " + " / ".join(names), "MBU " + " / ".join(names)]
+    header += ["blade vs ort", "blade vs best (best)", "MFU " + " / ".join(names), "MBU " + " / ".join(names)]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for c in cases:
@@ -428,11 +545,14 @@ def render_markdown(machine: dict, peaks: Peaks, cases: list[dict], args, total_
         row += [f"{c['speedup_vs_eager'][n]:.2f}x" if n in c["speedup_vs_eager"] else "-" for n in names
                 if n != "eager"]
         row.append(f"{c['blade_vs_ort']:.2f}x" if c["blade_vs_ort"] else "-")
+        row.append(f"{c['blade_vs_best']:.2f}x ({c['best_peer']})" if c.get("blade_vs_best") else "-")
         for key in ("mfu", "mbu"):
             row.append(" / ".join(f"{100 * c[key][n]:.0f}%" if n in c[key] else "-" for n in names))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "x eager = eager time / contender time; blade vs ort = plain ORT time / blade time "
-              "(above 1: blade faster).", "", "Relative error of the first output vs eager "
+              "(above 1: blade faster); blade vs best = the fastest other contender's time / blade time.", ""]
+    lines += _compile_and_nodes(cases, cold)
+    lines += ["Relative error of the first output vs eager "
               "(BERT: last_hidden_state, GPT: logits):", ""]
     for c in cases:
         errs = ", ".join(f"{k} {v:.1e}" for k, v in c["rel_err"].items() if k != "eager")
@@ -477,6 +597,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "ort_cpu",
                         help="write OUT.md and OUT.json (default bench/results/ort_cpu)")
     parser.add_argument("--models", nargs="+", choices=["bert", "gpt"], default=["bert", "gpt"])
+    parser.add_argument("--seqs", nargs="+", type=int, default=None, help="only these sequence lengths")
+    parser.add_argument("--cold-runs", type=int, default=3, help="cold compiles of bert base (0: skip)")
     args = parser.parse_args(argv)
     args.repeat = args.repeat if args.repeat is not None else (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -498,20 +620,22 @@ def main(argv=None) -> int:
     machine = machine_info()
     print(f"machine: {machine['target']}; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}", flush=True)
     sizes, repeats = ((1024, 2048), 2) if args.quick else (None, 5)
+    cold = cold_compiles("bert", args.cold_runs)
+    print(f"cold compiles of bert base: {[round(r.get('total_s', float('nan')), 1) for r in cold]} s", flush=True)
     peaks = measure(blade.target.detect(), sizes, repeats)
     print(f"peaks: {peaks.describe()} ({_rates(peaks)})", flush=True)
 
     cases = []
     with tempfile.TemporaryDirectory(prefix="bench-ort-") as tmp:
         for name in args.models:
-            seqs = [s for m, s in CASES if m == name]
+            seqs = [s for m, s in CASES if m == name and (args.seqs is None or s in args.seqs)]
             cases += run_model(name, seqs, args, peaks, Path(tmp))
     total = time.perf_counter() - start
 
-    markdown = render_markdown(machine, peaks, cases, args, total)
+    markdown = render_markdown(machine, peaks, cases, args, total, cold)
     print("\n" + markdown)
     write_results(markdown, {"machine": machine, "peaks": peaks.as_dict(), "args": vars(args), "total_s": total,
-                             "cases": cases}, args.out)
+                             "cold_compile": cold, "cases": cases}, args.out)
     print(f"wrote {args.out}.md and {args.out.name}.json; total {total:.0f} s", flush=True)
     return 0
 

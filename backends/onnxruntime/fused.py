@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from blade.fused import FusedRegion
 from blade.ir import Node, map_refs
+from blade.shapes import same_shape
 
 msft = onnxscript.values.Opset("com.microsoft", 1)
 onnx_ort = onnxscript.values.Opset("", 20)  # ONNX Runtime's own ops in the ONNX domain
@@ -122,9 +123,20 @@ def _by_output_role(region: FusedRegion, values: dict):
     return outs if len(outs) > 1 else outs[0]
 
 
-def _static_rank(region: FusedRegion, role: str) -> int | None:
+def _meta(region: FusedRegion, role: str):
     index = region.attrs.get("inputs", {}).get(role)
-    return None if index is None else region.body.inputs[index].val.rank
+    return None if index is None else region.body.inputs[index].val
+
+
+def _skip_fits(region: FusedRegion) -> bool:
+    """ONNX Runtime's skip norms take a 2-D or 3-D input and a skip of its shape, or [1, S, H] / [S, H]
+    for a 3-D input."""
+    x, skip = _meta(region, "input"), _meta(region, "skip")
+    if x is None or skip is None or x.rank not in (2, 3):
+        return False
+    if skip.rank == x.rank and (skip.shape[0] == 1 or same_shape(skip.shape[:1], x.shape[:1])):
+        return same_shape(skip.shape[1:], x.shape[1:])
+    return x.rank == 3 and skip.rank == 2 and same_shape(skip.shape, x.shape[1:])
 
 
 def _lower_skip_norm(region: FusedRegion, *args):
@@ -165,8 +177,7 @@ def lowering(region: FusedRegion) -> Lowered | None:
     """The ONNX Runtime form of the region, or None to export its body as it is."""
     attrs = region.attrs
     roles = attrs.get("inputs", {})
-    if region.pattern in ("skip_layer_norm", "skip_rms_norm") and "gamma" in roles \
-            and _static_rank(region, "input") in (2, 3):
+    if region.pattern in ("skip_layer_norm", "skip_rms_norm") and "gamma" in roles and _skip_fits(region):
         return Lowered(region, _lower_skip_norm)
     if region.pattern == "rms_norm" and "gamma" in roles:
         return Lowered(region, _lower_rms_norm)
