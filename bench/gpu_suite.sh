@@ -18,7 +18,8 @@ export PYTHONPATH=/tmp/blade-site
 cat "$OUT/machine.txt"
 echo "== gpu tests"
 timeout ${GPU_TEST_S:-150} python3 -P -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
-  tests/backends/test_triton_attention.py tests/passes/test_attention.py tests/test_peaks.py tests/test_profile.py \
+  tests/backends/test_triton_attention.py tests/passes/test_attention.py tests/passes/test_fusion.py tests/test_peaks.py \
+  tests/test_profile.py \
   -k "gpu or triton" >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?"; tail -15 "$OUT/gpu_tests.log"
 echo "== machine peaks (measured vs datasheet)"

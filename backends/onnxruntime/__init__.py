@@ -163,7 +163,7 @@ class OnnxRuntimeBackend:
             return Step(region, lambda tensors: [], "onnxruntime")
         file = f"region_{region.index}.onnx"
         try:
-            save_model(export_region(region.graph, inputs), workdir / file)
+            save_model(export_region(region.graph, inputs, target.device), workdir / file)
             runner = OrtRunner(str(workdir / file), target, region.inputs, region.outputs)
         except Exception as exc:  # the exporter or ONNX Runtime said no
             node = _refused_node(exc, region)

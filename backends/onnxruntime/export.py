@@ -78,10 +78,10 @@ def _quiet():
 IR_NODE_KEY = "pkg.blade.ir_node"
 
 
-def export_region(graph: Graph, example_inputs: list[torch.Tensor]) -> onnx.ModelProto:
-    """The graph as an ONNX model whose inputs/outputs are named after the IR nodes."""
+def export_region(graph: Graph, example_inputs: list[torch.Tensor], device: str = "cpu") -> onnx.ModelProto:
+    """The graph as an ONNX model for ONNX Runtime on `device`, inputs/outputs named after the IR nodes."""
     module = graph.to_fx()
-    lower_fused_nodes(module)
+    lower_fused_nodes(module, device)
     for node in module.graph.nodes:  # torch.export carries node.meta["custom"] through its retracing
         node.meta["custom"] = {**node.meta.get("custom", {}), IR_NODE_KEY: node.name}
         # A node that carries a stack trace spares fx from capturing a Python traceback for every

@@ -1,15 +1,23 @@
-"""Fused regions → ONNX Runtime's fused `com.microsoft` ops, where one exists for the pattern.
+"""Fused regions → ONNX Runtime's fused `com.microsoft` ops, where one exists and is faster.
 
 At export, each fused node whose pattern ONNX Runtime has an op for calls a `blade_ort::` custom
 op instead of its body; torch.onnx.export then translates that op through TRANSLATIONS:
 
 | region pattern                 | ONNX Runtime op                                        |
 |--------------------------------|--------------------------------------------------------|
-| skip_layer_norm                | com.microsoft SkipLayerNormalization (bias, sum output)|
+| skip_layer_norm (CUDA only)    | com.microsoft SkipLayerNormalization (bias, sum output)|
 | skip_rms_norm                  | com.microsoft SkipSimplifiedLayerNormalization         |
 | rms_norm                       | SimplifiedLayerNormalization (ONNX Runtime's, ONNX domain) |
 | linear/addmm + gelu (+ …)      | MatMul + com.microsoft BiasGelu                        |
 | linear/addmm + gelu tanh (+ …) | MatMul + com.microsoft FastGelu (with bias)            |
+
+Which patterns take the contrib op depends on the device, by measurement (CONTRIB_PATTERNS,
+bench/ort_fused_ops.py, bench/results/ort_fused_ops.md): on CPU, ONNX Runtime 1.32's
+SkipLayerNormalization kernel is 2.7-5.3x slower than the Add + Add + LayerNormalization it
+replaces, so skip_layer_norm regions go to ONNX Runtime as those plain ops, and its session-time
+SkipLayerNormFusion is switched off (DISABLED_OPTIMIZERS) so that it does not fuse them back; the
+RMSNorm and GELU ops are faster than their plain forms and are used. On CUDA every op is used
+(not yet measured there).
 
 Every other region — and these, when their operands do not fit the op (no gamma, a broadcast
 skip, no bias) — is exported as its body, plain ONNX, which ONNX Runtime's own optimizer fuses
@@ -173,25 +181,40 @@ def _lower_matmul_gelu(region: FusedRegion, *args):
     return outs if len(outs) > 1 else outs[0]
 
 
-def lowering(region: FusedRegion) -> Lowered | None:
-    """The ONNX Runtime form of the region, or None to export its body as it is."""
+# Patterns lowered to their contrib op, per device (see the module docstring for the measurements).
+CONTRIB_PATTERNS = {
+    "cpu": {"skip_rms_norm", "rms_norm", "matmul_gelu"},
+    "cuda": {"skip_layer_norm", "skip_rms_norm", "rms_norm", "matmul_gelu"},
+}
+# ONNX Runtime optimizers a session must not run, per device: they would fuse back what blade
+# deliberately hands over unfused.
+DISABLED_OPTIMIZERS = {"cpu": ["SkipLayerNormFusion"], "cuda": []}
+
+
+def lowering(region: FusedRegion, device: str = "cpu") -> Lowered | None:
+    """The ONNX Runtime form of the region on `device`, or None to export its body as it is."""
     attrs = region.attrs
     roles = attrs.get("inputs", {})
+    wanted = CONTRIB_PATTERNS.get(device, CONTRIB_PATTERNS["cpu"])
+    if region.kind == "matmul_epilogue":
+        if "matmul_gelu" in wanted and attrs.get("activation") in ("gelu", "gelu_tanh") and "bias" in roles:
+            return Lowered(region, _lower_matmul_gelu)
+        return None
+    if region.pattern not in wanted:
+        return None
     if region.pattern in ("skip_layer_norm", "skip_rms_norm") and "gamma" in roles and _skip_fits(region):
         return Lowered(region, _lower_skip_norm)
     if region.pattern == "rms_norm" and "gamma" in roles:
         return Lowered(region, _lower_rms_norm)
-    if region.kind == "matmul_epilogue" and attrs.get("activation") in ("gelu", "gelu_tanh") and "bias" in roles:
-        return Lowered(region, _lower_matmul_gelu)
     return None
 
 
-def lower_fused_nodes(module: torch.fx.GraphModule) -> int:
-    """Point every fused node of `module` that has an ONNX Runtime form at it; returns how many."""
+def lower_fused_nodes(module: torch.fx.GraphModule, device: str = "cpu") -> int:
+    """Point every fused node of `module` that has an ONNX Runtime form on `device` at it; returns how many."""
     count = 0
     for node in module.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, FusedRegion):
-            lowered = lowering(node.target)
+            lowered = lowering(node.target, device)
             if lowered is not None:
                 node.target = lowered
                 count += 1

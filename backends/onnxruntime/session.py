@@ -7,6 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from blade.backends.onnxruntime.fused import DISABLED_OPTIMIZERS
 from blade.target import Target
 
 _CUDA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -73,7 +74,8 @@ class OrtRunner:
             record_profile(options, profile_dir)
             # TensorRT compiles nodes away: ONNX Runtime cannot save that graph nor time its nodes
             providers = [p for p in providers if p != "TensorrtExecutionProvider"]
-        self.session = ort.InferenceSession(model_path, sess_options=options, providers=providers)
+        self.session = ort.InferenceSession(model_path, sess_options=options, providers=providers,
+                                            disabled_optimizers=DISABLED_OPTIMIZERS.get(target.device, []))
         wanted = {i.name for i in self.session.get_inputs()}  # the exporter drops inputs nothing reads
         self.feeds = [(i, name) for i, name in enumerate(input_names) if name in wanted]
         self.output_names = list(output_names)

@@ -105,7 +105,7 @@ def test_unlowerable_op_runs_on_pytorch(fallback):
 
 
 def test_rejected_region_falls_back_with_the_reason(monkeypatch):
-    def refuse(graph, inputs):
+    def refuse(graph, inputs, device="cpu"):
         raise RuntimeError("Unsupported op for this test")
     monkeypatch.setattr(ort_backend, "export_region", refuse)
     model = zoo.get("mlp")[0]

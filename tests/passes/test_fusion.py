@@ -132,15 +132,28 @@ def test_a_sum_read_on_becomes_a_second_output():
 
 
 def test_onnxruntime_gets_its_fused_contrib_ops(tmp_path):
-    wanted = {"skip_layer_norm": ["SkipLayerNormalization", "BiasGelu"], "rms_norm": ["SimplifiedLayerNormalization"],
-              "skip_rms_norm": ["SkipSimplifiedLayerNormalization"],
-              "linear_gelu_tanh_residual": ["FastGelu"]}
+    """On CPU: RMSNorm and bias + GELU as contrib ops; residual + layer norm as plain Add + Add +
+    LayerNormalization, which bench/ort_fused_ops.py measured 2.7-5x faster than SkipLayerNormalization."""
+    wanted = {"skip_layer_norm": {"BiasGelu": 1, "LayerNormalization": 1, "SkipLayerNormalization": 0},
+              "rms_norm": {"SimplifiedLayerNormalization": 1},
+              "skip_rms_norm": {"SkipSimplifiedLayerNormalization": 1},
+              "linear_gelu_tanh_residual": {"FastGelu": 1, "Gelu": 0}}
     for name, ops in wanted.items():
         _, cm = compile_body(name, backend="onnxruntime")
         cm.executable.to_onnx(tmp_path / f"{name}.onnx")
         types = Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
-        assert all(types[op] == 1 for op in ops), (name, types)
-        assert "LayerNormalization" not in types and "Gelu" not in types, (name, types)
+        assert all(types[op] == count for op, count in ops.items()), (name, types)
+
+
+def test_onnxruntime_does_not_fuse_back_what_blade_left_plain(tmp_path):
+    from blade.backends.onnxruntime.session import OPTIMIZED_MODEL, OrtRunner
+
+    _, cm = compile_body("skip_layer_norm_sum", backend="onnxruntime")
+    (step,) = [s for s in cm.executable.steps if s.file]
+    OrtRunner(str(cm.executable.workdir / step.file), cm.executable.steps[0].runner.target, step.region.inputs,
+              step.region.outputs, profile_dir=str(tmp_path))
+    types = Counter(n.op_type for n in onnx.load(str(tmp_path / OPTIMIZED_MODEL), load_external_data=False).graph.node)
+    assert types["LayerNormalization"] == 1 and types["SkipLayerNormalization"] == 0, types
 
 
 def test_a_value_read_twice_is_not_computed_twice():
@@ -218,3 +231,20 @@ def test_silu_written_out_becomes_silu():
     cm = blade.compile(model, (x,), passes=[cleanup.run, activations.run])
     assert aten.silu.default in {n.target for n in cm.graph.call_nodes}
     assert_matches(cm(x), model(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["bert", "gpt", "vit", "dit", "mlp"])
+def test_fused_zoo_models_match_eager_on_cuda(name):
+    import blade.models as zoo
+
+    from helpers import fresh_dims
+
+    model, example, dims = zoo.get(name)
+    model = model.cuda()
+    cm = blade.compile(model, tuple(t.cuda() for t in example), dynamic_shapes=dims, backend="eager")
+    assert any(is_fused(n) for n in cm.graph.call_nodes)
+    fresh = tuple(t.cuda() for t in zoo.sample_inputs(name, seed=5, **fresh_dims(name)))
+    with torch.no_grad():
+        assert_matches(cm(*fresh), model(*fresh), tol=1e-4)
