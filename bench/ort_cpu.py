@@ -511,7 +511,7 @@ def render_markdown(machine: dict, peaks: Peaks, cases: list[dict], args, total_
     flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in machine["flags"].items())
     names = [k for k in CONTENDERS + ("ort_dynamic",) if any(k in c["status"] for c in cases)]
     lines = [
-        "# blade ONNX Runtime backend vs eager, torch.compile and plain ONNX Runtime (CPU)",
+        "# blade ONNX Runtime backend vs eager, torch.compile, plain ONNX Runtime and its transformers optimizer (CPU)",
         "",
         f"- machine: {machine['cpu']}, {machine['cores']} cores ({machine['target']})",
         f"- flags: {flags}",
