@@ -73,7 +73,8 @@ def build(kind: str, seq: int) -> bytes:
     graph = helper.make_graph(nodes, kind.replace("/", "_").replace("+", "_"), inputs,
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
                               initializer=weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(MSFT, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(MSFT, 1)],
+                              ir_version=10)  # ONNX Runtime 1.30 refuses onnx's newest IR
     return model.SerializeToString()
 
 

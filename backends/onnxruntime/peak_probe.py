@@ -21,7 +21,8 @@ def probe(device: str, dtype: str, n: int):
     inputs = [helper.make_tensor_value_info(x, in_type, [n, n]) for x in "ab"]
     output = helper.make_tensor_value_info("c", out_type, [n, n])
     graph = helper.make_graph([helper.make_node(op_type, ["a", "b"], ["c"])], "matmul", inputs, [output])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    # IR version 10, not onnx's newest: ONNX Runtime 1.30 (the GPU machine's) refuses IR 14 models
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     session = ort.InferenceSession(model.SerializeToString(), session_options(detect("cpu"), shares_cores=False),
                                    providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
