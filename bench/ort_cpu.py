@@ -277,13 +277,8 @@ def ort_contender(model: nn.Module, export_inputs: tuple, run_inputs: tuple, wor
         session = ort_session(str(path))
     except Exception as exc:  # noqa: BLE001
         return Contender(None, f"failed: {first_line(exc)}", time.perf_counter() - start)
-    names = [i.name for i in session.get_inputs()]
-    arrays = [t.numpy() for t in run_inputs]
-    feeds = dict(zip(names, arrays)) if len(names) == len(arrays) else _feeds_by_name(model, names, arrays)
-
-    def run():
-        return session.run(None, feeds)
-    return Contender(run, "ok", time.perf_counter() - start, {"opset": opset, "onnx": str(path)})
+    return Contender(session_runner(model, session, run_inputs), "ok", time.perf_counter() - start,
+                     {"opset": opset, "onnx": str(path)})
 
 
 def ort_optimizer_contender(name: str, model: nn.Module, plain: Contender, run_inputs: tuple) -> Contender:
@@ -304,19 +299,22 @@ def ort_optimizer_contender(name: str, model: nn.Module, plain: Contender, run_i
         session = ort_session(str(path))
     except Exception as exc:  # noqa: BLE001 -- record and go on
         return Contender(None, f"failed: {first_line(exc)}", time.perf_counter() - start)
-    names = [i.name for i in session.get_inputs()]
-    arrays = [t.numpy() for t in run_inputs]
-    feeds = dict(zip(names, arrays)) if len(names) == len(arrays) else _feeds_by_name(model, names, arrays)
-
-    def run():
-        return session.run(None, feeds)
-    return Contender(run, "ok", time.perf_counter() - start, {"onnx_nodes": nodes})
+    return Contender(session_runner(model, session, run_inputs), "ok", time.perf_counter() - start,
+                     {"onnx_nodes": nodes})
 
 
 def onnx_nodes(path) -> int:
     import onnx
 
     return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def session_runner(model: nn.Module, session: ort.InferenceSession, run_inputs: tuple):
+    """A zero-argument call of the session on the inputs (fed by position, or by the model's names)."""
+    names = [i.name for i in session.get_inputs()]
+    arrays = [t.numpy() for t in run_inputs]
+    feeds = dict(zip(names, arrays)) if len(names) == len(arrays) else _feeds_by_name(model, names, arrays)
+    return lambda: session.run(None, feeds)
 
 
 def _feeds_by_name(model: nn.Module, names: list[str], arrays: list[np.ndarray]) -> dict:

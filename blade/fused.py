@@ -61,21 +61,33 @@ def region_of(node: Node) -> FusedRegion | None:
     return node.target if is_fused(node) else None
 
 
-def creates_cycle(graph: Graph, members: set[Node]) -> bool:
-    """Whether contracting `members` into one node would make a cycle: some path leaves the set
-    and comes back into it."""
-    frontier = [u for m in members for u in graph.nx.successors(m) if u not in members]
-    seen: set[Node] = set()
-    while frontier:
-        node = frontier.pop()
-        if node in seen:
+def verify_regions(graph: Graph) -> None:
+    """Every fused node's body verifies, holds no fused node, and takes the node's arguments."""
+    for node in graph.call_nodes:
+        if not is_fused(node):
             continue
-        seen.add(node)
-        for succ in graph.nx.successors(node):
-            if succ in members:
-                return True
-            frontier.append(succ)
-    return False
+        body = node.target.body
+        if len(body.inputs) != len(node.args) or node.kwargs:
+            raise GraphError(f"fused node {node.name}: {len(node.args)} arguments for a body with "
+                             f"{len(body.inputs)} inputs")
+        nested = [m.name for m in body.call_nodes if is_fused(m)]
+        if nested:
+            raise GraphError(f"fused node {node.name} holds fused nodes {nested}")
+        try:
+            body.verify()
+        except GraphError as exc:
+            raise GraphError(f"fused node {node.name}: {exc}") from exc
+
+
+def creates_cycle(graph: Graph, members: set[Node]) -> bool:
+    """Whether contracting `members` into one node would make a cycle: a path that leaves the set
+    comes back into it (some node the region feeds reaches a node the region reads)."""
+    feeds = {u for m in members for u in graph.nx.successors(m)} - members
+    reads = {p for m in members for p in graph.nx.predecessors(m)} - members
+    if not feeds or not reads:
+        return False
+    outside = nx.subgraph_view(graph.nx, filter_node=lambda n: n not in members)
+    return any(u in reads or not reads.isdisjoint(nx.descendants(outside, u)) for u in feeds)
 
 
 def external_inputs(members: list[Node]) -> list[Node]:
@@ -156,4 +168,4 @@ def topological(graph: Graph, members: Iterable[Node]) -> list[Node]:
     members = set(members)
     if len(members) < 2:
         return list(members)
-    return list(nx.lexicographical_topological_sort(graph.nx.subgraph(members), key=graph._rank.__getitem__))
+    return [n for n in graph.nodes if n in members]

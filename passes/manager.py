@@ -8,6 +8,7 @@ from typing import Callable
 
 from blade.config import CompileConfig
 from blade.errors import ConfigError, GraphError
+from blade.fused import verify_regions
 from blade.ir import Graph
 
 Pass = Callable[[Graph, "PassContext"], Graph]
@@ -66,6 +67,7 @@ def run_pipeline(graph: Graph, pipeline: list[Pass], config: CompileConfig) -> t
         if config.debug:
             try:
                 graph.verify()
+                verify_regions(graph)
             except GraphError as exc:
                 raise GraphError(f"after pass {record.name}: {exc}") from exc
         records.append(record)

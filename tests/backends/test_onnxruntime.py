@@ -282,3 +282,23 @@ def test_an_op_the_exporter_refuses_falls_back_alone():
     x = torch.randn(5, 16)
     with torch.no_grad():
         assert_matches(cm(x), model(x), tol=TOL)
+
+
+@pytest.mark.slow
+def test_bert_base_graph_is_no_larger_than_the_transformers_optimizers(tmp_path):
+    """The ONNX graph blade hands to ONNX Runtime for zoo bert base has no more nodes than
+    onnxruntime.transformers.optimizer makes of a plain export of the same model."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model, example, dims = zoo.get("bert", "base")
+    cm = blade.compile(model, example, dynamic_shapes=dims, backend="onnxruntime")
+    (step,) = [s for s in cm.executable.steps if s.file]
+    blade_nodes = len(onnx.load(str(cm.executable.workdir / step.file), load_external_data=False).graph.node)
+    with torch.no_grad():
+        torch.onnx.export(model, example, dynamo=True, verbose=False).save(str(tmp_path / "plain.onnx"),
+                                                                        external_data=True)
+    config = zoo.bert.CONFIGS["base"]
+    optimized = optimize_model(str(tmp_path / "plain.onnx"), model_type="bert", num_heads=config.n_heads,
+                               hidden_size=config.hidden)
+    assert blade_nodes <= len(optimized.model.graph.node), (blade_nodes, len(optimized.model.graph.node))

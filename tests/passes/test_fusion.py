@@ -248,3 +248,17 @@ def test_fused_zoo_models_match_eager_on_cuda(name):
     fresh = tuple(t.cuda() for t in zoo.sample_inputs(name, seed=5, **fresh_dims(name)))
     with torch.no_grad():
         assert_matches(cm(*fresh), model(*fresh), tol=1e-4)
+
+
+def test_debug_mode_checks_every_region_body():
+    """A pass that leaves a fused node whose arguments do not match its body is caught by name."""
+    from blade.errors import GraphError
+
+    def break_a_region(graph, ctx):
+        node = next(n for n in graph.call_nodes if is_fused(n))
+        graph.set_args(node, node.args[:-1])
+        return graph
+
+    model = Block(BODIES["loop"]).eval()
+    with pytest.raises(GraphError, match="after pass break_a_region: fused node fused_loop: 0 arguments"):
+        blade.compile(model, inputs("loop"), passes=[cleanup.run, fusion.run, break_a_region], debug=True)
