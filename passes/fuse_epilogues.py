@@ -76,7 +76,7 @@ def fuse_epilogue(graph: Graph, matmul: Node, ctx: PassContext) -> bool:
     fuse(graph, members, "matmul_epilogue", pattern,
          {"matmul": form, "activation": activation or "none", "weight_layout": "out_in" if form == "linear" else "in_out"},
          roles={**roles, "residual": residual})
-    ctx.count(f"epilogue:{pattern}")
+    ctx.count(f"matmul_epilogue:{pattern}")
     return True
 
 

@@ -112,7 +112,7 @@ def fuse_skip_layer_norm(graph: Graph, ln: Node, ctx: PassContext) -> bool:
     fuse(graph, members, "reduction", "skip_layer_norm", {"eps": float(eps)},
          roles={"input": a, "skip": b, "gamma": weight, "beta": beta, "bias": bias},
          output_roles={ln: "out", **_sum_role(graph, x, members)})
-    ctx.count("skip_layer_norm")
+    ctx.count("reduction:skip_layer_norm")
     return True
 
 
@@ -164,7 +164,7 @@ def fuse_rms_norm(graph: Graph, mean: Node, ctx: PassContext) -> bool:
         return False
     output_roles = {out: "out", **(_sum_role(graph, x, members) if pattern == "skip_rms_norm" else {})}
     fuse(graph, members, "reduction", pattern, {"eps": float(add.args[1])}, roles=roles, output_roles=output_roles)
-    ctx.count(pattern)
+    ctx.count(f"reduction:{pattern}")
     return True
 
 

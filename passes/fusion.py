@@ -1,5 +1,8 @@
 """Operator fusion: group the graph's nodes into fused regions (blade/fused.py), each run as one unit.
 
+The pass record counts each region as `kind:pattern` (e.g. reduction:skip_layer_norm,
+matmul_epilogue:linear_gelu, loop:loop), plus `regions` and `ops_in_regions` in all.
+
 In order:
 1. norms (passes/fuse_norms.py): residual add + layer norm, RMSNorm written by hand;
 2. matmul epilogues (passes/fuse_epilogues.py): linear/addmm + bias + activation + residual;

@@ -199,7 +199,7 @@ def test_fused_graph_saves_and_loads(tmp_path):
 def test_report_counts_what_was_fused():
     _, cm = compile_body("skip_layer_norm")
     (record,) = [r for r in cm.report.passes if r["name"] == "fusion"]
-    assert record["counts"]["skip_layer_norm"] == 1 and record["counts"]["epilogue:linear_gelu"] == 1
+    assert record["counts"]["reduction:skip_layer_norm"] == 1 and record["counts"]["matmul_epilogue:linear_gelu"] == 1
     assert record["counts"]["regions"] == 2 and record["nodes_after"] < record["nodes_before"]
 
 
