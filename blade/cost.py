@@ -172,6 +172,7 @@ REDUCTIONS = {
     aten.amin.default, aten.var_mean.correction, aten.var.correction, aten.var.dim, aten.softmax.int, aten._softmax.default,
     aten._safe_softmax.default, aten.log_softmax.int, aten._log_softmax.default, aten.layer_norm.default,
     aten.native_layer_norm.default, aten.group_norm.default, aten._native_batch_norm_legit_no_training.default,
+    aten.batch_norm.default,
     aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default,
     aten.embedding_bag.padding_idx, aten.embedding_bag.default,
 }
@@ -198,7 +199,8 @@ FLOP_RULES = {
 # Views, size arithmetic and checks: no FLOPs and no bytes.
 FREE = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
-    aten.t.default, aten.dropout.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.t.default, aten.dropout.default, aten.flatten.using_ints, aten.unflatten.int, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
     aten.expand.default, aten.slice.Tensor, aten.select.int, aten.split.Tensor, aten.split_with_sizes.default,
     aten.chunk.default, aten.unbind.int, aten.alias.default, aten.detach.default, aten.sym_size.int,
     aten.sym_numel.default, aten._assert_tensor_metadata.default, aten._assert_scalar.default,

@@ -48,7 +48,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if _nbytes(result) > max(FOLD_GROWTH * read, FOLD_MIN_BYTES):
             ctx.note(f"not folded {node.name} ({node.target}): {_nbytes(result)} bytes from {read}")
             continue
-        values[node] = result.detach().contiguous()
+        # a copy, always: a view of a weight kept beside the weight would share its memory
+        values[node] = result.detach().clone(memory_format=torch.contiguous_format)
         if graph.is_output(node):
             continue
         source = node.meta.get("source") or node.name

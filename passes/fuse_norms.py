@@ -100,7 +100,8 @@ def fuse_skip_layer_norm(graph: Graph, ln: Node, ctx: PassContext) -> bool:
     weight, beta, eps = _arg(ln, 2, "weight"), _arg(ln, 3, "bias"), _arg(ln, 4, "eps", 1e-5)
     a, b = operands
     members, bias = [x, ln], None
-    candidates = ((a, b), (b, a)) if plain_add(x) else ((a, b),)
+    # no split for h + h: the bias would be added once where the sum holds it twice
+    candidates = () if a is b else ((a, b), (b, a)) if plain_add(x) else ((a, b),)
     for first, second in candidates:
         bias_add = split_bias(graph, first, x)
         if bias_add is not None:

@@ -31,7 +31,7 @@ from blade.passes.cleanup import _arg, eliminate_dead_code
 from blade.passes.manager import PassContext
 
 aten = torch.ops.aten
-CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+CASTS = {aten._to_copy.default, aten.to.dtype, torch.ops.prims.convert_element_type.default}
 ROW_REDUCTIONS = {
     aten.softmax.int: "softmax", aten._softmax.default: "softmax", aten._safe_softmax.default: "softmax",
     aten.log_softmax.int: "log_softmax", aten._log_softmax.default: "log_softmax",

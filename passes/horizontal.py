@@ -19,13 +19,11 @@ from collections import defaultdict
 import torch
 
 from blade.ir import Graph, Node, TensorMeta
-from blade.passes.cleanup import eliminate_dead_code
+from blade.passes.cleanup import eliminate_dead_code, is_view_op
 from blade.passes.manager import PassContext
 
 aten = torch.ops.aten
 VIEW_OPS = {aten.view.default, aten._unsafe_view.default}
-PASS_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.transpose.int,
-              aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default}
 
 
 def _weights(graph: Graph, node: Node) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -53,13 +51,18 @@ def _groups(graph: Graph) -> list[list[Node]]:
     return [group for group in by_input.values() if len(group) > 1]
 
 
+def _aliases(node: Node) -> bool:
+    """An op whose output shares memory with its first argument (reshape: sometimes), or a getitem."""
+    return is_view_op(node.target) or node.target in (aten.reshape.default, operator.getitem)
+
+
 def _reshape_downstream(graph: Graph, node: Node) -> int:
-    """Every `view` reached from node through views becomes a `reshape`; returns how many."""
+    """Every `view` reached from node through ops that alias it becomes a `reshape`; returns how many."""
     changed, stack = 0, [node]
     while stack:
         current = stack.pop()
         for user in graph.users(current):
-            if user.target in PASS_VIEWS and user.args and user.args[0] is current:
+            if _aliases(user) and user.args and user.args[0] is current:
                 if user.target in VIEW_OPS:
                     user.target = aten.reshape.default
                     changed += 1

@@ -137,14 +137,23 @@ def _meta(region: FusedRegion, role: str):
 
 
 def _skip_fits(region: FusedRegion) -> bool:
-    """ONNX Runtime's skip norms take a 2-D or 3-D input and a skip of its shape, or [1, S, H] / [S, H]
-    for a 3-D input."""
+    """ONNX Runtime's skip norms take a 2-D or 3-D input and a skip of its shape, or for a 3-D
+    [B, S, H] input [1, S, H] or [S, H]; gamma (and beta, bias) must be [H]."""
     x, skip = _meta(region, "input"), _meta(region, "skip")
-    if x is None or skip is None or x.rank not in (2, 3):
+    if x is None or skip is None or x.rank not in (2, 3) or not _per_channel(region, x):
         return False
-    if skip.rank == x.rank and (skip.shape[0] == 1 or same_shape(skip.shape[:1], x.shape[:1])):
-        return same_shape(skip.shape[1:], x.shape[1:])
-    return x.rank == 3 and skip.rank == 2 and same_shape(skip.shape, x.shape[1:])
+    if x.rank == 2:
+        return same_shape(skip.shape, x.shape)
+    if skip.rank == 3:
+        batch_fits = skip.shape[0] == 1 or same_shape(skip.shape[:1], x.shape[:1])
+        return batch_fits and same_shape(skip.shape[1:], x.shape[1:])
+    return skip.rank == 2 and same_shape(skip.shape, x.shape[1:])
+
+
+def _per_channel(region: FusedRegion, x) -> bool:
+    """gamma, beta and bias, where given, are [H] (ONNX Runtime's norms take nothing else)."""
+    return all(meta is None or same_shape(meta.shape, x.shape[-1:])
+               for meta in (_meta(region, r) for r in ("gamma", "beta", "bias")))
 
 
 def _lower_skip_norm(region: FusedRegion, *args):
@@ -204,7 +213,7 @@ def lowering(region: FusedRegion, device: str = "cpu") -> Lowered | None:
         return None
     if region.pattern in ("skip_layer_norm", "skip_rms_norm") and "gamma" in roles and _skip_fits(region):
         return Lowered(region, _lower_skip_norm)
-    if region.pattern == "rms_norm" and "gamma" in roles:
+    if region.pattern == "rms_norm" and "gamma" in roles and _per_channel(region, _meta(region, "input")):
         return Lowered(region, _lower_rms_norm)
     return None
 

@@ -91,8 +91,10 @@ class OrtRunner:
         """I/O binding: inputs stay on the GPU; ONNX Runtime allocates the outputs there."""
         binding = self.session.io_binding()
         device_id = next((tensors[i].device.index or 0 for i, _ in self.feeds), 0)
+        kept = []  # ONNX Runtime holds raw pointers: contiguous copies must outlive the run
         for i, name in self.feeds:
             t = tensors[i].contiguous()
+            kept.append(t)
             binding.bind_input(name, t.device.type, t.device.index or 0, _NUMPY_OF[t.dtype], list(t.shape), t.data_ptr())
         for name in self.output_names:
             binding.bind_output(name, "cuda", device_id)

@@ -57,3 +57,19 @@ def test_nothing_that_reads_an_input_is_folded():
     (record,) = [r for r in cm.report.passes if r["name"] == "fold"]
     assert record["nodes_after"] == record["nodes_before"] and not record["counts"]
     assert_matches(cm(x), model(x))
+
+
+def test_a_folded_view_of_a_weight_kept_beside_it_does_not_share_its_memory(tmp_path):
+    """x @ w and w.reshape(-1): the folded reshape must be its own tensor, or saving fails."""
+    class Both(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return x @ self.w + (x.reshape(-1) * self.w.reshape(-1)).sum()
+
+    model, x = Both().eval(), torch.randn(4, 4)
+    cm = blade.compile(model, (x,), backend="eager")
+    cm.save(tmp_path / "m.blade")
+    assert_matches(blade.load(tmp_path / "m.blade")(x), model(x))

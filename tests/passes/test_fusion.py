@@ -262,3 +262,54 @@ def test_debug_mode_checks_every_region_body():
     model = Block(BODIES["loop"]).eval()
     with pytest.raises(GraphError, match="after pass break_a_region: fused node fused_loop: 0 arguments"):
         blade.compile(model, inputs("loop"), passes=[cleanup.run, fusion.run, break_a_region], debug=True)
+
+
+# -- found in review ------------------------------------------------------------------------------
+
+class SkipRms(torch.nn.Module):
+    def __init__(self, skip_shape, weight_shape=(H,)):
+        super().__init__()
+        torch.manual_seed(0)
+        self.p = torch.nn.Parameter(torch.randn(*skip_shape))
+        self.w = torch.nn.Parameter(torch.rand(*weight_shape) + 0.5)
+
+    def forward(self, x):
+        return rms(x + self.p, self.w)
+
+
+@pytest.mark.parametrize("x_shape, skip_shape, weight_shape", [
+    ((6, H), (1, H), (H,)),  # 2-D input: ONNX Runtime wants the skip's exact shape
+    ((2, 5, H), (1, 1, H), (H,)),
+    ((2, 5, H), (5, H), (H,)),
+    ((2, 5, H), (2, 5, H), (1,)),  # a weight of one element: ONNX Runtime wants [H]
+])
+def test_skip_norms_onnxruntime_cannot_take_run_as_plain_onnx(x_shape, skip_shape, weight_shape):
+    model = SkipRms(skip_shape, weight_shape).eval()
+    x = torch.randn(*x_shape)
+    cm = blade.compile(model, (x,), backend="onnxruntime")
+    assert regions(cm)["skip_rms_norm"] == 1
+    fresh = torch.randn(*x_shape)
+    assert_matches(cm(fresh), model(fresh), tol=1e-5)
+
+
+def test_a_residual_of_a_value_with_itself_keeps_its_bias_twice():
+    """LN(h + h) with h = linear(x): moving the bias into the region would add it once, not twice."""
+    class Doubled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin, self.norm = torch.nn.Linear(H, H), torch.nn.LayerNorm(H)
+            with torch.no_grad():
+                self.lin.bias.uniform_(1, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return self.norm(h + h)
+
+    model = Doubled().eval()
+    x = torch.randn(2, 5, H)
+    for backend in ("eager", "onnxruntime"):
+        cm = blade.compile(model, (x,), backend=backend)
+        (node,) = [n for n in cm.graph.call_nodes if is_fused(n)]
+        assert "bias" not in node.target.attrs["inputs"]
+        assert_matches(cm(x), model(x), tol=1e-5)

@@ -65,3 +65,24 @@ def test_mixed_bias_groups_are_left_alone():
     assert record["counts"]["linears_2_into_1"] == 1 and "linears_3_into_1" not in record["counts"]  # q, v
     assert sum(n.target == aten.linear.default for n in cm.graph.call_nodes) == 3
     assert_matches(cm(*fresh()), model(*fresh()))
+
+
+@pytest.mark.parametrize("read", [
+    lambda q, k: q[0].view(-1) + k[0].view(-1),  # select, then a view that merges dims
+    lambda q, k: q[:, 1:].view(-1) + k[:, 1:].view(-1),
+    lambda q, k: q.squeeze(0).view(-1) + k.squeeze(0).view(-1),
+])
+def test_views_reached_through_any_aliasing_op_still_work(read):
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.q, self.k = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return read(self.q(x), self.k(x))
+
+    model, x = Two().eval(), torch.randn(1, 5, 16)
+    cm = blade.compile(model, (x,), backend="eager")
+    assert [r for r in cm.report.passes if r["name"] == "horizontal"][0]["counts"]["linears_2_into_1"] == 1
+    assert_matches(cm(x), model(x))
