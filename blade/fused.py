@@ -49,8 +49,19 @@ class FusedRegion:
         out = self._module(*tensors)
         return tuple(out) if self.multiple_outputs else out[0]
 
+    def describe(self, most: int = 6) -> str:
+        """fused.<kind>.<pattern>[op+op+…]: how the graph listing shows the node."""
+        ops = [_short(n.target) for n in self.body.call_nodes]
+        shown = "+".join(ops[:most]) + ("+…" if len(ops) > most else "")
+        return f"fused.{self.kind}.{self.pattern}[{shown}]"
+
     def __repr__(self) -> str:
         return f"FusedRegion({self.kind}, {self.pattern}, {len(self.body.call_nodes)} ops)"
+
+
+def _short(target) -> str:
+    schema = getattr(target, "_schema", None)
+    return schema.name.split("::")[-1] if schema is not None else getattr(target, "__name__", str(target))
 
 
 def is_fused(node: Node) -> bool:

@@ -58,9 +58,12 @@ def format_meta(val) -> str:
 
 
 def format_target(target) -> str:
-    """aten.linear.default for an op overload; module.name for a Python function."""
+    """aten.linear.default for an op overload; what describe() says for a target that has it (a
+    fused region); module.name for a Python function."""
     if isinstance(target, torch._ops.OpOverload):
         return str(target)
+    if callable(getattr(target, "describe", None)):
+        return target.describe()
     module = getattr(target, "__module__", None) or ""
     name = getattr(target, "__name__", None) or repr(target)
     return f"{module.replace('_operator', 'operator')}.{name}" if module else name

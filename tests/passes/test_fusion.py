@@ -313,3 +313,10 @@ def test_a_residual_of_a_value_with_itself_keeps_its_bias_twice():
         (node,) = [n for n in cm.graph.call_nodes if is_fused(n)]
         assert "bias" not in node.target.attrs["inputs"]
         assert_matches(cm(x), model(x), tol=1e-5)
+
+
+def test_the_listing_shows_each_region_kind_pattern_and_ops():
+    _, cm = compile_body("skip_layer_norm")
+    text = str(cm.graph)
+    assert "fused.reduction.skip_layer_norm[add+add+layer_norm](" in text
+    assert "fused.matmul_epilogue.linear_gelu[linear+gelu](" in text
