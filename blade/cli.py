@@ -1,4 +1,4 @@
-"""The blade command line: compile, run, bench, profile, inspect, demo (`blade …` or `python -m blade …`)."""
+"""The blade command line: compile, run, verify, bench, profile, inspect, demo (`blade …` or `python -m blade …`)."""
 from __future__ import annotations
 
 import argparse
@@ -114,20 +114,7 @@ def cmd_run(args, progress) -> int:
 
     progress(f"loading {args.artifact}")
     compiled = blade.load(args.artifact)
-    names = [n.name for n in compiled.graph.inputs]
-    if args.inputs:
-        if not Path(args.inputs).is_file():
-            raise InputError(f"inputs file {args.inputs} does not exist")
-        given = safetensors.torch.load_file(args.inputs)
-        missing = [n for n in names if n not in given]
-        if missing:
-            raise InputError(f"{args.inputs} lacks input(s) {missing}; it must hold tensors named {names}")
-        flat = [given[n] for n in names]
-        from blade.guards import check_inputs
-
-        check_inputs(compiled.graph.inputs, compiled.graph.dims, flat)
-    else:
-        flat = compiled.example_inputs
+    flat = _inputs_file(compiled, args.inputs) if args.inputs else compiled.example_inputs
     progress("running")
     outputs = compiled.run_flat(flat)
     tensors = {f"output_{i}": o.contiguous() for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)}
@@ -141,6 +128,54 @@ def cmd_run(args, progress) -> int:
         for name, info in summary.items():
             print(f"{name}: {info['dtype']}{info['shape']}" if "dtype" in info else f"{name}: {info['value']}")
     return 0
+
+
+def cmd_verify(args, progress) -> int:
+    import blade
+    from blade.verify import fresh_inputs, verify
+
+    progress(f"loading {args.artifact}")
+    compiled = blade.load(args.artifact)
+    model, _, _ = load_source(args.against)
+    if isinstance(model, str):
+        model = torch.export.load(model).module()
+    else:
+        model.eval()
+    if args.inputs:
+        input_sets = [(args.inputs, _inputs_file(compiled, args.inputs))]
+    else:
+        generator = torch.Generator().manual_seed(args.seed)
+        input_sets = [("saved examples", list(compiled.example_inputs))]
+        input_sets += [(f"fresh #{i + 1}", fresh_inputs(compiled.graph, compiled.example_inputs, generator))
+                       for i in range(args.samples)]
+    progress(f"running the artifact and {args.against} on {len(input_sets)} input set(s)")
+    result = verify(compiled, model, input_sets, args.tol)
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        for sample in result["samples"]:
+            errs = ", ".join(f"output {r['output']} rel_err {r['rel_err']:.2e}" for r in sample["outputs"])
+            print(f"{'ok  ' if sample['ok'] else 'FAIL'} {sample['inputs']} {sample['shapes']}: {errs}")
+        print(f"{'passed' if result['ok'] else 'FAILED'}: tolerance {args.tol:g} (relative error per output)")
+    return 0 if result["ok"] else 1
+
+
+def _inputs_file(compiled, path: str) -> list[torch.Tensor]:
+    """The graph's inputs, by name, from a safetensors file, checked against the spec."""
+    import safetensors.torch
+
+    from blade.guards import check_inputs
+
+    names = [n.name for n in compiled.graph.inputs]
+    if not Path(path).is_file():
+        raise InputError(f"inputs file {path} does not exist")
+    given = safetensors.torch.load_file(path)
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise InputError(f"{path} lacks input(s) {missing}; it must hold tensors named {names}")
+    flat = [given[n] for n in names]
+    check_inputs(compiled.graph.inputs, compiled.graph.dims, flat)
+    return flat
 
 
 def cmd_bench(args, progress) -> int:
@@ -315,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", help="safetensors file with one tensor per input name (default: the saved examples)")
     p.add_argument("-o", "--output", help="safetensors file to write the outputs to")
     p.set_defaults(func=cmd_run)
+
+    p = common(sub.add_parser("verify", help="check an artifact against its source model; fail beyond a tolerance"))
+    p.add_argument("artifact")
+    p.add_argument("--against", required=True, help="the source: 'module:factory' or the .pt2 it was compiled from")
+    p.add_argument("--inputs", help="safetensors file with one tensor per input name (default: the saved examples "
+                                    "and --samples fresh random inputs inside the dynamic ranges)")
+    p.add_argument("--samples", type=_count(0), default=3, help="fresh random input sets (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh inputs")
+    p.add_argument("--tol", type=float, default=1e-4, help="largest relative error allowed per output (default 1e-4)")
+    p.set_defaults(func=cmd_verify)
 
     p = common(sub.add_parser("bench", help="time eager vs compiled in one run"), True, True)
     p.add_argument("source", help="'module:factory' or a .pt2")

@@ -1,0 +1,77 @@
+"""The accuracy gate of a pipeline: a compiled model against its source, on given or fresh inputs."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.utils._pytree as pytree
+
+from blade.accuracy import relative_error
+from blade.ir import Graph
+from blade.shapes import evaluate
+from blade.structure import unflatten
+
+FRESH_MAX_GROWTH = 2  # fresh dynamic sizes stay within 2x the example's, to keep a gate quick
+
+
+def fresh_inputs(graph: Graph, examples: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """Random inputs of the graph's spec: each dynamic dim drawn inside its range (and at most
+    FRESH_MAX_GROWTH times the example's size); floating inputs from a normal distribution, integer
+    and bool inputs drawn from the example's own values (token ids stay valid ids, masks 0/1)."""
+    chosen: dict[str, int] = {}
+    for node, example in zip(graph.inputs, examples):
+        for size, got in zip(node.val.shape, example.shape):
+            if isinstance(size, int) or not size.is_Symbol or size.name in chosen:
+                continue
+            rng = graph.dims.get(size.name)
+            low = max(rng.min if rng else 1, 1)
+            high = got * FRESH_MAX_GROWTH
+            if rng and rng.max is not None:
+                high = min(high, rng.max)
+            chosen[size.name] = int(torch.randint(low, max(high, low) + 1, (), generator=generator))
+    tensors = []
+    for node, example in zip(graph.inputs, examples):
+        try:
+            shape = tuple(int(evaluate(s, chosen)) for s in node.val.shape)
+        except (KeyError, TypeError, ValueError):  # a dim only derived from others: keep the example's
+            shape = tuple(example.shape)
+        if example.dtype.is_floating_point:
+            tensors.append(torch.randn(shape, generator=generator).to(example.dtype))
+        else:
+            values = example.reshape(-1)
+            picks = torch.randint(0, values.numel(), shape, generator=generator)
+            tensors.append(values[picks])
+    return tensors
+
+
+def compare(compiled, reference, inputs: list[torch.Tensor]) -> list[dict]:
+    """Per output: relative error and largest absolute difference of compiled vs reference."""
+    args, kwargs = unflatten(compiled.signature.in_tree, inputs)
+    with torch.no_grad():
+        expected = pytree.tree_leaves(reference(*args, **kwargs))
+    got = compiled.run_flat(inputs)
+    rows = []
+    for i, (out, ref) in enumerate(zip(got, expected)):
+        if not isinstance(ref, torch.Tensor):
+            rows.append({"output": i, "rel_err": 0.0 if out == ref else math.inf, "max_abs": None})
+            continue
+        out, ref = out.detach().float(), ref.detach().float()
+        max_abs = float((out - ref).abs().max()) if out.shape == ref.shape and out.numel() else 0.0
+        err = relative_error(out, ref) if out.shape == ref.shape else math.inf
+        rows.append({"output": i, "shape": list(ref.shape), "rel_err": err, "max_abs": max_abs})
+    if len(got) != len(expected):
+        rows.append({"output": "count", "rel_err": math.inf, "max_abs": None,
+                     "note": f"compiled gives {len(got)} outputs, the source {len(expected)}"})
+    return rows
+
+
+def verify(compiled, reference, input_sets: list[tuple[str, list[torch.Tensor]]], tol: float) -> dict:
+    """Run both on every input set; ok when every output of every set is within `tol` (NaN fails)."""
+    samples = []
+    for name, inputs in input_sets:
+        rows = compare(compiled, reference, inputs)
+        worst = max((r["rel_err"] for r in rows), default=0.0)
+        ok = all(not math.isnan(r["rel_err"]) and r["rel_err"] <= tol for r in rows)
+        samples.append({"inputs": name, "shapes": [list(t.shape) for t in inputs], "worst_rel_err": worst,
+                        "ok": ok, "outputs": rows})
+    return {"ok": all(s["ok"] for s in samples), "tolerance": tol, "samples": samples}
