@@ -154,7 +154,7 @@ def cmd_verify(args, progress) -> int:
         print(json.dumps(result, default=str))
     else:
         for sample in result["samples"]:
-            errs = ", ".join(f"output {r['output']} rel_err {r['rel_err']:.2e}" for r in sample["outputs"])
+            errs = ", ".join(f"output {r['index']} rel_err {r['rel_err']:.2e}" for r in sample["outputs"])
             print(f"{'ok  ' if sample['ok'] else 'FAIL'} {sample['inputs']} {sample['shapes']}: {errs}")
         print(f"{'passed' if result['ok'] else 'FAILED'}: tolerance {args.tol:g} (relative error per output)")
     return 0 if result["ok"] else 1

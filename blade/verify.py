@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
 import torch.utils._pytree as pytree
 
-from blade.accuracy import relative_error
+from blade.accuracy import compare_tensor
 from blade.ir import Graph
 from blade.shapes import evaluate
 from blade.structure import unflatten
@@ -45,24 +46,15 @@ def fresh_inputs(graph: Graph, examples: list[torch.Tensor], generator: torch.Ge
 
 
 def compare(compiled, reference, inputs: list[torch.Tensor]) -> list[dict]:
-    """Per output: relative error and largest absolute difference of compiled vs reference."""
+    """Per output: blade.accuracy's figures (relative error, max abs, cosine) of compiled vs reference."""
     args, kwargs = unflatten(compiled.signature.in_tree, inputs)
     with torch.no_grad():
         expected = pytree.tree_leaves(reference(*args, **kwargs))
     got = compiled.run_flat(inputs)
-    rows = []
-    for i, (out, ref) in enumerate(zip(got, expected)):
-        if not isinstance(ref, torch.Tensor):
-            rows.append({"output": i, "rel_err": 0.0 if out == ref else math.inf, "max_abs": None})
-            continue
-        out, ref = out.detach().float(), ref.detach().float()
-        max_abs = float((out - ref).abs().max()) if out.shape == ref.shape and out.numel() else 0.0
-        err = relative_error(out, ref) if out.shape == ref.shape else math.inf
-        rows.append({"output": i, "shape": list(ref.shape), "rel_err": err, "max_abs": max_abs})
     if len(got) != len(expected):
-        rows.append({"output": "count", "rel_err": math.inf, "max_abs": None,
-                     "note": f"compiled gives {len(got)} outputs, the source {len(expected)}"})
-    return rows
+        return [{"index": "count", "rel_err": math.inf,
+                 "note": f"compiled gives {len(got)} outputs, the source {len(expected)}"}]
+    return [asdict(compare_tensor(i, out, ref)) for i, (out, ref) in enumerate(zip(got, expected))]
 
 
 def verify(compiled, reference, input_sets: list[tuple[str, list[torch.Tensor]]], tol: float) -> dict:

@@ -28,6 +28,7 @@ from blade.fused import fusable, fuse, is_fused, topological
 from blade.ir import Graph, Node, TensorMeta
 from blade.passes import fuse_epilogues, fuse_norms
 from blade.passes.cleanup import _arg, eliminate_dead_code
+from blade.passes.fuse_norms import only_user
 from blade.passes.manager import PassContext
 
 aten = torch.ops.aten
@@ -66,11 +67,6 @@ def fusible(node: Node) -> bool:
     return node.target in ROW_REDUCTIONS and _last_axis_only(node)
 
 
-def _only_reader(graph: Graph, node: Node) -> Node | None:
-    users = graph.users(node)
-    return users[0] if len(users) == 1 and not graph.is_output(node) else None
-
-
 def clusters(graph: Graph) -> list[list[Node]]:
     """Groups of fusible nodes joined by single-reader producer→consumer edges (union-find)."""
     parent: dict[Node, Node] = {}
@@ -85,7 +81,7 @@ def clusters(graph: Graph) -> list[list[Node]]:
     for n in nodes:
         parent[n] = n
     for n in nodes:
-        reader = _only_reader(graph, n)
+        reader = only_user(graph, n)
         if reader is not None and reader in parent:
             parent[find(n)] = find(reader)
     groups: dict[Node, list[Node]] = {}

@@ -64,3 +64,13 @@ def test_fresh_inputs_stay_inside_the_ranges_and_keep_integer_values_valid():
         assert ids.shape == mask.shape and 1 <= ids.shape[0] <= 2 * example[0].shape[0]
         assert set(ids.unique().tolist()) <= set(example[0].unique().tolist())
         assert set(mask.unique().tolist()) <= set(example[1].unique().tolist())
+
+
+def test_bad_inputs_are_named(tmp_path, capsys):
+    model, example, dims = zoo.get("mlp")
+    blade.compile(model, example, dynamic_shapes=dims, backend="eager").save(tmp_path / "m.blade")
+    code, _, err = run_cli(capsys, "verify", str(tmp_path / "m.blade"), "--against", "blade.models.mlp:tiny",
+                           "--inputs", str(tmp_path / "missing.safetensors"))
+    assert code == 1 and "missing.safetensors does not exist" in err
+    code, _, err = run_cli(capsys, "verify", str(tmp_path / "m.blade"), "--against", "no_such_module:tiny")
+    assert code == 1 and "no_such_module:tiny" in err

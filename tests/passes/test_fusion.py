@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.export import Dim
 
 import blade
-from blade.fused import FusedRegion, creates_cycle, is_fused
+from blade.errors import GraphError
+from blade.fused import FusedRegion, creates_cycle, fuse, is_fused
 from blade.passes import activations, cleanup, fusion
 
 from helpers import Apply, assert_matches
@@ -184,6 +185,8 @@ def test_fusion_never_creates_a_cycle():
     add = next(n for n in graph.call_nodes if n.target == aten.add.Tensor)
     assert creates_cycle(graph, {exp, add})
     assert not creates_cycle(graph, set(graph.call_nodes))
+    with pytest.raises(GraphError, match="cannot fuse .* it would create a cycle"):
+        fuse(graph, [exp, add], "loop", "loop")
 
 
 def test_fused_graph_saves_and_loads(tmp_path):
@@ -252,8 +255,6 @@ def test_fused_zoo_models_match_eager_on_cuda(name):
 
 def test_debug_mode_checks_every_region_body():
     """A pass that leaves a fused node whose arguments do not match its body is caught by name."""
-    from blade.errors import GraphError
-
     def break_a_region(graph, ctx):
         node = next(n for n in graph.call_nodes if is_fused(n))
         graph.set_args(node, node.args[:-1])
