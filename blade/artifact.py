@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import safetensors
@@ -36,6 +37,12 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """sha256 of each file, two at a time (hashlib releases the GIL: weights and the ONNX model hash together)."""
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_sha256, paths))
 
 
 def _canonical(data: dict) -> bytes:
@@ -86,11 +93,13 @@ def save(compiled: CompiledModel, path) -> Path:
                      "safetensors": safetensors.__version__},
         "backend": compiled.backend,
         "target": compiled.target.as_dict(),
+        # what of the target the backend's output depends on; nothing means it runs on any machine of the device kind
+        "requires": _requirements(compiled.executable),
         "io": _io_spec(compiled.graph),
         "signature": compiled.signature.as_dict(),
         "constant_aliases": aliases,
         "report": compiled.report.as_dict(),
-        "files": {p.relative_to(root).as_posix(): _sha256(p) for p in files},
+        "files": {p.relative_to(root).as_posix(): digest for p, digest in zip(files, _sha256_all(files))},
     }
     manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -109,13 +118,18 @@ def read_manifest(path) -> dict:
         raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); the artifact is damaged") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{manifest_path} is not a blade manifest")
+    version = manifest.get("format_version")
+    # checked before the hash: a newer format may hash differently, and its version is the useful message
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise ArtifactError(f"{manifest_path}: artifact format version {version} is newer than this blade "
+                            f"{__version__} reads (up to {FORMAT_VERSION}); upgrade blade, or recompile with this one")
     claimed = manifest.pop("manifest_sha256", None)
     if claimed != hashlib.sha256(_canonical(manifest)).hexdigest():
         raise ArtifactError(f"{manifest_path} was modified after it was written (its hash does not match); "
                             "refusing to load — recompile or restore the original artifact")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"artifact format version {manifest.get('format_version')} is not supported by "
-                            f"blade {__version__} (supports {FORMAT_VERSION}); recompile with this blade")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{manifest_path}: artifact format version {version!r} is not supported by "
+                            f"blade {__version__} (reads {FORMAT_VERSION}); recompile with this blade")
     return manifest
 
 
@@ -142,11 +156,14 @@ def verify_files(root: Path, manifest: dict) -> None:
     if missing or unexpected:
         raise ArtifactError(f"manifest lists the wrong files (missing {missing}, unexpected {unexpected}); "
                             "the artifact is damaged")
-    for relpath, digest in files.items():
+    paths = []
+    for relpath in files:
         file = _safe_file(root, relpath)
         if not file.is_file():
             raise ArtifactError(f"artifact file {relpath} is missing from {root}")
-        if _sha256(file) != digest:
+        paths.append(file)
+    for (relpath, digest), actual in zip(files.items(), _sha256_all(paths)):
+        if actual != digest:
             raise ArtifactError(f"artifact file {relpath} does not match its sha256 in the manifest: it was "
                                 "modified or damaged; refusing to load")
 
@@ -162,11 +179,28 @@ def _check_versions(manifest: dict) -> None:
                       "every operator is checked as the graph loads", stacklevel=3)
 
 
-def _check_target(saved: Target) -> Target:
+def _requirements(executable) -> dict:
+    """The target properties an executable's code depends on (its `requires()`): {} when portable."""
+    requires = executable.requires() if hasattr(executable, "requires") else {}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in requires.items() if value}
+
+
+def _check_target(saved: Target, requires: dict) -> Target:
+    """This machine's target, if the artifact can run here: same device kind, and what the backend requires."""
     if saved.device == "cuda" and not torch.cuda.is_available():
         raise ArtifactError(f"artifact was compiled for {saved.describe()}, but this machine has no CUDA GPU "
                             f"({detect('cpu').describe()}); recompile it for the CPU")
-    return detect(saved.device)
+    here = detect(saved.device)
+    if not isinstance(requires, dict):
+        raise ArtifactError("manifest field 'requires' is not a table; the artifact is damaged")
+    wrong_arch = requires.get("arch") not in (None, here.arch)
+    missing = [f for f in requires.get("features", []) if f not in here.features]
+    if wrong_arch or missing:
+        why = f"it needs {requires['arch']}" if wrong_arch else f"it needs CPU features {missing}"
+        raise ArtifactError(f"artifact was compiled for {saved.describe()} and this machine is {here.describe()}: "
+                            f"{why}, which this machine lacks; recompile it here (or compile a portable "
+                            "backend such as onnxruntime)")
+    return here
 
 
 def load(path, *, trusted_namespaces: tuple[str, ...] = ()) -> CompiledModel:
@@ -179,7 +213,7 @@ def load(path, *, trusted_namespaces: tuple[str, ...] = ()) -> CompiledModel:
     manifest = read_manifest(root)
     verify_files(root, manifest)
     _check_versions(manifest)
-    target = _check_target(Target.from_dict(manifest["target"]))
+    target = _check_target(Target.from_dict(manifest["target"]), manifest.get("requires", {}))
     try:
         constants = safetensors.torch.load_file(root / WEIGHTS)
         examples = safetensors.torch.load_file(root / EXAMPLES)

@@ -252,6 +252,12 @@ def cmd_inspect(args, progress) -> int:
     print(f"blade artifact {args.artifact} (format {manifest['format_version']}, blade {manifest['blade_version']}, "
           f"torch {manifest['versions']['torch']})")
     print(f"  backend {manifest['backend']} for {manifest['target']['device']} {manifest['target']['name']}")
+    requires = manifest.get("requires") or {}
+    print("  target  " + (f"needs {json.dumps(requires)}" if requires else
+                          f"portable: runs on any {manifest['target']['device']} with its backend"))
+    blade_ops = {op: n for op, n in manifest["report"].get("ops_after", {}).items() if op.startswith(("blade", "fused"))}
+    if blade_ops:
+        print("  ops     " + ", ".join(f"{op} ×{n}" for op, n in sorted(blade_ops.items())))
     print("  dims    " + ", ".join(f"{k} in [{lo}, {'inf' if hi is None else hi}]" for k, (lo, hi) in io["dims"].items()))
     for spec in io["inputs"]:
         print(f"  input   {spec['name']}: {spec['dtype']}{_shape_text(spec['shape'])}")

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from blade.config import cache_root
 from blade.errors import BackendError
 from blade.target import Target
 
@@ -116,8 +117,7 @@ def cache_key(target: Target) -> str:
 
 
 def cache_path() -> Path:
-    root = os.environ.get("BLADE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blade"
-    return Path(root) / "peaks.json"
+    return cache_root() / "peaks.json"
 
 
 def machine_peaks(target: Target, *, refresh: bool = False) -> Peaks:

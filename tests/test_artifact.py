@@ -13,6 +13,7 @@ import torch
 from torch.export import Dim
 
 import blade
+from blade.target import detect
 import blade.models as zoo
 from blade.artifact import _canonical
 from blade.errors import ArtifactError
@@ -137,13 +138,50 @@ def test_missing_file_version_and_target_mismatch(saved, tmp_path):
         blade.load(path)
     path = _copy(saved[2], tmp_path / "b")
     _rewrite_manifest(path, lambda m: m.__setitem__("format_version", 99))
-    with pytest.raises(ArtifactError, match="format version 99 is not supported"):
+    with pytest.raises(ArtifactError, match="format version 99 is newer than this blade .* reads \\(up to 1\\)"):
+        blade.load(path)
+    # a newer format is named even when it hashes its manifest differently
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["manifest_sha256"] = "computed some other way"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="format version 99 is newer"):
+        blade.load(path)
+    path = _copy(saved[2], tmp_path / "old")
+    _rewrite_manifest(path, lambda m: m.__setitem__("format_version", 0))
+    with pytest.raises(ArtifactError, match="format version 0 is not supported"):
         blade.load(path)
     if not torch.cuda.is_available():
         path = _copy(saved[2], tmp_path / "c")
         _rewrite_manifest(path, lambda m: m["target"].update(device="cuda", name="NVIDIA H100"))
         with pytest.raises(ArtifactError, match="compiled for cuda NVIDIA H100.*no CUDA GPU"):
             blade.load(path)
+
+
+def test_portable_artifact_loads_on_another_cpu_of_the_same_kind(saved, tmp_path):
+    path = _copy(saved[2], tmp_path)
+    assert json.loads((path / "manifest.json").read_text())["requires"] == {}, "eager artifacts need nothing"
+    _rewrite_manifest(path, lambda m: m["target"].update(name="Some Other CPU", features=["avx2"]))
+    loaded = blade.load(path)
+    example = saved[1].example_inputs
+    torch.testing.assert_close(loaded.run_flat(example), saved[1].run_flat(example), rtol=0, atol=0)
+
+
+def test_artifact_for_another_target_is_refused_naming_both(saved, tmp_path):
+    here = detect("cpu")
+    path = _copy(saved[2], tmp_path)
+    _rewrite_manifest(path, lambda m: (m["target"].update(name="Intel Xeon Sapphire Rapids",
+                                                          features=["avx512f", "amx_tile", "amx_bf16"]),
+                                       m.__setitem__("requires", {"features": ["amx_bf16", "not_a_real_flag"]})))
+    with pytest.raises(ArtifactError) as info:
+        blade.load(path)
+    text = str(info.value)
+    assert "compiled for cpu Intel Xeon Sapphire Rapids" in text and here.describe() in text
+    assert "not_a_real_flag" in text and "recompile it here" in text
+    path = _copy(saved[2], tmp_path / "arch")
+    _rewrite_manifest(path, lambda m: m.__setitem__("requires", {"arch": "riscv64"}))
+    with pytest.raises(ArtifactError, match=f"it needs riscv64, which this machine lacks.*") as info:
+        blade.load(path)
+    assert here.arch in str(info.value)
 
 
 def test_not_an_artifact(tmp_path):
