@@ -1,4 +1,4 @@
-"""The blade command line: compile, run, verify, bench, profile, inspect, demo (`blade …` or `python -m blade …`)."""
+"""The blade command line: compile, run, verify, export, bench, profile, inspect, demo (`blade …` or `python -m blade …`)."""
 from __future__ import annotations
 
 import argparse
@@ -164,18 +164,9 @@ def _inputs_file(compiled, path: str) -> list[torch.Tensor]:
     """The graph's inputs, by name, from a safetensors file, checked against the spec."""
     import safetensors.torch
 
-    from blade.guards import check_inputs
-
-    names = [n.name for n in compiled.graph.inputs]
     if not Path(path).is_file():
         raise InputError(f"inputs file {path} does not exist")
-    given = safetensors.torch.load_file(path)
-    missing = [n for n in names if n not in given]
-    if missing:
-        raise InputError(f"{path} lacks input(s) {missing}; it must hold tensors named {names}")
-    flat = [given[n] for n in names]
-    check_inputs(compiled.graph.inputs, compiled.graph.dims, flat)
-    return flat
+    return compiled.named_inputs(safetensors.torch.load_file(path), path)
 
 
 def cmd_bench(args, progress) -> int:
@@ -273,6 +264,20 @@ def cmd_inspect(args, progress) -> int:
         import blade
 
         print(blade.load(args.artifact).graph)
+    return 0
+
+
+def cmd_export(args, progress) -> int:
+    from blade.serving import export_triton_repo
+
+    progress(f"writing a Triton Inference Server model for {args.artifact} into {args.triton_repo}")
+    result = export_triton_repo(args.artifact, args.triton_repo, name=args.name, max_batch=args.max_batch)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    print(f"wrote {result.model_dir} ({result.kind} model, max_batch_size {result.max_batch_size})")
+    for note in result.notes:
+        print(f"  note: {note}")
     return 0
 
 
@@ -388,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--graph", action="store_true", help="also print the IR")
     p.set_defaults(func=cmd_inspect)
+
+    p = common(sub.add_parser("export", help="write a Triton Inference Server model repository from an artifact"))
+    p.add_argument("artifact")
+    p.add_argument("--triton-repo", required=True, help="model repository directory (created if absent)")
+    p.add_argument("--name", help="model name in the repository (default: the graph's name)")
+    p.add_argument("--max-batch", type=_count(1), help="max_batch_size (default: the batch dim's upper bound)")
+    p.set_defaults(func=cmd_export)
 
     p = common(sub.add_parser("demo", help="compile a zoo model, check accuracy, compare speed with eager"), True, True)
     p.add_argument("--model", default="bert", choices=blade.models.names())

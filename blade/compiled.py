@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from blade.errors import InputError
 from blade.guards import check_inputs
 from blade.ir import Graph
 from blade.report import CompileReport
@@ -33,6 +34,20 @@ class CompiledModel:
         check_inputs(self.graph.inputs, self.graph.dims, tensors)
         # the IR assumes dense inputs (torch.export traced contiguous examples): views rely on it
         return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+    def named_inputs(self, given: dict, source: str = "the inputs") -> list[torch.Tensor]:
+        """The graph's inputs taken by name from `given` (a safetensors file, a server request), checked."""
+        names = [n.name for n in self.graph.inputs]
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise InputError(f"{source} lacks input(s) {missing}; it must hold tensors named {names}")
+        tensors = [given[n] for n in names]
+        check_inputs(self.graph.inputs, self.graph.dims, tensors)
+        return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+    def run_named(self, given: dict, source: str = "the inputs") -> list:
+        """Run on inputs given by name; the flat outputs."""
+        return self.run_flat(self.named_inputs(given, source))
 
     def run_flat(self, tensors: list[torch.Tensor]) -> list:
         return self.executable(*tensors)
