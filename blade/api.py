@@ -10,10 +10,12 @@ import torch.utils._pytree as pytree
 from blade import backends
 from blade import passes as pipelines
 from blade.accuracy import compare
-from blade.capture import capture
+from blade import cache as compile_cache
+from blade.capture import bind_example, capture
 from blade.compiled import CompiledModel
 from blade.config import DEFAULT_OPTIMIZE, CompileConfig
-from blade.errors import ConfigError
+from blade.errors import BladeError, ConfigError
+from blade.fingerprint import Unstable
 from blade.report import CompileReport
 from blade.shapes import free_dims
 from blade.signature import Signature
@@ -22,11 +24,12 @@ from blade.target import detect
 
 def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=None, backend: str = "auto",
             optimize: int = DEFAULT_OPTIMIZE, passes=None, check_accuracy: bool = True,
-            debug: bool = False, name: str | None = None) -> CompiledModel:
+            debug: bool = False, name: str | None = None, cache: bool | None = None) -> CompiledModel:
     """Compile `model` (nn.Module, ExportedProgram or .pt2 path) for inference.
 
     `dynamic_shapes` follows torch.export's convention; `backend` is a registered name or "auto";
     `optimize` picks the pass pipeline (0 none, 1 cleanup, 2 all); `passes` (a list) replaces it.
+    `cache` (default $BLADE_CACHE, on) reuses an equal earlier compile from the on-disk cache.
     """
     debug = debug or os.environ.get("BLADE_DEBUG") == "1"  # the test suite verifies the IR after every pass
     config = CompileConfig(backend=backend, optimize=optimize, debug=debug, check_accuracy=check_accuracy)
@@ -34,8 +37,21 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     start = time.perf_counter()
     target = detect(_device_of(model, example_inputs, example_kwargs))
     chosen, reason = backends.resolve(backend, target)
+    lookup = _CacheLookup(cache, {"backend": chosen.name, "optimize": optimize, "passes": passes, "name": name,
+                                  "check_accuracy": check_accuracy}, target)
+    if lookup.on:
+        digest, lookup.why_graph = compile_cache.source_digest(model, example_inputs, example_kwargs, dynamic_shapes)
+        hit = lookup.find(digest, start)
+        if hit is not None:
+            if isinstance(model, torch.nn.Module):
+                return _with_examples(hit, *bind_example(model, example_inputs, example_kwargs))
+            return hit  # a .pt2 keeps the example inputs saved with it
 
     captured = capture(model, example_inputs, example_kwargs, dynamic_shapes, name)
+    if lookup.on and lookup.key is None:
+        hit = lookup.find(compile_cache.graph_digest(captured.graph), start)
+        if hit is not None:
+            return _with_examples(hit, captured.example_args, captured.example_kwargs)
     t_passes = time.perf_counter()
     graph, records = pipelines.run_pipeline(captured.graph, pipeline, config)
     t_backend = time.perf_counter()
@@ -62,6 +78,66 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
         if not report.accuracy.ok:
             report.warnings.append(f"outputs differ from eager beyond tolerance (rel_err {report.accuracy.rel_err:.3g})")
     report.seconds["total"] = time.perf_counter() - start
+    lookup.store(compiled)
+    return compiled
+
+
+class _CacheLookup:
+    """One compile's use of the cache: its key, a hit, or what storing the result did."""
+
+    def __init__(self, asked: bool | None, options: dict, target):
+        self.on, self.key, self.why_graph, self.why_off = compile_cache.enabled(asked), None, "", ""
+        self.problem = ""  # why an existing entry could not be used
+        self.target = target.as_dict()
+        try:
+            self.options = compile_cache.options_digest(options)
+        except Unstable as exc:
+            self.why_off = f"not cached: custom passes cannot be keyed ({exc})" if self.on else ""
+            self.on = False
+
+    def find(self, digest: str | None, start: float):
+        """The cached model for `digest` (with the report saying so), else None; remembers the key."""
+        if digest is None:
+            return None
+        t_key = time.perf_counter()
+        self.key = compile_cache.make_key(digest, "", self.options, self.target)
+        hit, self.problem = compile_cache.load(self.key)
+        if hit is None:
+            return None
+        done = time.perf_counter()
+        report = hit.report
+        report.cache = {"hit": True, "key": self.key, "path": str(compile_cache.directory() / self.key),
+                        "compiled_seconds": report.seconds}
+        report.seconds = {"cache_key": t_key - start, "cache_load": done - t_key, "total": done - start}
+        return hit
+
+    def store(self, compiled: CompiledModel) -> None:
+        """Cache a compile that passed its accuracy check; the report says what happened."""
+        report = compiled.report
+        if not self.on or self.key is None:
+            if self.why_off or self.on:
+                report.cache = {"hit": False, "key": None, "stored": self.why_off or "not cached: the graph has no "
+                                "saved form to key it by"}
+            return
+        if report.accuracy is not None and not report.accuracy.ok:
+            report.cache = {"hit": False, "key": self.key, "stored": "not cached: outputs differ from eager"}
+            return
+        t_store = time.perf_counter()
+        try:
+            path, what = compile_cache.store(compiled, self.key)
+        except (OSError, BladeError) as exc:  # a full or read-only disk costs the cache, not the compile
+            path, what = None, f"not cached: {type(exc).__name__}: {exc}"
+            report.warnings.append(f"compile cache: {what}")
+        if self.problem:
+            report.warnings.append(f"compile cache: {self.problem}")
+        report.cache = {"hit": False, "key": self.key, "path": str(path) if path else None, "stored": what,
+                        "keyed_by": f"captured graph ({self.why_graph})" if self.why_graph else "source"}
+        report.seconds["cache_store"] = time.perf_counter() - t_store
+
+
+def _with_examples(compiled: CompiledModel, args: tuple, kwargs: dict) -> CompiledModel:
+    """A cache hit keeps this call's example inputs (saved with the model, used by profile)."""
+    compiled.example_inputs = compiled.flat_inputs(*args, **kwargs)
     return compiled
 
 

@@ -127,9 +127,13 @@ def functional(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram
     return ep
 
 
+def bind_example(model, example_inputs, example_kwargs) -> tuple[tuple, dict]:
+    """The example call as the module is captured with it (absent optional inputs left out)."""
+    return _drop_positional_none(model, *normalize_example(example_inputs, example_kwargs))
+
+
 def _from_module(model, example_inputs, example_kwargs, dynamic_shapes, name) -> Captured:
-    args, kwargs = normalize_example(example_inputs, example_kwargs)
-    args, kwargs = _drop_positional_none(model, args, kwargs)
+    args, kwargs = bind_example(model, example_inputs, example_kwargs)
     arg_names = list(inspect.signature(model.forward).parameters)
     flat_specs = flat_dim_specs(model, args, kwargs, dynamic_shapes)
     with _eval_mode(model), torch.no_grad():

@@ -51,7 +51,7 @@ def _compile(spec: str, args, progress):
     model, example_inputs, dynamic_shapes = load_source(spec)
     progress(f"capturing and compiling {spec} (backend {args.backend}, O{args.optimize})")
     compiled = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend=args.backend,
-                             optimize=args.optimize)
+                             optimize=args.optimize, cache=False if args.no_cache else None)
     return model, example_inputs, compiled
 
 
@@ -267,6 +267,26 @@ def cmd_inspect(args, progress) -> int:
     return 0
 
 
+def cmd_cache(args, progress) -> int:
+    from blade import cache
+
+    if args.action == "clear":
+        removed = cache.clear()
+        print(json.dumps({"removed": removed, "directory": str(cache.directory())}) if args.json
+              else f"removed {removed} entries from {cache.directory()}")
+        return 0
+    listed = cache.entries()
+    if args.json:
+        print(json.dumps({"directory": str(cache.directory()), "limit_bytes": cache.limit_bytes(), "entries": listed}))
+        return 0
+    total = sum(e["bytes"] for e in listed)
+    print(f"{cache.directory()}: {len(listed)} entries, {total / 1e6:.1f} MB (limit {cache.limit_bytes() / 1e9:g} GB)")
+    for e in sorted(listed, key=lambda e: -e["last_used"]):
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
+        print(f"  {e['key']}  {e['model']:<16} {e['backend']:<12} {e['bytes'] / 1e6:9.1f} MB  last used {used}")
+    return 0
+
+
 def cmd_export(args, progress) -> int:
     from blade.serving import export_triton_repo
 
@@ -342,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--backend", default="auto", help=f"auto or one of {blade.backends.names()}")
             p.add_argument("--optimize", "-O", type=int, default=DEFAULT_OPTIMIZE, choices=OPTIMIZE_LEVELS,
                            help="pass pipeline level")
+            p.add_argument("--no-cache", action="store_true", help="compile afresh; neither read nor write the "
+                           "compile cache")
         if bench_options:
             p.add_argument("--warmup", type=_count(0), default=3)
             p.add_argument("--repeat", type=_count(1), default=20)
@@ -393,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--graph", action="store_true", help="also print the IR")
     p.set_defaults(func=cmd_inspect)
+
+    p = common(sub.add_parser("cache", help="list or clear the compile cache ($BLADE_CACHE_DIR/compiled)"))
+    p.add_argument("action", choices=["list", "clear"])
+    p.set_defaults(func=cmd_cache)
 
     p = common(sub.add_parser("export", help="write a Triton Inference Server model repository from an artifact"))
     p.add_argument("artifact")

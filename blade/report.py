@@ -27,6 +27,7 @@ class CompileReport:
     seconds: dict = field(default_factory=dict)
     backend_details: dict = field(default_factory=dict)  # the backend's own account: regions, fallbacks
     accuracy: Accuracy | None = None
+    cache: dict = field(default_factory=dict)  # {"hit", "key", "path", ...} when the compile cache was used
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -67,6 +68,9 @@ class CompileReport:
             if region.get("reason"):
                 lines.append(f"  fallback  region {region['index']} ({region['nodes']} nodes) on PyTorch: "
                              f"{region['reason']}")
+        if self.cache:
+            what = "hit: loaded" if self.cache.get("hit") else f"miss: {self.cache.get('stored', '')}"
+            lines.append(f"  cache     {what} {self.cache.get('key')} ({self.cache.get('path')})")
         if self.seconds:
             lines.append("  seconds   " + ", ".join(f"{k} {v:.3f}" for k, v in self.seconds.items()))
         if self.accuracy is not None:

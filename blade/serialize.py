@@ -48,6 +48,8 @@ def target_to_json(target, where: str) -> str:
 # Namespaces a saved graph may call into; ops that write memory or touch files are refused on top.
 _OP_NAMESPACES = ("aten", "prims", "blade")
 _REFUSED_OPS = ("aten.from_file", "aten._nested_from_file")
+# the only dunder-named operators (bitwise ops on bool masks, e.g. in transformers' causal masks)
+_DUNDER_OPS = ("__and__", "__or__", "__xor__", "__lshift__", "__rshift__")
 
 
 def target_from_json(name: str, trusted_namespaces: tuple[str, ...] = ()):
@@ -59,8 +61,8 @@ def target_from_json(name: str, trusted_namespaces: tuple[str, ...] = ()):
     if name in _PYTHON_TARGETS:
         return _PYTHON_TARGETS[name]
     parts = name.split(".")
-    if len(parts) != 3 or not all(p.isidentifier() for p in parts) or parts[1].startswith("__") \
-            or parts[2].startswith("_"):
+    if len(parts) != 3 or not all(p.isidentifier() for p in parts) or parts[2].startswith("_") \
+            or (parts[1].startswith("__") and parts[1] not in _DUNDER_OPS):
         raise ArtifactError(f"the saved graph calls {name!r}, which is not a torch operator blade may load")
     if parts[0] not in _OP_NAMESPACES + tuple(trusted_namespaces):
         raise ArtifactError(

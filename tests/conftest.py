@@ -9,5 +9,7 @@ os.environ.setdefault("BLADE_DEBUG", "1")
 # The tests' own peaks cache (CLI subprocesses inherit it), not the user's ~/.cache: measured on the
 # first run on a machine, then reused (entries are keyed by device, threads and versions).
 os.environ.setdefault("BLADE_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"blade-test-cache-{os.getuid()}"))
+# The compile cache is off in tests (a hit would skip the passes under test); tests/test_cache.py turns it on.
+os.environ.setdefault("BLADE_CACHE", "0")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -277,3 +277,20 @@ def test_dict_keys_survive_the_round_trip(tmp_path):
     blade.compile(KeyedOutputs(), (x,), backend="eager").save(tmp_path / "k.blade")
     out = blade.load(tmp_path / "k.blade")(x)
     assert set(out) == {("a", 1), 2} and torch.equal(out[2], x * 2)
+
+
+def test_bitwise_mask_ops_round_trip(tmp_path):
+    """aten.__and__ and friends (transformers builds causal masks with them) load back; other dunders do not."""
+    class Masked(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.where((a > 0) & (b > 0) | (a < -1), a, b)
+
+    a, b = torch.randn(4, 5), torch.randn(4, 5)
+    cm = blade.compile(Masked(), (a, b), backend="eager", optimize=0)
+    assert any("__and__" in op for op in cm.graph.count_targets())
+    cm.save(tmp_path / "masked.blade")
+    torch.testing.assert_close(blade.load(tmp_path / "masked.blade")(a, b), Masked()(a, b))
+    from blade.serialize import target_from_json
+    for name in ("aten.__class__.default", "aten.__getattr__.default", "aten.__dict__.default"):
+        with pytest.raises(ArtifactError, match="not a torch operator blade may load"):
+            target_from_json(name)
