@@ -327,7 +327,7 @@ def _feeds_by_name(model: nn.Module, names: list[str], arrays: list[np.ndarray])
 def blade_compile(model: nn.Module, example_inputs: tuple, dynamic_shapes) -> tuple[object, float, dict]:
     """One blade compile per model: dynamic batch/seq, from the zoo's example inputs."""
     start = time.perf_counter()
-    cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend="onnxruntime")
+    cm = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend="onnxruntime", cache=False)
     seconds = time.perf_counter() - start
     report = cm.report.as_dict()
     details = {"backend": report.get("backend"), "backend_details": report.get("backend_details"),
@@ -343,7 +343,7 @@ import json, sys, time
 import blade, blade.models as zoo
 model, example, dims = zoo.get(sys.argv[1], "base")
 start = time.perf_counter()
-cm = blade.compile(model, example, dynamic_shapes=dims, backend="onnxruntime")
+cm = blade.compile(model, example, dynamic_shapes=dims, backend="onnxruntime", cache=False)
 total = time.perf_counter() - start
 report = cm.report.as_dict()
 print(json.dumps({"total_s": total, "phases_s": report["seconds"],

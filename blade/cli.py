@@ -49,6 +49,13 @@ def _compile(spec: str, args, progress):
     import blade
 
     model, example_inputs, dynamic_shapes = load_source(spec)
+    if getattr(args, "dynamic", None):
+        from blade.dynamic import apply_ranges, parse_ranges
+
+        if isinstance(model, str):
+            raise InputError(f"--dynamic applies to a module:factory source; {spec} carries the dynamic dims it was "
+                             "exported with (see them with torch.export.load) — export it again to change them")
+        dynamic_shapes = apply_ranges(parse_ranges(args.dynamic), example_inputs, dynamic_shapes)
     progress(f"capturing and compiling {spec} (backend {args.backend}, O{args.optimize})")
     compiled = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend=args.backend,
                              optimize=args.optimize, cache=False if args.no_cache else None)
@@ -323,6 +330,8 @@ def _dim_names(expr) -> set[str]:
 def cmd_demo(args, progress) -> int:
     import blade.models
 
+    if args.model not in blade.models.names():
+        raise InputError(f"--model {args.model!r} is not a zoo model; choose one of {blade.models.names()}")
     source = f"blade.models.{args.model}:{args.size}"
     model, example_inputs, compiled = _compile(source, args, progress)
     result = _bench(model, example_inputs, compiled, args, progress)
@@ -350,8 +359,8 @@ def _count(least: int):
 def build_parser() -> argparse.ArgumentParser:
     import blade
     import blade.backends
-    import blade.models
 
+    # blade.models (the zoo) is imported only by the commands that use it: `blade run` of an artifact never does
     parser = argparse.ArgumentParser(prog="blade", description="blade: a graph-level compiler for PyTorch inference")
     parser.add_argument("--version", action="version", version=f"blade {blade.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -374,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("compile", help="compile a model into an artifact"), compile_options=True)
     p.add_argument("source", help="'module:factory' returning (model, example_inputs[, dynamic_shapes]), or a .pt2")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write (e.g. model.blade)")
+    p.add_argument("--dynamic", metavar="NAME=MIN:MAX,...", help="dynamic dim ranges, e.g. batch=1:64,seq=1:2048: "
+                   "the factory's dims of those names get these ranges; without dims from the factory, batch is "
+                   "axis 0 and seq axis 1 of every input")
     p.add_argument("--onnx", help="also write a plain .onnx (onnxruntime backend, no PyTorch fallback) for any "
                                   "ONNX consumer")
     p.set_defaults(func=cmd_compile)
@@ -428,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = common(sub.add_parser("demo", help="compile a zoo model, check accuracy, compare speed with eager"), True, True)
-    p.add_argument("--model", default="bert", choices=blade.models.names())
+    p.add_argument("--model", default="bert", help="a zoo model, e.g. bert or gpt (an unknown name lists them all)")
     p.add_argument("--size", default="tiny", choices=["tiny", "base"])
     p.set_defaults(func=cmd_demo)
     return parser

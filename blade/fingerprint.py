@@ -176,8 +176,8 @@ def module_digest(model: torch.nn.Module) -> str:
 
 def _dim_spec(value):
     """dynamic_shapes entries: torch.export Dims by name and range; the rest as stable values."""
-    if isinstance(value, type) and hasattr(value, "min") and hasattr(value, "max"):
-        return ["Dim", str(value), getattr(value, "__name__", ""), value.min, value.max]
+    if hasattr(value, "min") and hasattr(value, "max") and hasattr(value, "__name__"):  # Dim, derived or not
+        return ["Dim", str(value), value.__name__, value.min, value.max]
     if isinstance(value, (list, tuple)):
         return [_dim_spec(v) for v in value]
     if isinstance(value, dict):
@@ -204,10 +204,7 @@ def path_digest(path: str) -> str:
     return hasher.hexdigest()
 
 
-def package_digest(package) -> str:
-    """The source files of an (editable) package such as blade itself: an edit in development is a new key."""
-    files = []
-    for root in getattr(package, "__path__", []):
-        for path in sorted(Path(root).rglob("*.py")):
-            files.append((path.relative_to(root).as_posix(), file_digest(str(path))))
-    return _hash(files)
+def package_digest(folder: str) -> str:
+    """The source files under a package folder such as blade's own: an edit in development is a new key."""
+    return _hash([(path.relative_to(folder).as_posix(), file_digest(str(path)))
+                  for path in sorted(Path(folder).rglob("*.py"))])
