@@ -14,7 +14,7 @@ from blade import cache as compile_cache
 from blade.capture import bind_example, capture
 from blade.compiled import CompiledModel
 from blade.config import DEFAULT_OPTIMIZE, CompileConfig
-from blade.errors import BladeError, ConfigError
+from blade.errors import ConfigError
 from blade.fingerprint import Unstable
 from blade.report import CompileReport
 from blade.shapes import free_dims
@@ -38,7 +38,10 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     target = detect(_device_of(model, example_inputs, example_kwargs))
     chosen, reason = backends.resolve(backend, target)
     lookup = _CacheLookup(cache, {"backend": chosen.name, "optimize": optimize, "passes": passes, "name": name,
-                                  "check_accuracy": check_accuracy}, target)
+                                  "check_accuracy": check_accuracy,
+                                  # process-wide settings that change what capture and the backends produce
+                                  "default_dtype": str(torch.get_default_dtype()),
+                                  "matmul_precision": torch.get_float32_matmul_precision()}, target)
     if lookup.on:
         digest, lookup.why_graph = compile_cache.source_digest(model, example_inputs, example_kwargs, dynamic_shapes)
         hit = lookup.find(digest, start)
@@ -48,14 +51,16 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
             return hit  # a .pt2 keeps the example inputs saved with it
 
     captured = capture(model, example_inputs, example_kwargs, dynamic_shapes, name)
+    signature = Signature(captured.in_tree, captured.out_tree, captured.arg_names)
     if lookup.on and lookup.key is None:
-        hit = lookup.find(compile_cache.graph_digest(captured.graph), start)
+        digest = compile_cache.graph_digest(captured.graph, signature.as_dict(), captured.example_args,
+                                            captured.example_kwargs)
+        hit = lookup.find(digest, start)
         if hit is not None:
             return _with_examples(hit, captured.example_args, captured.example_kwargs)
     t_passes = time.perf_counter()
     graph, records = pipelines.run_pipeline(captured.graph, pipeline, config)
     t_backend = time.perf_counter()
-    signature = Signature(captured.in_tree, captured.out_tree, captured.arg_names)
     examples = signature.flatten(captured.example_args, captured.example_kwargs)
     executable = chosen.compile(graph, target, example_inputs=examples)
     t_done = time.perf_counter()
@@ -125,7 +130,7 @@ class _CacheLookup:
         t_store = time.perf_counter()
         try:
             path, what = compile_cache.store(compiled, self.key)
-        except (OSError, BladeError) as exc:  # a full or read-only disk costs the cache, not the compile
+        except Exception as exc:  # noqa: BLE001 - a full or read-only disk costs the cache, never the compile
             path, what = None, f"not cached: {type(exc).__name__}: {exc}"
             report.warnings.append(f"compile cache: {what}")
         if self.problem:

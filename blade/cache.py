@@ -40,7 +40,9 @@ def limit_bytes() -> int:
     try:
         value = float(text)
     except ValueError:
-        raise ConfigError(f"BLADE_CACHE_MAX_GB={text!r} is not a number of gigabytes") from None
+        value = float("nan")
+    if not 0 <= value < 1e9:  # also refuses nan and inf
+        raise ConfigError(f"BLADE_CACHE_MAX_GB={text!r} is not a size in gigabytes (a number, 0 or more)")
     return int(value * 1e9)
 
 
@@ -72,6 +74,9 @@ def source_digest(model, example_args, example_kwargs, dynamic_shapes) -> tuple[
     """The model's digest before capture, or None (and why) when only the captured graph can key it."""
     import torch
 
+    from blade.capture import normalize_example
+
+    example_args, example_kwargs = normalize_example(example_args, example_kwargs)
     try:
         inputs = inputs_digest(example_args, example_kwargs, dynamic_shapes)
         if isinstance(model, (str, os.PathLike)):
@@ -83,16 +88,17 @@ def source_digest(model, example_args, example_kwargs, dynamic_shapes) -> tuple[
     return None, f"a {type(model).__name__} is keyed by its captured graph"
 
 
-def graph_digest(graph) -> str | None:
-    """The captured graph and its weights, when they can be saved at all."""
+def graph_digest(graph, signature: dict, example_args, example_kwargs) -> str | None:
+    """The captured graph, its weights, its call signature (input/output structure and names) and the example
+    inputs' specs, when the graph can be saved at all."""
     from blade.serialize import graph_to_json
 
     try:
         data = graph_to_json(graph)
     except BladeError:
         return None
-    return "graph:" + hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest() + ":" + \
-        weights_digest(sorted(graph.constants.items()))
+    return "graph:" + hashlib.sha256(json.dumps([data, signature], sort_keys=True, default=str).encode()).hexdigest() \
+        + ":" + weights_digest(sorted(graph.constants.items())) + ":" + inputs_digest(example_args, example_kwargs, None)
 
 
 def options_digest(options: dict) -> dict:
@@ -109,8 +115,10 @@ def load(key: str):
         return None, ""
     try:
         compiled = load_artifact(entry)
+    except OSError as exc:  # another process is removing it (prune, clear): a miss, nothing to clean up
+        return None, f"the cached entry vanished while loading ({exc})"
     except BladeError as exc:
-        shutil.rmtree(entry, ignore_errors=True)
+        _remove(entry)
         return None, f"the cached entry could not be loaded and was removed ({exc})"
     try:
         os.utime(entry)  # last use, for eviction
@@ -132,21 +140,44 @@ def store(compiled, key: str) -> tuple[Path | None, str]:
     entry = root / key
     if (entry / "manifest.json").is_file():
         return entry, "already cached"
-    temporary = root / f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    custom = sorted({op.split(".")[0] for op in compiled.graph.count_targets()} - _LOADABLE_NAMESPACES)
+    if custom:
+        return None, f"not cached: the graph calls custom operators ({', '.join(custom)}) that loading would trust"
+    if entry.exists():  # a folder left without its manifest by an interrupted removal
+        _remove(entry)
+    temporary = _temporary(root, key)
     try:
         save(compiled, temporary)
         size = _size(temporary)
         if size > limit_bytes():
-            shutil.rmtree(temporary, ignore_errors=True)
+            _remove(temporary)
             return None, f"not cached: {size / 1e9:.2f} GB is over the cache limit (BLADE_CACHE_MAX_GB)"
         os.rename(temporary, entry)
-    except OSError:
-        shutil.rmtree(temporary, ignore_errors=True)
+    except BaseException:
+        _remove(temporary)
         if (entry / "manifest.json").is_file():
             return entry, "another process cached it first"
         raise
     prune(keep=key)
     return entry, "stored"
+
+
+# operator namespaces blade.load runs without being told to trust them (blade.serialize's whitelist)
+_LOADABLE_NAMESPACES = {"aten", "prims", "blade", "operator", "torch", "fused"}
+
+
+def _temporary(root: Path, key: str) -> Path:
+    return root / f"{_TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove(path: Path) -> None:
+    """Take `path` out of view in one rename, then delete it: readers never see a half-removed entry."""
+    try:
+        doomed = _temporary(path.parent, path.name + "-removed")
+        os.rename(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _size(path: Path) -> int:
@@ -177,10 +208,13 @@ def prune(keep: str | None = None) -> list[str]:
     if not root.is_dir():
         return []
     now = time.time()
-    for leftover in root.glob(f"{_TMP_PREFIX}*"):
-        try:
+    for leftover in list(root.iterdir()):
+        is_temporary = leftover.name.startswith(_TMP_PREFIX)
+        if not is_temporary and (leftover / "manifest.json").is_file():
+            continue
+        try:  # a dead writer's temporary folder, or an entry an interrupted removal left without its manifest
             if now - leftover.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(leftover, ignore_errors=True)
+                shutil.rmtree(leftover, ignore_errors=True) if is_temporary else _remove(leftover)
         except OSError:
             continue
     listed = sorted(entries(), key=lambda e: e["last_used"])
@@ -190,7 +224,7 @@ def prune(keep: str | None = None) -> list[str]:
             break
         if entry["key"] == keep:
             continue
-        shutil.rmtree(entry["path"], ignore_errors=True)
+        _remove(Path(entry["path"]))
         total -= entry["bytes"]
         removed.append(entry["key"])
     return removed
@@ -201,6 +235,6 @@ def clear() -> int:
     root = directory()
     count = len(entries())
     if root.is_dir():
-        for child in root.iterdir():
-            shutil.rmtree(child, ignore_errors=True)
+        for child in list(root.iterdir()):
+            _remove(child)
     return count

@@ -298,7 +298,8 @@ def cmd_export(args, progress) -> int:
     from blade.serving import export_triton_repo
 
     progress(f"writing a Triton Inference Server model for {args.artifact} into {args.triton_repo}")
-    result = export_triton_repo(args.artifact, args.triton_repo, name=args.name, max_batch=args.max_batch)
+    result = export_triton_repo(args.artifact, args.triton_repo, name=args.name, max_batch=args.max_batch,
+                                batch_dim=args.batch_dim)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0
@@ -437,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-repo", required=True, help="model repository directory (created if absent)")
     p.add_argument("--name", help="model name in the repository (default: the graph's name)")
     p.add_argument("--max-batch", type=_count(1), help="max_batch_size (default: the batch dim's upper bound)")
+    p.add_argument("--batch-dim", help="the dynamic dim Triton may join requests along (default: the one named "
+                   "batch, when it leads every input and output)")
     p.set_defaults(func=cmd_export)
 
     p = common(sub.add_parser("demo", help="compile a zoo model, check accuracy, compare speed with eager"), True, True)

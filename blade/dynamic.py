@@ -48,6 +48,9 @@ def _new_dim(name: str, bounds: tuple[int, int | None]):
 def apply_ranges(ranges: dict, example_inputs: tuple, dynamic_shapes):
     """The source's dynamic_shapes with each named Dim given the asked range (one new Dim per name, so
     inputs that shared a dim still share it); CONVENTIONS when the source declares none."""
+    from blade.capture import normalize_example
+
+    example_inputs, _ = normalize_example(example_inputs, None)
     dims = {name: _new_dim(name, bounds) for name, bounds in ranges.items()}
     if dynamic_shapes is None:
         unknown = sorted(set(ranges) - set(CONVENTIONS))
@@ -65,6 +68,10 @@ def apply_ranges(ranges: dict, example_inputs: tuple, dynamic_shapes):
     found: set[str] = set()
 
     def replace(spec):
+        root = getattr(spec, "root", None)
+        if root is not None and getattr(root, "__name__", None) in dims:
+            raise ConfigError(f"--dynamic {root.__name__}: the source also uses {spec.__name__}, derived from it; "
+                              f"re-range it in the factory's dynamic_shapes instead")
         if is_named_dim(spec) and spec.__name__ in dims:
             found.add(spec.__name__)
             return dims[spec.__name__]

@@ -10,6 +10,8 @@ import json
 import os
 import sys
 import sysconfig
+import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,16 +59,22 @@ def _hash(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def file_digest(path: str) -> str:
+    """sha256 of a source file's bytes (remembered while its stat stays the same and it is not just written)."""
+    stat = os.stat(path)
+    if time.time() - stat.st_mtime < 2.0:  # a coarse-mtime file system may not show an edit within its tick
+        return _read_digest(path)
+    return _file_digest(path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
+
 @functools.lru_cache(maxsize=None)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+def _file_digest(path: str, *stat) -> str:
+    return _read_digest(path)
+
+
+def _read_digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a source file's bytes (remembered while its size and mtime stay the same)."""
-    stat = os.stat(path)
-    return _file_digest(path, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,20 +84,24 @@ def _installed_roots() -> tuple[str, ...]:
 
 
 def user_code_digest(skip: tuple[str, ...] = ()) -> str:
-    """The loaded Python files that are not installed packages or the standard library: the user's own code
-    (scripts, a package under development). Any edit to them is a new key — a stale compile is never reused.
-    Files under `skip` (blade's own packages, keyed by all their files) are left out."""
-    files = []
-    skipped = _installed_roots() + tuple(os.path.realpath(p) + os.sep for p in skip)
-    for module in list(sys.modules.values()):
+    """The live code of every loaded module that is not an installed package or the standard library: the
+    user's own code (scripts, notebooks, a package under development), as it runs in this process — an edit,
+    reloaded or not, never reuses a compile of other code. Modules under `skip` (blade's own) are left out."""
+    digests = []
+    for name, module in sorted(list(sys.modules.items()), key=lambda item: item[0]):
         path = getattr(module, "__file__", None)
-        if not path or not path.endswith(".py"):
+        if name != "__main__" and (not path or not path.endswith(".py")):
             continue
-        real = os.path.realpath(path)
-        if real.startswith(skipped) or not os.path.isfile(real):
+        if path and not _is_user_file(path, skip):
             continue
-        files.append((real, file_digest(real)))
-    return _hash(sorted(set(files)))
+        digests.append((name, module_code_digest(module)))
+    return _hash(digests)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_user_file(path: str, skip: tuple[str, ...]) -> bool:
+    skipped = _installed_roots() + tuple(os.path.realpath(p) + os.sep for p in skip)
+    return not os.path.realpath(path).startswith(skipped)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,33 +114,165 @@ def _distribution_version(top_level: str) -> str | None:
     return None
 
 
-def _class_code(cls: type) -> list:
-    """What defines a module class's behaviour: its defining file and its package's version, over its MRO."""
+def code_digest(code: types.CodeType) -> str:
+    """A code object's bytecode, names and constants (nested code too); not its line numbers or file."""
+    def const(value):
+        if isinstance(value, types.CodeType):
+            return ["code", code_digest(value)]
+        if isinstance(value, (tuple, list)):
+            return [type(value).__name__, [const(v) for v in value]]
+        if isinstance(value, (frozenset, set)):  # iteration order follows salted str hashes
+            return [type(value).__name__, sorted(json.dumps(const(v)) for v in value)]
+        return [type(value).__name__, repr(value)]
+
+    return _hash([code.co_name, code.co_code.hex(), code.co_names, code.co_varnames, code.co_freevars,
+                  code.co_cellvars, code.co_flags, code.co_argcount, code.co_kwonlyargcount,
+                  [const(c) for c in code.co_consts]])
+
+
+def _callable_value(value, depth: int, seen: frozenset):
+    """Functions, methods, partials and builtins by what they run and what they are bound to."""
+    if isinstance(value, functools.partial):
+        return ["partial", stable_value(value.func, depth + 1, seen), stable_value(value.args, depth + 1, seen),
+                stable_value(value.keywords, depth + 1, seen)]
+    if inspect.ismethod(value):
+        return ["method", stable_value(value.__func__, depth + 1, seen), stable_value(value.__self__, depth + 1, seen)]
+    if inspect.isfunction(value):
+        closure = [stable_value(c.cell_contents, depth + 1, seen) for c in value.__closure__ or ()]
+        return ["function", value.__module__, value.__qualname__, code_digest(value.__code__),
+                stable_value(value.__defaults__, depth + 1, seen), stable_value(value.__kwdefaults__, depth + 1, seen),
+                closure]
+    if isinstance(value, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        return ["op", str(value)]
+    if isinstance(value, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+        bound = getattr(value, "__self__", None)
+        if bound is not None and not isinstance(bound, types.ModuleType):
+            raise Unstable(f"builtin method {value.__qualname__} is bound to a {type(bound).__qualname__}")
+        return ["builtin", getattr(value, "__module__", None), value.__qualname__]
+    return None
+
+
+def _class_body(cls: type, depth: int) -> list:
+    """A class as defined now: its methods' code and defaults, its plain class attributes, nested classes."""
+    items = []
+    for key, value in sorted(vars(cls).items(), key=lambda item: item[0]):
+        if key in ("__dict__", "__weakref__", "__doc__", "__module__", "__qualname__", "__annotations__"):
+            continue
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if isinstance(value, property):
+            value = [value.fget, value.fset]
+        items.append([key, _definition(value, cls.__module__, depth + 1)])
+    return items
+
+
+def _definition(value, module_name: str, depth: int):
+    """A module global or class attribute: code where it is code defined here, values where plain, else its kind."""
+    if isinstance(value, list):
+        return [_definition(v, module_name, depth) for v in value]
+    if inspect.isfunction(value):
+        return ["function", code_digest(value.__code__), _safe(value.__defaults__), _safe(value.__kwdefaults__)]
+    if inspect.isclass(value):
+        if value.__module__ == module_name and depth < 4:
+            return ["class", _class_body(value, depth)]
+        return ["class", value.__module__, value.__qualname__]
+    if isinstance(value, types.ModuleType):
+        return ["module", value.__name__]
+    return _safe(value)
+
+
+def _safe(value, depth: int = 0):
+    """A plain value as itself (containers walked); anything else by its kind and type name — its own
+    definition is keyed where it is defined, so nothing here recurses into other modules."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return [type(value).__name__, value]
+    if isinstance(value, (torch.dtype, torch.device, enum.Enum)):
+        return [type(value).__qualname__, str(value)]
+    if depth < 4 and isinstance(value, (tuple, list)):
+        return [type(value).__name__, [_safe(v, depth + 1) for v in value]]
+    if depth < 4 and isinstance(value, (frozenset, set)):
+        return [type(value).__name__, sorted(json.dumps(_safe(v, depth + 1)) for v in value)]
+    if depth < 4 and isinstance(value, dict):
+        return ["dict", sorted(json.dumps([_safe(k, depth + 1), _safe(v, depth + 1)]) for k, v in value.items())]
+    if inspect.isclass(value) or inspect.isfunction(value):
+        return ["ref", value.__module__, value.__qualname__]
+    return ["instance", type(value).__module__, type(value).__qualname__]
+
+
+def module_code_digest(module: types.ModuleType, values: bool = True) -> str:
+    """A Python module as it is loaded now: its functions' and classes' code, and (with `values`) the plain
+    globals that code reads (a script's other globals, such as a timer's value, do not matter to a compile).
+    Installed packages are keyed without values: they hold per-process ones (transformers' SESSION_ID)."""
+    name = module.__name__
+    namespace = dict(vars(module))
+    items, read = [], set()
+    for key, value in sorted(namespace.items(), key=lambda item: item[0]):
+        if key.startswith("__") and key.endswith("__"):
+            continue
+        if inspect.isfunction(value) or inspect.isclass(value):
+            if getattr(value, "__module__", None) != name:
+                items.append([key, "imported", getattr(value, "__module__", None), getattr(value, "__qualname__", None)])
+                continue
+            items.append([key, _definition(value, name, 0)])
+            read |= _names_read(value)
+    for key in sorted(read) if values else ():
+        value = namespace.get(key)
+        if key in namespace and not (inspect.isfunction(value) or inspect.isclass(value)):
+            items.append([key, _definition(value, name, 0)])
+    return _hash(items)
+
+
+def _names_read(definition) -> set[str]:
+    """Global names the code of a function or class (its methods, nested code) refers to."""
+    codes = []
+    if inspect.isfunction(definition):
+        codes.append(definition.__code__)
+    else:
+        for value in vars(definition).values():
+            value = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+            if isinstance(value, property):
+                codes += [f.__code__ for f in (value.fget, value.fset) if inspect.isfunction(f)]
+            elif inspect.isfunction(value):
+                codes.append(value.__code__)
+    names: set[str] = set()
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    return names
+
+
+def _class_code(cls: type, memo: dict) -> list:
+    """What defines a class's behaviour, over its MRO: the live code of the modules that define each class
+    (their helpers too) and their package's version; torch's own classes by the torch version in the key."""
     found = []
     for klass in cls.__mro__:
-        if klass.__module__.split(".")[0] in ("torch", "builtins"):
-            continue  # torch's own classes are covered by the torch version in the key
-        try:
-            source = inspect.getsourcefile(klass)
-        except TypeError:
-            source = None
-        if not source or not os.path.isfile(source):
-            raise Unstable(f"class {klass.__qualname__} has no source file")
-        found.append((klass.__module__, klass.__qualname__, file_digest(source),
-                      _distribution_version(klass.__module__.split(".")[0])))
+        module_name = klass.__module__
+        if module_name.split(".")[0] in ("torch", "builtins"):
+            continue
+        if module_name not in memo:
+            module = sys.modules.get(module_name)
+            if module is None:
+                raise Unstable(f"class {klass.__qualname__} comes from module {module_name}, which is not loaded")
+            path = getattr(module, "__file__", None)
+            memo[module_name] = module_code_digest(module, values=not path or _is_user_file(path, ()))
+        found.append((module_name, klass.__qualname__, memo[module_name],
+                      _distribution_version(module_name.split(".")[0])))
     return found
 
 
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+# fields that hold a per-process value (a salted str hash) and mean nothing to a compile
+_PER_PROCESS_FIELDS = frozenset({"_original_object_hash", "_commit_hash"})
 
 
-def stable_value(value, depth: int = 0, seen: frozenset = frozenset()):
+def stable_value(value, depth: int = 0, seen: frozenset = frozenset(), memo: dict | None = None):
     """A JSON-able stand-in for an attribute value, equal across processes exactly when the value is."""
-    if depth > 6 or id(value) in seen:
+    if depth > 8 or id(value) in seen:
         raise Unstable("attribute nests too deep or refers back to itself")
     seen = seen | {id(value)}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return [type(value).__name__, value]
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return [type(value).__name__, value if not isinstance(value, bytes) else value.hex()]
     if isinstance(value, (torch.dtype, torch.device, torch.Size, torch.memory_format, torch.layout)):
         return [type(value).__name__, str(value)]
     if isinstance(value, enum.Enum):
@@ -139,22 +283,17 @@ def stable_value(value, depth: int = 0, seen: frozenset = frozenset()):
         items = [stable_value(v, depth + 1, seen) for v in value]
         return [type(value).__name__, sorted(items, key=json.dumps) if isinstance(value, (set, frozenset)) else items]
     if isinstance(value, dict):
-        return ["dict", sorted(([stable_value(k, depth + 1, seen), stable_value(v, depth + 1, seen)] for k, v in value.items()),
-                               key=json.dumps)]
-    if isinstance(value, type(min)) or isinstance(value, torch._ops.OpOverloadPacket):
-        return ["builtin", getattr(value, "__module__", None), getattr(value, "__qualname__", str(value))]
-    if inspect.isfunction(value) or inspect.ismethod(value):
-        function = getattr(value, "__func__", value)
-        closure = [stable_value(c.cell_contents, depth + 1, seen) for c in function.__closure__ or ()]
-        source = inspect.getsourcefile(function)
-        if not source or not os.path.isfile(source):
-            raise Unstable(f"function {function.__qualname__} has no source file")
-        return ["function", function.__module__, function.__qualname__, file_digest(source), closure]
-    if hasattr(value, "__dict__") and not isinstance(value, type):
-        # str hashes are salted per process, so an attribute that stores one (transformers' GenerationConfig
-        # keeps `_original_object_hash`) differs in every process while meaning nothing to the compile
-        fields = {k: v for k, v in vars(value).items() if "hash" not in k.lower()}
-        return ["object", _class_code(type(value)), stable_value(fields, depth + 1, seen)]
+        return ["dict", sorted(([stable_value(k, depth + 1, seen), stable_value(v, depth + 1, seen)]
+                                for k, v in value.items()), key=json.dumps)]
+    as_callable = _callable_value(value, depth, seen)
+    if as_callable is not None:
+        return as_callable
+    if isinstance(value, type):
+        return ["class", _class_code(value, memo if memo is not None else {})]
+    if hasattr(value, "__dict__"):
+        fields = {k: v for k, v in vars(value).items() if k not in _PER_PROCESS_FIELDS}
+        return ["object", _class_code(type(value), memo if memo is not None else {}),
+                stable_value(fields, depth + 1, seen)]
     raise Unstable(f"attribute of type {type(value).__qualname__} has no stable hash")
 
 
@@ -164,12 +303,12 @@ def module_digest(model: torch.nn.Module) -> str:
 
     if any(getattr(nn_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
         raise Unstable("global forward hooks are registered")
-    parts = []
+    parts, memo = [], {}
     for path, sub in model.named_modules(remove_duplicate=False):
         if sub._forward_hooks or sub._forward_pre_hooks:
             raise Unstable(f"submodule {path or '<root>'} has forward hooks")
         attributes = {k: v for k, v in vars(sub).items() if k not in _MODULE_INTERNALS}
-        parts.append([path, _class_code(type(sub)), sub.training, stable_value(attributes)])
+        parts.append([path, _class_code(type(sub), memo), sub.training, stable_value(attributes, memo=memo)])
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     return _hash([parts, weights_digest(named)])
 

@@ -22,6 +22,7 @@ class TensorConfig:
     name: str
     dtype: str
     dims: list[int]
+    reshape: bool = False  # a scalar per request: Triton needs dims [1], reshaped to [] for the model
 
 
 @dataclass
@@ -41,11 +42,14 @@ class ServingExport:
                 "notes": self.notes}
 
 
-def export_triton_repo(artifact, repo, *, name: str | None = None, max_batch: int | None = None) -> ServingExport:
+def export_triton_repo(artifact, repo, *, name: str | None = None, max_batch: int | None = None,
+                       batch_dim: str | None = None) -> ServingExport:
     """Write `repo/<name>/` for Triton Inference Server from the blade artifact at `artifact`.
 
     An onnxruntime artifact that runs in ONNX Runtime alone becomes `1/model.onnx` (platform
     onnxruntime_onnx); any other artifact becomes a Python-backend model that loads the artifact.
+    Triton batches (joins requests along the leading axis) only over a dim named `batch`, or the
+    one `batch_dim` names.
     """
     import blade
 
@@ -60,7 +64,8 @@ def export_triton_repo(artifact, repo, *, name: str | None = None, max_batch: in
     if model_dir.exists():
         raise InputError(f"{model_dir} already exists; remove it or choose another --name")
     device = manifest["target"]["device"]
-    batch_dim, notes = _batch_dim(compiled.graph)
+    _check_outputs(compiled.graph)
+    batch_dim, notes = _batch_dim(compiled.graph, batch_dim)
     max_batch_size = _max_batch_size(batch_dim, compiled.graph, max_batch)
     single_onnx = compiled.backend == "onnxruntime" and _runs_in_onnxruntime_alone(compiled)
     version_dir = model_dir / "1"
@@ -68,7 +73,7 @@ def export_triton_repo(artifact, repo, *, name: str | None = None, max_batch: in
     try:
         if single_onnx:
             compiled.executable.to_onnx(version_dir / "model.onnx")
-            inputs, outputs = _onnx_tensors(version_dir / "model.onnx", compiled.graph, max_batch_size)
+            inputs, outputs = _onnx_tensors(version_dir / "model.onnx", compiled.graph, max_batch_size, notes)
             header = ['platform: "onnxruntime_onnx"']
             if device == "cpu":
                 notes.append("Triton's ONNX Runtime backend applies its own graph optimizations, including "
@@ -77,6 +82,10 @@ def export_triton_repo(artifact, repo, *, name: str | None = None, max_batch: in
             shutil.copytree(root, version_dir / ARTIFACT_DIR)
             inputs = [_tensor(n.name, n.val, max_batch_size) for n in compiled.graph.inputs]
             outputs = [_tensor(f"output_{i}", out.val, max_batch_size) for i, out in enumerate(compiled.graph.outputs)]
+            bf16 = [t.name for t in inputs + outputs if t.dtype == "TYPE_BF16"]
+            if bf16:
+                raise BackendError(f"tensors {bf16} are bfloat16, which the Python backend cannot pass through numpy; "
+                                   "serve an onnxruntime artifact, or compile with float32 inputs and outputs")
             (version_dir / "model.py").write_text(_PYTHON_MODEL.format(artifact=ARTIFACT_DIR))
             header = ['backend: "python"']
             notes.append(f"Python backend: the server's Python environment needs blade {blade.__version__} "
@@ -99,21 +108,36 @@ def _runs_in_onnxruntime_alone(compiled) -> bool:
     return len(steps) == 1 and steps[0].engine == "onnxruntime"
 
 
-def _batch_dim(graph) -> tuple[str | None, list[str]]:
-    """The dynamic dim that leads every input and output, which Triton can batch over, if there is one."""
+def _check_outputs(graph) -> None:
+    for i, out in enumerate(graph.outputs):
+        if not hasattr(getattr(out, "val", None), "shape"):
+            raise BackendError(f"output {i} of {graph.name} is not a tensor ({out!r}); Triton Inference Server "
+                               "serves tensors only — return it as a tensor from the model")
+
+
+def _batch_dim(graph, asked: str | None) -> tuple[str | None, list[str]]:
+    """The dynamic dim Triton may batch over: named `batch` (or `asked`) and leading every input and output."""
     import sympy
 
-    tensors = [n.val for n in graph.inputs] + [getattr(out, "val", None) for out in graph.outputs]
-    leads = [getattr(meta, "shape", ())[:1] for meta in tensors]
+    tensors = [n.val for n in graph.inputs] + [out.val for out in graph.outputs]
+    leads = [meta.shape[:1] for meta in tensors]
     first = leads[0][0] if leads and leads[0] else None
+    if asked is not None and asked not in graph.dims:
+        raise InputError(f"--batch-dim {asked} is not a dynamic dim of {graph.name}; it has {sorted(graph.dims)}")
     if not isinstance(first, sympy.Symbol) or any(lead != (first,) for lead in leads):
+        if asked is not None:
+            raise InputError(f"--batch-dim {asked} does not lead every input and output of {graph.name}, so Triton "
+                             "cannot batch over it")
         return None, ["no dynamic batch: the leading dims of the inputs and outputs are not one dynamic dim, "
                       "so max_batch_size is 0 and requests carry full shapes"]
-    if first.name not in graph.dims:
-        return None, [f"leading dim {first} is not one of the graph's dynamic dims; max_batch_size is 0"]
+    if first.name != (asked or "batch"):
+        if asked is not None:
+            raise InputError(f"--batch-dim {asked} does not lead every input and output; {first.name} does")
+        return None, [f"leading dim {first.name} is not named batch, so requests are not joined along it "
+                      f"(max_batch_size 0); pass --batch-dim {first.name} if it is a batch of independent items"]
     low = graph.dims[first.name].min
     if low > 1:
-        return None, [f"leading dim {first} starts at {low}, but Triton batches from 1; max_batch_size is 0"]
+        return None, [f"batch dim {first.name} starts at {low}, but Triton batches from 1; max_batch_size is 0"]
     return first.name, []
 
 
@@ -139,29 +163,36 @@ def _tensor(name: str, meta, max_batch_size: int) -> TensorConfig:
     if dtype not in TRITON_DTYPES:
         raise BackendError(f"tensor {name} has dtype {dtype}, which Triton Inference Server has no type for")
     dims = [d if isinstance(d, int) else -1 for d in meta.shape]
-    return TensorConfig(name, TRITON_DTYPES[dtype], dims[1:] if max_batch_size else dims)
+    dims = dims[1:] if max_batch_size else dims
+    return TensorConfig(name, TRITON_DTYPES[dtype], dims or [1], reshape=not dims)
 
 
-def _onnx_tensors(path: Path, graph, max_batch_size: int) -> tuple[list[TensorConfig], list[TensorConfig]]:
-    """The ONNX model's own input and output names with the IR's dtypes and shapes."""
+def _onnx_tensors(path: Path, graph, max_batch_size: int, notes: list[str]):
+    """The ONNX model's own inputs and outputs (the exporter drops inputs nothing reads), with the IR's specs."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     in_names = [value.name for value in model.graph.input]
     out_names = [value.name for value in model.graph.output]
-    if in_names != [n.name for n in graph.inputs] or len(out_names) != len(graph.outputs):
+    by_name = {n.name: n for n in graph.inputs}
+    if any(name not in by_name for name in in_names) or len(out_names) != len(graph.outputs):
         raise BackendError(f"the exported ONNX model's inputs {in_names} / {len(out_names)} outputs do not match "
                            "the artifact's graph; the artifact is damaged — recompile it")
-    inputs = [_tensor(n.name, n.val, max_batch_size) for n in graph.inputs]
+    unread = [n.name for n in graph.inputs if n.name not in in_names]
+    if unread:
+        notes.append(f"inputs {unread} are read by nothing, so model.onnx and the config leave them out")
+    inputs = [_tensor(name, by_name[name].val, max_batch_size) for name in in_names]
     outputs = [_tensor(name, out.val, max_batch_size) for name, out in zip(out_names, graph.outputs)]
     return inputs, outputs
 
 
 def _config_text(name: str, header: list[str], max_batch_size: int, inputs, outputs, device: str) -> str:
+    def entry(t: TensorConfig) -> str:
+        reshape = " reshape: { shape: [ ] }" if t.reshape else ""
+        return f'  {{ name: {json.dumps(t.name)} data_type: {t.dtype} dims: [ {", ".join(map(str, t.dims))} ]{reshape} }}'
+
     def block(kind: str, tensors) -> str:
-        entries = ",\n".join(f'  {{ name: {json.dumps(t.name)} data_type: {t.dtype} dims: [ {", ".join(map(str, t.dims))} ] }}'
-                             for t in tensors)
-        return f"{kind} [\n{entries}\n]"
+        return f"{kind} [\n" + ",\n".join(entry(t) for t in tensors) + "\n]"
 
     lines = [f"name: {json.dumps(name)}", *header, f"max_batch_size: {max_batch_size}",
              block("input", inputs), block("output", outputs),
@@ -184,14 +215,14 @@ class TritonPythonModel:
     def initialize(self, args):
         path = os.path.join(args["model_repository"], args["model_version"], "{artifact}")
         self.model = blade.load(path)
-        self.input_names = [node.name for node in self.model.graph.inputs]
+        self.inputs = [(node.name, node.val.device) for node in self.model.graph.inputs]
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
                 given = {{name: torch.from_numpy(pb_utils.get_input_tensor_by_name(request, name).as_numpy().copy())
-                          for name in self.input_names}}
+                          .to(device) for name, device in self.inputs}}
                 outputs = self.model.run_named(given)
                 tensors = [pb_utils.Tensor(f"output_{{i}}", out.detach().cpu().numpy())
                            for i, out in enumerate(outputs)]

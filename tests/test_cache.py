@@ -206,3 +206,160 @@ def test_hugging_face_model_hits_in_a_new_process(cache_dir, tmp_path):
         assert run.returncode == 0, run.stderr
         keys.append(json.loads(run.stdout)["report"]["cache"])
     assert keys[0]["hit"] is False and keys[1]["hit"] is True and keys[0]["key"] == keys[1]["key"]
+
+
+def _scale(x, s=2.0):
+    return x * s
+
+
+class _Scaler:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def apply(self, x):
+        return x * self.factor
+
+
+def test_attribute_values_that_differ_never_share_a_key():
+    import functools
+
+    from blade.fingerprint import Unstable, stable_value
+
+    different = [
+        (functools.partial(_scale, s=2.0), functools.partial(_scale, s=3.0)),
+        (_Scaler(2).apply, _Scaler(3).apply),
+        (lambda x: x * 2, lambda x: x * 3),
+        ({"eps": 1e-5, "act": "gelu"}, {"eps": 1e-6, "act": "gelu"}),
+        (torch.ones(3), torch.zeros(3)),
+    ]
+    for a, b in different:
+        assert stable_value(a) != stable_value(b), (a, b)
+
+    def with_default(x, s=2.0):
+        return x * s
+
+    before = stable_value(with_default)
+    with_default.__defaults__ = (3.0,)
+    assert stable_value(with_default) != before
+    with pytest.raises(Unstable, match="bound to a Tensor"):
+        stable_value(torch.ones(2).mul)
+
+
+def test_code_edited_but_not_reloaded_is_keyed_as_it_runs(cache_dir, tmp_path, monkeypatch):
+    """The key follows the code the process runs, not the file on disk (notebooks edit files under a live kernel)."""
+    source = tmp_path / "live_model.py"
+    source.write_text("import torch\nclass Twice(torch.nn.Module):\n    def forward(self, x):\n        return x * 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import live_model
+
+    x = torch.ones(2, 2)
+    source.write_text(source.read_text().replace("x * 2", "x * 3"))  # on disk only
+    stale = blade.compile(live_model.Twice(), (x,), backend="eager")
+    torch.testing.assert_close(stale(x), x * 2)
+    importlib.reload(live_model)
+    fresh = blade.compile(live_model.Twice(), (x,), backend="eager")
+    assert fresh.report.cache["hit"] is False, "the reloaded code must not reuse the compile of the old code"
+    torch.testing.assert_close(fresh(x), x * 3)
+
+
+def test_graph_key_includes_the_output_names(cache_dir):
+    class Named(torch.nn.Module):
+        def __init__(self, swap):
+            super().__init__()
+            self.swap = swap
+
+        def forward(self, x):
+            a, b = x * 2, x + 1
+            return {"hidden": a, "logits": b} if self.swap else {"logits": a, "hidden": b}
+
+    x = torch.randn(2, 3)
+    outputs = []
+    for swap in (False, True):
+        program = torch.export.export(Named(swap), (x,))
+        cm = blade.compile(program, (x,), backend="eager")
+        assert cm.report.cache["keyed_by"].startswith("captured graph")
+        outputs.append(cm(x))
+    torch.testing.assert_close(outputs[0]["logits"], x * 2)
+    torch.testing.assert_close(outputs[1]["logits"], x + 1)
+
+
+def test_default_dtype_is_in_the_key(cache_dir):
+    class Ones(torch.nn.Module):
+        def forward(self, x):
+            return x.sum() + torch.ones(2)
+
+    x = torch.randn(3)
+    blade.compile(Ones(), (x,), backend="eager")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        again = blade.compile(Ones(), (x,), backend="eager")
+        assert again.report.cache["hit"] is False and again(x).dtype == torch.float64
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_concurrent_writers_and_a_reader_never_see_half_an_entry(cache_dir, monkeypatch):
+    """Two writers of one key overlap inside save(); a reader during the writes sees a miss, never a partial."""
+    import threading
+
+    import blade.artifact
+
+    model, example, dynamic = zoo.get("mlp")
+    compiled = blade.compile(model, example, dynamic_shapes=dynamic, backend="eager", cache=False)
+    real_save, inside, release = blade.artifact.save, threading.Barrier(2), threading.Event()
+
+    def slow_save(cm, path):
+        real_save(cm, path)
+        inside.wait(timeout=30)  # both writers have written their private folder
+        release.wait(timeout=30)
+
+    monkeypatch.setattr(blade.artifact, "save", slow_save)
+    results = []
+    writers = [threading.Thread(target=lambda: results.append(cache.store(compiled, "k" * 40))) for _ in range(2)]
+    for w in writers:
+        w.start()
+    import time
+
+    deadline = time.monotonic() + 60
+    while sum(1 for p in cache_dir.glob(".tmp-*")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.load("k" * 40) == (None, "") and cache.entries() == []
+    release.set()
+    for w in writers:
+        w.join()
+    assert sorted(what for _, what in results) == ["another process cached it first", "stored"]
+    assert [p.name for p in cache_dir.iterdir()] == ["k" * 40]
+    loaded, problem = cache.load("k" * 40)
+    assert problem == "" and torch.equal(loaded(*example), compiled(*example))
+
+
+def test_a_vanishing_entry_is_a_miss_and_store_failures_keep_the_compile(cache_dir, monkeypatch):
+    import blade.artifact
+
+    model, example, dynamic = zoo.get("mlp")
+    key = blade.compile(model, example, dynamic_shapes=dynamic, backend="eager").report.cache["key"]
+
+    def vanished(path, **kwargs):
+        raise FileNotFoundError(f"{path}/weights.safetensors")
+
+    monkeypatch.setattr(blade.artifact, "load", vanished)
+    assert cache.load(key)[0] is None and (cache_dir / key).is_dir(), "a miss, and nothing removed"
+    monkeypatch.undo()
+    monkeypatch.setenv("BLADE_CACHE_DIR", str(cache_dir.parent))
+    monkeypatch.setenv("BLADE_CACHE", "1")
+
+    def full_disk(cm, path):
+        (path / "partial").mkdir(parents=True)
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(blade.artifact, "save", full_disk)
+    other = torch.nn.Linear(4, 4)
+    cm = blade.compile(other, (torch.randn(2, 4),), backend="eager")
+    assert cm.report.cache["stored"].startswith("not cached: RuntimeError: No space left")
+    assert not list(cache_dir.glob(".tmp-*")), "the failed writer's folder is gone"
+    monkeypatch.setenv("BLADE_CACHE_MAX_GB", "nan")
+    with pytest.raises(blade.errors.ConfigError, match="BLADE_CACHE_MAX_GB='nan'"):
+        cache.limit_bytes()

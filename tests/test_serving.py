@@ -145,14 +145,56 @@ def test_static_artifact_has_no_batching(tmp_path):
     assert not config.HasField("dynamic_batching") and "no dynamic batch" in result.notes[0]
 
 
-def test_dynamic_dim_starting_above_one_is_not_batched(tmp_path):
+def test_only_a_batch_dim_is_batched(tmp_path):
+    """Triton joins requests along max_batch_size's axis: only a dim named batch (or --batch-dim) qualifies."""
+    class SeqFirst(torch.nn.Module):  # mixes positions along dim 0: joining requests there would be wrong
+        def forward(self, x):
+            return torch.softmax(x, dim=0)
+
+    cm = blade.compile(SeqFirst(), (torch.randn(5, 2, 4),), dynamic_shapes=({0: Dim("seq", min=1, max=128)},),
+                       backend="onnxruntime")
+    cm.save(tmp_path / "seq.blade")
+    result = export_triton_repo(tmp_path / "seq.blade", tmp_path / "repo", name="seq")
+    assert result.max_batch_size == 0 and "not named batch" in result.notes[0] and "--batch-dim seq" in result.notes[0]
+    config = _parse_config(result.model_dir / "config.pbtxt")
+    assert list(config.input[0].dims) == [-1, 2, 4] and not config.HasField("dynamic_batching")
+    forced = export_triton_repo(tmp_path / "seq.blade", tmp_path / "repo", name="seq2", batch_dim="seq")
+    assert forced.max_batch_size == 128 and forced.inputs[0].dims == [2, 4]
+    with pytest.raises(InputError, match="--batch-dim heads is not a dynamic dim"):
+        export_triton_repo(tmp_path / "seq.blade", tmp_path / "repo", name="seq3", batch_dim="heads")
+
     model = torch.nn.Linear(4, 3)
-    cm = blade.compile(model, (torch.randn(3, 4),), dynamic_shapes=({0: Dim("rows", min=2, max=9)},),
+    cm = blade.compile(model, (torch.randn(3, 4),), dynamic_shapes=({0: Dim("batch", min=2, max=9)},),
                        backend="onnxruntime")
     cm.save(tmp_path / "lin.blade")
     result = export_triton_repo(tmp_path / "lin.blade", tmp_path / "repo", name="lin")
     assert result.max_batch_size == 0 and "starts at 2" in result.notes[0]
     assert _parse_config(result.model_dir / "config.pbtxt").input[0].dims == [-1, 4]
+
+
+def test_scalars_unread_inputs_and_constant_outputs(tmp_path):
+    class PerItem(torch.nn.Module):  # one scalar per batch item; `unused` is read by nothing
+        def forward(self, x, unused):
+            return x.sum(dim=1)
+
+    batch = Dim("batch", min=1, max=8)
+    cm = blade.compile(PerItem(), (torch.randn(3, 4), torch.randn(3)), dynamic_shapes=({0: batch}, {0: batch}),
+                       backend="onnxruntime")
+    cm.save(tmp_path / "item.blade")
+    result = export_triton_repo(tmp_path / "item.blade", tmp_path / "repo", name="item")
+    config = _parse_config(result.model_dir / "config.pbtxt")
+    assert config.max_batch_size == 8 and [t.name for t in config.input] == ["x"]
+    assert list(config.output[0].dims) == [1] and list(config.output[0].reshape.shape) == []
+    assert any("['unused'] are read by nothing" in note for note in result.notes)
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return x * 2, 3
+
+    cm = blade.compile(Constant(), (torch.randn(2, 2),), backend="eager")
+    cm.save(tmp_path / "const.blade")
+    with pytest.raises(blade.errors.BackendError, match="output 1 of .* is not a tensor"):
+        export_triton_repo(tmp_path / "const.blade", tmp_path / "repo", name="const")
 
 
 def test_cli_export_json(bert_artifacts, tmp_path):
