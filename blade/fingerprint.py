@@ -98,14 +98,27 @@ def user_code_digest(skip: tuple[str, ...] = ()) -> str:
     return _hash(digests)
 
 
-@functools.lru_cache(maxsize=None)
 def _is_user_file(path: str, skip: tuple[str, ...]) -> bool:
-    skipped = _installed_roots() + tuple(os.path.realpath(p) + os.sep for p in skip)
-    return not os.path.realpath(path).startswith(skipped)
+    return not _real(path).startswith(_skipped_prefixes(skip))
+
+
+@functools.lru_cache(maxsize=None)
+def _real(path: str) -> str:
+    return os.path.realpath(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _skipped_prefixes(skip: tuple[str, ...]) -> tuple[str, ...]:
+    return _installed_roots() + tuple(os.path.realpath(p) + os.sep for p in skip)
 
 
 @functools.lru_cache(maxsize=None)
 def _distribution_version(top_level: str) -> str | None:
+    """The installed distribution's version: by the package's own name, else by scanning (slow, rare)."""
+    try:
+        return f"{top_level} {importlib.metadata.version(top_level)}"
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        pass
     for dist in importlib.metadata.packages_distributions().get(top_level, []):
         try:
             return f"{dist} {importlib.metadata.version(dist)}"
@@ -255,9 +268,11 @@ def _class_code(cls: type, memo: dict) -> list:
             if module is None:
                 raise Unstable(f"class {klass.__qualname__} comes from module {module_name}, which is not loaded")
             path = getattr(module, "__file__", None)
-            memo[module_name] = module_code_digest(module, values=not path or _is_user_file(path, ()))
-        found.append((module_name, klass.__qualname__, memo[module_name],
-                      _distribution_version(module_name.split(".")[0])))
+            user = not path or _is_user_file(path, ())
+            # installed code is keyed by its version too; the user's own by its live code alone
+            memo[module_name] = (module_code_digest(module, values=user),
+                                 None if user else _distribution_version(module_name.split(".")[0]))
+        found.append((module_name, klass.__qualname__, *memo[module_name]))
     return found
 
 
