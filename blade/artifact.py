@@ -16,6 +16,7 @@ import torch
 from blade import __version__, backends
 from blade.compiled import CompiledModel
 from blade.errors import ArtifactError, BladeError
+from blade.fingerprint import path_digest
 from blade.ir import Graph
 from blade.report import CompileReport
 from blade.serialize import graph_from_json, graph_to_json, meta_to_json
@@ -31,18 +32,10 @@ EXAMPLES = "examples.safetensors"
 BACKEND_DIR = "backend"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sha256_all(paths: list[Path]) -> list[str]:
     """sha256 of each file, two at a time (hashlib releases the GIL: weights and the ONNX model hash together)."""
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        return list(pool.map(_sha256, paths))
+        return list(pool.map(path_digest, paths))
 
 
 def _canonical(data: dict) -> bytes:

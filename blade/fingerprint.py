@@ -63,18 +63,13 @@ def file_digest(path: str) -> str:
     """sha256 of a source file's bytes (remembered while its stat stays the same and it is not just written)."""
     stat = os.stat(path)
     if time.time() - stat.st_mtime < 2.0:  # a coarse-mtime file system may not show an edit within its tick
-        return _read_digest(path)
+        return path_digest(path)
     return _file_digest(path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
 
 
 @functools.lru_cache(maxsize=None)
 def _file_digest(path: str, *stat) -> str:
-    return _read_digest(path)
-
-
-def _read_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return path_digest(path)
 
 
 @functools.lru_cache(maxsize=1)
@@ -349,8 +344,8 @@ def inputs_digest(example_args, example_kwargs, dynamic_shapes) -> str:
     return _hash([str(spec), described, _dim_spec(dynamic_shapes)])
 
 
-def path_digest(path: str) -> str:
-    """A saved program (.pt2) by its bytes."""
+def path_digest(path) -> str:
+    """sha256 of a file's bytes, read in blocks (a saved program, an artifact's files)."""
     hasher = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

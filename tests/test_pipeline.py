@@ -1,5 +1,6 @@
 """A deployment pipeline, each step a fresh process: torch.export.save → blade compile → blade verify →
 blade export --triton-repo → blade run in a process that never imports the zoo; and `--dynamic`."""
+import hashlib
 import json
 import os
 import subprocess
@@ -81,9 +82,7 @@ def test_pt2_to_served_repository_end_to_end(tmp_path):
 
 def test_verify_fails_on_perturbed_weights(tmp_path):
     """The gate: the same artifact with one weight changed (and its hashes redone) fails with figures."""
-    import hashlib
-
-    from blade.artifact import _canonical
+    from test_artifact import _rewrite_manifest
 
     art = tmp_path / "mlp.blade"
     _ok(_blade("compile", "blade.models.mlp:tiny", "-o", art, "--backend", "eager", "--json"))
@@ -91,11 +90,8 @@ def test_verify_fails_on_perturbed_weights(tmp_path):
     name = max(weights, key=lambda k: weights[k].numel())
     weights[name] = weights[name] + 0.05 * torch.randn_like(weights[name])
     safetensors.torch.save_file(weights, art / "weights.safetensors")
-    manifest = json.loads((art / "manifest.json").read_text())
-    manifest.pop("manifest_sha256")
-    manifest["files"]["weights.safetensors"] = hashlib.sha256((art / "weights.safetensors").read_bytes()).hexdigest()
-    manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    digest = hashlib.sha256((art / "weights.safetensors").read_bytes()).hexdigest()
+    _rewrite_manifest(art, lambda m: m["files"].__setitem__("weights.safetensors", digest))
     gate = _blade("verify", art, "--against", "blade.models.mlp:tiny", "--samples", "2")
     assert gate.returncode == 1
     assert "rel_err" in gate.stdout + gate.stderr and "FAIL" in (gate.stdout + gate.stderr).upper()
