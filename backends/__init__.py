@@ -4,10 +4,11 @@ from blade.backends.base import (AUTO_PREFERENCE, Backend, Executable, Profiled,
 from blade.backends.eager import EagerBackend
 from blade.backends.onnxruntime import OnnxRuntimeBackend
 from blade.backends.onnxruntime import peak_probe
-from blade.backends.triton import install_kernels
+from blade.backends.triton import TritonBackend, install_kernels
 
 register(EagerBackend())
 register(OnnxRuntimeBackend())
+register(TritonBackend())
 peak_probe.install()  # ONNX Runtime's MLAS matmul competes for the machine's measured peak
 install_kernels()  # blade::flash_attention on CUDA runs the Triton kernel (1.1-1.3x SDPA flash on an H100)
 

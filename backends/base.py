@@ -80,7 +80,8 @@ def resolve(name: str, target: Target) -> tuple[Any, str]:
     if name != "auto":
         backend = get(name)
         if not backend.available(target):
-            raise ConfigError(f"backend {name!r} cannot run on {target.describe()}; choose one of "
+            reason = backend.unavailable_reason(target) + "; " if hasattr(backend, "unavailable_reason") else ""
+            raise ConfigError(f"backend {name!r} cannot run on {target.describe()}: {reason}choose one of "
                               f"{[b for b in names() if _REGISTRY[b].available(target)]}")
         return backend, f"{name}: requested"
     skipped = []
@@ -88,7 +89,7 @@ def resolve(name: str, target: Target) -> tuple[Any, str]:
         backend = _REGISTRY.get(candidate)
         if backend is None:
             skipped.append(f"{candidate} not registered")
-        elif not backend.available(target):
+        elif not getattr(backend, "auto_available", backend.available)(target):
             skipped.append(f"{candidate} unavailable on {target.device}")
         else:
             why = f"auto: {candidate}" + (f" ({'; '.join(skipped)})" if skipped else "")

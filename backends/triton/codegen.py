@@ -1,0 +1,354 @@
+"""Triton source for fused regions: loop (elementwise over broadcast operands), row reduction, matmul + epilogue."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from blade.fused import FusedRegion
+from blade.ir import Node, TensorMeta
+
+MAX_ROW = 16384  # longest row a persistent row kernel holds in one block; longer rows fall back to PyTorch
+
+
+class Unsupported(Exception):
+    """The generator cannot write this region; it runs as PyTorch ops inside the same program."""
+
+
+@dataclass
+class KernelSource:
+    """One generated kernel: its Triton source and how to launch it."""
+
+    name: str
+    kind: str  # loop | reduction | matmul_epilogue
+    source: str
+    rank: int  # rank of the iteration space (the first output's shape)
+    n_inputs: int
+    n_outputs: int
+    out_vector: list[bool] = field(default_factory=list)  # reduction: output is [.., N] (else one value per row)
+    matmul: dict = field(default_factory=dict)  # matmul_epilogue: roles of the A/B/bias operands
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+
+_TL_DTYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
+              torch.float64: "tl.float64", torch.int64: "tl.int64", torch.int32: "tl.int32", torch.int8: "tl.int8",
+              torch.uint8: "tl.uint8", torch.bool: "tl.int1"}
+
+
+def _tanh(x: str) -> str:
+    return f"(1.0 - 2.0 / (tl.exp(2.0 * {x}) + 1.0))"
+
+
+def _literal(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            return {True: "float('inf')", False: "float('-inf')"}[value > 0] if value == value else "float('nan')"
+        return repr(float(value)) if isinstance(value, float) else repr(value)
+    raise Unsupported(f"argument {value!r} is not a number")
+
+
+class _Writer:
+    """Translates a region body, op by op, into Triton statements over named values."""
+
+    def __init__(self, row_mode: bool):
+        self.lines: list[str] = []
+        self.names: dict[int, str] = {}
+        self.row_mode = row_mode  # values are rows [BLOCK_N] (or one value per row) and reductions are legal
+        self.count = 0
+
+    def value(self, arg) -> str:
+        if isinstance(arg, Node):
+            return self.names[id(arg)]
+        return _literal(arg)
+
+    def emit(self, node: Node, expr: str) -> None:
+        name = f"v{self.count}"
+        self.count += 1
+        self.lines.append(f"{name} = {expr}")
+        self.names[id(node)] = name
+
+    def reduce(self, x: str, how: str) -> str:
+        if not self.row_mode:
+            raise Unsupported("a reduction outside a row kernel")
+        if how == "max":
+            return f"tl.max(tl.where(mask, {x}, float('-inf')), axis=0)"
+        return f"tl.sum(tl.where(mask, {x}, 0.0), axis=0)"
+
+    def last_axis(self, node: Node, dims) -> None:
+        rank = node.args[0].val.rank
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if [d % rank for d in dims] != [rank - 1]:
+            raise Unsupported(f"{node.name} reduces over dims {dims}, not the last one")
+
+    def op(self, node: Node) -> None:
+        name = str(node.target)
+        a = [self.value(x) if isinstance(x, (Node, int, float, bool)) else x for x in node.args]
+        kw = node.kwargs
+        binary = {"aten.add": "+", "aten.sub": "-", "aten.mul": "*", "aten.div": "/"}
+        base = name.rsplit(".", 1)[0]
+        if base in binary:
+            if kw.get("rounding_mode") is not None:
+                raise Unsupported(f"{name} with rounding_mode")
+            alpha = kw.get("alpha", 1)
+            other = a[1] if alpha == 1 else f"({_literal(alpha)} * {a[1]})"
+            return self.emit(node, f"({a[0]} {binary[base]} {other})")
+        if base == "aten.rsub":
+            alpha = node.args[2] if len(node.args) > 2 else kw.get("alpha", 1)
+            return self.emit(node, f"({a[1]} - {_literal(alpha)} * {a[0]})" if alpha != 1 else f"({a[1]} - {a[0]})")
+        unary = {"aten.neg": "(-{0})", "aten.exp": "tl.exp({0})", "aten.log": "tl.log({0})",
+                 "aten.sqrt": "tl.sqrt({0})", "aten.rsqrt": "tl.rsqrt({0})", "aten.abs": "tl.abs({0})",
+                 "aten.sin": "tl.sin({0})", "aten.cos": "tl.cos({0})", "aten.erf": "tl.erf({0})",
+                 "aten.sigmoid": "tl.sigmoid({0})", "aten.relu": "tl.maximum({0}, 0.0)",
+                 "aten.silu": "({0} * tl.sigmoid({0}))", "aten.alias": "{0}", "aten.clone": "{0}",
+                 "aten.reciprocal": "(1.0 / {0})"}
+        if base in unary:
+            return self.emit(node, unary[base].format(a[0]))
+        if base == "aten.tanh":
+            return self.emit(node, _tanh(a[0]))
+        if base == "aten.gelu":
+            x = a[0]
+            if kw.get("approximate", "none") == "tanh":
+                inner = f"(0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x}))"
+                return self.emit(node, f"(0.5 * {x} * (1.0 + {_tanh(inner)}))")
+            return self.emit(node, f"(0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476)))")
+        if base == "aten.pow" and name.endswith("Tensor_Scalar"):
+            exponent = node.args[1]
+            forms = {2: "({0} * {0})", 3: "({0} * {0} * {0})", 1: "{0}", 0.5: "tl.sqrt({0})", -0.5: "tl.rsqrt({0})",
+                     -1: "(1.0 / {0})"}
+            if exponent not in forms:
+                raise Unsupported(f"{name} with exponent {exponent}")
+            return self.emit(node, forms[exponent].format(a[0]))
+        if base in ("aten.maximum", "aten.minimum"):
+            return self.emit(node, f"tl.{base[5:]}({a[0]}, {a[1]})")
+        if base == "aten.where":
+            return self.emit(node, f"tl.where({a[0]} != 0, {a[1]}, {a[2]})")
+        if base == "aten.clamp":
+            low, high = (list(node.args[1:]) + [None, None])[:2]
+            low, high = kw.get("min", low), kw.get("max", high)
+            expr = a[0]
+            if low is not None:
+                expr = f"tl.maximum({expr}, {_literal(low)})"
+            if high is not None:
+                expr = f"tl.minimum({expr}, {_literal(high)})"
+            return self.emit(node, expr)
+        if base in ("aten.to", "aten._to_copy"):
+            dtype = kw.get("dtype", node.args[1] if len(node.args) > 1 else None)
+            if not isinstance(dtype, torch.dtype) or dtype not in _TL_DTYPES:
+                raise Unsupported(f"{name} to {dtype}")
+            return self.emit(node, f"{a[0]}.to({_TL_DTYPES[dtype]})")
+        if base in ("aten.sum", "aten.mean") and name.endswith("dim_IntList"):
+            self.last_axis(node, node.args[1])
+            total = self.reduce(a[0], "sum")
+            return self.emit(node, total if base == "aten.sum" else f"({total} / N)")
+        if base == "aten.amax":
+            self.last_axis(node, node.args[1])
+            return self.emit(node, self.reduce(a[0], "max"))
+        if base == "aten.var" and name.endswith("correction"):
+            self.last_axis(node, node.args[1])
+            correction = kw.get("correction", 1)
+            mean = self.reduce(a[0], "sum") + " / N"
+            self.lines.append(f"m{self.count} = {mean}")
+            centered = f"({a[0]} - m{self.count})"
+            return self.emit(node, f"({self.reduce(f'{centered} * {centered}', 'sum')} / (N - {_literal(correction)}))")
+        if base == "aten.layer_norm":
+            x, shape = a[0], node.args[1]
+            if len(shape) != 1:
+                raise Unsupported("layer_norm over more than the last dim")
+            weight, bias, eps = (list(node.args[2:5]) + [None, None, 1e-5])[:3]
+            k = self.count
+            self.lines.append(f"m{k} = {self.reduce(x, 'sum')} / N")
+            self.lines.append(f"d{k} = tl.where(mask, {x} - m{k}, 0.0)")
+            self.lines.append(f"r{k} = tl.rsqrt(tl.sum(d{k} * d{k}, axis=0) / N + {_literal(eps)})")
+            expr = f"(d{k} * r{k})"
+            if weight is not None:
+                expr = f"({expr} * {self.value(weight)})"
+            if bias is not None:
+                expr = f"({expr} + {self.value(bias)})"
+            return self.emit(node, expr)
+        if base in ("aten._softmax", "aten.softmax"):
+            self.last_axis(node, node.args[1])
+            k = self.count
+            self.lines.append(f"e{k} = tl.exp({a[0]} - {self.reduce(a[0], 'max')})")
+            return self.emit(node, f"(e{k} / {self.reduce(f'e{k}', 'sum')})")
+        raise Unsupported(f"no Triton translation for {name}")
+
+
+def _operand_lines(index: int, rank: int, lead_only: bool, idx_prefix: str = "i") -> str:
+    dims = range(rank - 1) if lead_only else range(rank)
+    return " + ".join([f"{idx_prefix}{d} * s{index}_{d}" for d in dims] or ["0"])
+
+
+def _unravel(rank: int, var: str, lead_only: bool, prefix: str = "i", indent: str = "    ") -> list[str]:
+    """Index of each dim from a flat index over the (leading) dims, last dim fastest."""
+    dims = list(range(rank - 1 if lead_only else rank))
+    if not dims:
+        return []
+    lines = [f"{indent}rem = {var}"]
+    for d in reversed(dims[1:]):
+        lines += [f"{indent}{prefix}{d} = rem % size_{d}", f"{indent}rem = rem // size_{d}"]
+    lines.append(f"{indent}{prefix}{dims[0]} = rem")
+    return lines
+
+
+def _params(n_in: int, n_out: int, rank: int) -> list[str]:
+    params = [f"in{i}" for i in range(n_in)] + [f"out{j}" for j in range(n_out)]
+    params += [f"size_{d}" for d in range(rank)]
+    params += [f"s{i}_{d}" for i in range(n_in) for d in range(rank)]
+    return params
+
+
+def _header(name: str, params: list[str], constexprs: list[str]) -> list[str]:
+    return ["@triton.jit", f"def {name}({', '.join(params + [f'{c}: tl.constexpr' for c in constexprs])}):"]
+
+
+def _load(i: int, offset: str, mask: str, compute_float: bool) -> str:
+    load = f"tl.load(in{i} + {offset}, mask={mask}, other=0)"
+    return f"{load}.to(tl.float32)" if compute_float else load
+
+
+def _is_float(meta) -> bool:
+    return isinstance(meta, TensorMeta) and meta.dtype.is_floating_point
+
+
+def _outputs(region: FusedRegion) -> list[Node]:
+    outputs = list(region.body.outputs)
+    if not all(isinstance(o, Node) and isinstance(o.val, TensorMeta) for o in outputs):
+        raise Unsupported("an output that is not a tensor")
+    return outputs
+
+
+def loop_kernel(region: FusedRegion, name: str) -> KernelSource:
+    """One program per BLOCK of output elements; each operand read through its broadcast strides."""
+    outputs = _outputs(region)
+    shape = outputs[0].val.shape
+    if any(o.val.shape != shape for o in outputs):
+        raise Unsupported("outputs of different shapes")
+    rank, inputs = len(shape), region.body.inputs
+    writer = _Writer(row_mode=False)
+    lines = _header(name, _params(len(inputs), len(outputs), rank) + ["numel"], ["BLOCK"])
+    lines += ["    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)", "    mask = offs < numel"]
+    lines += _unravel(rank, "offs", lead_only=False)
+    for i, node in enumerate(inputs):
+        writer.names[id(node)] = f"x{i}"
+        lines.append(f"    x{i} = {_load(i, _operand_lines(i, rank, False), 'mask', _is_float(node.val))}")
+    for node in region.body.call_nodes:
+        writer.op(node)
+    lines += [f"    {line}" for line in writer.lines]
+    for j, out in enumerate(outputs):
+        lines.append(f"    tl.store(out{j} + offs, {writer.value(out)}.to(out{j}.dtype.element_ty), mask=mask)")
+    return KernelSource(name, "loop", _module(lines), rank, len(inputs), len(outputs))
+
+
+def row_kernel(region: FusedRegion, name: str) -> KernelSource:
+    """One program per row of the last dim (held whole: a persistent row); reductions over that dim."""
+    outputs = _outputs(region)
+    full = max((o.val for o in outputs), key=lambda m: m.rank)
+    rank, last = full.rank, full.shape[-1]
+    if not isinstance(last, int) or last > MAX_ROW:
+        raise Unsupported(f"row length {last} is dynamic or over {MAX_ROW}")
+    for node in region.body.call_nodes:  # every value must be a row or one value per row
+        meta = node.val
+        if isinstance(meta, TensorMeta) and meta.rank and meta.shape[-1] not in (1, last):
+            raise Unsupported(f"{node.name} changes the row length")
+    inputs = region.body.inputs
+    writer = _Writer(row_mode=True)
+    lines = _header(name, _params(len(inputs), len(outputs), rank), ["N", "BLOCK_N"])
+    lines += ["    row = tl.program_id(0)", "    cols = tl.arange(0, BLOCK_N)", "    mask = cols < N"]
+    lines += _unravel(rank, "row", lead_only=True)
+    for i, node in enumerate(inputs):
+        offset = f"{_operand_lines(i, rank, True)} + cols * s{i}_{rank - 1}"
+        writer.names[id(node)] = f"x{i}"
+        lines.append(f"    x{i} = {_load(i, offset, 'mask', _is_float(node.val))}")
+    for node in region.body.call_nodes:
+        writer.op(node)
+    lines += [f"    {line}" for line in writer.lines]
+    vector = []
+    for j, out in enumerate(outputs):
+        is_vector = bool(out.val.rank) and out.val.shape[-1] == last and out.val.rank == rank
+        vector.append(is_vector)
+        if is_vector:
+            lines.append(f"    tl.store(out{j} + row * N + cols, {writer.value(out)}.to(out{j}.dtype.element_ty), "
+                         "mask=mask)")
+        else:
+            lines.append(f"    tl.store(out{j} + row, {writer.value(out)}.to(out{j}.dtype.element_ty))")
+    return KernelSource(name, "reduction", _module(lines), rank, len(inputs), len(outputs), out_vector=vector)
+
+
+def matmul_kernel(region: FusedRegion, name: str) -> KernelSource:
+    """C = A @ B (+ bias) over tiles, then the region's epilogue on the tile, one store."""
+    outputs = _outputs(region)
+    if len(outputs) != 1:
+        raise Unsupported("a matmul epilogue with several outputs")
+    calls = region.body.call_nodes
+    matmul = calls[0]
+    if str(matmul.target) != "aten.linear.default":
+        raise Unsupported(f"matmul {matmul.target}")
+    x, weight = matmul.args[0], matmul.args[1]
+    bias = matmul.args[2] if len(matmul.args) > 2 else None
+    inputs = list(region.body.inputs)
+    if not (isinstance(weight, Node) and weight in inputs and x in inputs and (bias is None or bias in inputs)):
+        raise Unsupported("matmul operands computed inside the region")
+    out_meta = outputs[0].val
+    rank = out_meta.rank
+    if rank < 2 or any(str(n.target).split(".")[1] in ("view", "reshape", "_unsafe_view") for n in calls[1:]):
+        raise Unsupported("a view inside the epilogue")
+    roles = {"a": inputs.index(x), "b": inputs.index(weight), "bias": inputs.index(bias) if bias is not None else -1}
+    others = [i for i in range(len(inputs)) if i not in roles.values()]
+    writer = _Writer(row_mode=False)
+    params = ["a", "b", "bias"] + [f"in{i}" for i in others] + ["out0", "M", "N", "K", "s_am", "s_ak", "s_bn", "s_bk"]
+    params += [f"size_{d}" for d in range(rank - 1)] + [f"s{i}_{d}" for i in others for d in range(rank)]
+    lines = _header(name, params, ["HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K", "PRECISION"])
+    lines += [
+        "    pid_m = tl.program_id(0)",
+        "    pid_n = tl.program_id(1)",
+        "    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
+        "    rk = tl.arange(0, BLOCK_K)",
+        "    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "    for k0 in range(0, K, BLOCK_K):",
+        "        kk = k0 + rk",
+        "        a_tile = tl.load(a + rm[:, None] * s_am + kk[None, :] * s_ak, "
+        "mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)",
+        "        b_tile = tl.load(b + kk[:, None] * s_bk + rn[None, :] * s_bn, "
+        "mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)",
+        "        acc = tl.dot(a_tile, b_tile, acc, input_precision=PRECISION)",
+        "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
+        "    if HAS_BIAS:",
+        "        acc = acc + tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]",
+    ]
+    lines += _unravel(rank, "rm", lead_only=True)
+    writer.names[id(matmul)] = "acc"
+    for i in others:
+        lead = " + ".join([f"i{d}[:, None] * s{i}_{d}" for d in range(rank - 1)] or ["0"])
+        offset = f"{lead} + rn[None, :] * s{i}_{rank - 1}"
+        writer.names[id(inputs[i])] = f"x{i}"
+        lines.append(f"    x{i} = {_load(i, offset, 'mask', _is_float(inputs[i].val))}")
+    for node in calls[1:]:
+        writer.op(node)
+    lines += [f"    {line}" for line in writer.lines]
+    lines.append(f"    tl.store(out0 + rm[:, None] * N + rn[None, :], {writer.value(outputs[0])}"
+                 ".to(out0.dtype.element_ty), mask=mask)")
+    return KernelSource(name, "matmul_epilogue", _module(lines), rank, len(inputs), 1,
+                        matmul={**roles, "others": others})
+
+
+def _module(lines: list[str]) -> str:
+    return "import triton\nimport triton.language as tl\n\n\n" + "\n".join(lines) + "\n"
+
+
+GENERATORS = {"loop": loop_kernel, "reduction": row_kernel, "matmul_epilogue": matmul_kernel}
+
+
+def generate(region: FusedRegion, name: str) -> KernelSource:
+    """The kernel for `region`, or Unsupported with the reason."""
+    if any(not isinstance(n.val, TensorMeta) for n in region.body.inputs):
+        raise Unsupported("an input that is not a tensor")
+    if any(n.val.device != region.body.inputs[0].val.device for n in region.body.inputs):
+        raise Unsupported("inputs on several devices")
+    return GENERATORS[region.kind](region, name)
