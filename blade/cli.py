@@ -267,10 +267,15 @@ def cmd_inspect(args, progress) -> int:
     from blade.report import CompileReport
 
     print(CompileReport.from_dict(manifest["report"]))
-    if args.graph:
+    if args.graph or args.source:
         import blade
 
-        print(blade.load(args.artifact).graph)
+        loaded = blade.load(args.artifact)
+        if args.graph:
+            print(loaded.graph)
+        if args.source:
+            sources = getattr(loaded.executable, "sources", None)
+            print(sources() if sources else f"the {loaded.backend} backend generates no source; --graph shows the IR")
     return 0
 
 
@@ -427,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("inspect", help="show an artifact's manifest, specs, hashes and report"))
     p.add_argument("artifact")
     p.add_argument("--graph", action="store_true", help="also print the IR")
+    p.add_argument("--source", action="store_true", help="also print the generated program (triton backend: the "
+                   "host program and every kernel)")
     p.set_defaults(func=cmd_inspect)
 
     p = common(sub.add_parser("cache", help="list or clear the compile cache ($BLADE_CACHE_DIR/compiled)"))

@@ -124,6 +124,21 @@ class _Writer:
             if exponent not in forms:
                 raise Unsupported(f"{name} with exponent {exponent}")
             return self.emit(node, forms[exponent].format(a[0]))
+        compare = {"aten.eq": "==", "aten.ne": "!=", "aten.lt": "<", "aten.le": "<=", "aten.gt": ">", "aten.ge": ">="}
+        if base in compare:
+            return self.emit(node, f"({a[0]} {compare[base]} {a[1]})")
+        logical = {"aten.logical_not": "({0} == 0)", "aten.logical_and": "(({0} != 0) & ({1} != 0))",
+                   "aten.logical_or": "(({0} != 0) | ({1} != 0))", "aten.bitwise_and": "({0} & {1})"}
+        if base in logical:
+            return self.emit(node, logical[base].format(*a[:2]) if len(a) > 1 else logical[base].format(a[0]))
+        if base == "aten.masked_fill":
+            return self.emit(node, f"tl.where({a[1]} != 0, {a[2]}, {a[0]})")
+        if base == "aten.hardtanh":
+            low, high = (list(node.args[1:]) + [-1.0, 1.0])[:2]
+            return self.emit(node, f"tl.minimum(tl.maximum({a[0]}, {_literal(low)}), {_literal(high)})")
+        if base == "aten.leaky_relu":
+            slope = node.args[1] if len(node.args) > 1 else 0.01
+            return self.emit(node, f"tl.where({a[0]} > 0, {a[0]}, {a[0]} * {_literal(slope)})")
         if base in ("aten.maximum", "aten.minimum"):
             return self.emit(node, f"tl.{base[5:]}({a[0]}, {a[1]})")
         if base == "aten.where":
@@ -142,7 +157,7 @@ class _Writer:
             if not isinstance(dtype, torch.dtype) or dtype not in _TL_DTYPES:
                 raise Unsupported(f"{name} to {dtype}")
             return self.emit(node, f"{a[0]}.to({_TL_DTYPES[dtype]})")
-        if base in ("aten.sum", "aten.mean") and name.endswith("dim_IntList"):
+        if name in ("aten.sum.dim_IntList", "aten.mean.dim"):
             self.last_axis(node, node.args[1])
             total = self.reduce(a[0], "sum")
             return self.emit(node, total if base == "aten.sum" else f"({total} / N)")

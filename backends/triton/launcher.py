@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 
 from blade.backends.triton.codegen import KernelSource
 
 LOOP_BLOCK = 1024
+_INTERPRETER = threading.Lock()
 MATMUL_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
@@ -39,7 +41,11 @@ class RegionKernel:
 
     def __call__(self, *tensors):
         launch = {"loop": self._loop, "reduction": self._rows, "matmul_epilogue": self._matmul}[self.source.kind]
-        outputs = launch(list(tensors))
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            with _INTERPRETER:  # the interpreter keeps the launch grid in global state: one launch at a time
+                outputs = launch(list(tensors))
+        else:
+            outputs = launch(list(tensors))
         return tuple(outputs) if self.multiple_outputs else outputs[0]
 
     def _outputs(self, shapes, device) -> list[torch.Tensor]:
