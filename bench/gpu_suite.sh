@@ -20,8 +20,8 @@ echo "== gpu tests"
 export BLADE_TRITON_AUTOTUNE=${BLADE_TRITON_AUTOTUNE:-0}  # autotuning every kernel test outlasts the device time
 timeout ${GPU_TEST_S:-150} python3 -P -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
   tests/backends/test_triton_attention.py tests/passes/test_attention.py tests/passes/test_fusion.py tests/test_peaks.py \
-  tests/test_profile.py \
-  -k "gpu or triton" >"$OUT/gpu_tests.log" 2>&1
+  tests/test_profile.py tests/backends/test_triton_backend.py \
+  -k "gpu or triton or cuda" >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?"; tail -15 "$OUT/gpu_tests.log"
 echo "== machine peaks (measured vs datasheet)"
 timeout ${PEAKS_S:-120} python3 -P -c "import json, blade.backends; from blade.peaks import measure; from blade.target import detect; print(json.dumps(measure(detect('cuda')).as_dict(), indent=1))" >"$OUT/peaks.json" 2>"$OUT/peaks.log"
@@ -29,6 +29,10 @@ echo "peaks rc=$?"; head -c 1500 "$OUT/peaks.json"; tail -5 "$OUT/peaks.log"
 echo "== attention benchmark"
 [ -n "${SKIP_BENCH:-}" ] || timeout ${BENCH_S:-300} python3 bench/attention_gpu.py --out "$OUT" ${BENCH_ARGS:-} >"$OUT/attention_gpu.log" 2>&1
 echo "bench rc=$?"; tail -30 "$OUT/attention_gpu.log"
+echo "== triton backend benchmark (eager, torch.compile, blade triton; base models, fp16)"
+[ -n "${SKIP_BENCH:-}" ] || timeout ${TRITON_BENCH_S:-300} python3 -P bench/triton_gpu.py --out "$OUT" ${TRITON_BENCH_ARGS:-} \
+  >"$OUT/triton_gpu.log" 2>&1
+echo "triton bench rc=$?"; tail -20 "$OUT/triton_gpu.log"
 echo "== default suite (CPU tests on this machine's libraries)"
 # test_packaging builds a wheel in an isolated environment, which needs the package index (none there)
 timeout ${SUITE_S:-240} python3 -P -m pytest -q -p no:cacheprovider -k "not triton" --ignore tests/test_packaging.py \

@@ -17,8 +17,9 @@ from blade.backends.triton.codegen import Unsupported, generate
 from blade.backends.triton.program import TritonProgram
 from blade.fused import is_fused
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the kernels on CPU tensors under TRITON_INTERPRET=1 (set without a GPU)")
+on_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def _rel_err(got, want) -> float:
@@ -43,6 +44,7 @@ SIZES = {"bert": [dict(batch=1, seq=5), dict(batch=3, seq=17)], "gpt": [dict(bat
          "mlp": [dict(batch=1), dict(batch=7)], "resnet": [dict(batch=1), dict(batch=2)]}
 
 
+@interpreted
 @pytest.mark.parametrize("name", zoo.names())
 def test_zoo_model_matches_eager_at_two_sizes_without_recompiling(name, monkeypatch):
     model, example, dynamic = zoo.get(name)
@@ -89,6 +91,7 @@ class _Loop(torch.nn.Module):
         return (x + scale) * (1.0 - mask.to(torch.float32)) - torch.relu(x) / 3.0
 
 
+@interpreted
 def test_loop_kernel_broadcasts_casts_and_reads_strided_operands():
     x, mask, scale = torch.randn(2, 3, 5), torch.randint(0, 2, (2, 1, 5)), torch.randn(5)
     _, node = _region_node(_Loop(), (x, mask, scale))
@@ -110,6 +113,7 @@ class _Norms(torch.nn.Module):
         return torch.softmax(rms * 2.0, dim=-1)
 
 
+@interpreted
 def test_reduction_kernels_layer_norm_rms_norm_softmax():
     x, skip = torch.randn(2, 7, 24), torch.randn(2, 7, 24)
     cm = blade.compile(_Norms(), (x, skip), backend="eager")
@@ -139,6 +143,7 @@ class _Epilogue(torch.nn.Module):
         return self.down(torch.nn.functional.gelu(self.up(x))) + x
 
 
+@interpreted
 def test_matmul_epilogue_kernels_with_activation_and_residual():
     model = _Epilogue().eval()
     x = torch.randn(3, 5, 16)
@@ -158,6 +163,7 @@ def test_matmul_epilogue_kernels_with_activation_and_residual():
             assert _rel_err(triton_cm(y), model(y)) <= 1e-5
 
 
+@interpreted
 def test_unsupported_region_falls_back_to_pytorch_and_is_counted():
     class Odd(torch.nn.Module):  # x ** y of two tensors: fused as a loop, but no translation for it
         def forward(self, x, y):
@@ -175,6 +181,7 @@ def test_unsupported_region_falls_back_to_pytorch_and_is_counted():
         generate([n.target for n in region_cm.graph.call_nodes if is_fused(n)][0], "k_odd")
 
 
+@interpreted
 def test_comparisons_masks_and_activations_translate():
     class Masks(torch.nn.Module):
         def forward(self, x, y):
@@ -189,6 +196,7 @@ def test_comparisons_masks_and_activations_translate():
         torch.testing.assert_close(got, want)
 
 
+@interpreted
 def test_buffer_plan_reuses_slots_and_is_thread_safe():
     model, example, dynamic = zoo.get("bert")
     cm = blade.compile(model, example, dynamic_shapes=dynamic, backend="triton")
@@ -214,6 +222,7 @@ def test_buffer_plan_reuses_slots_and_is_thread_safe():
                 assert torch.equal(got, want)
 
 
+@interpreted
 def test_kernel_cache_is_reused_by_a_second_compile():
     model, example, dynamic = zoo.get("gpt")
     first = blade.compile(model, example, dynamic_shapes=dynamic, backend="triton").report.backend_details
@@ -222,6 +231,7 @@ def test_kernel_cache_is_reused_by_a_second_compile():
         "hits": second["kernels"], "written": 0}
 
 
+@interpreted
 def test_save_load_and_inspect_source(tmp_path):
     model, example, dynamic = zoo.get("bert")
     cm = blade.compile(model, example, dynamic_shapes=dynamic, backend="triton")
@@ -249,3 +259,23 @@ def test_refused_on_cpu_without_the_interpreter_and_never_auto_on_cpu():
     assert "no CUDA GPU; use backend='onnxruntime'" in out.stdout, out.stdout + out.stderr
     cm = blade.compile(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
     assert cm.backend == "onnxruntime" and "triton unavailable on cpu" in cm.report.backend_reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["bert", "gpt", "vit", "dit", "dlrm", "mlp"])
+@on_gpu[0]
+@on_gpu[1]
+def test_zoo_on_cuda(name, dtype):
+    model, example, dynamic = zoo.get(name)
+    model = model.to("cuda", dtype).eval()
+
+    def cast(inputs):
+        return tuple(t.to("cuda", dtype) if t.is_floating_point() else t.cuda() for t in inputs)
+
+    cm = blade.compile(model, cast(example), dynamic_shapes=dynamic, backend="triton", cache=False)
+    assert cm.backend == "triton" and cm.report.backend_details["kernels"] >= 1
+    inputs = cast(zoo.sample_inputs(name, seed=3, **SIZES[name][1]))
+    with torch.no_grad():
+        want = _flat(model(*inputs))
+    for got, ref in zip(_flat(cm(*inputs)), want):
+        assert _rel_err(got, ref) <= (1e-4 if dtype == torch.float32 else 1e-2)

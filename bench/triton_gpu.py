@@ -1,0 +1,154 @@
+"""blade's triton backend vs eager PyTorch and torch.compile on a CUDA GPU, in one run, with MFU and MBU.
+
+For zoo bert, gpt, vit, dlrm and dit at `base` size in fp16 (or --dtype bf16), at batch sizes that fill a
+GPU, this times (interleaved, device-synchronized, median after warm-up):
+
+1. eager   -- model(*inputs), the model cast to the dtype;
+2. inductor -- torch.compile(model) (default mode);
+3. blade   -- blade.compile(model, inputs, backend="triton"): generated kernels for the fused regions,
+              PyTorch (cuBLAS, SDPA-free flash attention kernel) for the rest.
+
+FLOPs and least bytes come from blade's IR, the peaks from blade.peaks measured in the same run.
+It prints and writes a Markdown table (bench/results/triton_gpu_<gpu>.md) with each contender's time,
+MFU, MBU, the speedups, their geomeans (target: blade >= 2x eager, >= 1.0x torch.compile), relative
+error vs eager, and blade's kernel counts.
+
+    python bench/triton_gpu.py                 # on a CUDA GPU
+    TRITON_INTERPRET=1 python bench/triton_gpu.py --smoke   # the script's own check on CPU: tiny, fp32
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import _repo_path  # noqa: F401  (blade from this checkout when it is not installed)
+import torch
+
+import blade
+import blade.models as zoo
+from blade.guards import check_inputs
+from blade.peaks import machine_peaks
+from blade.profile import model_work, utilization
+from blade.timing import time_interleaved
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# batch (and seq) at base size that keep an H100/H200 busy without running for minutes
+GPU_CASES = {"bert": dict(batch=32, seq=512), "gpt": dict(batch=16, seq=1024), "vit": dict(batch=128),
+             "dlrm": dict(batch=8192), "dit": dict(batch=64)}
+SMOKE_CASES = {"bert": dict(batch=2, seq=8), "gpt": dict(batch=2, seq=8), "vit": dict(batch=2),
+               "dlrm": dict(batch=4), "dit": dict(batch=2)}
+
+
+def cast_inputs(inputs, dtype, device):
+    return tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in inputs)
+
+
+def rel_err(out, ref) -> float:
+    outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    refs = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
+    worst = 0.0
+    for o, r in zip(outs, refs):
+        o, r = o.detach().double(), r.detach().double()
+        err = float(torch.linalg.norm(o - r) / max(float(torch.linalg.norm(r)), 1e-30))
+        worst = max(worst, err if err == err else math.inf)
+    return worst
+
+
+def run_case(name: str, dims: dict, dtype, device: str, args, peaks) -> dict:
+    model, example, dynamic = zoo.get(name, "tiny" if args.smoke else "base")
+    model = model.to(device=device, dtype=dtype).eval()
+    inputs = cast_inputs(zoo.sample_inputs(name, "tiny" if args.smoke else "base", **dims), dtype, device)
+    example = cast_inputs(example, dtype, device)
+    start = time.perf_counter()
+    cm = blade.compile(model, example, dynamic_shapes=dynamic, backend="triton", check_accuracy=False, cache=False)
+    compile_s = time.perf_counter() - start
+    with torch.no_grad():
+        reference = model(*inputs)
+    contenders = {"eager": lambda: model(*inputs), "blade": lambda: cm(*inputs)}
+    if not args.no_inductor:
+        compiled = torch.compile(model)
+        contenders["inductor"] = lambda: compiled(*inputs)
+    with torch.no_grad():
+        medians = time_interleaved(contenders, warmup=args.warmup, repeat=args.repeat, device=device)
+        errors = {k: rel_err(fn(), reference) for k, fn in contenders.items()}
+    flat = cm.flat_inputs(*inputs)
+    bound = check_inputs(cm.graph.inputs, cm.graph.dims, flat)
+    flops, least, compute = model_work(cm.graph, bound, device=device)
+    figures = {k: utilization(flops, least, s, peaks, compute) for k, s in medians.items()}
+    return {"model": name, "dims": dims, "compile_s": compile_s, "ms": {k: 1e3 * s for k, s in medians.items()},
+            "mfu": {k: f["mfu"] for k, f in figures.items()}, "mbu": {k: f["mbu"] for k, f in figures.items()},
+            "errors": errors, "kernels": cm.report.backend_details, "flops": flops, "bytes": least}
+
+
+def geomean(values) -> float:
+    values = [v for v in values if v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
+
+
+def render(rows: list[dict], args, device_name: str, peaks, dtype) -> str:
+    names = ["eager"] + ([] if args.no_inductor else ["inductor"]) + ["blade"]
+    lines = [f"# blade triton backend vs eager and torch.compile ({device_name})", "",
+             f"- machine: {device_name}; python {platform.python_version()}, torch {torch.__version__}, "
+             f"triton {__import__('triton').__version__}, blade {blade.__version__}",
+             f"- dtype {str(dtype).removeprefix('torch.')}, zoo base models, interleaved median of {args.repeat} after "
+             f"{args.warmup} warm-up, device-synchronized; FLOPs and bytes from blade's IR",
+             f"- measured peaks this run: {peaks.flops_peak(str(dtype).removeprefix('torch.'))[0] / 1e12:.0f} TFLOP/s "
+             f"{str(dtype).removeprefix('torch.')}, {peaks.bandwidth / 1e9:.0f} GB/s",
+             f"- command: `python bench/triton_gpu.py {' '.join(sys.argv[1:])}`", "",
+             "| model | sizes | " + " | ".join(f"{n} ms" for n in names) + " | blade vs eager | blade vs inductor | "
+             + " | ".join(f"{n} MFU / MBU" for n in names) + " | blade rel err | kernels (fallback regions) |",
+             "|---|---|" + "---:|" * (len(names) * 2 + 3) + "---|"]
+    for r in rows:
+        vs_eager = r["ms"]["eager"] / r["ms"]["blade"]
+        vs_inductor = r["ms"]["inductor"] / r["ms"]["blade"] if "inductor" in r["ms"] else float("nan")
+        kernels = r["kernels"]
+        lines.append(
+            f"| {r['model']} | {', '.join(f'{k} {v}' for k, v in r['dims'].items())} | "
+            + " | ".join(f"{r['ms'][n]:.3f}" for n in names) + f" | {vs_eager:.2f}x | {vs_inductor:.2f}x | "
+            + " | ".join(f"{100 * r['mfu'][n]:.0f} % / {100 * r['mbu'][n]:.0f} %" for n in names)
+            + f" | {r['errors']['blade']:.1e} | {kernels['kernels']} ({len(kernels['fallback_regions'])}) |")
+    lines += ["", f"Geomean blade vs eager: {geomean(r['ms']['eager'] / r['ms']['blade'] for r in rows):.2f}x"
+              + ("" if args.no_inductor else
+                 f"; vs torch.compile: {geomean(r['ms']['inductor'] / r['ms']['blade'] for r in rows):.2f}x"), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(GPU_CASES))
+    parser.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--no-inductor", action="store_true", help="leave torch.compile out")
+    parser.add_argument("--smoke", action="store_true", help="tiny models in fp32 on CPU under TRITON_INTERPRET=1: "
+                        "checks this script without a GPU (its figures mean nothing)")
+    parser.add_argument("--out", type=Path, help="where to write the Markdown (default bench/results/)")
+    args = parser.parse_args()
+    if args.smoke:
+        device, dtype, cases = "cpu", torch.float32, SMOKE_CASES
+        args.warmup, args.repeat = 1, 2
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench/triton_gpu.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 on CPU)")
+        device, dtype, cases = "cuda", {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype], GPU_CASES
+    target = blade.target.detect(device)
+    peaks = machine_peaks(target)
+    rows = []
+    for name in args.models:
+        print(f"[{name}] compiling and timing", file=sys.stderr, flush=True)
+        rows.append(run_case(name, cases[name], dtype, device, args, peaks))
+    text = render(rows, args, target.name, peaks, dtype)
+    print(text)
+    if not args.smoke or args.out:
+        out = args.out or RESULTS
+        out.mkdir(parents=True, exist_ok=True)
+        slug = "".join(c if c.isalnum() else "_" for c in target.name.lower()).strip("_")
+        (out / f"triton_gpu_{slug}.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
