@@ -95,7 +95,7 @@ class _Writer:
         if base in binary:
             if kw.get("rounding_mode") is not None:
                 raise Unsupported(f"{name} with rounding_mode")
-            alpha = kw.get("alpha", 1)
+            alpha = kw.get("alpha", node.args[2] if len(node.args) > 2 and base in ("aten.add", "aten.sub") else 1)
             other = a[1] if alpha == 1 else f"({_literal(alpha)} * {a[1]})"
             return self.emit(node, f"({a[0]} {binary[base]} {other})")
         if base == "aten.rsub":
@@ -247,7 +247,7 @@ def loop_kernel(region: FusedRegion, name: str) -> KernelSource:
     rank, inputs = len(shape), region.body.inputs
     writer = _Writer(row_mode=False)
     lines = _header(name, _params(len(inputs), len(outputs), rank) + ["numel"], ["BLOCK"])
-    lines += ["    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)", "    mask = offs < numel"]
+    lines += ["    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)", "    mask = offs < numel"]
     lines += _unravel(rank, "offs", lead_only=False)
     for i, node in enumerate(inputs):
         writer.names[id(node)] = f"x{i}"
@@ -261,23 +261,30 @@ def loop_kernel(region: FusedRegion, name: str) -> KernelSource:
 
 
 def row_kernel(region: FusedRegion, name: str) -> KernelSource:
-    """One program per row of the last dim (held whole: a persistent row); reductions over that dim."""
+    """One program per row of the last dim (held whole: a persistent row); reductions over that dim.
+
+    The iteration space is the inputs' broadcast shape (what the launcher computes); outputs are whole
+    rows, or one value per row ([.., 1] or [..])."""
     outputs = _outputs(region)
-    full = max((o.val for o in outputs), key=lambda m: m.rank)
-    rank, last = full.rank, full.shape[-1]
-    if not isinstance(last, int) or last > MAX_ROW:
-        raise Unsupported(f"row length {last} is dynamic or over {MAX_ROW}")
-    for node in region.body.call_nodes:  # every value must be a row or one value per row
+    inputs = region.body.inputs
+    rank = max(n.val.rank for n in inputs)
+    lasts = [n.val.shape[-1] for n in inputs if n.val.rank]
+    if not lasts or not all(isinstance(d, int) for d in lasts):
+        raise Unsupported("the row length is dynamic")
+    last = max(lasts)
+    if last > MAX_ROW:
+        raise Unsupported(f"rows of {last} are longer than {MAX_ROW}")
+    for node in list(region.body.call_nodes) + outputs:  # every value must be a row or one value per row
         meta = node.val
         if isinstance(meta, TensorMeta) and meta.rank and meta.shape[-1] not in (1, last):
             raise Unsupported(f"{node.name} changes the row length")
-    inputs = region.body.inputs
     writer = _Writer(row_mode=True)
     lines = _header(name, _params(len(inputs), len(outputs), rank), ["N", "BLOCK_N"])
-    lines += ["    row = tl.program_id(0)", "    cols = tl.arange(0, BLOCK_N)", "    mask = cols < N"]
+    lines += ["    row = tl.program_id(0).to(tl.int64)", "    cols = tl.arange(0, BLOCK_N)", "    mask = cols < N"]
     lines += _unravel(rank, "row", lead_only=True)
     for i, node in enumerate(inputs):
-        offset = f"{_operand_lines(i, rank, True)} + cols * s{i}_{rank - 1}"
+        lead = " + ".join([f"i{d} * s{i}_{d}" for d in range(rank - 1)] or ["0"])
+        offset = f"{lead} + cols * s{i}_{rank - 1}"
         writer.names[id(node)] = f"x{i}"
         lines.append(f"    x{i} = {_load(i, offset, 'mask', _is_float(node.val))}")
     for node in region.body.call_nodes:
@@ -285,13 +292,16 @@ def row_kernel(region: FusedRegion, name: str) -> KernelSource:
     lines += [f"    {line}" for line in writer.lines]
     vector = []
     for j, out in enumerate(outputs):
-        is_vector = bool(out.val.rank) and out.val.shape[-1] == last and out.val.rank == rank
+        is_vector = out.val.rank == rank and out.val.shape[-1] == last
+        if not is_vector and out.val.rank not in (rank - 1, rank):
+            raise Unsupported(f"output {j} has rank {out.val.rank} in a rank-{rank} row kernel")
         vector.append(is_vector)
+        value = writer.value(out)
         if is_vector:
-            lines.append(f"    tl.store(out{j} + row * N + cols, {writer.value(out)}.to(out{j}.dtype.element_ty), "
-                         "mask=mask)")
-        else:
-            lines.append(f"    tl.store(out{j} + row, {writer.value(out)}.to(out{j}.dtype.element_ty))")
+            lines.append(f"    tl.store(out{j} + row * N + cols, {value}.to(out{j}.dtype.element_ty), mask=mask)")
+        else:  # a value per row, whether a reduction's scalar or a row of equal lanes: lane 0 writes it
+            lines.append(f"    tl.store(out{j} + row + cols * 0, ({value} + tl.zeros((BLOCK_N,), tl.float32))"
+                         f".to(out{j}.dtype.element_ty), mask=cols == 0)")
     return KernelSource(name, "reduction", _module(lines), rank, len(inputs), len(outputs), out_vector=vector)
 
 
@@ -311,18 +321,20 @@ def matmul_kernel(region: FusedRegion, name: str) -> KernelSource:
         raise Unsupported("matmul operands computed inside the region")
     out_meta = outputs[0].val
     rank = out_meta.rank
-    if rank < 2 or any(str(n.target).split(".")[1] in ("view", "reshape", "_unsafe_view") for n in calls[1:]):
+    if rank < 2 or any(str(n.target).split(".")[-2:-1] in (["view"], ["reshape"], ["_unsafe_view"]) for n in calls[1:]):
         raise Unsupported("a view inside the epilogue")
     roles = {"a": inputs.index(x), "b": inputs.index(weight), "bias": inputs.index(bias) if bias is not None else -1}
-    others = [i for i in range(len(inputs)) if i not in roles.values()]
+    read_later = {id(ref) for node in calls[1:] for ref in node.refs()}
+    others = [i for i, node in enumerate(inputs) if i not in roles.values() or id(node) in read_later]
     writer = _Writer(row_mode=False)
-    params = ["a", "b", "bias"] + [f"in{i}" for i in others] + ["out0", "M", "N", "K", "s_am", "s_ak", "s_bn", "s_bk"]
+    params = ["a", "b", "bias"] + [f"in{i}" for i in others] + ["out0", "M", "N", "K", "s_am", "s_ak", "s_bn", "s_bk",
+                                                                 "s_bias"]
     params += [f"size_{d}" for d in range(rank - 1)] + [f"s{i}_{d}" for i in others for d in range(rank)]
     lines = _header(name, params, ["HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K", "PRECISION"])
     lines += [
         "    pid_m = tl.program_id(0)",
         "    pid_n = tl.program_id(1)",
-        "    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)",
         "    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
         "    rk = tl.arange(0, BLOCK_K)",
         "    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
@@ -335,7 +347,7 @@ def matmul_kernel(region: FusedRegion, name: str) -> KernelSource:
         "        acc = tl.dot(a_tile, b_tile, acc, input_precision=PRECISION)",
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
         "    if HAS_BIAS:",
-        "        acc = acc + tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]",
+        "        acc = acc + tl.load(bias + rn * s_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]",
     ]
     lines += _unravel(rank, "rm", lead_only=True)
     writer.names[id(matmul)] = "acc"
@@ -366,4 +378,10 @@ def generate(region: FusedRegion, name: str) -> KernelSource:
         raise Unsupported("an input that is not a tensor")
     if any(n.val.device != region.body.inputs[0].val.device for n in region.body.inputs):
         raise Unsupported("inputs on several devices")
-    return GENERATORS[region.kind](region, name)
+    metas = [n.val for n in region.body.inputs] + [getattr(o, "val", None) for o in region.body.outputs]
+    if any(isinstance(m, TensorMeta) and m.dtype in (torch.float64, torch.complex64, torch.complex128) for m in metas):
+        raise Unsupported("float64 or complex tensors (the kernels compute in float32)")
+    try:
+        return GENERATORS[region.kind](region, name)
+    except (KeyError, IndexError, AttributeError, TypeError) as exc:  # a body shape the templates do not cover
+        raise Unsupported(f"{type(exc).__name__} while writing the kernel: {exc}") from None

@@ -37,12 +37,16 @@ class RegionKernel:
         self.source, self.kernel = source, kernel
         self.out_dtypes, self.out_ranks = out_dtypes, out_ranks
         self.multiple_outputs, self.tuned = multiple_outputs, tuned
+        self._tuning = threading.Lock()
         self.allocate = _fresh  # replaced by the program's buffer plan
 
     def __call__(self, *tensors):
         launch = {"loop": self._loop, "reduction": self._rows, "matmul_epilogue": self._matmul}[self.source.kind]
         if os.environ.get("TRITON_INTERPRET") == "1":
             with _INTERPRETER:  # the interpreter keeps the launch grid in global state: one launch at a time
+                outputs = launch(list(tensors))
+        elif self.tuned:
+            with self._tuning:  # Triton's Autotuner keeps per-run state on itself: one tuned launch at a time
                 outputs = launch(list(tensors))
         else:
             outputs = launch(list(tensors))
@@ -67,6 +71,9 @@ class RegionKernel:
 
     def _rows(self, tensors):
         full = torch.broadcast_shapes(*(t.shape for t in tensors))
+        if len(full) != self.source.rank:
+            raise RuntimeError(f"{self.source.name}: operands broadcast to rank {len(full)}, the kernel is rank "
+                               f"{self.source.rank}")
         rows, n = math.prod(full[:-1]), full[-1]
         shapes = [full if vector else (tuple(full[:-1]) + (1,) * (rank - len(full) + 1))
                   for vector, rank in zip(self.source.out_vector, self.out_ranks)]
@@ -92,7 +99,7 @@ class RegionKernel:
         strides = [s for t in others for s in t.expand(out_shape).stride()]
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         args = [a, weight, bias if bias is not None else a, *others, out, m, n, k, a.stride(0), a.stride(1),
-                weight.stride(0), weight.stride(1), *out_shape[:-1], *strides]
+                weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0, *out_shape[:-1], *strides]
         if self.tuned:
             grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]), triton_cdiv(n, meta["BLOCK_N"]))  # noqa: E731
             self.kernel[grid](*args, HAS_BIAS=bias is not None, PRECISION=precision)

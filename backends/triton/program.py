@@ -19,9 +19,6 @@ from blade.ir import Graph, Node, TensorMeta
 
 PLAN = "plan.json"
 KERNELS = "kernels"
-_VIEW_OPS = ("view", "reshape", "_unsafe_view", "transpose", "permute", "expand", "select", "slice", "squeeze",
-             "unsqueeze", "split", "split_with_sizes", "chunk", "unbind", "t", "alias", "flatten", "unflatten",
-             "as_strided", "narrow", "diagonal", "detach", "getitem", "movedim", "unfold", "view_as")
 
 
 def kernel_dir() -> Path:
@@ -82,8 +79,9 @@ class BufferPlan:
         self.slots: dict[str, int] = {}  # node name -> slot
         free_at: list[int] = []  # slot -> index after which it is free
         for node in sorted(kernel_nodes, key=order.get):
-            readers = [r for r in graph.successors(node)] if hasattr(graph, "successors") else []
-            if node in escaping or not isinstance(node.val, TensorMeta) or any(_is_view(r) for r in readers):
+            readers = graph.users(node)
+            # a view (or anything aliasing its input) keeps the memory alive past the last direct reader
+            if node in escaping or not isinstance(node.val, TensorMeta) or any(_aliases(r) for r in readers):
                 continue
             start, end = order[node], last_use.get(node, order[node])
             slot = next((s for s, free in enumerate(free_at) if free < start), None)
@@ -125,10 +123,17 @@ def _refs(node: Node):
     return found
 
 
-def _is_view(node: Node) -> bool:
-    name = str(node.target).split(".")
-    op = name[1] if len(name) > 1 and name[0] == "aten" else name[-1]
-    return op in _VIEW_OPS or getattr(node.target, "__name__", "") == "getitem"
+def _aliases(node: Node) -> bool:
+    """Whether a node's result may share memory with an argument: a view by its schema, getitem, or an op
+    with no schema to tell (anything not a plain ATen op is assumed to)."""
+    if getattr(node.target, "__name__", "") == "getitem":
+        return True
+    if is_fused(node) or isinstance(node.target, RegionKernel):
+        return False  # a region's outputs are fresh tensors (its kernel's, or its body's ops')
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return True
+    return any(r.alias_info is not None for r in schema.returns)
 
 
 class TritonProgram:

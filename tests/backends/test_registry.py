@@ -34,7 +34,7 @@ class FakeGpuOnly:
 def test_auto_picks_onnxruntime_on_a_cpu():
     backend, reason = backends.resolve("auto", CPU)
     assert backend.name == "onnxruntime"
-    assert "triton not registered" in reason
+    assert "triton unavailable on cpu" in reason  # auto never picks the interpreter
 
 
 def test_auto_skips_unavailable_backends(monkeypatch):
@@ -44,6 +44,8 @@ def test_auto_skips_unavailable_backends(monkeypatch):
     with pytest.raises(ConfigError, match="backend 'onnxruntime' cannot run on cpu test cpu"):
         backends.resolve("onnxruntime", CPU)
     gpu = Target("cuda", "NVIDIA H100", "sm_90")
+    assert backends.resolve("auto", gpu)[0].name == "triton"  # the default on a CUDA GPU
+    monkeypatch.delitem(backends.base._REGISTRY, "triton")
     assert backends.resolve("auto", gpu)[0].name == "onnxruntime"
 
 
