@@ -97,7 +97,7 @@ class RegionKernel:
             return [out]
         others = [tensors[i] for i in roles["others"]]
         strides = [s for t in others for s in t.expand(out_shape).stride()]
-        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        precision = "ieee" if x.dtype == torch.float32 else None  # tensor cores decide for 16-bit operands
         args = [a, weight, bias if bias is not None else a, *others, out, m, n, k, a.stride(0), a.stride(1),
                 weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0, *out_shape[:-1], *strides]
         if self.tuned:

@@ -318,3 +318,18 @@ def test_review_regressions_views_per_row_outputs_self_residual():
     doubled = blade.compile(torch.nn.Linear(4, 4).double(), (torch.randn(2, 4, dtype=torch.float64),),
                             backend="triton")
     assert doubled.report.accuracy.ok
+
+
+@interpreted
+def test_half_precision_models_compute_in_float32_and_store_their_dtype():
+    reference = _Epilogue().eval()
+    model = _Epilogue().eval()
+    model.load_state_dict(reference.state_dict())
+    model = model.to(torch.float16)
+    x = torch.randn(2, 5, 16, dtype=torch.float16)
+    cm = blade.compile(model, (x,), backend="triton", check_accuracy=False)
+    assert cm.report.backend_details["kernel_kinds"]["matmul_epilogue"] == 2
+    got = cm(x)
+    with torch.no_grad():
+        want = reference(x.float())
+    assert got.dtype == torch.float16 and _rel_err(got.float(), want) <= 1e-2
