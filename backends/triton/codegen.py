@@ -9,7 +9,8 @@ import torch
 from blade.fused import FusedRegion
 from blade.ir import Node, TensorMeta
 
-MAX_ROW = 16384  # longest row a persistent row kernel holds in one block; longer rows fall back to PyTorch
+MAX_ROW = 16384  # longest row a persistent row kernel holds in one block; longer rows are walked in blocks
+LOOP_BLOCK_N = 4096  # the block a looped row kernel walks a long row in
 
 
 class Unsupported(Exception):
@@ -28,6 +29,7 @@ class KernelSource:
     n_outputs: int
     out_vector: list[bool] = field(default_factory=list)  # reduction: output is [.., N] (else one value per row)
     matmul: dict = field(default_factory=dict)  # matmul_epilogue: roles of the A/B/bias operands
+    looped: bool = False  # reduction: the row is walked in BLOCK_N pieces (too long for one block)
 
     @property
     def digest(self) -> str:
@@ -56,11 +58,13 @@ def _literal(value) -> str:
 class _Writer:
     """Translates a region body, op by op, into Triton statements over named values."""
 
-    def __init__(self, row_mode: bool):
+    def __init__(self, row_mode: bool, prefix: str = "", stats: dict | None = None):
         self.lines: list[str] = []
         self.names: dict[int, str] = {}
         self.row_mode = row_mode  # values are rows [BLOCK_N] (or one value per row) and reductions are legal
         self.count = 0
+        self.prefix = prefix  # distinct names per pass of a looped row kernel
+        self.stats = stats  # looped row kernels: each reduction's per-row statistics, computed by earlier passes
 
     def value(self, arg) -> str:
         if isinstance(arg, Node):
@@ -68,7 +72,7 @@ class _Writer:
         return _literal(arg)
 
     def emit(self, node: Node, expr: str) -> None:
-        name = f"v{self.count}"
+        name = f"{self.prefix}v{self.count}"
         self.count += 1
         self.lines.append(f"{name} = {expr}")
         self.names[id(node)] = name
@@ -90,6 +94,8 @@ class _Writer:
         name = str(node.target)
         a = [self.value(x) if isinstance(x, (Node, int, float, bool)) else x for x in node.args]
         kw = node.kwargs
+        if self.stats is not None and reduction_kind(node):
+            return self.emit(node, self._from_stats(node, a))
         binary = {"aten.add": "+", "aten.sub": "-", "aten.mul": "*", "aten.div": "/"}
         base = name.rsplit(".", 1)[0]
         if base in binary:
@@ -193,6 +199,36 @@ class _Writer:
             return self.emit(node, f"(e{k} / {self.reduce(f'e{k}', 'sum')})")
         raise Unsupported(f"no Triton translation for {name}")
 
+    def _from_stats(self, node: Node, a: list) -> str:
+        """A reduction's value in a looped kernel, from the statistics earlier passes computed."""
+        stats = self.stats[id(node)]
+        kind = reduction_kind(node)
+        if kind == "layer_norm":
+            expr = f"(({a[0]} - {stats['mean']}) * {stats['rstd']})"
+            weight, bias = (list(node.args[2:4]) + [None, None])[:2]
+            expr = f"({expr} * {self.value(weight)})" if weight is not None else expr
+            return f"({expr} + {self.value(bias)})" if bias is not None else expr
+        if kind == "softmax":
+            return f"(tl.exp({a[0]} - {stats['max']}) / {stats['sum']})"
+        return stats["value"]
+
+
+def reduction_kind(node: Node) -> str | None:
+    """sum, mean, amax, var, layer_norm or softmax for the row reductions the writer knows; else None."""
+    name = str(node.target)
+    base = name.rsplit(".", 1)[0]
+    if name in ("aten.sum.dim_IntList", "aten.mean.dim"):
+        return base[5:]
+    if base == "aten.amax":
+        return "amax"
+    if base == "aten.var" and name.endswith("correction"):
+        return "var"
+    if base == "aten.layer_norm":
+        return "layer_norm"
+    if base in ("aten._softmax", "aten.softmax"):
+        return "softmax"
+    return None
+
 
 def _operand_lines(index: int, rank: int, lead_only: bool, idx_prefix: str = "i") -> str:
     dims = range(rank - 1) if lead_only else range(rank)
@@ -273,7 +309,7 @@ def row_kernel(region: FusedRegion, name: str) -> KernelSource:
         raise Unsupported("the row length is dynamic")
     last = max(lasts)
     if last > MAX_ROW:
-        raise Unsupported(f"rows of {last} are longer than {MAX_ROW}")
+        return looped_row_kernel(region, name)
     for node in list(region.body.call_nodes) + outputs:  # every value must be a row or one value per row
         meta = node.val
         if isinstance(meta, TensorMeta) and meta.rank and meta.shape[-1] not in (1, last):
@@ -303,6 +339,111 @@ def row_kernel(region: FusedRegion, name: str) -> KernelSource:
             lines.append(f"    tl.store(out{j} + row + cols * 0, ({value} + tl.zeros((BLOCK_N,), tl.float32))"
                          f".to(out{j}.dtype.element_ty), mask=cols == 0)")
     return KernelSource(name, "reduction", _module(lines), rank, len(inputs), len(outputs), out_vector=vector)
+
+
+def _ancestors(node: Node, calls: list[Node]) -> list[Node]:
+    """The call nodes `node` depends on (itself included), in the body's order."""
+    wanted, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if id(current) in wanted:
+            continue
+        wanted.add(id(current))
+        stack += current.refs()
+    return [n for n in calls if id(n) in wanted]
+
+
+def looped_row_kernel(region: FusedRegion, name: str) -> KernelSource:
+    """Rows too long for one block: each reduction takes passes over the row in BLOCK_N pieces (the values it
+    needs recomputed in each), keeping its per-row statistics; a last pass writes the outputs."""
+    outputs = _outputs(region)
+    inputs = region.body.inputs
+    calls = list(region.body.call_nodes)
+    rank = max(n.val.rank for n in inputs)
+    lasts = [n.val.shape[-1] for n in inputs if n.val.rank]
+    if not lasts or not all(isinstance(d, int) for d in lasts):
+        raise Unsupported("the row length is dynamic")
+    last = max(lasts)
+    for node in calls + outputs:
+        meta = node.val
+        if isinstance(meta, TensorMeta) and meta.rank and meta.shape[-1] not in (1, last):
+            raise Unsupported(f"{node.name} changes the row length")
+    lines = _header(name, _params(len(inputs), len(outputs), rank), ["N", "BLOCK_N"])
+    lines += ["    row = tl.program_id(0).to(tl.int64)"]
+    lines += _unravel(rank, "row", lead_only=True)
+    for i in range(len(inputs)):
+        lead = " + ".join([f"i{d} * s{i}_{d}" for d in range(rank - 1)] or ["0"])
+        lines.append(f"    base{i} = {lead}")
+    stats: dict[int, dict] = {}
+
+    def block(prefix: str, nodes: list[Node]) -> tuple[_Writer, list[str]]:
+        writer = _Writer(row_mode=True, prefix=prefix, stats=stats)
+        body = ["        cols = c0 + tl.arange(0, BLOCK_N)", "        mask = cols < N"]
+        for i, node in enumerate(inputs):
+            writer.names[id(node)] = f"{prefix}x{i}"
+            body.append(f"        {prefix}x{i} = {_load(i, f'base{i} + cols * s{i}_{rank - 1}', 'mask', _is_float(node.val))}")
+        for node in nodes:
+            writer.op(node)
+        return writer, body + [f"        {line}" for line in writer.lines]
+
+    def accumulate(key: str, nodes: list[Node], operand: Node, update: str, start: str) -> str:
+        writer, body = block(f"p{key}_", nodes)
+        x = writer.value(operand)
+        lines.append(f"    acc{key} = tl.full([1], {start}, tl.float32)")
+        lines.append("    for c0 in range(0, N, BLOCK_N):")
+        lines.extend(body)
+        lines.append(f"        acc{key} = {update.format(x=x, acc=f'acc{key}')}")
+        lines.append(f"    t{key} = tl.{'max' if 'maximum' in update else 'sum'}(acc{key}, axis=0)")
+        return f"t{key}"
+
+    total = "{acc} + tl.sum(tl.where(mask, {x}, 0.0), axis=0)"
+    for k, node in enumerate(calls):
+        kind = reduction_kind(node)
+        if kind is None:
+            continue
+        _Writer(row_mode=True).last_axis(node, -1 if kind == "layer_norm" else node.args[1])
+        operand = node.args[0]
+        needed = _ancestors(operand, calls) if isinstance(operand, Node) and operand in calls else []
+        if kind in ("sum", "mean"):
+            value = accumulate(f"{k}", needed, operand, total, "0.0")
+            stats[id(node)] = {"value": value if kind == "sum" else f"({value} / N)"}
+        elif kind == "amax":
+            value = accumulate(f"{k}", needed, operand, "tl.maximum({acc}, tl.max(tl.where(mask, {x}, float('-inf')), "
+                               "axis=0))", "float('-inf')")
+            stats[id(node)] = {"value": value}
+        elif kind == "softmax":
+            peak = accumulate(f"{k}m", needed, operand, "tl.maximum({acc}, tl.max(tl.where(mask, {x}, "
+                              "float('-inf')), axis=0))", "float('-inf')")
+            denominator = accumulate(f"{k}s", needed, operand, "{acc} + tl.sum(tl.where(mask, tl.exp({x} - "
+                                     + peak + "), 0.0), axis=0)", "0.0")
+            stats[id(node)] = {"max": peak, "sum": denominator}
+        else:  # var and layer_norm: the mean, then the squared deviations from it
+            mean = f"({accumulate(f'{k}m', needed, operand, total, '0.0')} / N)"
+            deviations = accumulate(f"{k}v", needed, operand, "{acc} + tl.sum(tl.where(mask, ({x} - " + mean +
+                                    ") * ({x} - " + mean + "), 0.0), axis=0)", "0.0")
+            if kind == "var":
+                correction = node.kwargs.get("correction", 1)
+                stats[id(node)] = {"value": f"({deviations} / (N - {_literal(correction)}))"}
+            else:
+                eps = (list(node.args[4:5]) + [1e-5])[0]
+                stats[id(node)] = {"mean": mean, "rstd": f"tl.rsqrt({deviations} / N + {_literal(eps)})"}
+    writer, body = block("o_", calls)
+    lines.append("    for c0 in range(0, N, BLOCK_N):")
+    lines.extend(body)
+    vector = []
+    for j, out in enumerate(outputs):
+        is_vector = out.val.rank == rank and out.val.shape[-1] == last
+        if not is_vector and out.val.rank not in (rank - 1, rank):
+            raise Unsupported(f"output {j} has rank {out.val.rank} in a rank-{rank} row kernel")
+        vector.append(is_vector)
+        value = writer.value(out)
+        if is_vector:
+            lines.append(f"        tl.store(out{j} + row * N + cols, {value}.to(out{j}.dtype.element_ty), mask=mask)")
+        else:  # one value per row: lane 0 of the first block writes it
+            lines.append(f"        tl.store(out{j} + row + cols * 0, ({value} + tl.zeros((BLOCK_N,), tl.float32))"
+                         f".to(out{j}.dtype.element_ty), mask=cols == 0)")
+    return KernelSource(name, "reduction", _module(lines), rank, len(inputs), len(outputs), out_vector=vector,
+                        looped=True)
 
 
 def matmul_kernel(region: FusedRegion, name: str) -> KernelSource:

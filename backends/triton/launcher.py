@@ -8,6 +8,7 @@ import threading
 import torch
 
 from blade.backends.triton.codegen import KernelSource
+from blade.backends.triton import codegen
 
 LOOP_BLOCK = 1024
 _INTERPRETER = threading.Lock()
@@ -81,7 +82,8 @@ class RegionKernel:
         if rows == 0:
             return outputs
         strides = [s for t in tensors for s in t.expand(full).stride()]
-        self.kernel[(rows,)](*tensors, *outputs, *full, *strides, N=n, BLOCK_N=_next_pow2(n))
+        block = min(codegen.LOOP_BLOCK_N, _next_pow2(n)) if self.source.looped else _next_pow2(n)
+        self.kernel[(rows,)](*tensors, *outputs, *full, *strides, N=n, BLOCK_N=block)
         return outputs
 
     def _matmul(self, tensors):
