@@ -181,7 +181,7 @@ class _Writer:
             x, shape = a[0], node.args[1]
             if len(shape) != 1:
                 raise Unsupported("layer_norm over more than the last dim")
-            weight, bias, eps = (list(node.args[2:5]) + [None, None, 1e-5])[:3]
+            weight, bias, eps = _norm_args(node)
             k = self.count
             self.lines.append(f"m{k} = {self.reduce(x, 'sum')} / N")
             self.lines.append(f"d{k} = tl.where(mask, {x} - m{k}, 0.0)")
@@ -205,7 +205,7 @@ class _Writer:
         kind = reduction_kind(node)
         if kind == "layer_norm":
             expr = f"(({a[0]} - {stats['mean']}) * {stats['rstd']})"
-            weight, bias = (list(node.args[2:4]) + [None, None])[:2]
+            weight, bias, _ = _norm_args(node)
             expr = f"({expr} * {self.value(weight)})" if weight is not None else expr
             return f"({expr} + {self.value(bias)})" if bias is not None else expr
         if kind == "softmax":
@@ -310,10 +310,7 @@ def row_kernel(region: FusedRegion, name: str) -> KernelSource:
     last = max(lasts)
     if last > MAX_ROW:
         return looped_row_kernel(region, name)
-    for node in list(region.body.call_nodes) + outputs:  # every value must be a row or one value per row
-        meta = node.val
-        if isinstance(meta, TensorMeta) and meta.rank and meta.shape[-1] not in (1, last):
-            raise Unsupported(f"{node.name} changes the row length")
+    _check_rows(region, rank, last)
     writer = _Writer(row_mode=True)
     lines = _header(name, _params(len(inputs), len(outputs), rank), ["N", "BLOCK_N"])
     lines += ["    row = tl.program_id(0).to(tl.int64)", "    cols = tl.arange(0, BLOCK_N)", "    mask = cols < N"]
@@ -341,6 +338,39 @@ def row_kernel(region: FusedRegion, name: str) -> KernelSource:
     return KernelSource(name, "reduction", _module(lines), rank, len(inputs), len(outputs), out_vector=vector)
 
 
+def _check_rows(region: FusedRegion, rank: int, last: int) -> None:
+    """Every value is a row of `last` or one value per row, and every reduction reduces a whole float row.
+
+    A reduction without keepdim ([..]) may only be an output: read inside the body, torch would broadcast it
+    along the last axis, not per row."""
+    calls = list(region.body.call_nodes)
+    read = {id(ref) for node in calls for ref in node.refs()}
+    outputs = [o for o in region.body.outputs if isinstance(o, Node)]
+    for node in calls + outputs:
+        meta = node.val
+        kind = reduction_kind(node)
+        if kind:
+            operand = node.args[0].val
+            if not operand.dtype.is_floating_point:
+                raise Unsupported(f"{node.name} reduces {operand.dtype} values (the kernels accumulate in float32)")
+            if operand.shape[-1] != last:
+                raise Unsupported(f"{node.name} reduces a dim of {operand.shape[-1]}, not the row of {last}")
+            if kind == "layer_norm" and len(node.args[1]) != 1:
+                raise Unsupported("layer_norm over more than the last dim")
+            if isinstance(meta, TensorMeta) and meta.rank < operand.rank:
+                if id(node) in read:
+                    raise Unsupported(f"{node.name} drops the reduced dim and is read again inside the region")
+                continue
+        if isinstance(meta, TensorMeta) and meta.rank and meta.shape[-1] not in (1, last):
+            raise Unsupported(f"{node.name} changes the row length")
+
+
+def _norm_args(node: Node) -> tuple:
+    """layer_norm's weight, bias and eps, given by position or by name."""
+    weight, bias, eps = (list(node.args[2:5]) + [None, None, 1e-5])[:3]
+    return (node.kwargs.get("weight", weight), node.kwargs.get("bias", bias), node.kwargs.get("eps", eps))
+
+
 def _ancestors(node: Node, calls: list[Node]) -> list[Node]:
     """The call nodes `node` depends on (itself included), in the body's order."""
     wanted, stack = set(), [node]
@@ -364,10 +394,7 @@ def looped_row_kernel(region: FusedRegion, name: str) -> KernelSource:
     if not lasts or not all(isinstance(d, int) for d in lasts):
         raise Unsupported("the row length is dynamic")
     last = max(lasts)
-    for node in calls + outputs:
-        meta = node.val
-        if isinstance(meta, TensorMeta) and meta.rank and meta.shape[-1] not in (1, last):
-            raise Unsupported(f"{node.name} changes the row length")
+    _check_rows(region, rank, last)
     lines = _header(name, _params(len(inputs), len(outputs), rank), ["N", "BLOCK_N"])
     lines += ["    row = tl.program_id(0).to(tl.int64)"]
     lines += _unravel(rank, "row", lead_only=True)
@@ -425,7 +452,7 @@ def looped_row_kernel(region: FusedRegion, name: str) -> KernelSource:
                 correction = node.kwargs.get("correction", 1)
                 stats[id(node)] = {"value": f"({deviations} / (N - {_literal(correction)}))"}
             else:
-                eps = (list(node.args[4:5]) + [1e-5])[0]
+                eps = _norm_args(node)[2]
                 stats[id(node)] = {"mean": mean, "rstd": f"tl.rsqrt({deviations} / N + {_literal(eps)})"}
     writer, body = block("o_", calls)
     lines.append("    for c0 in range(0, N, BLOCK_N):")

@@ -123,10 +123,15 @@ def _refs(node: Node):
     return found
 
 
+# ops that share their input's memory though their schema does not say so
+_UNANNOTATED_ALIASES = [["aten", op] for op in ("_unsafe_view", "unsafe_split", "unsafe_chunk",
+                                                 "unsafe_split_with_sizes", "dropout", "feature_dropout")]
+
+
 def _aliases(node: Node) -> bool:
     """Whether a node's result may share memory with an argument: a view by its schema, getitem, or an op
     with no schema to tell (anything not a plain ATen op is assumed to)."""
-    if getattr(node.target, "__name__", "") == "getitem":
+    if getattr(node.target, "__name__", "") == "getitem" or str(node.target).split(".")[:2] in _UNANNOTATED_ALIASES:
         return True
     if is_fused(node) or isinstance(node.target, RegionKernel):
         return False  # a region's outputs are fresh tensors (its kernel's, or its body's ops')

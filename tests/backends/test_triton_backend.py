@@ -363,3 +363,43 @@ def test_long_rows_are_walked_in_blocks(monkeypatch):
         want = model(x, skip)
     for got, ref in zip(cm(x, skip), want):
         assert got.shape == ref.shape and _rel_err(got, ref) <= 1e-5
+
+
+@interpreted
+@pytest.mark.parametrize("looped", [False, True])
+def test_second_review_regressions_reductions(looped, monkeypatch):
+    from blade.backends.triton import codegen
+
+    if looped:
+        monkeypatch.setattr(codegen, "MAX_ROW", 4)
+        monkeypatch.setattr(codegen, "LOOP_BLOCK_N", 4)
+
+    class SizeOneRow(torch.nn.Module):  # a [B, 1] operand reduced: N broadcast copies must not be summed
+        def forward(self, x, p):
+            return x * torch.softmax(p * 2, -1), torch.softmax(x, -1) * (p * 2).sum(-1, keepdim=True)
+
+    class DroppedDimReadAgain(torch.nn.Module):  # e / e.sum(-1) broadcasts the [B] sum along the last axis
+        def forward(self, x):
+            e = torch.exp(x)
+            return e / e.sum(-1)
+
+    class PerRowOutput(torch.nn.Module):
+        def forward(self, x):
+            return (x * x).mean(-1)
+
+    class IntegerSum(torch.nn.Module):
+        def forward(self, m):
+            return (m * 3).sum(-1, keepdim=True) + 1
+
+    cases = [(SizeOneRow(), (torch.randn(3, 8), torch.randn(3, 1))), (DroppedDimReadAgain(), (torch.randn(8, 8),)),
+             (PerRowOutput(), (torch.randn(2, 3, 8),)), (IntegerSum(), (torch.full((2, 8), 10**6) + torch.arange(8),))]
+    for model, args in cases:
+        cm = blade.compile(model, args, backend="triton")
+        for got, want in zip(_flat(cm(*args)), _flat(model(*args))):
+            assert got.shape == want.shape and got.dtype == want.dtype, type(model).__name__
+            if want.dtype.is_floating_point:
+                assert _rel_err(got, want) <= 1e-5, type(model).__name__
+            else:
+                assert torch.equal(got, want), type(model).__name__
+    per_row = blade.compile(PerRowOutput(), (torch.randn(2, 3, 8),), backend="triton").report.backend_details
+    assert per_row["kernels"] == 1 and per_row["fallback_regions"] == {}
