@@ -181,17 +181,12 @@ class _Writer:
             x, shape = a[0], node.args[1]
             if len(shape) != 1:
                 raise Unsupported("layer_norm over more than the last dim")
-            weight, bias, eps = _norm_args(node)
+            eps = _norm_args(node)[2]
             k = self.count
             self.lines.append(f"m{k} = {self.reduce(x, 'sum')} / N")
             self.lines.append(f"d{k} = tl.where(mask, {x} - m{k}, 0.0)")
             self.lines.append(f"r{k} = tl.rsqrt(tl.sum(d{k} * d{k}, axis=0) / N + {_literal(eps)})")
-            expr = f"(d{k} * r{k})"
-            if weight is not None:
-                expr = f"({expr} * {self.value(weight)})"
-            if bias is not None:
-                expr = f"({expr} + {self.value(bias)})"
-            return self.emit(node, expr)
+            return self.emit(node, self._affine(f"(d{k} * r{k})", node))
         if base in ("aten._softmax", "aten.softmax"):
             self.last_axis(node, node.args[1])
             k = self.count
@@ -199,15 +194,18 @@ class _Writer:
             return self.emit(node, f"(e{k} / {self.reduce(f'e{k}', 'sum')})")
         raise Unsupported(f"no Triton translation for {name}")
 
+    def _affine(self, normalized: str, node: Node) -> str:
+        """layer_norm's weight and bias applied to the normalized row."""
+        weight, bias, _ = _norm_args(node)
+        expr = f"({normalized} * {self.value(weight)})" if weight is not None else normalized
+        return f"({expr} + {self.value(bias)})" if bias is not None else expr
+
     def _from_stats(self, node: Node, a: list) -> str:
         """A reduction's value in a looped kernel, from the statistics earlier passes computed."""
         stats = self.stats[id(node)]
         kind = reduction_kind(node)
         if kind == "layer_norm":
-            expr = f"(({a[0]} - {stats['mean']}) * {stats['rstd']})"
-            weight, bias, _ = _norm_args(node)
-            expr = f"({expr} * {self.value(weight)})" if weight is not None else expr
-            return f"({expr} + {self.value(bias)})" if bias is not None else expr
+            return self._affine(f"(({a[0]} - {stats['mean']}) * {stats['rstd']})", node)
         if kind == "softmax":
             return f"(tl.exp({a[0]} - {stats['max']}) / {stats['sum']})"
         return stats["value"]
@@ -301,16 +299,9 @@ def row_kernel(region: FusedRegion, name: str) -> KernelSource:
 
     The iteration space is the inputs' broadcast shape (what the launcher computes); outputs are whole
     rows, or one value per row ([.., 1] or [..])."""
-    outputs = _outputs(region)
-    inputs = region.body.inputs
-    rank = max(n.val.rank for n in inputs)
-    lasts = [n.val.shape[-1] for n in inputs if n.val.rank]
-    if not lasts or not all(isinstance(d, int) for d in lasts):
-        raise Unsupported("the row length is dynamic")
-    last = max(lasts)
+    outputs, inputs, rank, last = _row_space(region)
     if last > MAX_ROW:
         return looped_row_kernel(region, name)
-    _check_rows(region, rank, last)
     writer = _Writer(row_mode=True)
     lines = _header(name, _params(len(inputs), len(outputs), rank), ["N", "BLOCK_N"])
     lines += ["    row = tl.program_id(0).to(tl.int64)", "    cols = tl.arange(0, BLOCK_N)", "    mask = cols < N"]
@@ -323,19 +314,39 @@ def row_kernel(region: FusedRegion, name: str) -> KernelSource:
     for node in region.body.call_nodes:
         writer.op(node)
     lines += [f"    {line}" for line in writer.lines]
-    vector = []
+    stores, vector = _row_stores(outputs, writer, rank, last, "    ")
+    return KernelSource(name, "reduction", _module(lines + stores), rank, len(inputs), len(outputs), out_vector=vector)
+
+
+def _row_stores(outputs: list[Node], writer: _Writer, rank: int, last: int, indent: str) -> tuple[list[str], list]:
+    """Stores of a row kernel's outputs: whole rows under the column mask, or one value per row from lane 0
+    (of the first block, in a looped kernel) — a reduction's scalar or a row of equal lanes alike."""
+    lines, vector = [], []
     for j, out in enumerate(outputs):
         is_vector = out.val.rank == rank and out.val.shape[-1] == last
         if not is_vector and out.val.rank not in (rank - 1, rank):
             raise Unsupported(f"output {j} has rank {out.val.rank} in a rank-{rank} row kernel")
         vector.append(is_vector)
-        value = writer.value(out)
+        value, cast = writer.value(out), f".to(out{j}.dtype.element_ty)"
         if is_vector:
-            lines.append(f"    tl.store(out{j} + row * N + cols, {value}.to(out{j}.dtype.element_ty), mask=mask)")
-        else:  # a value per row, whether a reduction's scalar or a row of equal lanes: lane 0 writes it
-            lines.append(f"    tl.store(out{j} + row + cols * 0, ({value} + tl.zeros((BLOCK_N,), tl.float32))"
-                         f".to(out{j}.dtype.element_ty), mask=cols == 0)")
-    return KernelSource(name, "reduction", _module(lines), rank, len(inputs), len(outputs), out_vector=vector)
+            lines.append(f"{indent}tl.store(out{j} + row * N + cols, {value}{cast}, mask=mask)")
+        else:
+            lines.append(f"{indent}tl.store(out{j} + row + cols * 0, ({value} + tl.zeros((BLOCK_N,), tl.float32))"
+                         f"{cast}, mask=cols == 0)")
+    return lines, vector
+
+
+def _row_space(region: FusedRegion) -> tuple[list[Node], list[Node], int, int]:
+    """(outputs, inputs, rank, row length) of a row kernel: the inputs' broadcast shape, checked."""
+    outputs = _outputs(region)
+    inputs = region.body.inputs
+    rank = max(n.val.rank for n in inputs)
+    lasts = [n.val.shape[-1] for n in inputs if n.val.rank]
+    if not lasts or not all(isinstance(d, int) for d in lasts):
+        raise Unsupported("the row length is dynamic")
+    last = max(lasts)
+    _check_rows(region, rank, last)
+    return outputs, inputs, rank, last
 
 
 def _check_rows(region: FusedRegion, rank: int, last: int) -> None:
@@ -386,15 +397,8 @@ def _ancestors(node: Node, calls: list[Node]) -> list[Node]:
 def looped_row_kernel(region: FusedRegion, name: str) -> KernelSource:
     """Rows too long for one block: each reduction takes passes over the row in BLOCK_N pieces (the values it
     needs recomputed in each), keeping its per-row statistics; a last pass writes the outputs."""
-    outputs = _outputs(region)
-    inputs = region.body.inputs
+    outputs, inputs, rank, last = _row_space(region)
     calls = list(region.body.call_nodes)
-    rank = max(n.val.rank for n in inputs)
-    lasts = [n.val.shape[-1] for n in inputs if n.val.rank]
-    if not lasts or not all(isinstance(d, int) for d in lasts):
-        raise Unsupported("the row length is dynamic")
-    last = max(lasts)
-    _check_rows(region, rank, last)
     lines = _header(name, _params(len(inputs), len(outputs), rank), ["N", "BLOCK_N"])
     lines += ["    row = tl.program_id(0).to(tl.int64)"]
     lines += _unravel(rank, "row", lead_only=True)
@@ -457,19 +461,8 @@ def looped_row_kernel(region: FusedRegion, name: str) -> KernelSource:
     writer, body = block("o_", calls)
     lines.append("    for c0 in range(0, N, BLOCK_N):")
     lines.extend(body)
-    vector = []
-    for j, out in enumerate(outputs):
-        is_vector = out.val.rank == rank and out.val.shape[-1] == last
-        if not is_vector and out.val.rank not in (rank - 1, rank):
-            raise Unsupported(f"output {j} has rank {out.val.rank} in a rank-{rank} row kernel")
-        vector.append(is_vector)
-        value = writer.value(out)
-        if is_vector:
-            lines.append(f"        tl.store(out{j} + row * N + cols, {value}.to(out{j}.dtype.element_ty), mask=mask)")
-        else:  # one value per row: lane 0 of the first block writes it
-            lines.append(f"        tl.store(out{j} + row + cols * 0, ({value} + tl.zeros((BLOCK_N,), tl.float32))"
-                         f".to(out{j}.dtype.element_ty), mask=cols == 0)")
-    return KernelSource(name, "reduction", _module(lines), rank, len(inputs), len(outputs), out_vector=vector,
+    stores, vector = _row_stores(outputs, writer, rank, last, "        ")
+    return KernelSource(name, "reduction", _module(lines + stores), rank, len(inputs), len(outputs), out_vector=vector,
                         looped=True)
 
 
