@@ -30,7 +30,8 @@ echo "== attention benchmark"
 [ -n "${SKIP_BENCH:-}" ] || timeout ${BENCH_S:-300} python3 bench/attention_gpu.py --out "$OUT" ${BENCH_ARGS:-} >"$OUT/attention_gpu.log" 2>&1
 echo "bench rc=$?"; tail -30 "$OUT/attention_gpu.log"
 echo "== triton backend benchmark (eager, torch.compile, blade triton; base models, fp16)"
-[ -n "${SKIP_BENCH:-}" ] || timeout ${TRITON_BENCH_S:-300} python3 -P bench/triton_gpu.py --out "$OUT" ${TRITON_BENCH_ARGS:-} \
+# autotuning on here (the tests above turn it off): untuned block sizes would understate blade
+[ -n "${SKIP_BENCH:-}" ] || BLADE_TRITON_AUTOTUNE=1 timeout ${TRITON_BENCH_S:-300} python3 -P bench/triton_gpu.py --out "$OUT" ${TRITON_BENCH_ARGS:-} \
   >"$OUT/triton_gpu.log" 2>&1
 echo "triton bench rc=$?"; tail -20 "$OUT/triton_gpu.log"
 echo "== default suite (CPU tests on this machine's libraries)"

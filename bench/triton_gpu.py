@@ -69,9 +69,15 @@ def run_case(name: str, dims: dict, dtype, device: str, args, peaks) -> dict:
     with torch.no_grad():
         reference = model(*inputs)
     contenders = {"eager": lambda: model(*inputs), "blade": lambda: cm(*inputs)}
+    failures = {}
     if not args.no_inductor:
         compiled = torch.compile(model)
-        contenders["inductor"] = lambda: compiled(*inputs)
+        try:  # a contender that fails is reported, not allowed to end the run (GPU time is scarce)
+            with torch.no_grad():
+                compiled(*inputs)
+            contenders["inductor"] = lambda: compiled(*inputs)
+        except Exception as exc:  # noqa: BLE001
+            failures["inductor"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     with torch.no_grad():
         medians = time_interleaved(contenders, warmup=args.warmup, repeat=args.repeat, device=device)
         errors = {k: rel_err(fn(), reference) for k, fn in contenders.items()}
@@ -81,7 +87,8 @@ def run_case(name: str, dims: dict, dtype, device: str, args, peaks) -> dict:
     figures = {k: utilization(flops, least, s, peaks, compute) for k, s in medians.items()}
     return {"model": name, "dims": dims, "compile_s": compile_s, "ms": {k: 1e3 * s for k, s in medians.items()},
             "mfu": {k: f["mfu"] for k, f in figures.items()}, "mbu": {k: f["mbu"] for k, f in figures.items()},
-            "errors": errors, "kernels": cm.report.backend_details, "flops": flops, "bytes": least}
+            "errors": errors, "kernels": cm.report.backend_details, "flops": flops, "bytes": least,
+            "failures": failures}
 
 
 def geomean(values) -> float:
@@ -103,6 +110,14 @@ def render(rows: list[dict], args, device_name: str, peaks, dtype) -> str:
              + " | ".join(f"{n} MFU / MBU" for n in names) + " | blade rel err | kernels (fallback regions) |",
              "|---|---|" + "---:|" * (len(names) * 2 + 3) + "---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {', '.join(f'{k} {v}' for k, v in r['dims'].items())} | failed: "
+                         f"{r['error']} |")
+            continue
+        for n in names:  # a contender that failed shows as nan
+            r["ms"].setdefault(n, float("nan"))
+            r["mfu"].setdefault(n, float("nan"))
+            r["mbu"].setdefault(n, float("nan"))
         vs_eager = r["ms"]["eager"] / r["ms"]["blade"]
         vs_inductor = r["ms"]["inductor"] / r["ms"]["blade"] if "inductor" in r["ms"] else float("nan")
         kernels = r["kernels"]
@@ -111,15 +126,17 @@ def render(rows: list[dict], args, device_name: str, peaks, dtype) -> str:
             + " | ".join(f"{r['ms'][n]:.3f}" for n in names) + f" | {vs_eager:.2f}x | {vs_inductor:.2f}x | "
             + " | ".join(f"{100 * r['mfu'][n]:.0f} % / {100 * r['mbu'][n]:.0f} %" for n in names)
             + f" | {r['errors']['blade']:.1e} | {kernels['kernels']} ({len(kernels['fallback_regions'])}) |")
-    lines += ["", f"Geomean blade vs eager: {geomean(r['ms']['eager'] / r['ms']['blade'] for r in rows):.2f}x"
+    done = [r for r in rows if "error" not in r]
+    lines += ["", f"Geomean blade vs eager: {geomean(r['ms']['eager'] / r['ms']['blade'] for r in done):.2f}x"
               + ("" if args.no_inductor else
-                 f"; vs torch.compile: {geomean(r['ms']['inductor'] / r['ms']['blade'] for r in rows):.2f}x"), ""]
+                 f"; vs torch.compile: {geomean(r['ms']['inductor'] / r['ms']['blade'] for r in done):.2f}x"), ""]
+    lines += [f"- {r['model']}: {name} failed: {why}" for r in done for name, why in r.get("failures", {}).items()]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(GPU_CASES))
+    parser.add_argument("--models", nargs="+", default=list(GPU_CASES), choices=list(GPU_CASES))
     parser.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=20)
@@ -138,16 +155,21 @@ def main() -> None:
     target = blade.target.detect(device)
     peaks = machine_peaks(target)
     rows = []
+    slug = "".join(c if c.isalnum() else "_" for c in target.name.lower()).strip("_")
+    path = (args.out or RESULTS) / f"triton_gpu_{slug}.md" if (not args.smoke or args.out) else None
     for name in args.models:
         print(f"[{name}] compiling and timing", file=sys.stderr, flush=True)
-        rows.append(run_case(name, cases[name], dtype, device, args, peaks))
-    text = render(rows, args, target.name, peaks, dtype)
+        try:
+            rows.append(run_case(name, cases[name], dtype, device, args, peaks))
+        except Exception as exc:  # noqa: BLE001 - one model's failure must not lose the others' figures
+            rows.append({"model": name, "dims": cases[name], "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        text = render(rows, args, target.name, peaks, dtype)
+        if path is not None:  # written after every model: a run cut off by a time limit keeps what it measured
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
     print(text)
-    if not args.smoke or args.out:
-        out = args.out or RESULTS
-        out.mkdir(parents=True, exist_ok=True)
-        slug = "".join(c if c.isalnum() else "_" for c in target.name.lower()).strip("_")
-        (out / f"triton_gpu_{slug}.md").write_text(text)
 
 
 if __name__ == "__main__":
