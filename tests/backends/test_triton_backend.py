@@ -403,3 +403,18 @@ def test_second_review_regressions_reductions(looped, monkeypatch):
                 assert torch.equal(got, want), type(model).__name__
     per_row = blade.compile(PerRowOutput(), (torch.randn(2, 3, 8),), backend="triton").report.backend_details
     assert per_row["kernels"] == 1 and per_row["fallback_regions"] == {}
+
+
+@interpreted
+def test_bad_inputs_are_refused_before_any_kernel_runs(monkeypatch):
+    model, example, dynamic = zoo.get("bert")
+    cm = blade.compile(model, example, dynamic_shapes=dynamic, backend="triton")
+    monkeypatch.setattr(cm.executable, "module", lambda *a: pytest.fail("a kernel ran on bad inputs"))
+    ids, mask = zoo.sample_inputs("bert", batch=2, seq=6)
+    with pytest.raises(blade.errors.ShapeError, match="input 'input_ids'.*dtype"):
+        cm(ids.float(), mask)
+    too_long = zoo.sample_inputs("bert", batch=1, seq=65)
+    with pytest.raises(blade.errors.ShapeError, match="seq"):
+        cm(*too_long)
+    with pytest.raises(blade.errors.ConfigError, match="unknown backend 'trition'"):
+        blade.compile(model, example, dynamic_shapes=dynamic, backend="trition")
