@@ -6,6 +6,7 @@
 __version__ = "0.1.0"
 
 from blade import errors  # noqa: E402
+from blade import qops  # noqa: E402,F401 - registers blade::qlinear and blade::qembedding
 from blade.api import compile  # noqa: E402
 from blade.artifact import load  # noqa: E402
 from blade.compiled import CompiledModel  # noqa: E402

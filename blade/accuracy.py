@@ -82,14 +82,14 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / norm if norm > 0 else diff
 
 
-def compare_tensor(index: int, out, ref) -> OutputError:
+def compare_tensor(index: int, out, ref, tolerance: float | None = None) -> OutputError:
     if not isinstance(ref, torch.Tensor):
         same = out == ref
         return OutputError(index, type(ref).__name__, 0.0 if same else math.inf, 0.0 if same else math.inf,
                            1.0 if same else 0.0, 0.0)
     if out.shape != ref.shape or out.dtype != ref.dtype:
         return OutputError(index, str(ref.dtype).removeprefix("torch."), math.inf, math.inf, 0.0, 0.0)
-    tol = TOLERANCE.get(ref.dtype, 0.0)
+    tol = TOLERANCE.get(ref.dtype, 0.0) if tolerance is None or not ref.is_floating_point() else tolerance
     dtype = str(ref.dtype).removeprefix("torch.")
     if not (ref.is_floating_point() or ref.is_complex()):
         mismatch = (out != ref).double().mean().item() if ref.numel() else 0.0
@@ -107,8 +107,9 @@ def compare_tensor(index: int, out, ref) -> OutputError:
     return OutputError(index, dtype, max_abs, rel, cosine, tol)
 
 
-def compare(outputs: list, references: list) -> Accuracy:
-    """Compare flat outputs with flat references, output by output."""
+def compare(outputs: list, references: list, tolerance: float | None = None) -> Accuracy:
+    """Compare flat outputs with flat references, output by output; `tolerance` replaces the dtype's
+    own for floating outputs (a quantized model is held to its budget)."""
     if len(outputs) != len(references):
         raise ValueError(f"{len(outputs)} outputs against {len(references)} references")
-    return Accuracy([compare_tensor(i, o, r) for i, (o, r) in enumerate(zip(outputs, references))])
+    return Accuracy([compare_tensor(i, o, r, tolerance) for i, (o, r) in enumerate(zip(outputs, references))])

@@ -16,6 +16,8 @@ from blade.compiled import CompiledModel
 from blade.config import DEFAULT_OPTIMIZE, CompileConfig
 from blade.errors import ConfigError
 from blade.fingerprint import Unstable
+from blade.guard import tolerance_for
+from blade.lowering import Lowering, check_lowering_options, with_lowering
 from blade.report import CompileReport
 from blade.shapes import free_dims
 from blade.signature import Signature
@@ -24,21 +26,34 @@ from blade.target import detect
 
 def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=None, backend: str = "auto",
             optimize: int = DEFAULT_OPTIMIZE, passes=None, check_accuracy: bool = True,
-            debug: bool = False, name: str | None = None, cache: bool | None = None) -> CompiledModel:
+            debug: bool = False, name: str | None = None, cache: bool | None = None,
+            precision: str | None = None, quantize: str | None = None, calibration_data=None,
+            accuracy_budget: float | None = None) -> CompiledModel:
     """Compile `model` (nn.Module, ExportedProgram or .pt2 path) for inference.
 
     `dynamic_shapes` follows torch.export's convention; `backend` is a registered name or "auto";
     `optimize` picks the pass pipeline (0 none, 1 cleanup, 2 all); `passes` (a list) replaces it.
     `cache` (default $BLADE_CACHE, on) reuses an equal earlier compile from the on-disk cache.
+    `precision` ("fp32", "fp16", "bf16") is what matmuls, convolutions and attention compute in;
+    `quantize` ("int8_weight_only", "int8_dynamic", "int8_static", "fp8") quantizes linear layers and
+    embedding tables; `calibration_data` (an iterable of example inputs, each a tuple of arguments, a
+    dict of keyword arguments or one tensor) calibrates int8_static and joins the accuracy check;
+    `accuracy_budget` (max relative error vs fp32) keeps the most sensitive layers in fp32 until it
+    holds, or raises blade.errors.AccuracyError.
     """
     debug = debug or os.environ.get("BLADE_DEBUG") == "1"  # the test suite verifies the IR after every pass
-    config = CompileConfig(backend=backend, optimize=optimize, debug=debug, check_accuracy=check_accuracy)
-    pipeline = list(passes) if passes is not None else pipelines.pipeline_for(optimize)
+    config = CompileConfig(backend=backend, optimize=optimize, debug=debug, check_accuracy=check_accuracy,
+                           precision=precision, quantize=quantize, accuracy_budget=accuracy_budget)
+    calibration_data = check_lowering_options(config, calibration_data)
+    pipeline = with_lowering(list(passes), config) if passes is not None else \
+        pipelines.pipeline_for(optimize, config.lowers_precision)
     start = time.perf_counter()
     target = detect(_device_of(model, example_inputs, example_kwargs))
     chosen, reason = backends.resolve(backend, target)
     lookup = _CacheLookup(cache, {"backend": chosen.name, "optimize": optimize, "passes": passes, "name": name,
-                                  "check_accuracy": check_accuracy,
+                                  "check_accuracy": check_accuracy, "precision": precision, "quantize": quantize,
+                                  "accuracy_budget": accuracy_budget,
+                                  "calibration": compile_cache.tensors_digest(calibration_data),
                                   # process-wide settings that change what capture and the backends produce
                                   "default_dtype": str(torch.get_default_dtype()),
                                   "matmul_precision": torch.get_float32_matmul_precision()}, target)
@@ -59,10 +74,12 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
         if hit is not None:
             return _with_examples(hit, captured.example_args, captured.example_kwargs)
     t_passes = time.perf_counter()
-    graph, records = pipelines.run_pipeline(captured.graph, pipeline, config)
-    t_backend = time.perf_counter()
     examples = signature.flatten(captured.example_args, captured.example_kwargs)
+    lowering = Lowering(captured, signature, pipeline, config, calibration_data, examples)
+    graph, records = lowering.run_passes()
+    t_backend = time.perf_counter()
     executable = chosen.compile(graph, target, example_inputs=examples)
+    graph, records, executable = lowering.enforce_budget(graph, records, executable, chosen, target)
     t_done = time.perf_counter()
 
     report = CompileReport(
@@ -72,16 +89,18 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
         nodes_before=len(captured.graph), nodes_after=len(graph),
         ops_before=captured.graph.count_targets(), ops_after=graph.count_targets(),
         seconds={"capture": captured.seconds, "passes": t_backend - t_passes, "backend": t_done - t_backend},
-        backend_details=executable.describe() if hasattr(executable, "describe") else {})
+        backend_details=executable.describe() if hasattr(executable, "describe") else {},
+        quantization=lowering.summary(graph))
     compiled = CompiledModel(graph, executable, chosen.name, target, signature, report)
     compiled.example_inputs = compiled.flat_inputs(*captured.example_args, **captured.example_kwargs)
     if check_accuracy:
         t_check = time.perf_counter()
         outputs = compiled.run_flat(compiled.example_inputs)
-        report.accuracy = compare(outputs, captured.reference_outputs)
+        report.accuracy = compare(outputs, captured.reference_outputs, tolerance_for(config))
         report.seconds["accuracy"] = time.perf_counter() - t_check
         if not report.accuracy.ok:
-            report.warnings.append(f"outputs differ from eager beyond tolerance (rel_err {report.accuracy.rel_err:.3g})")
+            report.warnings.append(f"outputs differ from eager beyond tolerance (rel_err {report.accuracy.rel_err:.3g}"
+                                   f", tolerance {report.accuracy.outputs[0].tolerance:g})")
     report.seconds["total"] = time.perf_counter() - start
     lookup.store(compiled)
     return compiled

@@ -101,6 +101,24 @@ def graph_digest(graph, signature: dict, example_args, example_kwargs) -> str | 
         + ":" + weights_digest(sorted(graph.constants.items())) + ":" + inputs_digest(example_args, example_kwargs, None)
 
 
+def tensors_digest(data) -> str | None:
+    """A digest of a nest of tensors and plain values (calibration data), None for None."""
+    if data is None:
+        return None
+    import torch
+    import torch.utils._pytree as pytree
+
+    from blade.fingerprint import tensor_digests
+
+    leaves = pytree.tree_leaves(data)
+    digests = iter(tensor_digests([leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]))
+    return _hash_text(json.dumps([next(digests) if isinstance(leaf, torch.Tensor) else repr(leaf) for leaf in leaves]))
+
+
+def _hash_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def options_digest(options: dict) -> dict:
     """Compile options as stable values; custom passes by their code (Unstable when they have none)."""
     return {k: stable_value(v) if k == "passes" and v is not None else v for k, v in options.items()}

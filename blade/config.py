@@ -17,6 +17,15 @@ class CompileConfig:
     optimize: int = DEFAULT_OPTIMIZE
     debug: bool = False  # verify the IR after every pass
     check_accuracy: bool = True
+    precision: str | None = None  # "fp32" | "fp16" | "bf16": what matmuls/convs/attention compute in
+    quantize: str | None = None  # "int8_weight_only" | "int8_dynamic" | "int8_static" | "fp8"
+    calibration: tuple = ()  # flat input lists observed by static quantization
+    keep_high_precision: frozenset = frozenset()  # layer (node) names the accuracy guard keeps in fp32
+    accuracy_budget: float | None = None  # max relative error vs fp32 the guard holds the model to
+
+    @property
+    def lowers_precision(self) -> bool:
+        return self.quantize is not None or self.precision not in (None, "fp32")
 
 
 def cache_root() -> Path:

@@ -31,3 +31,12 @@ class BackendError(BladeError):
 
 class ArtifactError(BladeError):
     """A saved artifact is damaged, tampered with, or from an incompatible version."""
+
+
+class AccuracyError(BladeError):
+    """A quantized or low-precision compile cannot meet its accuracy budget; `.layers` maps each
+    lowered layer to the relative error with it alone lowered."""
+
+    def __init__(self, message: str, layers: dict[str, float] | None = None):
+        super().__init__(message)
+        self.layers = dict(layers or {})

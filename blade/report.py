@@ -27,6 +27,7 @@ class CompileReport:
     seconds: dict = field(default_factory=dict)
     backend_details: dict = field(default_factory=dict)  # the backend's own account: regions, fallbacks
     accuracy: Accuracy | None = None
+    quantization: dict = field(default_factory=dict)  # precision/quantize: layers lowered, kept, errors
     cache: dict = field(default_factory=dict)  # {"hit", "key", "path", ...} when the compile cache was used
     warnings: list[str] = field(default_factory=list)
 

@@ -13,6 +13,7 @@ import onnxscript
 from onnxscript import opset20 as op
 
 from blade.backends.onnxruntime.fused import register_schemas
+from blade.backends.onnxruntime.quantized import translations as quantized_translations
 from blade.ops import FLASH_ATTENTION
 
 msft = onnxscript.values.Opset("com.microsoft", 1)
@@ -141,4 +142,5 @@ def _attention_bias(mask, q, k, query, key):
     return op.Expand(mask, op.Concat(op.Constant(value_ints=[1, 1]), q_len, k_len, axis=0))
 
 
-TRANSLATIONS: dict = {FLASH_ATTENTION: flash_attention, **register_schemas(register_contrib_schema)}
+TRANSLATIONS: dict = {FLASH_ATTENTION: flash_attention, **register_schemas(register_contrib_schema),
+                      **quantized_translations(register_contrib_schema)}

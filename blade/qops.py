@@ -1,0 +1,141 @@
+"""blade's quantized operators (namespace `blade`): their exact spec, reference and fake implementations.
+
+`blade::qlinear(x, weight, weight_scale, bias=None, mode="dynamic", input_scale=None) -> y`
+
+    x: [..., K] float (fp32, fp16 or bf16)      weight: [N, K] int8, or float8_e4m3fn for mode "fp8"
+    weight_scale: [N] fp32, one per output channel (symmetric: weight ≈ weight_q * weight_scale[:, None])
+    bias: [N] or None                            y: [..., N] in x's dtype
+    mode "weight_only": y = x @ (weight_q * weight_scale[:, None])ᵀ + bias (x stays in floating point)
+    mode "dynamic":     per token (row of x) s = amax(|x_row|) / 127; x_q = round(x / s) in [-127, 127];
+                        y = (x_q @ weight_qᵀ, int32 accumulation) * s * weight_scale + bias
+    mode "static":      the same with s = input_scale, one calibrated number for the tensor (x_q clamped)
+    mode "fp8":         per token s = amax(|x_row|) / 448; x_8 = e4m3(x / s);
+                        y = (x_8 @ weight_8ᵀ, fp32 accumulation) * s * weight_scale + bias
+    A row of zeros has s = 0 and gives y = bias. The reference computes in fp32, which is exact for the
+    integer products of the int8 modes up to rounding of sums beyond 2^24.
+
+`blade::qembedding(table, row_scale, indices) -> rows`
+
+    table: [V, D] int8    row_scale: [V] fp32    indices: any shape, int64/int32    rows: [*indices.shape, D] fp32
+    rows = table[indices] * row_scale[indices, None]: only the rows read are dequantized (the table
+    stays int8 in memory, ~0.27x of fp32 for D = 64).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from blade.errors import ShapeError
+
+MODES = ("weight_only", "dynamic", "static", "fp8")
+INT8_MAX = 127.0
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def check_qlinear_args(x, weight, weight_scale, bias, mode) -> None:
+    """Raise ShapeError naming the argument when the call breaks the op's spec."""
+    if mode not in MODES:
+        raise ShapeError(f"blade::qlinear: mode {mode!r} is not one of {MODES}")
+    want = torch.float8_e4m3fn if mode == "fp8" else torch.int8
+    if weight.dtype != want or weight.dim() != 2:
+        raise ShapeError(f"blade::qlinear ({mode}): weight must be a 2-D {want} [out, in] tensor, got "
+                         f"{weight.dtype}{list(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ShapeError(f"blade::qlinear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
+    if weight_scale.shape != (weight.shape[0],):
+        raise ShapeError(f"blade::qlinear: weight_scale must be [{weight.shape[0]}], got {list(weight_scale.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ShapeError(f"blade::qlinear: bias must be [{weight.shape[0]}], got {list(bias.shape)}")
+
+
+def quantize_rows(x: torch.Tensor, mode: str, input_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x quantized as floats holding the quantized values, the scale per row [..., 1]) for an activation mode."""
+    x = x.float()
+    if mode == "static":
+        scale = torch.full((*x.shape[:-1], 1), float(input_scale), device=x.device)
+        return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX), scale
+    top = INT8_MAX if mode == "dynamic" else FP8_MAX
+    scale = x.abs().amax(dim=-1, keepdim=True) / top
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scaled = x / safe
+    if mode == "dynamic":
+        return torch.clamp(torch.round(scaled), -INT8_MAX, INT8_MAX), scale
+    return scaled.to(torch.float8_e4m3fn).float(), scale
+
+
+def qlinear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None, mode: str = "dynamic",
+                      input_scale: Optional[float] = None) -> torch.Tensor:
+    """The op's meaning, in fp32 PyTorch."""
+    check_qlinear_args(x, weight, weight_scale, bias, mode)
+    if mode == "weight_only":
+        out = x.float() @ (weight.float() * weight_scale[:, None].float()).t()
+    else:
+        x_q, scale = quantize_rows(x, mode, input_scale)
+        out = (x_q @ weight.float().t()) * scale * weight_scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("blade::qlinear", mutates_args=())
+def qlinear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+            mode: str = "dynamic", input_scale: Optional[float] = None) -> torch.Tensor:
+    kernel = _QLINEAR_KERNELS.get(x.device.type) or qlinear_reference
+    return kernel(x, weight, weight_scale, bias, mode, input_scale)
+
+
+@qlinear.register_fake
+def _qlinear_fake(x, weight, weight_scale, bias=None, mode="dynamic", input_scale=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# device type -> kernel with the op's signature; consulted before the reference
+_QLINEAR_KERNELS: dict = {}
+
+
+def register_qlinear_kernel(device_type: str, kernel) -> object:
+    """Run blade::qlinear on `device_type` through `kernel` (None: the reference); returns the old one."""
+    old = _QLINEAR_KERNELS.pop(device_type, None)
+    if kernel is not None:
+        _QLINEAR_KERNELS[device_type] = kernel
+    return old
+
+
+def qembedding_reference(table: torch.Tensor, row_scale: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    if table.dtype != torch.int8 or table.dim() != 2 or row_scale.shape != (table.shape[0],):
+        raise ShapeError(f"blade::qembedding: table must be int8 [rows, dim] with row_scale [rows], got "
+                         f"{table.dtype}{list(table.shape)} and {list(row_scale.shape)}")
+    return table[indices].float() * row_scale[indices].float().unsqueeze(-1)
+
+
+@torch.library.custom_op("blade::qembedding", mutates_args=())
+def qembedding(table: torch.Tensor, row_scale: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return qembedding_reference(table, row_scale, indices)
+
+
+@qembedding.register_fake
+def _qembedding_fake(table, row_scale, indices):
+    return table.new_empty((*indices.shape, table.shape[1]), dtype=torch.float32)
+
+
+def quantize_weight(weight: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight_q, weight_scale): symmetric per output channel (row), int8 or float8_e4m3fn for "fp8"."""
+    w = weight.detach().float()
+    top = FP8_MAX if mode == "fp8" else INT8_MAX
+    scale = w.abs().amax(dim=1) / top
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scaled = w / safe[:, None]
+    if mode == "fp8":
+        return scaled.to(torch.float8_e4m3fn), scale
+    return torch.clamp(torch.round(scaled), -INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def quantize_table(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 rows, fp32 scale per row) of an embedding table."""
+    return quantize_weight(table, "dynamic")
+
+
+QLINEAR = torch.ops.blade.qlinear.default
+QEMBEDDING = torch.ops.blade.qembedding.default

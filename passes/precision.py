@@ -1,0 +1,96 @@
+"""Mixed precision: matmuls, convolutions and attention compute in fp16/bf16; everything else stays fp32.
+
+Matches (config.precision "fp16" or "bf16"): `linear`, `matmul`, `mm`, `bmm`, `addmm`, `baddbmm`,
+`conv1d/2d/3d`, `convolution` and `blade::flash_attention` nodes on fp32 tensors. Produces: the same
+node computing in the low dtype — its constant operands (weights, biases) cast once, at compile
+time (a weight read by several nodes is cast once); its other operands through one
+`_to_copy(dtype=low)` per value; its result cast back to fp32 right after. Matmuls accumulate in
+fp32 inside the kernels (PyTorch's, ONNX Runtime's, Triton's); norms, softmax and their statistics,
+residual additions and the model's outputs stay fp32, which is what keeps the error near 1e-3.
+A cast of a cast back (fp16 → fp32 → fp16, exact) is dropped, so two low-precision nodes in a row
+pass their value directly.
+
+Leaves alone: nodes named in config.keep_high_precision, nodes already in another dtype, every
+other op, and precision "fp32" (or None).
+"""
+from __future__ import annotations
+
+import torch
+
+from blade.errors import ConfigError
+from blade.ir import Graph, Node, TensorMeta, map_refs
+from blade.ops import FLASH_ATTENTION
+from blade.passes.cleanup import eliminate_dead_code
+from blade.passes.manager import PassContext
+
+aten = torch.ops.aten
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LOW_PRECISION_OPS = {aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default,
+                     aten.baddbmm.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                     aten.convolution.default, FLASH_ATTENTION}
+CAST = aten._to_copy.default
+
+
+def low_dtype(precision: str | None) -> torch.dtype | None:
+    """The dtype for `precision` (None for fp32), or ConfigError naming the choices."""
+    if precision is None:
+        return None
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
+    return None if precision == "fp32" else PRECISIONS[precision]
+
+
+def is_cast(node: Node) -> bool:
+    return node.op == "call" and node.target == CAST and set(node.kwargs) == {"dtype"} and len(node.args) == 1
+
+
+def _eligible(node: Node, keep: set[str]) -> bool:
+    if node.target not in LOW_PRECISION_OPS or node.name in keep or not isinstance(node.val, TensorMeta):
+        return False
+    tensors = [r for r in node.refs() if isinstance(r.val, TensorMeta)]
+    return node.val.dtype == torch.float32 and all(
+        r.val.dtype == torch.float32 or not r.val.dtype.is_floating_point for r in tensors)
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    low = low_dtype(ctx.config.precision)
+    if low is None:
+        return graph
+    keep = set(ctx.config.keep_high_precision)
+    casts: dict[Node, Node] = {}
+
+    def lowered(ref: Node) -> Node:
+        if not (isinstance(ref.val, TensorMeta) and ref.val.dtype == torch.float32):
+            return ref
+        if ref not in casts:
+            if ref.op == "constant":
+                tensor = graph.constants[ref.name].to(low)
+                casts[ref] = graph.add_constant(f"{ref.name}_{_short(low)}", tensor, f"{ref.target} ({_short(low)})")
+            elif is_cast(ref) and isinstance(ref.args[0], Node) and ref.args[0].val.dtype == low:
+                casts[ref] = ref.args[0]  # x.to(fp32).to(low) is x: the cast back is exact
+            else:
+                meta = {"val": TensorMeta(ref.val.shape, low, ref.val.device)}
+                casts[ref] = graph.add_node(CAST, (ref,), {"dtype": low}, meta, name=f"{ref.name}_{_short(low)}")
+        return casts[ref]
+
+    for node in graph.call_nodes:
+        if not _eligible(node, keep):
+            continue
+        graph.set_args(node, map_refs(node.args, lowered), map_refs(node.kwargs, lowered))
+        node.meta = dict(node.meta, val=TensorMeta(node.val.shape, low, node.val.device), precision=_short(low),
+                         layer=node.name)
+        back = graph.add_node(CAST, (node,), {"dtype": torch.float32},
+                              {"val": TensorMeta(node.val.shape, torch.float32, node.val.device)},
+                              name=f"{node.name}_f32")
+        graph.replace_all_uses(node, back)
+        ctx.count(f"{_short(low)}_{_op_name(node)}")
+    eliminate_dead_code(graph, ctx)
+    return graph
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def _op_name(node: Node) -> str:
+    return node.target._schema.name.split("::")[-1]

@@ -1,0 +1,168 @@
+"""Quantization: linear layers → blade::qlinear, embedding tables → blade::qembedding (int8 rows).
+
+Matches: `aten.linear(x, W, b)` with a constant 2-D floating W (and a constant or absent b) on a
+floating x; `aten.embedding(W, indices)` and `aten.embedding_bag.padding_idx(W, indices, offsets,
+…)` with a constant table and no padding index. Produces, for config.quantize =
+- "int8_weight_only" / "int8_dynamic" / "int8_static" / "fp8": `blade::qlinear(x, W_q, scale, b,
+  mode)` with W quantized symmetrically per output channel (int8, or float8_e4m3fn for fp8) once, at
+  compile time; "int8_static" also records the calibrated activation scale (absmax over the
+  calibration inputs of what the layer reads, / 127), measured here by running the graph on them;
+- every mode: embedding tables as int8 rows with a scale per row, read through
+  `blade::qembedding(table_q, row_scale, indices)` (an embedding bag pools the dequantized rows it
+  reads, so the fp32 table is never rebuilt). A weight shared by a table and a linear (tied
+  embeddings) is quantized once for both when the layer is int8.
+
+Leaves alone: layers named in config.keep_high_precision (the accuracy guard's choice), computed
+weights, non-floating inputs, embedding bags with a padding index.
+"""
+from __future__ import annotations
+
+import torch
+
+from blade.errors import ConfigError
+from blade.ir import Graph, Node, ScalarMeta, TensorMeta
+from blade.passes.cleanup import eliminate_dead_code
+from blade.passes.manager import PassContext
+from blade.qops import INT8_MAX, QEMBEDDING, QLINEAR, quantize_table, quantize_weight
+
+aten = torch.ops.aten
+QUANTIZE_MODES = ("int8_weight_only", "int8_dynamic", "int8_static", "fp8")
+OP_MODE = {"int8_weight_only": "weight_only", "int8_dynamic": "dynamic", "int8_static": "static", "fp8": "fp8"}
+
+
+def linear_weights(node: Node) -> tuple[Node, Node | None] | None:
+    """(W, b) constant nodes of a linear quantization can rewrite, else None."""
+    if node.target != aten.linear.default or node.kwargs or not isinstance(node.args[0], Node):
+        return None
+    weight = node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    if not (isinstance(weight, Node) and weight.op == "constant") or len(weight.val.shape) != 2:
+        return None
+    if bias is not None and not (isinstance(bias, Node) and bias.op == "constant"):
+        return None
+    if not (weight.dtype.is_floating_point and isinstance(node.val, TensorMeta) and node.val.dtype.is_floating_point):
+        return None
+    return weight, bias
+
+
+def embedding_table(node: Node) -> Node | None:
+    """The constant table of an embedding (or padding-free embedding bag) quantization can rewrite."""
+    if node.target == aten.embedding.default:
+        table = node.args[0]
+    elif node.target == aten.embedding_bag.padding_idx:
+        padding = node.args[8] if len(node.args) > 8 else node.kwargs.get("padding_idx")
+        table = node.args[0] if padding in (None, -1) else None
+    else:
+        return None
+    if isinstance(table, Node) and table.op == "constant" and table.dtype.is_floating_point and len(table.val.shape) == 2:
+        return table
+    return None
+
+
+def quantizable_layers(graph: Graph) -> list[Node]:
+    """The nodes the pass would rewrite (linears and embeddings), in order."""
+    return [n for n in graph.call_nodes if linear_weights(n) or embedding_table(n)]
+
+
+class _Weights:
+    """Quantized copies of constants, made once per (constant, format) and shared by every reader."""
+
+    def __init__(self, graph: Graph):
+        self.graph, self.made = graph, {}
+
+    def get(self, constant: Node, mode: str) -> tuple[Node, Node]:
+        kind = "fp8" if mode == "fp8" else "int8"
+        key = (constant, kind)
+        if key not in self.made:
+            tensor = self.graph.constants[constant.name]
+            q, scale = quantize_weight(tensor, mode) if kind == "fp8" else quantize_table(tensor)
+            source = constant.target
+            self.made[key] = (self.graph.add_constant(f"{constant.name}_{kind}", q.contiguous(), f"{source} ({kind})"),
+                              self.graph.add_constant(f"{constant.name}_scale", scale.contiguous(), f"{source} (scale)"))
+        return self.made[key]
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    mode = ctx.config.quantize
+    if mode is None:
+        return graph
+    if mode not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize={mode!r} is not a mode; choose one of {list(QUANTIZE_MODES)} or None")
+    keep = set(ctx.config.keep_high_precision)
+    layers = [n for n in quantizable_layers(graph) if n.name not in keep]
+    scales = calibrate(graph, [n for n in layers if linear_weights(n)], ctx.config.calibration) \
+        if mode == "int8_static" else {}
+    weights = _Weights(graph)
+    for node in layers:
+        if linear_weights(node):
+            _rewrite_linear(graph, node, mode, weights, scales.get(node.name))
+            ctx.count(f"qlinear_{OP_MODE[mode]}")
+        else:
+            _rewrite_embedding(graph, node, weights)
+            ctx.count("qembedding")
+    kept = [n for n in keep if n in {m.name for m in graph.call_nodes}]
+    if kept:
+        ctx.note(f"kept in high precision: {sorted(kept)}")
+    eliminate_dead_code(graph, ctx)
+    return graph
+
+
+def _rewrite_linear(graph: Graph, node: Node, mode: str, weights: _Weights, absmax: float | None) -> None:
+    x, (weight, bias) = node.args[0], linear_weights(node)
+    op_mode = OP_MODE[mode]
+    q, scale = weights.get(weight, op_mode)
+    kwargs = {"mode": op_mode}
+    if op_mode == "static":
+        kwargs["input_scale"] = max(absmax or 0.0, 1e-12) / INT8_MAX
+    meta = dict(node.meta, quantized=op_mode, layer=node.name)
+    new = graph.add_node(QLINEAR, (x, q, scale, bias), kwargs, meta, name=f"q{node.name}")
+    graph.replace_all_uses(node, new)
+    graph.remove_node(node)
+
+
+def _rewrite_embedding(graph: Graph, node: Node, weights: _Weights) -> None:
+    table = embedding_table(node)
+    q, scale = weights.get(table, "dynamic")
+    indices = node.args[1]
+    dim = table.val.shape[1]
+    meta = {"val": TensorMeta((*indices.val.shape, dim), torch.float32, table.val.device), "quantized": "int8_rows",
+            "layer": node.name, **({"source": node.meta["source"]} if node.meta.get("source") else {})}
+    rows = graph.add_node(QEMBEDDING, (q, scale, indices), {}, meta, name=f"q{node.name}_rows")
+    if node.target == aten.embedding.default:
+        graph.replace_all_uses(node, rows)
+    else:  # the bag pools the rows it read, in order: positions 0..L-1 of `rows`
+        length = indices.val.shape[0]
+        size = graph.add_node(aten.sym_size.int, (indices, 0), {}, {"val": ScalarMeta(int, length)},
+                              name=f"{node.name}_count")
+        positions = graph.add_node(aten.arange.default, (size,), {"dtype": indices.dtype},
+                                   {"val": TensorMeta((length,), indices.dtype, indices.val.device)},
+                                   name=f"{node.name}_positions")
+        bag = graph.add_node(node.target, (rows, positions, *node.args[2:]), dict(node.kwargs), dict(node.meta),
+                             name=f"q{node.name}")
+        graph.replace_all_uses(node, bag)
+    graph.remove_node(node)
+
+
+def calibrate(graph: Graph, layers: list[Node], samples) -> dict[str, float]:
+    """absmax of the input each of `layers` reads, over every calibration sample (flat input lists)."""
+    if not samples:
+        raise ConfigError("quantize='int8_static' needs calibration_data: an iterable of example inputs "
+                          "(each like the model's arguments) that represent what it will see")
+    wanted = {n.name for n in layers}
+    seen: dict[str, float] = {}
+
+    class Observer(torch.fx.Interpreter):
+        def run_node(self, fx_node):
+            if fx_node.name in wanted:
+                x = self.env[fx_node.args[0]]
+                top = float(x.detach().abs().max()) if x.numel() else 0.0
+                seen[fx_node.name] = max(seen.get(fx_node.name, 0.0), top)
+            return super().run_node(fx_node)
+
+    module = graph.to_fx()
+    with torch.no_grad():
+        for sample in samples:
+            Observer(module).run(*sample)
+    return seen
+
+
