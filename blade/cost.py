@@ -23,6 +23,7 @@ import torch
 from blade.fused import FusedRegion
 from blade.ir import Graph, Node, ScalarMeta, TensorMeta
 from blade.ops import FLASH_ATTENTION
+from blade.qops import QEMBEDDING, QLINEAR
 from blade.shapes import Size, evaluate
 
 aten = torch.ops.aten
@@ -72,13 +73,13 @@ def _tensor_metas(val) -> list[TensorMeta]:
 
 
 # Lookups read from their table (first argument) only the elements they write, not all of it.
-GATHERS = {aten.embedding.default, aten.index_select.default, aten.gather.default, aten.index.Tensor}
+GATHERS = {aten.embedding.default, aten.index_select.default, aten.gather.default, aten.index.Tensor, QEMBEDDING}
 
 
 def read_bytes(node: Node, ref: Node) -> Size:
     """The bytes `node` reads of `ref`: all of it, or as much as it writes when it gathers from it."""
     if node.target in GATHERS and node.args and node.args[0] is ref and isinstance(node.val, TensorMeta):
-        return tensor_bytes(node.val)
+        return numel(node.val) * ref.val.dtype.itemsize  # the elements gathered, at the table's dtype
     return sum((tensor_bytes(m) for m in _tensor_metas(ref.val)), 0)
 
 
@@ -186,7 +187,7 @@ MOVES = {
     torch.ops.prims.convert_element_type.default,
 }
 MATMULS = {aten.linear.default: _linear, aten.addmm.default: _addmm, aten.mm.default: _matmul,
-           aten.bmm.default: _matmul, aten.matmul.default: _matmul}
+           aten.bmm.default: _matmul, aten.matmul.default: _matmul, QLINEAR: _linear}
 CONVOLUTIONS = {aten.conv1d.default: _convolution, aten.conv2d.default: _convolution,
                 aten.convolution.default: _convolution}
 ATTENTIONS = {FLASH_ATTENTION: _flash_attention, aten.scaled_dot_product_attention.default: _sdpa}
@@ -195,6 +196,7 @@ FLOP_RULES = {
     **{op: _per_output_element for op in ELEMENTWISE},
     **{op: _per_input_element for op in REDUCTIONS},
     **{op: _nothing for op in MOVES},
+    QEMBEDDING: _per_output_element,  # the scale multiply
 }
 # Views, size arithmetic and checks: no FLOPs and no bytes.
 FREE = {

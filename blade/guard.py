@@ -5,7 +5,8 @@ outputs and over every check sample (the example inputs and the calibration inpu
 fp32 graph, measured by running the graph eagerly (the reference semantics of blade's ops). A
 layer's sensitivity is that error with only this layer lowered. To meet a budget the guard keeps
 the k most sensitive layers in fp32, the smallest k that holds (binary search: the error falls as k
-grows), or raises AccuracyError when even all of them kept does not.
+grows), at most all but one: a budget that only an unquantized model meets raises AccuracyError
+rather than silently giving back the fp32 model.
 """
 from __future__ import annotations
 
@@ -98,10 +99,12 @@ class Guard:
         result = GuardResult(budget, all_lowered, all_lowered, sensitivity)
         if all_lowered <= budget:
             return result
-        everything = self.error(ranked)
-        if everything > budget:
-            raise self.failure(result, everything)
-        low, high, high_error = 0, len(ranked), everything  # error(low) > budget >= error(high)
+        most = len(ranked) - 1
+        floor = self.error(ranked[:most]) if most else all_lowered
+        if floor > budget:
+            result.kept = ranked[:most]
+            raise self.failure(result, floor)
+        low, high, high_error = 0, most, floor  # error(low) > budget >= error(high)
         while high - low > 1:
             mid = (low + high) // 2
             err = self.error(ranked[:mid])
@@ -113,11 +116,12 @@ class Guard:
         return result
 
     def more_kept(self, result: GuardResult) -> list[str] | None:
-        """The next larger kept set (twice as many, at least one more), or None when all are kept."""
+        """The next larger kept set (twice as many, at least one more, at most all but one), or None."""
         ranked = sorted(self.layers, key=lambda n: -result.sensitivity.get(n, 0.0))
-        if len(result.kept) >= len(ranked):
+        most = len(ranked) - 1
+        if len(result.kept) >= most:
             return None
-        return ranked[:max(len(result.kept) + 1, 2 * len(result.kept))]
+        return ranked[:min(most, max(len(result.kept) + 1, 2 * len(result.kept)))]
 
     def failure(self, result: GuardResult, floor: float, measured_on: str = "eager") -> AccuracyError:
         worst = sorted(result.sensitivity.items(), key=lambda kv: -kv[1])
@@ -127,6 +131,7 @@ class Guard:
         return AccuracyError(
             f"{what} cannot meet accuracy_budget={result.budget:g}: the relative error vs fp32 is "
             f"{result.error_all_lowered:.3g} with all {len(self.layers)} layers lowered and still {floor:.3g} "
-            f"({measured_on}) with {len(result.kept) or 'all'} kept in fp32. Error with one layer alone lowered: "
+            f"({measured_on}) with {len(result.kept)} kept in fp32 (at most all but one is kept: a model with "
+            f"nothing lowered is not what was asked for). Error with one layer alone lowered: "
             f"{shown}. Raise the budget, choose a milder mode, or calibrate on more representative data.",
             layers=dict(worst))

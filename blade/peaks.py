@@ -23,7 +23,7 @@ from blade.config import cache_root
 from blade.errors import BackendError
 from blade.target import Target
 
-FORMAT = 2  # bump when what is measured changes: old cache entries are then measured again
+FORMAT = 3  # bump when what is measured changes: old cache entries are then measured again
 
 # A probe: (device, dtype name, n) -> a callable that runs one n x n x n matmul, or None if it cannot.
 MatmulProbe = Callable[[str, str, int], "Callable[[], object] | None"]

@@ -22,6 +22,7 @@ from blade.errors import BackendError
 from blade.guards import check_inputs
 from blade.ir import Graph, Node
 from blade.peaks import DTYPE_NAMES, Peaks, machine_peaks
+from blade.qops import QLINEAR
 from blade.report import json_safe
 from blade.shapes import evaluate
 from blade.timing import sample_interleaved
@@ -185,6 +186,9 @@ def compute_dtype(nodes, costs: GraphCost, dims: dict, device: str = "cpu") -> s
             best, most = node, flops
     if best is None:
         return "fp32"
+    mode = best.kwargs.get("mode", "dynamic") if best.target == QLINEAR else None
+    if mode in ("dynamic", "static", "fp8"):  # the matmul runs on the quantized operands
+        return "fp8_e4m3" if mode == "fp8" else "int8"
     tensor_args = [r for r in best.refs() if hasattr(r.val, "dtype")]
     dtype = DTYPE_NAMES.get(tensor_args[0].val.dtype, "fp32") if tensor_args else "fp32"
     if dtype == "fp32" and device == "cuda" and torch.get_float32_matmul_precision() != "highest":

@@ -1,5 +1,5 @@
 """The Triton backend: generated kernels for fused regions in a host program (blade.backends.triton.kernels
-holds the hand-written ones, e.g. FlashAttention, which blade's ops use on CUDA)."""
+holds the hand-written ones, FlashAttention and the quantized GEMMs, which blade's ops use on CUDA)."""
 from __future__ import annotations
 
 import importlib.util
@@ -21,12 +21,13 @@ def install_kernels() -> bool:
     if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
         return False
     try:
-        from blade.backends.triton.kernels import attention
+        from blade.backends.triton.kernels import attention, qgemm
     except Exception as exc:  # noqa: BLE001 - a broken Triton install must not break `import blade`
         warnings.warn(f"blade: Triton kernels not installed ({type(exc).__name__}: {exc}); "
-                      "blade::flash_attention runs its PyTorch reference on CUDA", stacklevel=2)
+                      "blade::flash_attention and blade::qlinear run their PyTorch references on CUDA", stacklevel=2)
         return False
-    return attention.install()
+    installed = [attention.install(), qgemm.install()]  # both, whatever the first returns
+    return all(installed)
 
 
 def interpreting() -> bool:

@@ -16,6 +16,7 @@ from blade.backends.triton.launcher import LOOP_BLOCK, RegionKernel, autotune_en
 from blade.config import cache_root
 from blade.fused import is_fused
 from blade.ir import Graph, Node, TensorMeta
+from blade.qops import QLINEAR
 
 PLAN = "plan.json"
 KERNELS = "kernels"
@@ -142,7 +143,8 @@ def _aliases(node: Node) -> bool:
 
 
 class TritonProgram:
-    """Runs the graph: fused regions as generated kernels, every other node as its PyTorch op."""
+    """Runs the graph: fused regions as generated kernels, blade::qlinear through the Triton qgemm kernels, every
+    other node as its PyTorch op."""
 
     def __init__(self, graph: Graph, interpret: bool):
         self.graph = graph
@@ -176,7 +178,26 @@ class TritonProgram:
                 if allocate is not None:
                     launcher.allocate = allocate
                 node.target = launcher
+        self.qgemm_nodes = self._route_qlinear(program, interpret)
         self.module = program.to_fx()
+
+    @staticmethod
+    def _route_qlinear(program: Graph, interpret: bool) -> list[str]:
+        """The blade::qlinear nodes that run the Triton qgemm kernels. Under the interpreter (CPU tests) the nodes
+        call qgemm.qlinear directly, as the op would dispatch on CPU to its reference; on CUDA the op itself runs
+        the kernel install_kernels() registered for it (when nothing has replaced that registration)."""
+        nodes = [n for n in program.call_nodes if n.target == QLINEAR]
+        if not nodes:
+            return []
+        from blade.backends.triton.kernels import qgemm
+
+        if interpret:
+            for node in nodes:
+                node.target = qgemm.qlinear
+            return [n.name for n in nodes]
+        if not qgemm.installed():
+            return []
+        return [n.name for n in nodes if isinstance(n.val, TensorMeta) and n.val.device == "cuda"]
 
     def __call__(self, *tensors) -> list:
         with torch.no_grad():
@@ -186,7 +207,7 @@ class TritonProgram:
         fused = len(self.kernels) + len(self.fallbacks)
         torch_ops = sum(1 for n in self.graph.call_nodes if not is_fused(n))
         return {"kernels": len(self.kernels), "fused_regions": fused, "fallback_regions": self.fallbacks,
-                "torch_ops": torch_ops, "kernel_cache": dict(self.cache), **self.plan.as_dict(),
+                "torch_ops": torch_ops, "qgemm_nodes": len(self.qgemm_nodes), "kernel_cache": dict(self.cache), **self.plan.as_dict(),
                 "kernel_kinds": {k: sum(1 for s in self.kernels.values() if s.kind == k)
                                  for k in ("loop", "reduction", "matmul_epilogue")}}
 

@@ -1,0 +1,151 @@
+"""Quantization and mixed precision end to end: every zoo model, every mode, eager and ONNX Runtime
+against fp32 on fresh inputs; the accuracy guard; saved artifacts; the report."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import blade
+from blade import models
+from blade.errors import AccuracyError
+from blade.qops import QLINEAR
+
+MODES = [{"precision": "fp16"}, {"precision": "bf16"}, {"quantize": "int8_weight_only"},
+         {"quantize": "int8_dynamic"}, {"quantize": "int8_static"}, {"quantize": "fp8"}]
+
+
+def mode_id(options: dict) -> str:
+    return next(iter(options.values()))
+
+
+def flat(out) -> torch.Tensor:
+    return torch.cat([t.detach().double().flatten() for t in pytree.tree_leaves(out) if t.is_floating_point()])
+
+
+def rel_and_cosine(out, ref) -> tuple[float, float]:
+    out, ref = flat(out), flat(ref)
+    rel = float((out - ref).norm() / ref.norm())
+    return rel, float(out @ ref / (out.norm() * ref.norm()))
+
+
+def options_for(name: str, options: dict) -> dict:
+    if options.get("quantize") == "int8_static":
+        return dict(options, calibration_data=[models.sample_inputs(name, seed=10 + s) for s in range(3)])
+    return options
+
+
+def check_bounds(options: dict, rel: float, cos: float) -> None:
+    assert not math.isnan(rel)
+    if "precision" in options:
+        assert rel <= 1e-2, f"{options}: relative error {rel:.3g} > 1e-2"
+    else:
+        assert cos >= 0.99, f"{options}: cosine {cos:.5f} < 0.99 (relative error {rel:.3g})"
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("options", MODES, ids=mode_id)
+@pytest.mark.parametrize("name", models.names())
+def test_zoo_model_in_every_mode(name, options, backend):
+    model, example, dims = models.get(name)
+    cm = blade.compile(model, example, dynamic_shapes=dims, backend=backend, **options_for(name, options))
+    fresh = models.sample_inputs(name, seed=99)
+    with torch.no_grad():
+        ref = model(*fresh)
+    rel, cos = rel_and_cosine(cm(*fresh), ref)
+    check_bounds(options, rel, cos)
+    summary = cm.report.quantization
+    assert summary["quantize"] == options.get("quantize") and summary["lowered"], summary
+    if backend == "onnxruntime" and options.get("precision") != "bf16":  # ONNX Runtime has no bf16 matmul on CPU
+        assert cm.report.backend_details["nodes"]["torch"] == 0, cm.report.backend_details
+
+
+class Outliers(torch.nn.Module):
+    """Three linears; the middle one reads a channel 1000x larger than the rest while its output depends on the
+    others: per-token int8 of its input rounds them to zero. The other two quantize well."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.middle, self.last = (torch.nn.Linear(16, 16), torch.nn.Linear(16, 16),
+                                              torch.nn.Linear(16, 8))
+        gain = torch.ones(16)
+        gain[3] = 1000.0
+        self.register_buffer("gain", gain)
+        with torch.no_grad():
+            self.middle.weight[:, 3] = 1e-6
+
+    def forward(self, x):
+        return self.last(torch.relu(self.middle(self.first(x) * self.gain)))
+
+
+def outlier_inputs(seed: int):
+    return (torch.randn(4, 16, generator=torch.Generator().manual_seed(seed)),)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_guard_keeps_the_sensitive_layer_in_fp32_and_meets_the_budget(backend):
+    model = Outliers().eval()
+    unguarded = blade.compile(model, outlier_inputs(0), backend=backend, quantize="int8_dynamic")
+    fresh = outlier_inputs(5)
+    assert rel_and_cosine(unguarded(*fresh), model(*fresh))[0] > 0.1  # the outlier layer breaks int8
+    cm = blade.compile(model, outlier_inputs(0), backend=backend, quantize="int8_dynamic", accuracy_budget=0.02,
+                       calibration_data=[outlier_inputs(s) for s in (1, 2)])
+    summary = cm.report.quantization
+    assert summary["kept_high_precision"] == ["linear_1"]
+    layers = {layer["name"]: layer for layer in summary["layers"]}
+    assert layers["linear_1"]["error_alone"] > 10 * max(layers["linear"]["error_alone"], layers["linear_2"]["error_alone"])
+    assert summary["error_eager"] <= 0.02 and summary["error_backend"] <= 0.02
+    assert [layer["layer"] for layer in summary["lowered"]] == ["linear", "linear_2"]
+    assert sum(n.target == QLINEAR for n in cm.graph.call_nodes) == 2
+    assert rel_and_cosine(cm(*fresh), model(*fresh))[0] <= 0.02
+
+
+def test_an_impossible_budget_raises_with_the_per_layer_errors():
+    with pytest.raises(AccuracyError, match=r"cannot meet accuracy_budget=1e-12.*linear_1 ") as info:
+        blade.compile(Outliers().eval(), outlier_inputs(0), backend="eager", quantize="int8_dynamic",
+                      accuracy_budget=1e-12)
+    assert set(info.value.layers) == {"linear", "linear_1", "linear_2"}
+    assert info.value.layers["linear_1"] == max(info.value.layers.values())
+
+
+def test_the_guard_rechecks_on_the_backend_and_keeps_more_when_it_misses(monkeypatch):
+    """A backend whose numbers are worse than the eager reference (here: forced) makes the guard keep more."""
+    from blade import lowering
+
+    calls = []
+    real = lowering.Lowering._backend_error
+
+    def worse(self, executable):
+        calls.append(len(self.result.kept))
+        return real(self, executable) + (1.0 if len(self.result.kept) < 2 else 0.0)
+
+    monkeypatch.setattr(lowering.Lowering, "_backend_error", worse)
+    cm = blade.compile(Outliers().eval(), outlier_inputs(0), backend="eager", quantize="int8_dynamic",
+                       accuracy_budget=0.02)
+    assert calls == [1, 2] and len(cm.report.quantization["kept_high_precision"]) == 2
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("mode", ["int8_dynamic", "fp8"])
+def test_quantized_artifacts_load_and_match(tmp_path, backend, mode):
+    model, example, dims = models.get("bert")
+    cm = blade.compile(model, example, dynamic_shapes=dims, backend=backend, quantize=mode)
+    cm.save(tmp_path / "q.blade")
+    loaded = blade.load(tmp_path / "q.blade")
+    fresh = models.sample_inputs("bert", seed=4)
+    assert torch.equal(flat(loaded(*fresh)), flat(cm(*fresh)))
+    assert loaded.report.quantization["quantize"] == mode
+    assert any(t.dtype in (torch.int8, torch.float8_e4m3fn) for t in loaded.graph.constants.values())
+
+
+def test_report_lists_every_lowered_layer_and_the_check_uses_the_mode_tolerance():
+    model, example, dims = models.get("mlp")
+    cm = blade.compile(model, example, dynamic_shapes=dims, backend="eager", quantize="int8_dynamic")
+    summary = cm.report.quantization
+    assert [layer["as"] for layer in summary["lowered"]] == ["dynamic"] * 3
+    assert all(layer["source"] for layer in summary["lowered"])
+    assert cm.report.accuracy.ok and cm.report.accuracy.outputs[0].tolerance == 5e-2
+    assert not cm.report.warnings
