@@ -58,8 +58,31 @@ def _compile(spec: str, args, progress):
         dynamic_shapes = apply_ranges(parse_ranges(args.dynamic), example_inputs, dynamic_shapes)
     progress(f"capturing and compiling {spec} (backend {args.backend}, O{args.optimize})")
     compiled = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend=args.backend,
-                             optimize=args.optimize, cache=False if args.no_cache else None)
+                             optimize=args.optimize, cache=False if args.no_cache else None, **_lowering(args))
     return model, example_inputs, compiled
+
+
+def _lowering(args) -> dict:
+    """precision/quantize/calibration/accuracy_budget from the command line (absent options left out)."""
+    options = {"precision": args.precision, "quantize": args.quantize, "accuracy_budget": args.accuracy_budget}
+    if args.calibration:
+        options["calibration_data"] = read_calibration(args.calibration)
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def read_calibration(path: str) -> list[dict]:
+    """Samples as keyword arguments, one per safetensors file (a file, or every *.safetensors in a directory)."""
+    import safetensors.torch
+
+    root = Path(path)
+    files = sorted(root.glob("*.safetensors")) if root.is_dir() else [root]
+    if not files or not all(f.is_file() for f in files):
+        raise InputError(f"--calibration {path}: no safetensors file there; give a file or a directory of "
+                         "*.safetensors, each one sample with one tensor per input name")
+    try:
+        return [safetensors.torch.load_file(str(f)) for f in files]
+    except Exception as exc:  # noqa: BLE001 - a damaged file names itself
+        raise InputError(f"--calibration {path}: cannot read {exc}") from exc
 
 
 def _bench(model, example_inputs, compiled, args, progress) -> dict:
@@ -220,7 +243,7 @@ def _profile_target(args, progress):
         progress(f"capturing and compiling zoo {target} ({args.size}) (backend {args.backend}, O{args.optimize})")
         model, example_inputs, dynamic_shapes = workload.triple()
         compiled = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend=args.backend,
-                                 optimize=args.optimize)
+                                 optimize=args.optimize, **_lowering(args))
         return compiled, compiled.flat_inputs(*inputs)
     if dims:
         raise InputError(f"--batch/--seq/--past size zoo models only; {target} is profiled on its example inputs")
@@ -379,6 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="pass pipeline level")
             p.add_argument("--no-cache", action="store_true", help="compile afresh; neither read nor write the "
                            "compile cache")
+            p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                           help="what matmuls, convolutions and attention compute in (norms and softmax stay fp32)")
+            p.add_argument("--quantize", choices=["int8_weight_only", "int8_dynamic", "int8_static", "fp8"],
+                           help="quantize linear layers and embedding tables")
+            p.add_argument("--calibration", metavar="PATH", help="int8_static calibration: a safetensors file, or a "
+                           "directory of them, each one sample with one tensor per input name (as `run --inputs`)")
+            p.add_argument("--accuracy-budget", type=float, metavar="REL_ERR", help="largest relative error vs "
+                           "fp32; the most sensitive layers stay fp32 until it holds, else the compile fails")
         if bench_options:
             p.add_argument("--warmup", type=_count(0), default=3)
             p.add_argument("--repeat", type=_count(1), default=20)

@@ -9,6 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
+import blade
 import blade.models as zoo
 
 
@@ -101,3 +102,27 @@ def test_compile_writes_plain_onnx(tmp_path):
     result = blade_cli("compile", "blade.models.mlp:tiny", "-o", str(tmp_path / "e.blade"), "--backend", "eager",
                        "--onnx", str(tmp_path / "e.onnx"))
     assert result.returncode == 1 and "--onnx needs --backend onnxruntime" in result.stderr
+
+
+def test_compile_quantized_with_calibration_files(tmp_path):
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for seed in range(2):
+        (x,) = zoo.sample_inputs("mlp", seed=20 + seed, batch=4)
+        safetensors.torch.save_file({"input": x}, calibration / f"sample{seed}.safetensors")
+    out = tmp_path / "q.blade"
+    result = blade_cli("compile", "blade.models.mlp:tiny", "-o", str(out), "--quantize", "int8_static",
+                       "--calibration", str(calibration), "--accuracy-budget", "0.05", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)["report"]["quantization"]
+    assert summary["quantize"] == "int8_static" and summary["calibration_samples"] == 2
+    assert summary["error_backend"] <= 0.05 and len(summary["layers"]) == 3
+    loaded = blade.load(out)
+    assert any(n.target == torch.ops.blade.qlinear.default for n in loaded.graph.call_nodes)
+    missing = blade_cli("compile", "blade.models.mlp:tiny", "-o", str(tmp_path / "x.blade"), "--quantize",
+                        "int8_static", "--calibration", str(tmp_path / "nowhere"))
+    assert missing.returncode != 0 and "--calibration" in missing.stderr and "no safetensors file" in missing.stderr
+    bf16 = blade_cli("compile", "blade.models.mlp:tiny", "-o", str(tmp_path / "h.blade"), "--precision", "bf16",
+                     "--backend", "eager", "--json")
+    assert bf16.returncode == 0, bf16.stderr
+    assert json.loads(bf16.stdout)["report"]["quantization"]["precision"] == "bf16"

@@ -130,6 +130,10 @@ class OnnxRuntimeBackend:
         if example_inputs is None:
             raise BackendError("the onnxruntime backend needs example inputs to export the graph")
         refused: dict[str, str] = {}  # node name -> why the exporter could not translate it
+        if target.device == "cpu" and any(_computes_bf16(n) for n in graph.call_nodes):
+            # one PyTorch region, not ONNX Runtime regions cut at every matmul (each cut costs a session switch)
+            refused.update({n.name: "precision='bf16': ONNX Runtime has no bf16 matmul kernels on CPU, so the graph "
+                            "runs in PyTorch (backend='eager' says so directly)" for n in graph.call_nodes})
         for _ in range(_MAX_REFUSALS):
             try:
                 return self._compile_partitioned(graph, target, example_inputs, refused)
@@ -202,6 +206,13 @@ class OnnxRuntimeBackend:
         return OrtExecutable(graph, steps, root)
 
 
+def _computes_bf16(node: Node) -> bool:
+    """A node other than a cast whose result is bf16."""
+    metas = node.val if isinstance(node.val, tuple) else (node.val,)
+    return node.target is not torch.ops.aten._to_copy.default and any(
+        getattr(m, "dtype", None) == torch.bfloat16 for m in metas)
+
+
 def _torch_runner(graph: Graph):
     """A PyTorch region, called like an OrtRunner (with a list of tensors)."""
     executable = EagerExecutable(graph)
@@ -226,7 +237,12 @@ def _refused_node(exc: BaseException, region: Region) -> str | None:
 
 
 def _unsupported_reason(region: Region, refused: dict) -> str:
-    parts = [f"{format_target(n.target)} ({n.name}): {refused[n.name]}" for n in region.nodes if n.name in refused]
+    by_reason: dict[str, list[str]] = {}
+    for n in region.nodes:
+        if n.name in refused:
+            by_reason.setdefault(refused[n.name], []).append(f"{format_target(n.target)} ({n.name})")
+    parts = [(f"{nodes[0]}: " if len(nodes) == 1 else f"{len(nodes)} nodes ({', '.join(nodes[:3])}, …): ") + reason
+             for reason, nodes in by_reason.items()]
     targets = sorted({format_target(n.target) for n in region.nodes
                       if n.name not in refused and n.target is not operator.getitem and not supports(n)})
     if targets:

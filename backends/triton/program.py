@@ -207,7 +207,8 @@ class TritonProgram:
         fused = len(self.kernels) + len(self.fallbacks)
         torch_ops = sum(1 for n in self.graph.call_nodes if not is_fused(n))
         return {"kernels": len(self.kernels), "fused_regions": fused, "fallback_regions": self.fallbacks,
-                "torch_ops": torch_ops, "qgemm_nodes": len(self.qgemm_nodes), "kernel_cache": dict(self.cache), **self.plan.as_dict(),
+                "torch_ops": torch_ops, "qgemm_nodes": len(self.qgemm_nodes), "kernel_cache": dict(self.cache),
+                **self.plan.as_dict(),
                 "kernel_kinds": {k: sum(1 for s in self.kernels.values() if s.kind == k)
                                  for k in ("loop", "reduction", "matmul_epilogue")}}
 
