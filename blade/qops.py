@@ -11,7 +11,7 @@
     mode "static":      the same with s = input_scale, one calibrated number for the tensor (x_q clamped)
     mode "fp8":         per token s = amax(|x_row|) / 448; x_8 = e4m3(x / s);
                         y = (x_8 @ weight_8ᵀ, fp32 accumulation) * s * weight_scale + bias
-    A row of zeros has s = 0 and gives y = bias. The reference computes in fp32, which is exact for the
+    round() is half to even (torch.round). A row of zeros has s = 0 and gives y = bias. The reference computes in fp32, which is exact for the
     integer products of the int8 modes up to rounding of sums beyond 2^24.
 
 `blade::qembedding(table, row_scale, indices) -> rows`
@@ -33,10 +33,14 @@ INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def check_qlinear_args(x, weight, weight_scale, bias, mode) -> None:
+def check_qlinear_args(x, weight, weight_scale, bias, mode, input_scale=None) -> None:
     """Raise ShapeError naming the argument when the call breaks the op's spec."""
     if mode not in MODES:
         raise ShapeError(f"blade::qlinear: mode {mode!r} is not one of {MODES}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ShapeError(f"blade::qlinear: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if mode == "static" and not (input_scale is not None and input_scale > 0):
+        raise ShapeError(f"blade::qlinear (static): input_scale must be a positive number, got {input_scale!r}")
     want = torch.float8_e4m3fn if mode == "fp8" else torch.int8
     if weight.dtype != want or weight.dim() != 2:
         raise ShapeError(f"blade::qlinear ({mode}): weight must be a 2-D {want} [out, in] tensor, got "
@@ -68,7 +72,7 @@ def qlinear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
                       bias: Optional[torch.Tensor] = None, mode: str = "dynamic",
                       input_scale: Optional[float] = None) -> torch.Tensor:
     """The op's meaning, in fp32 PyTorch."""
-    check_qlinear_args(x, weight, weight_scale, bias, mode)
+    check_qlinear_args(x, weight, weight_scale, bias, mode, input_scale)
     if mode == "weight_only":
         out = x.float() @ (weight.float() * weight_scale[:, None].float()).t()
     else:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUND = {"ir", "shapes", "errors", "config", "target", "serialize", "fx_bridge", "structure", "ops", "cost", "peaks", "fused"}
+GROUND = {"ir", "shapes", "errors", "config", "target", "serialize", "fx_bridge", "structure", "ops", "cost", "peaks", "fused", "qops"}
 
 
 def blade_imports(path: Path) -> set[str]:

@@ -3,6 +3,7 @@ against fp32 on fresh inputs; the accuracy guard; saved artifacts; the report.""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -45,10 +46,13 @@ def check_bounds(options: dict, rel: float, cos: float) -> None:
         assert cos >= 0.99, f"{options}: cosine {cos:.5f} < 0.99 (relative error {rel:.3g})"
 
 
-@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime", "triton"])
 @pytest.mark.parametrize("options", MODES, ids=mode_id)
 @pytest.mark.parametrize("name", models.names())
 def test_zoo_model_in_every_mode(name, options, backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors take the Triton backend only under its interpreter (tests/conftest.py sets it "
+                    "on machines without CUDA)")
     model, example, dims = models.get(name)
     cm = blade.compile(model, example, dynamic_shapes=dims, backend=backend, **options_for(name, options))
     fresh = models.sample_inputs(name, seed=99)
@@ -60,6 +64,9 @@ def test_zoo_model_in_every_mode(name, options, backend):
     assert summary["quantize"] == options.get("quantize") and summary["lowered"], summary
     if backend == "onnxruntime" and options.get("precision") != "bf16":  # ONNX Runtime has no bf16 matmul on CPU
         assert cm.report.backend_details["nodes"]["torch"] == 0, cm.report.backend_details
+    if backend == "triton" and "quantize" in options:  # the int8/fp8 GEMM kernels ran, not the reference
+        assert cm.report.backend_details["qgemm_nodes"] == len(
+            [layer for layer in summary["lowered"] if layer["as"] != "int8_rows"]), cm.report.backend_details
 
 
 class Outliers(torch.nn.Module):

@@ -41,7 +41,9 @@ On GPU the GEMM's block sizes are autotuned per (N, K, mode, bias, dtypes) and a
 <= 64, <= 256, more: decode-sized rows get narrow-M blocks), not per M, so a dynamic batch does not
 retune on every size; BLADE_TRITON_AUTOTUNE=0 takes each bucket's first config untimed. Under
 TRITON_INTERPRET=1 (CPU tests) one small config is used (16 x 16 x 16 tiles, BLOCK_K 16 for the
-quantizer: small shapes exercise every loop and tail).
+quantizer: small shapes exercise every loop and tail). The interpreter's own bf16 conversions are not
+exact (fp32 -> bf16 truncates, int8 -> bf16 is a bit-level reinterpretation), so bf16 x is only right on
+a GPU; fp32 and fp16 are right in both.
 """
 
 import contextlib
@@ -237,12 +239,7 @@ _qgemm_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "M_BUCKET", "MOD
 def qlinear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
             mode: str = "dynamic", input_scale: Optional[float] = None) -> torch.Tensor:
     """blade::qlinear through the Triton kernels (the op's spec: blade.qops)."""
-    check_qlinear_args(x, weight, weight_scale, bias, mode)
-    if x.dtype not in DTYPES:
-        raise InputError(f"blade::qlinear (triton): x has dtype {x.dtype}; the kernels take float16, bfloat16 "
-                         "or float32")
-    if mode == "static" and input_scale is None:
-        raise InputError("blade::qlinear (triton): mode 'static' needs input_scale (the calibrated scale of x)")
+    check_qlinear_args(x, weight, weight_scale, bias, mode, input_scale)  # dtype of x, static's scale, shapes
     devices = {t.device for t in (x, weight, weight_scale) + (() if bias is None else (bias,))}
     if len(devices) != 1:
         raise InputError(f"blade::qlinear (triton): inputs on several devices: {sorted(map(str, devices))}")
@@ -311,7 +308,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
 def qlinear_or_reference(x, weight, weight_scale, bias=None, mode="dynamic", input_scale=None) -> torch.Tensor:
     """The kernels where they apply, the op's reference elsewhere: what install() registers."""
     if supports(x, weight, weight_scale, bias, mode, input_scale):
-        check_qlinear_args(x, weight, weight_scale, bias, mode)
+        check_qlinear_args(x, weight, weight_scale, bias, mode, input_scale)
         return _forward(x, weight, weight_scale, bias, mode, input_scale)
     return qlinear_reference(x, weight, weight_scale, bias, mode, input_scale)
 
