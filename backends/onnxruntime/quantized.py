@@ -11,7 +11,11 @@ bench/results/ort_quant_ops.md); the choice per mode:
 | fp8         | x per row scaled to 448 and cast to float8e4m3fn and back, the fp8 weight cast to fp32, MatMul: exact to the spec, but emulated (a CPU has no fp8 matmul) |
 
 MatMulInteger and MatMulIntegerToFloat with int8 activations were 30x slower there than the two
-int8 forms chosen, and MatMulNBits (8 bits) no faster than fp32. The int8 weight is stored [N, K]
+int8 forms chosen, and MatMulNBits (8 bits) no faster than fp32. On all of zoo bert base (batch 1,
+seq 128) the per-token scaling costs 4.5 ms of 28: DynamicQuantizeMatMul on the unscaled x (per-tensor
+activations) ran in 23.2 ms against 27.7 for per-token (and 25.8 for ONNX Runtime's quantize_dynamic),
+at a relative error of 1.30e-2 against 1.14e-2; it is not used because it is not the op's meaning: one
+outlier token at serving time would coarsen every other token's quantization. The int8 weight is stored [N, K]
 as in the IR; its transpose is constant and folded when the session loads.
 """
 from __future__ import annotations
@@ -26,10 +30,12 @@ msft = onnxscript.values.Opset("com.microsoft", 1)
 
 
 def _row_scale(x, top: float):
-    """max |x| over the last axis / top, [..., 1], with 1 where a row is all zeros."""
-    scale = op.Div(op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1), op.CastLike(op.Constant(value_float=top), x))
-    zero = op.CastLike(op.Constant(value_float=0.0), x)
-    return op.Where(op.Greater(scale, zero), scale, op.CastLike(op.Constant(value_float=1.0), x))
+    """max |x| over the last axis / top, [..., 1] (from the row's max and min: no |x| copy), at least 1e-30 so
+    that a row of zeros divides to zeros."""
+    axes = op.Constant(value_ints=[-1])
+    largest = op.Max(op.ReduceMax(x, axes, keepdims=1), op.Neg(op.ReduceMin(x, axes, keepdims=1)))
+    return op.Max(op.Div(largest, op.CastLike(op.Constant(value_float=top), x)),
+                  op.CastLike(op.Constant(value_float=1e-30), x))
 
 
 def _plus_bias(y, bias):
