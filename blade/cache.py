@@ -110,9 +110,10 @@ def tensors_digest(data) -> str | None:
 
     from blade.fingerprint import tensor_digests
 
-    leaves = pytree.tree_leaves(data)
+    leaves, structure = pytree.tree_flatten(data)  # the structure names which input each tensor is
     digests = iter(tensor_digests([leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]))
-    return _hash_text(json.dumps([next(digests) if isinstance(leaf, torch.Tensor) else repr(leaf) for leaf in leaves]))
+    return _hash_text(json.dumps([str(structure)] + [next(digests) if isinstance(leaf, torch.Tensor) else repr(leaf)
+                                                     for leaf in leaves]))
 
 
 def _hash_text(text: str) -> str:

@@ -103,7 +103,13 @@ def _bench(model, example_inputs, compiled, args, progress) -> dict:
     flops, least, dtype = model_work(compiled.graph, dims, device=compiled.target.device)
     progress("utilization against this machine's peaks (measured once, about 10 s, then cached)")
     peaks = machine_peaks(compiled.target, refresh=args.remeasure_peaks)
-    figures = {name: utilization(flops, least, seconds, peaks, dtype) for name, seconds in medians.items()}
+    # eager runs the model as written: a quantized or low-precision compile's dtype is not eager's
+    from blade.peaks import DTYPE_NAMES
+
+    weights = [w for w in model.parameters() if w.is_floating_point()] if isinstance(model, torch.nn.Module) else []
+    eager_dtype = DTYPE_NAMES.get(weights[0].dtype, "fp32") if compiled.report.quantization and weights else dtype
+    figures = {name: utilization(flops, least, seconds, peaks, eager_dtype if name == "eager" else dtype)
+               for name, seconds in medians.items()}
     return {"eager_ms": medians["eager"] * 1e3, "blade_ms": medians["blade"] * 1e3,
             "speedup": medians["eager"] / medians["blade"], "target": compiled.target.describe(),
             "flops": flops, "bytes": least, "dtype": dtype, "peak_flops": peaks.flops_peak(dtype)[0],
@@ -179,6 +185,10 @@ def cmd_verify(args, progress) -> int:
         input_sets += [(f"fresh #{i + 1}", fresh_inputs(compiled.graph, compiled.example_inputs, generator))
                        for i in range(args.samples)]
     progress(f"running the artifact and {args.against} on {len(input_sets)} input set(s)")
+    if args.tol is None:
+        from blade.guard import tolerance_of
+
+        args.tol = tolerance_of(compiled.report.quantization) or 1e-4
     result = verify(compiled, model, input_sets, args.tol)
     if args.json:
         print(json.dumps(result, default=str))
@@ -440,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and --samples fresh random inputs inside the dynamic ranges)")
     p.add_argument("--samples", type=_count(0), default=3, help="fresh random input sets (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh inputs")
-    p.add_argument("--tol", type=float, default=1e-4, help="largest relative error allowed per output (default 1e-4)")
+    p.add_argument("--tol", type=float, help="largest relative error allowed per output (default 1e-4; for a "
+                   "quantized or low-precision artifact its accuracy budget, else its mode's tolerance)")
     p.set_defaults(func=cmd_verify)
 
     p = common(sub.add_parser("bench", help="time eager vs compiled in one run"), True, True)

@@ -102,6 +102,13 @@ def _linear(node: Node) -> Size:
     return 2 * out * _shape(weight)[-1] + (out if bias is not None else 0)
 
 
+def _qlinear(node: Node) -> Size:
+    """blade::qlinear(x, weight, weight_scale, bias, ...): the matmul and the bias (scales are not counted)."""
+    bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    out = numel(node.val)
+    return 2 * out * _shape(node.args[1])[-1] + (out if bias is not None else 0)
+
+
 def _addmm(node: Node) -> Size:
     return 2 * numel(node.val) * _shape(node.args[1])[-1] + numel(node.val)
 
@@ -187,7 +194,7 @@ MOVES = {
     torch.ops.prims.convert_element_type.default,
 }
 MATMULS = {aten.linear.default: _linear, aten.addmm.default: _addmm, aten.mm.default: _matmul,
-           aten.bmm.default: _matmul, aten.matmul.default: _matmul, QLINEAR: _linear}
+           aten.bmm.default: _matmul, aten.matmul.default: _matmul, QLINEAR: _qlinear}
 CONVOLUTIONS = {aten.conv1d.default: _convolution, aten.conv2d.default: _convolution,
                 aten.convolution.default: _convolution}
 ATTENTIONS = {FLASH_ATTENTION: _flash_attention, aten.scaled_dot_product_attention.default: _sdpa}

@@ -35,6 +35,14 @@ def tolerance_for(config: CompileConfig) -> float | None:
     return max(tolerances) if tolerances else None
 
 
+def tolerance_of(summary: dict) -> float | None:
+    """The tolerance a compiled model was held to, from its report's quantization summary."""
+    if not summary:
+        return None
+    return tolerance_for(CompileConfig(precision=summary.get("precision"), quantize=summary.get("quantize"),
+                                       accuracy_budget=summary.get("budget")))
+
+
 def lowered_layers(graph: Graph) -> list[str]:
     """Names of the layers the quantize/precision passes rewrote (inside fused regions too), in order."""
     names = []

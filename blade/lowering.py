@@ -44,9 +44,14 @@ def check_lowering_options(config: CompileConfig, calibration_data) -> list | No
 
 
 def with_lowering(passes: list, config: CompileConfig) -> list:
-    """A user's pipeline, with the lowering passes appended when asked for and absent."""
+    """A user's pipeline, with the lowering passes added when asked for and absent: before fusion when
+    the list has it (a linear inside a fused region is no longer lowered), else at the end."""
+    from blade.passes import fusion
+
     if config.lowers_precision:
-        passes += [p for p in LOWERING_PASSES if p not in passes]
+        missing = [p for p in LOWERING_PASSES if p not in passes]
+        at = passes.index(fusion.run) if fusion.run in passes else len(passes)
+        passes[at:at] = missing
     return passes
 
 
@@ -115,6 +120,7 @@ class Lowering:
             if more is None:
                 raise self.guard.failure(self.result, error, f"on the {backend.name} backend")
             self.result.kept = more
+            self.result.error = self.guard.error(more)
             graph, records = self.run_passes(more)
             examples = self.samples[0]
             executable = backend.compile(graph, target, example_inputs=examples)

@@ -13,9 +13,12 @@ floating x; `aten.embedding(W, indices)` and `aten.embedding_bag.padding_idx(W, 
   embeddings) is quantized once for both when the layer is int8.
 
 Leaves alone: layers named in config.keep_high_precision (the accuracy guard's choice), computed
-weights, non-floating inputs, embedding bags with a padding index.
+weights, float64 layers, fp16/bf16 embedding tables, embedding bags with a padding index, and (noted
+in the report) an int8_static layer whose calibration input was all zeros.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -27,6 +30,7 @@ from blade.qops import INT8_MAX, QEMBEDDING, QLINEAR, quantize_table, quantize_w
 
 aten = torch.ops.aten
 QUANTIZE_MODES = ("int8_weight_only", "int8_dynamic", "int8_static", "fp8")
+LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 OP_MODE = {"int8_weight_only": "weight_only", "int8_dynamic": "dynamic", "int8_static": "static", "fp8": "fp8"}
 
 
@@ -40,8 +44,8 @@ def linear_weights(node: Node) -> tuple[Node, Node | None] | None:
         return None
     if bias is not None and not (isinstance(bias, Node) and bias.op == "constant"):
         return None
-    if not (weight.dtype.is_floating_point and isinstance(node.val, TensorMeta) and node.val.dtype.is_floating_point):
-        return None
+    if not (isinstance(node.val, TensorMeta) and node.val.dtype in LOW_FLOATS and weight.dtype in LOW_FLOATS):
+        return None  # float64 layers stay as they are (the op takes fp32/fp16/bf16)
     return weight, bias
 
 
@@ -54,8 +58,8 @@ def embedding_table(node: Node) -> Node | None:
         table = node.args[0] if padding in (None, -1) else None
     else:
         return None
-    if isinstance(table, Node) and table.op == "constant" and table.dtype.is_floating_point and len(table.val.shape) == 2:
-        return table
+    if isinstance(table, Node) and table.op == "constant" and table.dtype == torch.float32 and len(table.val.shape) == 2:
+        return table  # fp32 tables only: the op gives fp32 rows
     return None
 
 
@@ -92,6 +96,15 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     layers = [n for n in quantizable_layers(graph) if n.name not in keep]
     scales = calibrate(graph, [n for n in layers if linear_weights(n)], ctx.config.calibration) \
         if mode == "int8_static" else {}
+    if mode == "int8_static":
+        bad = [n.name for n in layers if linear_weights(n) and not math.isfinite(scales.get(n.name, 0.0))]
+        if bad:
+            raise ConfigError(f"calibration_data gives layers {bad} inputs that are not finite (NaN or inf); "
+                              "calibrate on inputs the model computes finite values for")
+        silent = [n.name for n in layers if linear_weights(n) and scales.get(n.name, 0.0) == 0.0]
+        if silent:
+            ctx.note(f"not quantized (their calibration inputs were all zeros, no scale to take): {silent}")
+            layers = [n for n in layers if n.name not in silent]
     weights = _Weights(graph)
     for node in layers:
         if linear_weights(node):
@@ -113,7 +126,7 @@ def _rewrite_linear(graph: Graph, node: Node, mode: str, weights: _Weights, absm
     q, scale = weights.get(weight, op_mode)
     kwargs = {"mode": op_mode}
     if op_mode == "static":
-        kwargs["input_scale"] = max(absmax or 0.0, 1e-12) / INT8_MAX
+        kwargs["input_scale"] = absmax / INT8_MAX
     meta = dict(node.meta, quantized=op_mode, layer=node.name)
     new = graph.add_node(QLINEAR, (x, q, scale, bias), kwargs, meta, name=f"q{node.name}")
     graph.replace_all_uses(node, new)
@@ -156,7 +169,8 @@ def calibrate(graph: Graph, layers: list[Node], samples) -> dict[str, float]:
             if fx_node.name in wanted:
                 x = self.env[fx_node.args[0]]
                 top = float(x.detach().abs().max()) if x.numel() else 0.0
-                seen[fx_node.name] = max(seen.get(fx_node.name, 0.0), top)
+                before = seen.get(fx_node.name, 0.0)
+                seen[fx_node.name] = math.nan if math.isnan(top) or math.isnan(before) else max(before, top)
             return super().run_node(fx_node)
 
     module = graph.to_fx()

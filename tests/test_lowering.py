@@ -156,3 +156,61 @@ def test_report_lists_every_lowered_layer_and_the_check_uses_the_mode_tolerance(
     assert all(layer["source"] for layer in summary["lowered"])
     assert cm.report.accuracy.ok and cm.report.accuracy.outputs[0].tolerance == 5e-2
     assert not cm.report.warnings
+
+
+def test_review_regressions_dtypes_pipelines_and_calibration_keys():
+    """fp16 models keep fp16 outputs (fp16 tables stay unquantized), fp64 layers are left alone, a custom
+    pipeline with fusion gets the lowering before it, calibration keyed by which input each tensor is."""
+    from blade import cache
+    from blade.passes import cleanup, fusion
+
+    class Emb(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed, self.proj = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, ids):
+            return self.proj(self.embed(ids))
+
+    ids = torch.randint(0, 50, (2, 5))
+    half = blade.compile(Emb().half(), (ids,), backend="eager", quantize="int8_dynamic")
+    assert half(ids).dtype == torch.float16 and not half.report.warnings
+    double = blade.compile(torch.nn.Linear(8, 8).double(), (torch.randn(3, 8, dtype=torch.float64),),
+                           backend="eager", quantize="int8_dynamic")
+    assert not double.report.quantization["lowered"]
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+    custom = blade.compile(mlp, (torch.randn(3, 8),), backend="eager", passes=[cleanup.run, fusion.run],
+                           quantize="int8_dynamic")
+    assert len(custom.report.quantization["lowered"]) == 2
+    a, b = torch.ones(2), torch.zeros(2)
+    assert cache.tensors_digest([{"x": a, "y": b}]) != cache.tensors_digest([{"y": a, "x": b}])
+    assert cache.tensors_digest([(a, None)]) != cache.tensors_digest([(None, a)])
+
+
+def test_integer_outputs_of_a_lowered_model_are_reported_not_failed():
+    class Classify(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.linear = torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            logits = self.linear(x)
+            return logits, logits.argmax(-1)
+
+    cm = blade.compile(Classify(), (torch.randn(2000, 16),), backend="eager", quantize="int8_dynamic")
+    assert cm.report.accuracy.ok and not cm.report.warnings
+    assert cm.report.accuracy.outputs[1].rel_err > 0  # some argmax flipped, and that is reported
+
+
+def test_static_layers_that_saw_only_zeros_stay_fp32_and_nan_calibration_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # the second linear reads only zeros after the ReLU
+    cm = blade.compile(model, (torch.randn(2, 4),), backend="eager", quantize="int8_static",
+                       calibration_data=[(torch.randn(2, 4),)])
+    assert [layer["layer"] for layer in cm.report.quantization["lowered"]] == ["linear"]
+    with pytest.raises(blade.errors.ConfigError, match="not finite"):
+        blade.compile(model, (torch.randn(2, 4),), backend="eager", quantize="int8_static",
+                      calibration_data=[(torch.full((2, 4), float("nan")),)])

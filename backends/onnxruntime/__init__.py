@@ -132,8 +132,9 @@ class OnnxRuntimeBackend:
         refused: dict[str, str] = {}  # node name -> why the exporter could not translate it
         if target.device == "cpu" and any(_computes_bf16(n) for n in graph.call_nodes):
             # one PyTorch region, not ONNX Runtime regions cut at every matmul (each cut costs a session switch)
-            refused.update({n.name: "precision='bf16': ONNX Runtime has no bf16 matmul kernels on CPU, so the graph "
-                            "runs in PyTorch (backend='eager' says so directly)" for n in graph.call_nodes})
+            refused.update({n.name: "the graph computes in bf16 (precision='bf16' or a bf16 model) and ONNX "
+                            "Runtime has no bf16 matmul kernels on CPU, so it runs in PyTorch (backend='eager' "
+                            "says so directly)" for n in graph.call_nodes})
         for _ in range(_MAX_REFUSALS):
             try:
                 return self._compile_partitioned(graph, target, example_inputs, refused)
