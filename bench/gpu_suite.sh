@@ -20,7 +20,7 @@ echo "== gpu tests"
 export BLADE_TRITON_AUTOTUNE=${BLADE_TRITON_AUTOTUNE:-0}  # autotuning every kernel test outlasts the device time
 timeout ${GPU_TEST_S:-150} python3 -P -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
   tests/backends/test_triton_attention.py tests/passes/test_attention.py tests/passes/test_fusion.py tests/test_peaks.py \
-  tests/test_profile.py tests/backends/test_triton_backend.py \
+  tests/test_profile.py tests/backends/test_triton_backend.py tests/backends/test_triton_qgemm.py \
   -k "gpu or triton or cuda" >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?"; tail -15 "$OUT/gpu_tests.log"
 echo "== machine peaks (measured vs datasheet)"

@@ -6,7 +6,10 @@ GPU, this times (interleaved, device-synchronized, median after warm-up):
 1. eager   -- model(*inputs), the model cast to the dtype;
 2. inductor -- torch.compile(model) (default mode);
 3. blade   -- blade.compile(model, inputs, backend="triton"): generated kernels for the fused regions,
-              PyTorch (cuBLAS, SDPA-free flash attention kernel) for the rest.
+              PyTorch (cuBLAS, SDPA-free flash attention kernel) for the rest;
+4. blade_<mode> -- for bert and gpt, the same with quantize=<mode> for each of --quantize (default
+              int8_dynamic and fp8): the qgemm kernels (int8 with int32 accumulation, fp8 on sm_89+) with
+              their dequantization fused; a mode that fails to compile or run is reported, not fatal.
 
 FLOPs and least bytes come from blade's IR, the peaks from blade.peaks measured in the same run.
 It prints and writes a Markdown table (bench/results/triton_gpu_<gpu>.md) with each contender's time,
@@ -39,6 +42,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # batch (and seq) at base size that keep an H100/H200 busy without running for minutes
 GPU_CASES = {"bert": dict(batch=32, seq=512), "gpt": dict(batch=16, seq=1024), "vit": dict(batch=128),
              "dlrm": dict(batch=8192), "dit": dict(batch=64)}
+QUANTIZED_MODELS = ("bert", "gpt")
+QUANTIZED_DTYPE = {"int8_dynamic": "int8", "int8_static": "int8", "fp8": "fp8_e4m3"}  # the peak their MFU is against
 SMOKE_CASES = {"bert": dict(batch=2, seq=8), "gpt": dict(batch=2, seq=8), "vit": dict(batch=2),
                "dlrm": dict(batch=4), "dit": dict(batch=2)}
 
@@ -70,6 +75,15 @@ def run_case(name: str, dims: dict, dtype, device: str, args, peaks) -> dict:
         reference = model(*inputs)
     contenders = {"eager": lambda: model(*inputs), "blade": lambda: cm(*inputs)}
     failures = {}
+    for mode in (args.quantize if name in QUANTIZED_MODELS else []):
+        try:
+            qcm = blade.compile(model, example, dynamic_shapes=dynamic, backend="triton", check_accuracy=False,
+                                cache=False, quantize=mode)
+            with torch.no_grad():
+                qcm(*inputs)
+            contenders[f"blade_{mode}"] = lambda qcm=qcm: qcm(*inputs)
+        except Exception as exc:  # noqa: BLE001
+            failures[f"blade_{mode}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     if not args.no_inductor:
         compiled = torch.compile(model)
         try:  # a contender that fails is reported, not allowed to end the run (GPU time is scarce)
@@ -84,7 +98,8 @@ def run_case(name: str, dims: dict, dtype, device: str, args, peaks) -> dict:
     flat = cm.flat_inputs(*inputs)
     bound = check_inputs(cm.graph.inputs, cm.graph.dims, flat)
     flops, least, compute = model_work(cm.graph, bound, device=device)
-    figures = {k: utilization(flops, least, s, peaks, compute) for k, s in medians.items()}
+    figures = {k: utilization(flops, least, s, peaks, QUANTIZED_DTYPE.get(k.removeprefix("blade_"), compute))
+               for k, s in medians.items()}
     return {"model": name, "dims": dims, "compile_s": compile_s, "ms": {k: 1e3 * s for k, s in medians.items()},
             "mfu": {k: f["mfu"] for k, f in figures.items()}, "mbu": {k: f["mbu"] for k, f in figures.items()},
             "errors": errors, "kernels": cm.report.backend_details, "flops": flops, "bytes": least,
@@ -130,6 +145,15 @@ def render(rows: list[dict], args, device_name: str, peaks, dtype) -> str:
     lines += ["", f"Geomean blade vs eager: {geomean(r['ms']['eager'] / r['ms']['blade'] for r in done):.2f}x"
               + ("" if args.no_inductor else
                  f"; vs torch.compile: {geomean(r['ms']['inductor'] / r['ms']['blade'] for r in done):.2f}x"), ""]
+    quantized = [(r, k) for r in done for k in r["ms"] if k.startswith("blade_")]
+    if quantized:
+        lines += ["Quantized (same inputs; MFU against the int8 / fp8 peak, error vs eager in the model's dtype):", "",
+                  "| model | contender | ms | vs eager | vs blade | vs inductor | MFU | rel err |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r, k in quantized:
+            lines.append(f"| {r['model']} | {k} | {r['ms'][k]:.3f} | {r['ms']['eager'] / r['ms'][k]:.2f}x | "
+                         f"{r['ms']['blade'] / r['ms'][k]:.2f}x | {r['ms'].get('inductor', float('nan')) / r['ms'][k]:.2f}x"
+                         f" | {100 * r['mfu'][k]:.0f} % | {r['errors'][k]:.1e} |")
+        lines.append("")
     lines += [f"- {r['model']}: {name} failed: {why}" for r in done for name, why in r.get("failures", {}).items()]
     return "\n".join(lines) + "\n"
 
@@ -141,6 +165,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--no-inductor", action="store_true", help="leave torch.compile out")
+    parser.add_argument("--quantize", nargs="*", default=["int8_dynamic", "fp8"],
+                        choices=["int8_weight_only", "int8_dynamic", "fp8"],
+                        help="quantized blade contenders for bert and gpt (none: leave them out)")
     parser.add_argument("--smoke", action="store_true", help="tiny models in fp32 on CPU under TRITON_INTERPRET=1: "
                         "checks this script without a GPU (its figures mean nothing)")
     parser.add_argument("--out", type=Path, help="where to write the Markdown (default bench/results/)")
