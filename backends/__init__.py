@@ -1,6 +1,6 @@
 """Backends: the registry, and each backend that turns the IR into something that runs."""
 from blade.backends.base import (AUTO_PREFERENCE, Backend, Executable, Profiled, RegionTiming, get, names, register,
-                                 resolve)
+                                 resolve, unregister)
 from blade.backends.eager import EagerBackend
 from blade.backends.onnxruntime import OnnxRuntimeBackend
 from blade.backends.onnxruntime import peak_probe
@@ -13,4 +13,4 @@ peak_probe.install()  # ONNX Runtime's MLAS matmul competes for the machine's me
 install_kernels()  # blade::flash_attention on CUDA runs the Triton kernel (1.1-1.3x SDPA flash on an H100)
 
 __all__ = ["AUTO_PREFERENCE", "Backend", "Executable", "Profiled", "RegionTiming", "get", "names", "register",
-           "resolve"]
+           "resolve", "unregister"]

@@ -64,6 +64,11 @@ def register(backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
+def unregister(name: str) -> None:
+    """Remove a registered backend (tests, plugins that go away); unknown names are ignored."""
+    _REGISTRY.pop(name, None)
+
+
 def names() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import torch
 import torch.utils._pytree as pytree
 
 from blade import backends
+from blade import selection as backend_selection
 from blade import passes as pipelines
 from blade.accuracy import compare
 from blade import cache as compile_cache
@@ -28,7 +30,7 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
             optimize: int = DEFAULT_OPTIMIZE, passes=None, check_accuracy: bool = True,
             debug: bool = False, name: str | None = None, cache: bool | None = None,
             precision: str | None = None, quantize: str | None = None, calibration_data=None,
-            accuracy_budget: float | None = None) -> CompiledModel:
+            accuracy_budget: float | None = None, autotune: bool | None = None) -> CompiledModel:
     """Compile `model` (nn.Module, ExportedProgram or .pt2 path) for inference.
 
     `dynamic_shapes` follows torch.export's convention; `backend` is a registered name or "auto";
@@ -39,18 +41,28 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     embedding tables; `calibration_data` (an iterable of example inputs, each a tuple of arguments, a
     dict of keyword arguments or one tensor) calibrates int8_static and joins the accuracy check;
     `accuracy_budget` (max relative error vs fp32) keeps the most sensitive layers in fp32 until it
-    holds, or raises blade.errors.AccuracyError.
+    holds, or raises blade.errors.AccuracyError. With backend="auto" and `autotune` (default
+    $BLADE_AUTOTUNE, on) the backends that can run the graph are compiled and timed on the example
+    inputs and the fastest is kept (the report lists every candidate's time); autotune=False follows
+    the fixed rule (Triton on a CUDA GPU, else ONNX Runtime).
     """
     debug = debug or os.environ.get("BLADE_DEBUG") == "1"  # the test suite verifies the IR after every pass
+    start = time.perf_counter()
+    target = detect(_device_of(model, example_inputs, example_kwargs))
+    downgraded = precision == "bf16" and not supports_bf16(target)
+    if downgraded:  # never an emulated bf16 slower than fp32
+        _warn_once(f"precision='bf16' on {target.describe()}, which has no bf16 matmul instructions (AVX512-BF16 or "
+                   "AMX): compiling in fp32")
+        precision = "fp32"
     config = CompileConfig(backend=backend, optimize=optimize, debug=debug, check_accuracy=check_accuracy,
                            precision=precision, quantize=quantize, accuracy_budget=accuracy_budget)
     calibration_data = check_lowering_options(config, calibration_data)
     pipeline = with_lowering(list(passes), config) if passes is not None else \
         pipelines.pipeline_for(optimize, config.lowers_precision)
-    start = time.perf_counter()
-    target = detect(_device_of(model, example_inputs, example_kwargs))
     chosen, reason = backends.resolve(backend, target)
-    lookup = _CacheLookup(cache, {"backend": chosen.name, "optimize": optimize, "passes": passes, "name": name,
+    measure = backend == "auto" and backend_selection.enabled(autotune)
+    lookup = _CacheLookup(cache, {"backend": "auto (measured)" if measure else chosen.name, "optimize": optimize,
+                                  "passes": passes, "name": name,
                                   "check_accuracy": check_accuracy, "precision": precision, "quantize": quantize,
                                   "accuracy_budget": accuracy_budget,
                                   "calibration": compile_cache.tensors_digest(calibration_data),
@@ -78,7 +90,13 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     lowering = Lowering(captured, signature, pipeline, config, calibration_data, examples)
     graph, records = lowering.run_passes()
     t_backend = time.perf_counter()
-    executable = chosen.compile(graph, target, example_inputs=examples)
+    candidates = {}
+    if measure:
+        selection = backend_selection.select(graph, target, examples)
+        chosen, executable, reason, candidates = (selection.backend, selection.executable, selection.reason,
+                                                  selection.candidates)
+    else:
+        executable = chosen.compile(graph, target, example_inputs=examples)
     graph, records, executable = lowering.enforce_budget(graph, records, executable, chosen, target)
     t_done = time.perf_counter()
 
@@ -90,6 +108,7 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
         ops_before=captured.graph.count_targets(), ops_after=graph.count_targets(),
         seconds={"capture": captured.seconds, "passes": t_backend - t_passes, "backend": t_done - t_backend},
         backend_details=executable.describe() if hasattr(executable, "describe") else {},
+        backend_candidates=candidates,
         quantization=lowering.summary(graph))
     compiled = CompiledModel(graph, executable, chosen.name, target, signature, report)
     compiled.example_inputs = compiled.flat_inputs(*captured.example_args, **captured.example_kwargs)
@@ -102,6 +121,8 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
         if failing:
             report.warnings.append("outputs differ from eager beyond tolerance: " + ", ".join(
                 f"output {o.index} rel_err {o.rel_err:.3g} > {o.tolerance:g}" for o in failing))
+    if downgraded:
+        report.warnings.append("precision='bf16' asked for, compiled in fp32: this CPU has no bf16 matmul instructions")
     report.seconds["total"] = time.perf_counter() - start
     lookup.store(compiled)
     return compiled
@@ -158,6 +179,20 @@ class _CacheLookup:
         report.cache = {"hit": False, "key": self.key, "path": str(path) if path else None, "stored": what,
                         "keyed_by": f"captured graph ({self.why_graph})" if self.why_graph else "source"}
         report.seconds["cache_store"] = time.perf_counter() - t_store
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(f"blade: {message}", stacklevel=3)
+
+
+def supports_bf16(target) -> bool:
+    """Whether bf16 matmuls run natively: a CUDA GPU, or a CPU with AVX512-BF16 or AMX."""
+    return target.device != "cpu" or bool(set(target.features) & {"avx512_bf16", "amx_bf16"})
 
 
 def _with_examples(compiled: CompiledModel, args: tuple, kwargs: dict) -> CompiledModel:

@@ -58,13 +58,14 @@ def _compile(spec: str, args, progress):
         dynamic_shapes = apply_ranges(parse_ranges(args.dynamic), example_inputs, dynamic_shapes)
     progress(f"capturing and compiling {spec} (backend {args.backend}, O{args.optimize})")
     compiled = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend=args.backend,
-                             optimize=args.optimize, cache=False if args.no_cache else None, **_lowering(args))
+                             optimize=args.optimize, cache=False if args.no_cache else None, **_compile_options(args))
     return model, example_inputs, compiled
 
 
-def _lowering(args) -> dict:
-    """precision/quantize/calibration/accuracy_budget from the command line (absent options left out)."""
-    options = {"precision": args.precision, "quantize": args.quantize, "accuracy_budget": args.accuracy_budget}
+def _compile_options(args) -> dict:
+    """precision/quantize/calibration/accuracy_budget/autotune from the command line (absent ones left out)."""
+    options = {"precision": args.precision, "quantize": args.quantize, "accuracy_budget": args.accuracy_budget,
+               "autotune": False if args.no_autotune else None}
     if args.calibration:
         options["calibration_data"] = read_calibration(args.calibration)
     return {k: v for k, v in options.items() if v is not None}
@@ -253,7 +254,7 @@ def _profile_target(args, progress):
         progress(f"capturing and compiling zoo {target} ({args.size}) (backend {args.backend}, O{args.optimize})")
         model, example_inputs, dynamic_shapes = workload.triple()
         compiled = blade.compile(model, example_inputs, dynamic_shapes=dynamic_shapes, backend=args.backend,
-                                 optimize=args.optimize, **_lowering(args))
+                                 optimize=args.optimize, **_compile_options(args))
         return compiled, compiled.flat_inputs(*inputs)
     if dims:
         raise InputError(f"--batch/--seq/--past size zoo models only; {target} is profiled on its example inputs")
@@ -412,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="pass pipeline level")
             p.add_argument("--no-cache", action="store_true", help="compile afresh; neither read nor write the "
                            "compile cache")
+            p.add_argument("--no-autotune", action="store_true", help="--backend auto follows the fixed rule "
+                           "(Triton on a CUDA GPU, else ONNX Runtime) instead of timing the candidates")
             p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                            help="what matmuls, convolutions and attention compute in (norms and softmax stay fp32)")
             p.add_argument("--quantize", choices=["int8_weight_only", "int8_dynamic", "int8_static", "fp8"],

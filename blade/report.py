@@ -26,6 +26,7 @@ class CompileReport:
     ops_after: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     backend_details: dict = field(default_factory=dict)  # the backend's own account: regions, fallbacks
+    backend_candidates: dict = field(default_factory=dict)  # measured auto: every candidate's time or error
     accuracy: Accuracy | None = None
     quantization: dict = field(default_factory=dict)  # precision/quantize: layers lowered, kept, errors
     cache: dict = field(default_factory=dict)  # {"hit", "key", "path", ...} when the compile cache was used
@@ -62,6 +63,10 @@ class CompileReport:
             lines.append(f"  pass {record['name']:<10} {record['nodes_before']} -> {record['nodes_after']} nodes "
                          f"in {record['seconds'] * 1e3:.1f} ms: {counts}")
             lines += [f"      {note}" for note in record["notes"]]
+        for name, result in self.backend_candidates.items():
+            what = (f"{result['ms']:.3g} ms (compiled in {result['compile_s']:.1f} s)" if "ms" in result
+                    else result.get("error") or f"not measured: {result.get('skipped')}")
+            lines.append(f"  candidate {name}: {what}")
         nodes = self.backend_details.get("nodes")
         if nodes:
             lines.append("  placement " + ", ".join(f"{engine} {n} nodes" for engine, n in nodes.items()))

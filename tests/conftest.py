@@ -11,5 +11,8 @@ os.environ.setdefault("BLADE_DEBUG", "1")
 os.environ.setdefault("BLADE_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"blade-test-cache-{os.getuid()}"))
 # The compile cache is off in tests (a hit would skip the passes under test); tests/test_cache.py turns it on.
 os.environ.setdefault("BLADE_CACHE", "0")
+# backend="auto" follows the fixed rule in tests (measuring candidates would change which backend every test
+# gets); tests/test_select.py turns measurement on.
+os.environ.setdefault("BLADE_AUTOTUNE", "0")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

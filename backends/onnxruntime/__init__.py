@@ -125,6 +125,12 @@ class OnnxRuntimeBackend:
     def supports(self, node: Node) -> bool:
         return supports(node)
 
+    def refuses(self, graph: Graph, target: Target) -> str | None:
+        """Why measured selection should not try this backend on `graph` (None: it can run it)."""
+        if target.device == "cpu" and any(_computes_bf16(n) for n in graph.call_nodes):
+            return "the graph computes in bf16 and ONNX Runtime has no bf16 matmul kernels on CPU"
+        return None
+
     def compile(self, graph: Graph, target: Target, example_inputs=None) -> OrtExecutable:
         """Partition, export and load each region; a node the exporter refuses goes to PyTorch alone."""
         if example_inputs is None:

@@ -1,0 +1,117 @@
+"""Measured backend selection for backend="auto": compile the candidates, time them, keep the fastest.
+
+The candidates are the backends auto may use on the target (Triton only on a CUDA GPU) that can run
+the optimized graph at its precision (ONNX Runtime has no bf16 CPU matmul). Each is compiled in
+preference order while the compile-time budget lasts (the first always), then all are timed on the
+example inputs interleaved (A B A B …, an untimed idle gap after each so that one engine's spinning
+worker threads do not slow the next; a short call is timed in bursts of ~10 ms so that waking the
+thread pool after the gap does not dominate it), median after warm-up. A candidate that fails to
+compile or run is recorded with its error and left out. The report keeps every candidate's time.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from blade import backends
+from blade.backends import base
+from blade.errors import BackendError
+from blade.ir import Graph
+from blade.target import Target
+from blade.timing import sample_interleaved
+
+DEFAULT_BUDGET_S = 120.0  # compile time the candidates after the first may take together
+GAP_S = 0.1  # ONNX Runtime's worker threads spin for tens of ms after a run (bench/ort_cpu.py measured it)
+WARMUP, MOST_REPEATS, TIMED_SECONDS, BURST_S = 2, 9, 3.0, 0.01
+
+
+def enabled(asked: bool | None) -> bool:
+    """autotune=None follows $BLADE_AUTOTUNE (on unless "0")."""
+    return asked if asked is not None else os.environ.get("BLADE_AUTOTUNE", "1") != "0"
+
+
+@dataclass
+class Selection:
+    """The chosen backend and executable, and what every candidate measured."""
+
+    backend: object
+    executable: object
+    reason: str
+    candidates: dict = field(default_factory=dict)  # name -> {"ms", "compile_s"} or {"error"} or {"skipped"}
+
+
+def candidates_for(graph: Graph, target: Target) -> tuple[list, dict]:
+    """(backends auto may measure, in preference order; {name: why not} for the others)."""
+    found, skipped = [], {}
+    for name in base.AUTO_PREFERENCE:
+        try:
+            backend = backends.get(name)
+        except Exception:  # noqa: BLE001 - not registered here
+            continue
+        if not getattr(backend, "auto_available", backend.available)(target):
+            skipped[name] = f"unavailable on {target.device}"
+            continue
+        refusal = getattr(backend, "refuses", lambda g, t: None)(graph, target)
+        if refusal:
+            skipped[name] = refusal
+            continue
+        found.append(backend)
+    return found, skipped
+
+
+def select(graph: Graph, target: Target, examples: list, budget_s: float = DEFAULT_BUDGET_S) -> Selection:
+    """Compile and time every candidate on `examples`; the fastest wins."""
+    found, skipped = candidates_for(graph, target)
+    results: dict[str, dict] = {name: {"skipped": why} for name, why in skipped.items()}
+    compiled, spent = {}, 0.0
+    for backend in found:
+        if compiled and spent > budget_s:
+            results[backend.name] = {"skipped": f"compile-time budget of {budget_s:g} s spent"}
+            continue
+        start = time.perf_counter()
+        try:
+            executable = backend.compile(graph, target, example_inputs=examples)
+            executable(*examples)  # the first call: lazy initialization, and it must run at all
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is reported, not fatal
+            results[backend.name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            continue
+        seconds = time.perf_counter() - start
+        spent += seconds
+        compiled[backend.name] = (backend, executable)
+        results[backend.name] = {"compile_s": seconds}
+    if not compiled:
+        raise BackendError(f"no candidate backend could compile {graph.name}: {results}")
+    times = _time(compiled, examples, target.device)
+    for name, seconds in times.items():
+        results[name]["ms"] = seconds * 1e3
+    best = min(times, key=times.get)
+    ranking = " < ".join(f"{name} {times[name] * 1e3:.3g} ms" for name in sorted(times, key=times.get))
+    backend, executable = compiled[best]
+    return Selection(backend, executable, f"auto (measured): {ranking}", results)
+
+
+def _time(compiled: dict, examples: list, device: str) -> dict[str, float]:
+    """Median seconds per call of each compiled candidate, interleaved with idle gaps; a sample is a burst of
+    calls lasting about BURST_S, so that waking a thread pool after a gap does not dominate a short call."""
+    firsts = {name: _once(executable, examples) for name, (_, executable) in compiled.items()}
+    if len(compiled) == 1:  # nothing to compare: one call's time, for the report
+        return firsts
+    bursts = {name: max(1, int(BURST_S / max(first, 1e-6))) for name, first in firsts.items()}
+    repeat = max(3, min(MOST_REPEATS, int(TIMED_SECONDS / max(sum(firsts[n] * bursts[n] for n in firsts), 1e-6))))
+    calls = {}
+    for name, (_, executable) in compiled.items():
+        def burst(executable=executable, count=bursts[name]):
+            for _ in range(count):
+                executable(*examples)
+        calls[name] = burst
+        calls[f"_gap_{name}"] = lambda: time.sleep(GAP_S)
+    samples = sample_interleaved(calls, warmup=WARMUP, repeat=repeat, device=device)
+    return {name: statistics.median(samples[name]) / bursts[name] for name in compiled}
+
+
+def _once(executable, examples: list) -> float:
+    start = time.perf_counter()
+    executable(*examples)
+    return time.perf_counter() - start

@@ -1,0 +1,115 @@
+"""backend="auto" by measurement: candidates compiled and timed, the fastest kept, every time reported."""
+from __future__ import annotations
+
+import time
+import warnings
+
+import pytest
+import torch
+
+import blade
+from blade import backends
+from blade.backends.eager import EagerBackend, EagerExecutable
+
+
+class _Slow(EagerExecutable):
+    def __call__(self, *tensors):
+        time.sleep(0.004)
+        return super().__call__(*tensors)
+
+
+class SlowBackend(EagerBackend):
+    """The eager backend, 4 ms slower per call: never the fastest."""
+
+    name = "slow_for_tests"
+
+    def compile(self, graph, target, example_inputs=None):
+        return _Slow(graph)
+
+
+@pytest.fixture
+def slow_first(monkeypatch):
+    """The slow backend registered and first in auto's preference: the fixed rule would pick it."""
+    from blade.backends import base
+
+    backends.register(SlowBackend())
+    monkeypatch.setattr(base, "AUTO_PREFERENCE", ("slow_for_tests",) + base.AUTO_PREFERENCE)
+    yield
+    backends.unregister("slow_for_tests")
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).eval()
+
+
+def test_a_slow_candidate_is_never_chosen_and_every_time_is_reported(slow_first):
+    cm = blade.compile(mlp(), (torch.randn(4, 32),), autotune=True)
+    candidates = cm.report.backend_candidates
+    assert cm.backend != "slow_for_tests"
+    assert {"slow_for_tests", "onnxruntime", "eager"} <= {n for n, c in candidates.items() if "ms" in c}
+    assert candidates["slow_for_tests"]["ms"] > 4.0 > candidates[cm.backend]["ms"]
+    assert candidates[cm.backend]["ms"] == min(c["ms"] for c in candidates.values() if "ms" in c)
+    assert "unavailable on cpu" in candidates["triton"]["skipped"]
+    assert cm.report.backend_reason.startswith(f"auto (measured): {cm.backend} ")
+    assert "candidate slow_for_tests" in str(cm.report)
+
+
+def test_autotune_off_follows_the_fixed_rule(slow_first):
+    cm = blade.compile(mlp(), (torch.randn(4, 32),), autotune=False)
+    assert cm.backend == "slow_for_tests" and not cm.report.backend_candidates
+
+
+def test_a_named_backend_is_not_measured(slow_first):
+    cm = blade.compile(mlp(), (torch.randn(4, 32),), backend="eager", autotune=True)
+    assert cm.backend == "eager" and not cm.report.backend_candidates
+
+
+def test_a_failing_candidate_is_reported_and_skipped(slow_first, monkeypatch):
+    def broken(self, graph, target, example_inputs=None):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(SlowBackend, "compile", broken)
+    cm = blade.compile(mlp(), (torch.randn(4, 32),), autotune=True)
+    assert "no kernel for this" in cm.report.backend_candidates["slow_for_tests"]["error"]
+    assert cm.backend in ("onnxruntime", "eager")
+
+
+def test_bf16_graphs_skip_onnxruntime_on_cpu():
+    cm = blade.compile(mlp(), (torch.randn(4, 32),), autotune=True, precision="bf16")
+    assert "bf16" in cm.report.backend_candidates["onnxruntime"]["skipped"] and cm.backend == "eager"
+
+
+def test_bf16_on_a_cpu_without_it_compiles_fp32_with_one_warning(monkeypatch):
+    import blade.api
+    from blade.target import Target
+
+    plain = Target("cpu", "old cpu", "x86_64", ("avx2", "fma"), 2)
+    monkeypatch.setattr(blade.api, "detect", lambda device: plain)
+    monkeypatch.setattr(blade.api, "_WARNED", set())
+    with pytest.warns(UserWarning, match="no bf16 matmul instructions"):
+        cm = blade.compile(mlp(), (torch.randn(4, 32),), backend="eager", precision="bf16")
+    assert all(n.val.dtype == torch.float32 for n in cm.graph.call_nodes if hasattr(n.val, "dtype"))
+    assert any("compiled in fp32" in w for w in cm.report.warnings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process, not per compile
+        blade.compile(mlp(), (torch.randn(4, 32),), backend="eager", precision="bf16")
+
+
+def test_the_choice_is_saved_and_cached(slow_first, tmp_path, monkeypatch):
+    from blade import selection
+
+    monkeypatch.setenv("BLADE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLADE_CACHE", "1")
+    model, x = mlp(), torch.randn(4, 32)
+    first = blade.compile(model, (x,), autotune=True)
+    first.save(tmp_path / "m.blade")
+    loaded = blade.load(tmp_path / "m.blade")
+    assert loaded.backend == first.backend and loaded.report.backend_candidates == first.report.backend_candidates
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(selection, "select", measured_again)
+    again = blade.compile(model, (x,), autotune=True)
+    assert again.report.cache["hit"] and again.backend == first.backend
