@@ -56,6 +56,8 @@ class Backend(Protocol):
 _REGISTRY: dict[str, Any] = {}
 # backend="auto" prefers these in order (DESIGN.md: triton on CUDA, else onnxruntime), then eager.
 AUTO_PREFERENCE = ("triton", "onnxruntime", "eager")
+# backend="auto" with measurement compiles and times these (those available and able to run the graph)
+MEASURED_CANDIDATES = ("triton", "onnxruntime", "inductor", "eager")
 
 
 def register(backend) -> None:

@@ -45,7 +45,7 @@ class Selection:
 def candidates_for(graph: Graph, target: Target) -> tuple[list, dict]:
     """(backends auto may measure, in preference order; {name: why not} for the others)."""
     found, skipped = [], {}
-    for name in base.AUTO_PREFERENCE:
+    for name in base.MEASURED_CANDIDATES:
         try:
             backend = backends.get(name)
         except Exception:  # noqa: BLE001 - not registered here

@@ -34,6 +34,8 @@ def slow_first(monkeypatch):
 
     backends.register(SlowBackend())
     monkeypatch.setattr(base, "AUTO_PREFERENCE", ("slow_for_tests",) + base.AUTO_PREFERENCE)
+    # inductor compiles for seconds per model: tests/backends/test_inductor.py measures it as a candidate
+    monkeypatch.setattr(base, "MEASURED_CANDIDATES", ("slow_for_tests", "triton", "onnxruntime", "eager"))
     yield
     backends.unregister("slow_for_tests")
 
@@ -77,7 +79,7 @@ def test_a_failing_candidate_is_reported_and_skipped(slow_first, monkeypatch):
 
 def test_bf16_graphs_skip_onnxruntime_on_cpu():
     cm = blade.compile(mlp(), (torch.randn(4, 32),), autotune=True, precision="bf16")
-    assert "bf16" in cm.report.backend_candidates["onnxruntime"]["skipped"] and cm.backend == "eager"
+    assert "bf16" in cm.report.backend_candidates["onnxruntime"]["skipped"] and cm.backend in ("eager", "inductor")
 
 
 def test_bf16_on_a_cpu_without_it_compiles_fp32_with_one_warning(monkeypatch):

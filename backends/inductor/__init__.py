@@ -1,0 +1,75 @@
+"""The inductor backend: the optimized IR handed to torch.compile (Inductor, with freezing) as one fx module.
+
+What blade's passes decided stays decided (attention as blade::flash_attention, which Inductor runs
+as the op's CPU/CUDA kernel; precision casts; quantized ops as their kernels); Inductor then fuses
+the elementwise work around the matmuls (e.g. a mixed-precision cast into the layer norm before it)
+and picks its GEMMs. Shapes named dynamic compile once with symbolic sizes (dynamic=True), so a new
+batch or length does not recompile. It is compiled on the first call (or at compile time, when
+blade.compile runs the accuracy check or measures it): tens of seconds for a base-size model; an
+artifact saves nothing of it and compiles again when loaded. Not in the fixed rule of
+backend="auto": it is one of the candidates auto measures.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from blade.errors import BackendError
+from blade.ir import Graph, Node
+from blade.target import Target
+
+
+class InductorExecutable:
+    """torch.compile of the graph's fx module, called under no_grad with Inductor's freezing on."""
+
+    def __init__(self, graph: Graph):
+        self.name = graph.name
+        self.module = graph.to_fx()
+        dynamic = any(not isinstance(size, int) for n in graph.inputs for size in n.val.shape)
+        self.compiled = torch.compile(self.module, dynamic=dynamic)
+        self._lock = threading.Lock()
+        self._warm = False
+
+    def __call__(self, *tensors) -> list:
+        import torch._inductor.config as inductor_config
+
+        if not self._warm:  # the first call compiles: one thread at a time
+            with self._lock, inductor_config.patch(freezing=True), torch.no_grad():
+                try:
+                    out = list(self.compiled(*tensors))
+                except Exception as exc:  # noqa: BLE001 - Inductor's own failures, named as blade's
+                    reason = str(exc).strip().splitlines()
+                    raise BackendError(f"torch.compile (inductor) could not compile {self.name}: {type(exc).__name__}"
+                                       f": {reason[0][:300] if reason else ''}; use backend='onnxruntime' or "
+                                       "'eager'") from exc
+                self._warm = True
+                return out
+        with inductor_config.patch(freezing=True), torch.no_grad():
+            return list(self.compiled(*tensors))
+
+    def describe(self) -> dict:
+        return {"compiler": f"torch.compile (inductor, freezing), torch {torch.__version__}"}
+
+    def save(self, directory: str) -> None:
+        """Nothing beyond the IR and weights: loading compiles again."""
+
+
+class InductorBackend:
+    name = "inductor"
+
+    def available(self, target: Target) -> bool:
+        return target.device in ("cpu", "cuda")
+
+    def supports(self, node: Node) -> bool:
+        return True
+
+    def compile(self, graph: Graph, target: Target, example_inputs=None) -> InductorExecutable:
+        """Compiles now, on the example inputs when given (so that a failure is a compile-time BackendError)."""
+        executable = InductorExecutable(graph)
+        if example_inputs is not None:
+            executable(*example_inputs)
+        return executable
+
+    def load(self, directory: str, graph: Graph, target: Target) -> InductorExecutable:
+        return InductorExecutable(graph)

@@ -1,0 +1,60 @@
+"""The inductor backend: blade's optimized IR through torch.compile, against eager on fresh inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import blade
+from blade import models
+
+from helpers import assert_matches
+
+
+@pytest.mark.parametrize("name", ["mlp", "bert", "vit"])
+def test_zoo_models_match_eager_at_fresh_sizes(name):
+    model, example, dims = models.get(name)
+    cm = blade.compile(model, example, dynamic_shapes=dims, backend="inductor")
+    assert cm.report.accuracy.ok, cm.report
+    for seed, sizes in ((1, {"batch": 3}), (2, {"batch": 5})):
+        if name == "bert":
+            sizes = dict(sizes, seq=11)
+        fresh = models.sample_inputs(name, seed=seed, **sizes)
+        with torch.no_grad():
+            assert_matches(cm(*fresh), model(*fresh), tol=1e-4)
+
+
+def test_bf16_through_inductor_is_within_the_bound_and_more_accurate_than_casting_the_model():
+    model, example, dims = models.get("gpt")
+    cm = blade.compile(model, example, dynamic_shapes=dims, backend="inductor", precision="bf16")
+    fresh = models.sample_inputs("gpt", seed=3)
+    with torch.no_grad():
+        ref = model(*fresh)
+        cast = model.to(torch.bfloat16)(*fresh).float()
+    model.float()
+    err = float((cm(*fresh) - ref).norm() / ref.norm())
+    assert err <= 1e-2 and err < float((cast - ref).norm() / ref.norm())
+
+
+def test_measured_auto_times_inductor_and_artifacts_compile_again_on_load(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).eval()
+    x = torch.randn(4, 32)
+    cm = blade.compile(model, (x,), autotune=True)
+    assert "ms" in cm.report.backend_candidates["inductor"]
+    forced = blade.compile(model, (x,), backend="inductor")
+    forced.save(tmp_path / "m.blade")
+    loaded = blade.load(tmp_path / "m.blade")
+    assert loaded.backend == "inductor" and torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+def test_an_inductor_failure_is_a_backend_error_at_compile_time(monkeypatch):
+    from blade.backends import inductor
+
+    def broken(module, dynamic=None):
+        def run(*tensors):
+            raise RuntimeError("C++ compiler not found")
+        return run
+
+    monkeypatch.setattr(inductor.torch, "compile", broken)
+    with pytest.raises(blade.errors.BackendError, match="inductor.*C\\+\\+ compiler not found.*backend='onnxruntime'"):
+        blade.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),), backend="inductor")
