@@ -1,0 +1,162 @@
+"""bf16 on CPU: blade precision="bf16" under measured backend="auto" vs every fp32 and bf16 peer, in one run.
+
+Zoo bert base at seq 128 and zoo gpt base at seq 256 and 1024, batch 1 (the selection issue's cases).
+Contenders, timed interleaved with idle gaps (bench/ort_cpu.py's time_contenders), median after warm-up:
+
+- eager, inductor (torch.compile with freezing), ort (plain ONNX Runtime), ort_opt (ONNX Runtime's
+  transformers optimizer): fp32, set up exactly as in bench/ort_cpu.py;
+- eager_bf16, inductor_bf16: model.to(torch.bfloat16), eager and under torch.compile with freezing;
+- blade_bf16: blade.compile(model, <batch-2 inputs of the case's length>, dynamic_shapes=..., precision="bf16",
+  autotune=True): matmuls and attention in bf16, norms/softmax/residual in fp32, the backend measured
+  among the candidates that can run bf16 on this CPU (eager, inductor); the report's candidate times
+  are printed with the table.
+
+Errors are relative to eager fp32 on the same inputs. Utilization: FLOPs from blade's IR ÷ median ÷ the
+peak of the contender's matmul dtype (fp32 or bf16), both measured in the same run. The verdicts:
+blade_bf16 ≥ 1.5x the fastest fp32 peer, and not slower than the fastest bf16 peer.
+
+    python bench/bf16_cpu.py     # writes bench/results/bf16_cpu.{md,json}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import _repo_path  # noqa: F401  (blade from this checkout when it is not installed)
+import torch
+
+import blade
+import blade.models as zoo
+import blade.target
+from blade.peaks import measure
+from ort_cpu import (Contender, eager_contender, first_tensor, inductor_contender, ir_work, machine_info,
+                     make_inputs, ort_contender, ort_optimizer_contender, rel_err, time_contenders)
+
+CASES = [("bert", 128), ("gpt", 256), ("gpt", 1024)]
+FP32 = ("eager", "inductor", "ort", "ort_opt")
+BF16 = ("eager_bf16", "inductor_bf16")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def blade_bf16(name, seq, model, inputs, dims) -> tuple[Contender, object]:
+    """Compiled on batch-2 inputs of the case's length (a batch-1 example would make torch.export fix the
+    batch), so that the backend is measured near the case's size; timed on the case's batch-1 inputs."""
+    example = zoo.sample_inputs(name, "base", seed=5, batch=2, seq=seq)
+    if name == "bert":
+        example = (example[0], torch.ones_like(example[1]))
+    start = time.perf_counter()
+    try:
+        cm = blade.compile(model, example, dynamic_shapes=dims, precision="bf16", autotune=True, cache=False)
+    except Exception as exc:  # noqa: BLE001
+        return Contender(None, f"failed: {type(exc).__name__}: {exc}"[:300], time.perf_counter() - start), None
+    return Contender(lambda: cm(*inputs), "ok", time.perf_counter() - start,
+                     {"backend": cm.backend, "candidates": cm.report.backend_candidates}), cm
+
+
+def run_case(name: str, seq: int, args, peaks, workdir: Path) -> dict:
+    model, _, dims = zoo.get(name, "base")
+    inputs = make_inputs(name, seq)
+    with torch.inference_mode():
+        ref = first_tensor(model(*inputs)).float().clone()
+    print(f"-- {name} seq {seq}", flush=True)
+    contenders = {"eager": eager_contender(model, inputs), "inductor": inductor_contender(model, inputs, args.warmup),
+                  "ort": ort_contender(model, inputs, inputs, workdir, f"{name}_{seq}")}
+    contenders["ort_opt"] = ort_optimizer_contender(name, model, contenders["ort"], inputs)
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    contenders["eager_bf16"] = eager_contender(low, inputs)
+    contenders["inductor_bf16"] = inductor_contender(low, inputs, args.warmup)
+    contenders["blade_bf16"], cm = blade_bf16(name, seq, model, inputs, dims)
+    errors = {}
+    for key, c in contenders.items():
+        if c.fn is not None:
+            errors[key] = rel_err(c.fn(), ref)
+        print(f"   {key:14s} setup {c.setup_s:6.1f} s  {errors.get(key, c.status)}", flush=True)
+    live = {key: c.fn for key, c in contenders.items() if c.fn is not None}
+    medians, spread = time_contenders(live, args.warmup, args.repeat, args.gap_ms / 1e3)
+    work = ir_work(cm, inputs) if cm is not None else {"total": float("nan")}
+    rows = {}
+    for key, seconds in medians.items():
+        dtype = "bf16" if key in BF16 or key == "blade_bf16" else "fp32"
+        peak, peak_dtype = peaks.flops_peak(dtype)
+        rows[key] = {"ms": seconds * 1e3, "rel_err": errors[key], "mfu": work["total"] / seconds / peak,
+                     "peak_dtype": peak_dtype, "p10_ms": spread[key]["p10"], "p90_ms": spread[key]["p90"]}
+    best_fp32 = min((k for k in rows if k in FP32), key=lambda k: rows[k]["ms"], default=None)
+    best_bf16 = min((k for k in rows if k in BF16), key=lambda k: rows[k]["ms"], default=None)
+    verdict = {}
+    if "blade_bf16" in rows and best_fp32 and best_bf16:
+        blade_ms = rows["blade_bf16"]["ms"]
+        verdict = {"best_fp32": best_fp32, "vs_best_fp32": rows[best_fp32]["ms"] / blade_ms,
+                   "best_bf16": best_bf16, "vs_best_bf16": rows[best_bf16]["ms"] / blade_ms}
+        verdict["holds"] = verdict["vs_best_fp32"] >= 1.5 and verdict["vs_best_bf16"] >= 1.0
+    print("   " + "  ".join(f"{k} {v['ms']:.1f} ms" for k, v in rows.items()), flush=True)
+    result = {"model": name, "seq": seq, "rows": rows, "verdict": verdict, "flops": work["total"],
+              "status": {k: c.status for k, c in contenders.items()},
+              "blade": contenders["blade_bf16"].extra}
+    del contenders, low, model, cm
+    gc.collect()
+    torch._dynamo.reset()
+    return result
+
+
+def render(machine, peaks, cases, args, seconds) -> str:
+    lines = ["# bf16 on CPU: blade precision=\"bf16\", backend measured, vs fp32 and bf16 peers", "",
+             f"Machine: {machine['cpu']}, {machine['cores']} cores, flags "
+             f"{', '.join(k for k, v in machine['flags'].items() if v)}; torch {machine['torch']}, onnxruntime "
+             f"{machine['onnxruntime']}. Peaks this run: " + ", ".join(f"{d} {r / 1e9:.0f} GFLOP/s"
+                                                                      for d, r in peaks.matmul.items()) + ".", "",
+             f"Batch 1; warm-up {args.warmup}, {args.repeat} interleaved rounds with idle gaps, median; errors vs "
+             f"eager fp32. `python bench/bf16_cpu.py` ({seconds:.0f} s).", ""]
+    for case in cases:
+        lines += [f"## {case['model']} base, seq {case['seq']}", "",
+                  "| contender | median ms | p10–p90 | rel err vs fp32 | MFU |", "|---|---|---|---|---|"]
+        for key, r in case["rows"].items():
+            lines.append(f"| {key} | {r['ms']:.1f} | {r['p10_ms']:.1f}–{r['p90_ms']:.1f} | {r['rel_err']:.2e} | "
+                         f"{100 * r['mfu']:.0f} % of {r['peak_dtype']} |")
+        v = case["verdict"]
+        if v:
+            lines += ["", f"blade_bf16: **{v['vs_best_fp32']:.2f}x** the fastest fp32 peer ({v['best_fp32']}; bound "
+                          f"≥ 1.5x), **{v['vs_best_bf16']:.2f}x** the fastest bf16 peer ({v['best_bf16']}; bound ≥ 1.0x): "
+                          f"{'holds' if v['holds'] else 'DOES NOT HOLD'}."]
+        chosen = case["blade"]
+        if chosen:
+            times = ", ".join(f"{n} {c['ms']:.1f} ms" if "ms" in c else f"{n}: {c.get('error') or c.get('skipped')}"
+                              for n, c in chosen.get("candidates", {}).items())
+            lines += ["", f"blade chose **{chosen.get('backend')}** (measured on these inputs: {times})."]
+        failed = {k: s for k, s in case["status"].items() if s != "ok"}
+        if failed:
+            lines += ["", "Failed: " + "; ".join(f"{k}: {s}" for k, s in failed.items())]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--gap-ms", type=float, default=100)
+    parser.add_argument("--cases", nargs="*", help="e.g. bert:128 gpt:256 (default: all three)")
+    args = parser.parse_args()
+    cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases] if args.cases else CASES
+    start = time.perf_counter()
+    machine = machine_info()
+    peaks = measure(blade.target.detect("cpu"))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="blade-bf16-") as tmp:
+        for name, seq in cases:
+            results.append(run_case(name, seq, args, peaks, Path(tmp)))
+    text = render(machine, peaks, results, args, time.perf_counter() - start)
+    print(text)
+    if not args.cases:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "bf16_cpu.md").write_text(text)
+        (RESULTS / "bf16_cpu.json").write_text(json.dumps({"machine": machine, "peaks": peaks.as_dict(),
+                                                            "cases": results}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
