@@ -49,11 +49,14 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     debug = debug or os.environ.get("BLADE_DEBUG") == "1"  # the test suite verifies the IR after every pass
     start = time.perf_counter()
     target = detect(_device_of(model, example_inputs, example_kwargs))
+    asked_precision = precision
     downgraded = precision == "bf16" and not supports_bf16(target)
     if downgraded:  # never an emulated bf16 slower than fp32
-        _warn_once(f"precision='bf16' on {target.describe()}, which has no bf16 matmul instructions (AVX512-BF16 or "
-                   "AMX): compiling in fp32")
+        _warn_once(f"precision='bf16' on {target.describe()}, which has no bf16 matmul instructions (AVX512-BF16, "
+                   "AMX, Arm BF16, or a CUDA GPU of sm_80 or newer): compiling in fp32")
         precision = "fp32"
+        if quantize is None:
+            accuracy_budget = None  # nothing is lowered: the fp32 model meets any budget
     config = CompileConfig(backend=backend, optimize=optimize, debug=debug, check_accuracy=check_accuracy,
                            precision=precision, quantize=quantize, accuracy_budget=accuracy_budget)
     calibration_data = check_lowering_options(config, calibration_data)
@@ -63,7 +66,7 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     measure = backend == "auto" and backend_selection.enabled(autotune)
     lookup = _CacheLookup(cache, {"backend": "auto (measured)" if measure else chosen.name, "optimize": optimize,
                                   "passes": passes, "name": name,
-                                  "check_accuracy": check_accuracy, "precision": precision, "quantize": quantize,
+                                  "check_accuracy": check_accuracy, "precision": asked_precision, "quantize": quantize,
                                   "accuracy_budget": accuracy_budget,
                                   "calibration": compile_cache.tensors_digest(calibration_data),
                                   # process-wide settings that change what capture and the backends produce
@@ -92,7 +95,8 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     t_backend = time.perf_counter()
     candidates = {}
     if measure:
-        selection = backend_selection.select(graph, target, examples)
+        selection = backend_selection.select(graph, target, examples, captured.reference_outputs,
+                                             tolerance_for(config))
         chosen, executable, reason, candidates = (selection.backend, selection.executable, selection.reason,
                                                   selection.candidates)
     else:
@@ -191,8 +195,11 @@ def _warn_once(message: str) -> None:
 
 
 def supports_bf16(target) -> bool:
-    """Whether bf16 matmuls run natively: a CUDA GPU, or a CPU with AVX512-BF16 or AMX."""
-    return target.device != "cpu" or bool(set(target.features) & {"avx512_bf16", "amx_bf16"})
+    """Whether bf16 matmuls run natively: a CPU with AVX512-BF16, AMX or Arm's BF16, a CUDA GPU of sm_80+."""
+    if target.device == "cuda":
+        digits = "".join(c for c in target.arch.removeprefix("sm_") if c.isdigit())
+        return not digits or int(digits[:-1] or 0) >= 8
+    return bool(set(target.features) & {"avx512_bf16", "amx_bf16", "bf16", "svebf16"})
 
 
 def _with_examples(compiled: CompiledModel, args: tuple, kwargs: dict) -> CompiledModel:

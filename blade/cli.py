@@ -128,6 +128,8 @@ def _print_bench(result: dict) -> None:
 
 
 def cmd_compile(args, progress) -> int:
+    if args.onnx and args.backend == "auto":
+        args.backend = "onnxruntime"  # a plain .onnx needs the ONNX Runtime backend, whatever auto would measure
     _, _, compiled = _compile(args.source, args, progress)
     if args.onnx and not hasattr(compiled.executable, "to_onnx"):
         raise InputError(f"--onnx needs --backend onnxruntime (this compile used {compiled.backend})")

@@ -93,8 +93,14 @@ def user_code_digest(skip: tuple[str, ...] = ()) -> str:
     return _hash(digests)
 
 
+# Code that compilers write and load as modules (Inductor's kernels, Triton's launchers, blade's own
+# generated kernels): not the user's code, and new with every compile.
+_GENERATED = ("torchinductor_", f"{os.sep}triton{os.sep}", f"{os.sep}blade_triton_")
+
+
 def _is_user_file(path: str, skip: tuple[str, ...]) -> bool:
-    return not _real(path).startswith(_skipped_prefixes(skip))
+    real = _real(path)
+    return not real.startswith(_skipped_prefixes(skip)) and not any(mark in real for mark in _GENERATED)
 
 
 @functools.lru_cache(maxsize=None)

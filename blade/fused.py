@@ -43,10 +43,15 @@ class FusedRegion:
     def multiple_outputs(self) -> bool:
         return len(self.body.outputs) > 1
 
-    def __call__(self, *tensors):
+    def module(self):
+        """The body as an fx GraphModule, built once (build it before torch.compile traces a call: building
+        inside the trace would break its graph at every region)."""
         if self._module is None:
             self._module = self.body.to_fx()
-        out = self._module(*tensors)
+        return self._module
+
+    def __call__(self, *tensors):
+        out = self.module()(*tensors)
         return tuple(out) if self.multiple_outputs else out[0]
 
     def describe(self, most: int = 6) -> str:

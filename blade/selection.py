@@ -2,7 +2,8 @@
 
 The candidates are the backends auto may use on the target (Triton only on a CUDA GPU) that can run
 the optimized graph at its precision (ONNX Runtime has no bf16 CPU matmul). Each is compiled in
-preference order while the compile-time budget lasts (the first always), then all are timed on the
+preference order while the compile time spent so far is under the budget (the first always); one
+whose outputs on the examples differ from eager's beyond the tolerance is left out; the rest are timed on the
 example inputs interleaved (A B A B …, an untimed idle gap after each so that one engine's spinning
 worker threads do not slow the next; a short call is timed in bursts of ~10 ms so that waking the
 thread pool after the gap does not dominate it), median after warm-up. A candidate that fails to
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from blade import backends
+from blade.accuracy import compare
 from blade.backends import base
 from blade.errors import BackendError
 from blade.ir import Graph
@@ -61,8 +63,10 @@ def candidates_for(graph: Graph, target: Target) -> tuple[list, dict]:
     return found, skipped
 
 
-def select(graph: Graph, target: Target, examples: list, budget_s: float = DEFAULT_BUDGET_S) -> Selection:
-    """Compile and time every candidate on `examples`; the fastest wins."""
+def select(graph: Graph, target: Target, examples: list, references: list | None = None,
+           tolerance: float | None = None, budget_s: float = DEFAULT_BUDGET_S) -> Selection:
+    """Compile and time every candidate on `examples`; the fastest of those whose outputs match
+    `references` (eager's, within `tolerance` or the dtype's own) wins."""
     found, skipped = candidates_for(graph, target)
     results: dict[str, dict] = {name: {"skipped": why} for name, why in skipped.items()}
     compiled, spent = {}, 0.0
@@ -73,12 +77,19 @@ def select(graph: Graph, target: Target, examples: list, budget_s: float = DEFAU
         start = time.perf_counter()
         try:
             executable = backend.compile(graph, target, example_inputs=examples)
-            executable(*examples)  # the first call: lazy initialization, and it must run at all
+            outputs = executable(*examples)  # the first call: lazy initialization, and it must run at all
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is reported, not fatal
+            spent += time.perf_counter() - start
             results[backend.name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             continue
         seconds = time.perf_counter() - start
         spent += seconds
+        if references is not None:
+            accuracy = compare(outputs, references, tolerance)
+            if not accuracy.ok:
+                results[backend.name] = {"error": f"outputs differ from eager (rel_err {accuracy.rel_err:.3g})",
+                                         "compile_s": seconds}
+                continue
         compiled[backend.name] = (backend, executable)
         results[backend.name] = {"compile_s": seconds}
     if not compiled:

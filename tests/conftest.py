@@ -12,7 +12,7 @@ os.environ.setdefault("BLADE_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"b
 # The compile cache is off in tests (a hit would skip the passes under test); tests/test_cache.py turns it on.
 os.environ.setdefault("BLADE_CACHE", "0")
 # backend="auto" follows the fixed rule in tests (measuring candidates would change which backend every test
-# gets); tests/test_select.py turns measurement on.
+# gets); tests/test_selection.py and tests/backends/test_inductor.py turn measurement on.
 os.environ.setdefault("BLADE_AUTOTUNE", "0")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

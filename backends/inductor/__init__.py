@@ -4,7 +4,8 @@ What blade's passes decided stays decided (attention as blade::flash_attention, 
 as the op's CPU/CUDA kernel; precision casts; quantized ops as their kernels); Inductor then fuses
 the elementwise work around the matmuls (e.g. a mixed-precision cast into the layer norm before it)
 and picks its GEMMs. Shapes named dynamic compile once with symbolic sizes (dynamic=True), so a new
-batch or length does not recompile. It is compiled on the first call (or at compile time, when
+batch or length does not recompile, except a size of 1, which dynamo specializes: the first call
+with a dim of 1 compiles once more. It is compiled on the first call (or at compile time, when
 blade.compile runs the accuracy check or measures it): tens of seconds for a base-size model; an
 artifact saves nothing of it and compiles again when loaded. Not in the fixed rule of
 backend="auto": it is one of the candidates auto measures.
@@ -16,37 +17,33 @@ import threading
 import torch
 
 from blade.errors import BackendError
+from blade.fused import is_fused
 from blade.ir import Graph, Node
 from blade.target import Target
 
 
 class InductorExecutable:
-    """torch.compile of the graph's fx module, called under no_grad with Inductor's freezing on."""
+    """torch.compile of the graph's fx module (freezing on), called under no_grad."""
 
     def __init__(self, graph: Graph):
         self.name = graph.name
+        for node in graph.call_nodes:  # regions' bodies built now, not inside the trace
+            if is_fused(node):
+                node.target.module()
         self.module = graph.to_fx()
         dynamic = any(not isinstance(size, int) for n in graph.inputs for size in n.val.shape)
-        self.compiled = torch.compile(self.module, dynamic=dynamic)
+        self.compiled = torch.compile(self.module, dynamic=dynamic, options={"freezing": True})
         self._lock = threading.Lock()
-        self._warm = False
 
     def __call__(self, *tensors) -> list:
-        import torch._inductor.config as inductor_config
-
-        if not self._warm:  # the first call compiles: one thread at a time
-            with self._lock, inductor_config.patch(freezing=True), torch.no_grad():
-                try:
-                    out = list(self.compiled(*tensors))
-                except Exception as exc:  # noqa: BLE001 - Inductor's own failures, named as blade's
-                    reason = str(exc).strip().splitlines()
-                    raise BackendError(f"torch.compile (inductor) could not compile {self.name}: {type(exc).__name__}"
-                                       f": {reason[0][:300] if reason else ''}; use backend='onnxruntime' or "
-                                       "'eager'") from exc
-                self._warm = True
-                return out
-        with inductor_config.patch(freezing=True), torch.no_grad():
-            return list(self.compiled(*tensors))
+        with torch.no_grad():
+            try:
+                return list(self.compiled(*tensors))
+            except Exception as exc:  # noqa: BLE001 - Inductor's own failures, named as blade's
+                reason = str(exc).strip().splitlines()
+                raise BackendError(f"torch.compile (inductor) could not compile or run {self.name}: "
+                                   f"{type(exc).__name__}: {reason[0][:300] if reason else ''}; use "
+                                   "backend='onnxruntime' or 'eager'") from exc
 
     def describe(self) -> dict:
         return {"compiler": f"torch.compile (inductor, freezing), torch {torch.__version__}"}
@@ -64,11 +61,19 @@ class InductorBackend:
     def supports(self, node: Node) -> bool:
         return True
 
+    def refuses(self, graph: Graph, target: Target) -> str | None:
+        """Measured auto tries Inductor for low-precision graphs only: in fp32, ONNX Runtime is the faster CPU
+        engine (bench/results/ort_cpu.md) and every Inductor compile holds on to ~80 MB of the process."""
+        if not any(getattr(n.val, "dtype", None) in (torch.bfloat16, torch.float16) for n in graph.call_nodes):
+            return "tried for bf16/fp16 graphs only (in fp32 ONNX Runtime is faster, and each compile holds memory)"
+        return None
+
     def compile(self, graph: Graph, target: Target, example_inputs=None) -> InductorExecutable:
         """Compiles now, on the example inputs when given (so that a failure is a compile-time BackendError)."""
         executable = InductorExecutable(graph)
         if example_inputs is not None:
-            executable(*example_inputs)
+            with executable._lock:
+                executable(*example_inputs)
         return executable
 
     def load(self, directory: str, graph: Graph, target: Target) -> InductorExecutable:

@@ -40,7 +40,9 @@ def test_measured_auto_times_inductor_and_artifacts_compile_again_on_load(tmp_pa
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).eval()
     x = torch.randn(4, 32)
     cm = blade.compile(model, (x,), autotune=True)
-    assert "ms" in cm.report.backend_candidates["inductor"]
+    assert "bf16/fp16 graphs only" in cm.report.backend_candidates["inductor"]["skipped"]  # fp32: not tried
+    low = blade.compile(model, (x,), autotune=True, precision="bf16")
+    assert "ms" in low.report.backend_candidates["inductor"] and "skipped" in low.report.backend_candidates["onnxruntime"]
     forced = blade.compile(model, (x,), backend="inductor")
     forced.save(tmp_path / "m.blade")
     loaded = blade.load(tmp_path / "m.blade")
@@ -50,7 +52,7 @@ def test_measured_auto_times_inductor_and_artifacts_compile_again_on_load(tmp_pa
 def test_an_inductor_failure_is_a_backend_error_at_compile_time(monkeypatch):
     from blade.backends import inductor
 
-    def broken(module, dynamic=None):
+    def broken(module, dynamic=None, options=None):
         def run(*tensors):
             raise RuntimeError("C++ compiler not found")
         return run
@@ -58,3 +60,29 @@ def test_an_inductor_failure_is_a_backend_error_at_compile_time(monkeypatch):
     monkeypatch.setattr(inductor.torch, "compile", broken)
     with pytest.raises(blade.errors.BackendError, match="inductor.*C\\+\\+ compiler not found.*backend='onnxruntime'"):
         blade.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),), backend="inductor")
+
+
+def test_fused_regions_do_not_break_the_compiled_graph():
+    """Region bodies are built before tracing: one graph, no recompiles, per compiled model."""
+    import torch._dynamo
+
+    model, example, dims = models.get("bert")
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    cm = blade.compile(model, example, dynamic_shapes=dims, backend="inductor")
+    for seed in (1, 2):
+        cm(*models.sample_inputs("bert", seed=seed, batch=3, seq=9))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_inductor_generated_modules_are_not_user_code():
+    """Inductor loads its kernels as Python modules; they must not change the compile cache's key."""
+    from blade import cache, fingerprint
+
+    skip = tuple(cache._blade_dirs())
+    before = fingerprint.user_code_digest(skip=skip)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+    blade.compile(model, (torch.randn(3, 8),), backend="inductor")
+    assert fingerprint.user_code_digest(skip=skip) == before
