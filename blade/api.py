@@ -112,7 +112,7 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
         ops_before=captured.graph.count_targets(), ops_after=graph.count_targets(),
         seconds={"capture": captured.seconds, "passes": t_backend - t_passes, "backend": t_done - t_backend},
         backend_details=executable.describe() if hasattr(executable, "describe") else {},
-        backend_candidates=candidates,
+        backend_candidates=candidates, matmul_precision=matmul_precision(graph),
         quantization=lowering.summary(graph))
     compiled = CompiledModel(graph, executable, chosen.name, target, signature, report)
     compiled.example_inputs = compiled.flat_inputs(*captured.example_args, **captured.example_kwargs)
@@ -183,6 +183,25 @@ class _CacheLookup:
         report.cache = {"hit": False, "key": self.key, "path": str(path) if path else None, "stored": what,
                         "keyed_by": f"captured graph ({self.why_graph})" if self.why_graph else "source"}
         report.seconds["cache_store"] = time.perf_counter() - t_store
+
+
+def matmul_precision(graph) -> dict[str, str]:
+    """Every matmul, convolution and attention node (inside fused regions too) -> what it computes in."""
+    from blade.cost import ATTENTIONS, CONVOLUTIONS, MATMULS
+    from blade.fused import is_fused
+    from blade.ir import dtype_name
+
+    found = {}
+    for node in graph.call_nodes:
+        for inner in (node.target.body.call_nodes if is_fused(node) else [node]):
+            if inner.target not in MATMULS and inner.target not in CONVOLUTIONS and inner.target not in ATTENTIONS:
+                continue
+            mode = inner.kwargs.get("mode") if len(inner.args) > 2 and inner.meta.get("quantized") else None
+            tensor = next((r for r in inner.refs() if hasattr(r.val, "dtype")), None)
+            found[inner.meta.get("layer") or inner.name] = (
+                f"int8 {mode}" if mode in ("dynamic", "static", "weight_only") else "fp8" if mode == "fp8"
+                else dtype_name(tensor.val.dtype) if tensor is not None else "?")
+    return found
 
 
 _WARNED: set[str] = set()

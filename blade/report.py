@@ -29,6 +29,7 @@ class CompileReport:
     backend_candidates: dict = field(default_factory=dict)  # measured auto: every candidate's time or error
     accuracy: Accuracy | None = None
     quantization: dict = field(default_factory=dict)  # precision/quantize: layers lowered, kept, errors
+    matmul_precision: dict = field(default_factory=dict)  # every matmul/conv/attention node -> what it computes in
     cache: dict = field(default_factory=dict)  # {"hit", "key", "path", ...} when the compile cache was used
     warnings: list[str] = field(default_factory=list)
 
@@ -67,6 +68,11 @@ class CompileReport:
             what = (f"{result['ms']:.3g} ms (compiled in {result['compile_s']:.1f} s)" if "ms" in result
                     else result.get("error") or f"not measured: {result.get('skipped')}")
             lines.append(f"  candidate {name}: {what}")
+        if self.matmul_precision:
+            tally: dict[str, int] = {}
+            for what in self.matmul_precision.values():
+                tally[what] = tally.get(what, 0) + 1
+            lines.append("  matmuls   " + ", ".join(f"{n} in {what}" for what, n in sorted(tally.items())))
         nodes = self.backend_details.get("nodes")
         if nodes:
             lines.append("  placement " + ", ".join(f"{engine} {n} nodes" for engine, n in nodes.items()))

@@ -156,6 +156,10 @@ def test_report_lists_every_lowered_layer_and_the_check_uses_the_mode_tolerance(
     assert all(layer["source"] for layer in summary["lowered"])
     assert cm.report.accuracy.ok and cm.report.accuracy.outputs[0].tolerance == 5e-2
     assert not cm.report.warnings
+    assert sorted(cm.report.matmul_precision.values()) == ["int8 dynamic"] * 3
+    assert "matmuls   3 in int8 dynamic" in str(cm.report)
+    mixed = blade.compile(model, example, dynamic_shapes=dims, backend="eager", precision="bf16")
+    assert set(mixed.report.matmul_precision.values()) == {"bf16"}
 
 
 def test_review_regressions_dtypes_pipelines_and_calibration_keys():
