@@ -188,19 +188,18 @@ class _CacheLookup:
 def matmul_precision(graph) -> dict[str, str]:
     """Every matmul, convolution and attention node (inside fused regions too) -> what it computes in."""
     from blade.cost import ATTENTIONS, CONVOLUTIONS, MATMULS
-    from blade.fused import is_fused
+    from blade.fused import calls_within
     from blade.ir import dtype_name
 
     found = {}
-    for node in graph.call_nodes:
-        for inner in (node.target.body.call_nodes if is_fused(node) else [node]):
-            if inner.target not in MATMULS and inner.target not in CONVOLUTIONS and inner.target not in ATTENTIONS:
-                continue
-            mode = inner.kwargs.get("mode") if len(inner.args) > 2 and inner.meta.get("quantized") else None
-            tensor = next((r for r in inner.refs() if hasattr(r.val, "dtype")), None)
-            found[inner.meta.get("layer") or inner.name] = (
-                f"int8 {mode}" if mode in ("dynamic", "static", "weight_only") else "fp8" if mode == "fp8"
-                else dtype_name(tensor.val.dtype) if tensor is not None else "?")
+    for node in calls_within(graph):
+        if node.target not in MATMULS and node.target not in CONVOLUTIONS and node.target not in ATTENTIONS:
+            continue
+        mode = node.meta.get("quantized")
+        tensor = next((r for r in node.refs() if hasattr(r.val, "dtype")), None)
+        found[node.meta.get("layer") or node.name] = (
+            "fp8" if mode == "fp8" else f"int8 {mode}" if mode else
+            dtype_name(tensor.val.dtype) if tensor is not None else "?")
     return found
 
 

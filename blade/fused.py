@@ -77,6 +77,12 @@ def region_of(node: Node) -> FusedRegion | None:
     return node.target if is_fused(node) else None
 
 
+def calls_within(graph: Graph) -> list[Node]:
+    """Every call node, in order, with a fused region's body calls in place of the region."""
+    return [inner for node in graph.call_nodes
+            for inner in (node.target.body.call_nodes if is_fused(node) else [node])]
+
+
 def verify_regions(graph: Graph) -> None:
     """Every fused node's body verifies, holds no fused node, and takes the node's arguments."""
     for node in graph.call_nodes:

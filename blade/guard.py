@@ -18,7 +18,7 @@ import torch
 from blade.accuracy import compare
 from blade.config import CompileConfig
 from blade.errors import AccuracyError
-from blade.fused import is_fused
+from blade.fused import calls_within
 from blade.ir import Graph
 from blade.passes import PassRecord, run_pipeline
 
@@ -45,11 +45,7 @@ def tolerance_of(summary: dict) -> float | None:
 
 def lowered_layers(graph: Graph) -> list[str]:
     """Names of the layers the quantize/precision passes rewrote (inside fused regions too), in order."""
-    names = []
-    for node in graph.call_nodes:
-        nodes = node.target.body.call_nodes if is_fused(node) else [node]
-        names += [n.meta["layer"] for n in nodes if n.meta.get("layer")]
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(n.meta["layer"] for n in calls_within(graph) if n.meta.get("layer")))
 
 
 def graph_error(graph: Graph, samples: list[list], references: list[list]) -> float:

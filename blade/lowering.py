@@ -10,6 +10,7 @@ import torch.utils._pytree as pytree
 from blade.accuracy import compare
 from blade.config import CompileConfig
 from blade.errors import ConfigError, InputError
+from blade.fused import calls_within
 from blade.guard import Guard, GuardResult, lowered_layers
 from blade.guards import check_inputs
 from blade.passes import precision, quantize, run_pipeline
@@ -140,12 +141,9 @@ class Lowering:
         """What the report shows: modes, every lowered layer, what stayed fp32 and the errors measured."""
         if not self.config.lowers_precision:
             return {}
-        layers = []
-        for node in graph.call_nodes:
-            nodes = node.target.body.call_nodes if hasattr(node.target, "body") else [node]
-            layers += [{"layer": n.meta["layer"], "source": n.meta.get("source"),
-                        "as": n.meta.get("quantized") or n.meta.get("precision")}
-                       for n in nodes if n.meta.get("layer")]
+        layers = [{"layer": n.meta["layer"], "source": n.meta.get("source"),
+                   "as": n.meta.get("quantized") or n.meta.get("precision")}
+                  for n in calls_within(graph) if n.meta.get("layer")]
         data = {"precision": self.config.precision or "fp32", "quantize": self.config.quantize,
                 "calibration_samples": len(self.config.calibration) if self.config.quantize == "int8_static" else 0,
                 "check_samples": len(self.samples), "lowered": layers}

@@ -63,7 +63,7 @@ class InductorBackend:
 
     def refuses(self, graph: Graph, target: Target) -> str | None:
         """Measured auto tries Inductor for low-precision graphs only: in fp32, ONNX Runtime is the faster CPU
-        engine (bench/results/ort_cpu.md) and every Inductor compile holds on to ~80 MB of the process."""
+        engine (bench/results/ort_cpu.md) and every Inductor compile holds on to memory of the process."""
         if not any(getattr(n.val, "dtype", None) in (torch.bfloat16, torch.float16) for n in graph.call_nodes):
             return "tried for bf16/fp16 graphs only (in fp32 ONNX Runtime is faster, and each compile holds memory)"
         return None
