@@ -52,7 +52,7 @@ def test_measured_auto_times_inductor_and_artifacts_compile_again_on_load(tmp_pa
 def test_an_inductor_failure_is_a_backend_error_at_compile_time(monkeypatch):
     from blade.backends import inductor
 
-    def broken(module, dynamic=None, options=None):
+    def broken(module, dynamic=None, backend=None):
         def run(*tensors):
             raise RuntimeError("C++ compiler not found")
         return run
@@ -86,3 +86,48 @@ def test_inductor_generated_modules_are_not_user_code():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
     blade.compile(model, (torch.randn(3, 8),), backend="inductor")
     assert fingerprint.user_code_digest(skip=skip) == before
+
+
+def test_tanh_gelu_is_lowered_as_sigmoid_the_same_function(monkeypatch):
+    """Inductor gets GPT-2's tanh GELU as x·sigmoid(2u): equal to the tanh form in float64 (closer in the far negative tail,
+    where 1 + tanh cancels), and the model's output
+    through Inductor matches eager; the exact (erf) GELU keeps Inductor's own decomposition."""
+    import torch.nn.functional as F
+
+    from blade.backends import inductor
+
+    x = torch.cat([torch.linspace(-12, 12, 4001, dtype=torch.float64), torch.tensor([-1e13, 1e13, 0.0, -0.0])])
+    assert torch.allclose(inductor._gelu(x, approximate="tanh"), F.gelu(x, approximate="tanh"), rtol=1e-12, atol=1e-12)
+    assert torch.isnan(inductor._gelu(torch.tensor([float("nan")]), approximate="tanh")).all()
+    assert torch.equal(inductor._gelu(x), inductor._INDUCTOR_DECOMPOSITIONS[torch.ops.aten.gelu.default](x))
+    seen = []
+    real = inductor.DECOMPOSITIONS[torch.ops.aten.gelu.default]
+    monkeypatch.setitem(inductor.DECOMPOSITIONS, torch.ops.aten.gelu.default,
+                        lambda t, approximate="none": seen.append(approximate) or real(t, approximate=approximate))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(64, 32)).eval()
+    cm = blade.compile(model, (torch.randn(4, 32),), backend="inductor", cache=False)
+    fresh = torch.randn(4, 32) * 4
+    with torch.no_grad():
+        assert_matches(cm(fresh), model(fresh), tol=1e-5)
+    assert seen == ["tanh"]
+
+
+def test_bf16_attention_runs_blades_cpu_kernel_inside_inductor(monkeypatch):
+    """Inductor keeps blade::flash_attention as the op, whose CPU kernel for bf16 is the blocked one."""
+    from blade.backends.eager import attention_cpu
+
+    calls = []
+    real = attention_cpu.blocked_attention
+    monkeypatch.setattr(attention_cpu, "blocked_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(attention_cpu, "MIN_KEYS", 16)  # the tiny model's lengths; blocks of 16 queries
+    monkeypatch.setattr(attention_cpu, "BLOCK_ROWS", 16)
+    model, example, dims = models.get("gpt")
+    cm = blade.compile(model, models.sample_inputs("gpt", seed=1, seq=40), dynamic_shapes=dims, backend="inductor",
+                       precision="bf16", cache=False)
+    calls.clear()
+    fresh = models.sample_inputs("gpt", seed=4, seq=50)
+    with torch.no_grad():
+        ref = model(*fresh)
+    assert float((cm(*fresh) - ref).norm() / ref.norm()) <= 1e-2
+    assert calls and all(shape[2] == 50 for shape in calls)

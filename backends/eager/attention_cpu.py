@@ -1,0 +1,117 @@
+"""blade::flash_attention's CPU kernel for bf16: query blocks through PyTorch's bf16 GEMM and softmax kernels.
+
+PyTorch's fused CPU attention (SDPA flash) runs bf16 no faster than fp32 on AVX512-BF16 CPUs without
+AMX (bench/results/attention_cpu.md); its per-block GEMMs do not reach the bf16 matmul peak. This
+kernel takes a block of BLOCK_ROWS queries at a time, all heads together:
+
+    scores = (scale·q_block) @ k[:, :, :end]ᵀ      bf16 GEMM, fp32 accumulation, bf16 scores
+    probs  = softmax(scores)                        PyTorch's kernel, fp32 inside
+    out[block] = probs @ v[:, :, :end]
+
+so memory is O(BLOCK_ROWS·Sk) per head, never O(Sq·Sk), and under `causal` a block reads only the keys
+up to its last query (the upper triangle is never computed; only the block on the diagonal is masked).
+The scores are rounded to bf16 before the softmax, as `model.to(torch.bfloat16)` rounds them: the
+op-level error against fp32 is about 3e-3 where SDPA's is 2e-3 (tests/backends/test_attention_cpu.py).
+Grouped-query heads share their key/value head without copying it (the group's queries are stacked
+as rows of one GEMM). Rows whose keys are all masked give zeros, as the op's spec says.
+
+Other dtypes (fp32, and fp16, which these CPUs have no fast GEMM for) run the reference.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from blade.ops import attention_reference, check_attention_args, in_output_layout, register_attention_kernel
+
+BLOCK_ROWS = 128  # queries per block (64 and 256 were slower at seq 256-2048)
+MIN_KEYS = 128  # below this many keys SDPA is as fast or faster (bench/results/attention_cpu.md)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
+    """bf16 q/k/v on the CPU (and a bool or floating mask): what this kernel computes."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and (mask is None or mask.dtype == torch.bool or mask.dtype.is_floating_point))
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                      scale: Optional[float] = None, causal: bool = False) -> torch.Tensor:
+    """The op on bf16 CPU tensors, a block of queries at a time (see the module docstring)."""
+    check_attention_args(q, k, v, mask)
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    out = q.new_empty((batch, q_len, q_heads, v.shape[-1]))
+    out_heads = out.transpose(1, 2)  # [B, Hq, Sq, Dv] view of the [B, Sq, Hq, Dv] memory
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    # One contiguous copy of K and V (row copies), so that each block's GEMMs read them in place (K
+    # transposed through the BLAS flag): a strided view would be copied again by every block.
+    keys_t = k.contiguous().transpose(-1, -2)
+    values = v.contiguous()
+    q = q * scale
+    for start in range(0, q_len, BLOCK_ROWS):
+        stop = min(start + BLOCK_ROWS, q_len)
+        rows = stop - start
+        k_end = min(stop, k_len) if causal else k_len
+        q_block = q[:, :, start:stop]
+        if group > 1:  # the group's queries as rows of one GEMM against their shared key head
+            q_block = q_block.reshape(batch, kv_heads, group * rows, head_dim)
+        scores = torch.matmul(q_block, keys_t[..., :k_end]).view(batch, q_heads, rows, k_end)
+        if causal and start < k_end:
+            above = torch.ones(rows, k_end - start, dtype=torch.bool).triu_(1)
+            scores[..., start:].masked_fill_(above, float("-inf"))
+        dead = None
+        if mask is not None:
+            block_mask = _block(mask, start, stop, k_end)
+            if block_mask.dtype == torch.bool:
+                scores.masked_fill_(~block_mask, float("-inf"))
+                allowed = block_mask
+            else:
+                scores.add_(block_mask)
+                allowed = block_mask != float("-inf")
+            dead = ~_any_allowed(allowed, causal, start, rows, k_end)
+        probs = torch.softmax(scores, dim=-1)
+        if group > 1:
+            probs = probs.view(batch, kv_heads, group * rows, k_end)
+        block_out = torch.matmul(probs, values[:, :, :k_end]).view(batch, q_heads, rows, -1)
+        if dead is not None and bool(dead.any()):
+            block_out = block_out.masked_fill(dead.unsqueeze(-1), 0.0)
+        out_heads[:, :, start:stop].copy_(block_out)
+    return out_heads
+
+
+def _block(mask: torch.Tensor, start: int, stop: int, k_end: int) -> torch.Tensor:
+    """The mask's part for queries [start, stop) and keys [0, k_end), still broadcastable."""
+    mask = mask[..., :k_end] if mask.shape[-1] != 1 else mask
+    if mask.dim() >= 2 and mask.shape[-2] != 1:
+        mask = mask[..., start:stop, :]
+    return mask
+
+
+def _any_allowed(allowed: torch.Tensor, causal: bool, start: int, rows: int, k_end: int) -> torch.Tensor:
+    """Per query row of the block: does any key stay allowed by the mask (and, under causal, the triangle)?"""
+    if causal:
+        key = torch.arange(k_end)
+        query = torch.arange(start, start + rows).unsqueeze(-1)
+        allowed = allowed & (key <= query)
+    return allowed.any(dim=-1)
+
+
+def prefers_blocked(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], causal: bool) -> bool:
+    """Where bench/results/attention_cpu.md measured this kernel faster than SDPA's: at MIN_KEYS keys or more."""
+    return k.shape[2] >= MIN_KEYS
+
+
+def blocked_or_reference(q, k, v, mask=None, scale=None, causal=False) -> torch.Tensor:
+    """This kernel where it `supports` the inputs and is the faster, else the op's reference, in the op's layout."""
+    if supports(q, k, v, mask) and prefers_blocked(q, k, mask, causal):
+        return blocked_attention(q, k, v, mask, scale, causal)
+    return in_output_layout(attention_reference(q, k, v, mask, scale, causal))
+
+
+def install() -> None:
+    """Make this kernel blade::flash_attention's on the CPU."""
+    register_attention_kernel("cpu", blocked_or_reference)

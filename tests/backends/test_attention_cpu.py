@@ -1,0 +1,121 @@
+"""blade::flash_attention's bf16 CPU kernel (backends/eager/attention_cpu.py) against the op's fp32 reference."""
+import pytest
+import torch
+
+from blade.backends.eager import attention_cpu
+from blade.backends.eager.attention_cpu import blocked_attention, blocked_or_reference, prefers_blocked
+from blade.ops import FLASH_ATTENTION, attention_reference
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 16 queries, so that small shapes cross several blocks (and the diagonal one)."""
+    monkeypatch.setattr(attention_cpu, "BLOCK_ROWS", 16)
+
+
+def qkv(batch=2, q_heads=4, kv_heads=4, q_len=40, k_len=40, dim=32, v_dim=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_heads, q_len, dim, generator=gen)
+    k = torch.randn(batch, kv_heads, k_len, dim, generator=gen)
+    v = torch.randn(batch, kv_heads, k_len, v_dim or dim, generator=gen)
+    return q, k, v
+
+
+def rel(out, ref):
+    assert torch.isfinite(out).all()
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+def check(q, k, v, mask=None, scale=None, causal=False, bound=1e-2):
+    """The kernel on bf16 inputs within `bound` of the fp32 reference, and no worse than 2.5x bf16 SDPA's error."""
+    ref = attention_reference(q, k, v, mask, scale, causal)
+    lq, lk, lv = (t.to(BF16) for t in (q, k, v))
+    low_mask = mask.to(BF16) if mask is not None and mask.is_floating_point() else mask
+    out = blocked_attention(lq, lk, lv, low_mask, scale, causal)
+    assert out.dtype == BF16 and out.shape == ref.shape
+    assert out.transpose(1, 2).is_contiguous(), "the op's output memory is [B, Sq, Hq, Dv]"
+    sdpa = attention_reference(lq, lk, lv, low_mask, scale, causal)
+    assert rel(out, ref) <= bound
+    assert rel(out, ref) <= 2.5 * rel(sdpa, ref) + 1e-4
+    return out, ref
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_self_attention_across_blocks(causal):
+    check(*qkv(), causal=causal)
+
+
+@pytest.mark.parametrize("q_len,k_len", [(1, 50), (7, 50), (50, 20), (33, 33)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cross_and_decode_lengths(q_len, k_len, causal):
+    """Top-left aligned causal with Sq != Sk, decode (one query), and a last block shorter than the others."""
+    check(*qkv(q_len=q_len, k_len=k_len), causal=causal)
+
+
+def test_grouped_query_heads_and_value_dim():
+    check(*qkv(q_heads=8, kv_heads=2, v_dim=16), causal=True)
+    check(*qkv(q_heads=6, kv_heads=3), scale=0.3)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 40), (40, 40), (2, 4, 40, 40), (2, 1, 40, 1)])
+def test_bool_masks_that_broadcast(shape):
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(shape, generator=gen) > 0.3
+    mask[..., 0] = True  # every row keeps a key (rows with none are tested below)
+    check(*qkv(), mask=mask)
+    check(*qkv(), mask=mask, causal=True)
+
+
+def test_float_padding_mask():
+    mask = torch.zeros(2, 1, 1, 40)
+    mask[1, ..., -11:] = float("-inf")
+    mask[0, ..., :5] = -3.0
+    check(*qkv(), mask=mask)
+    check(*qkv(q_heads=8, kv_heads=2), mask=mask, causal=True)
+
+
+def test_rows_with_every_key_masked_are_zero():
+    q, k, v = qkv()
+    mask = torch.ones(2, 1, 40, 40, dtype=torch.bool)
+    mask[0, :, 3] = False  # query 3 of batch 0 may attend nothing
+    mask[1, :, 20:, :] = False  # a whole block of batch 1
+    out, ref = check(q, k, v, mask=mask)
+    assert (out[0, :, 3] == 0).all() and (out[1, :, 20:] == 0).all()
+    float_mask = torch.zeros(2, 1, 40, 40).masked_fill(~mask, float("-inf"))
+    out, _ = check(q, k, v, mask=float_mask)
+    assert (out[0, :, 3] == 0).all()
+    causal_dead = torch.ones(40, 40, dtype=torch.bool)
+    causal_dead[5, :6] = False  # under causal, query 5 keeps only keys <= 5: all masked here
+    out, _ = check(q, k, v, mask=causal_dead, causal=True)
+    assert (out[:, :, 5] == 0).all()
+
+
+def test_nan_in_inputs_is_not_hidden():
+    q, k, v = (t.to(BF16) for t in qkv())
+    q[0, 0, 3, 0] = float("nan")
+    out = blocked_attention(q, k, v, None, None, False)
+    assert torch.isnan(out[0, 0, 3]).all() and torch.isfinite(out[1]).all()
+
+
+def test_bad_inputs_named():
+    q, k, v = (t.to(BF16) for t in qkv())
+    with pytest.raises(Exception, match="head_dim"):
+        blocked_attention(q, k[..., :8], v)
+
+
+def test_dispatch_on_cpu(monkeypatch):
+    """The op on bf16 CPU tensors runs the kernel where it is the faster, the reference otherwise (and for fp32)."""
+    calls = []
+    real = attention_cpu.blocked_attention
+    monkeypatch.setattr(attention_cpu, "blocked_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    long_q, long_k, long_v = (t.to(BF16) for t in qkv(q_len=200, k_len=200))
+    FLASH_ATTENTION(long_q, long_k, long_v, None, None, True)
+    assert calls == [long_q.shape]
+    short = [t.to(BF16) for t in qkv(q_len=64, k_len=64)]
+    assert not prefers_blocked(short[0], short[1], None, True)
+    assert torch.equal(FLASH_ATTENTION(*short, None, None, True), blocked_or_reference(*short, None, None, True))
+    fp32 = qkv(q_len=200, k_len=200)
+    assert torch.equal(FLASH_ATTENTION(*fp32, None, None, True), attention_reference(*fp32, None, None, True))
+    assert len(calls) == 1
