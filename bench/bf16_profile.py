@@ -1,0 +1,79 @@
+"""Where bf16 time goes on CPU: blade precision="bf16" (inductor backend) vs torch.compile of model.to(bf16), op by op.
+
+Zoo gpt base, batch 1, at seq 256 and 1024 (the cases of bench/bf16_cpu.py): both compiled as there,
+then torch.profiler over PROFILED_CALLS calls of each, Inductor's generated kernels named
+(torch._inductor.config.cpp.enable_kernel_profile). The table gives each contender's self CPU time per
+call of its heaviest ops; ms per call are from the profiled calls (the profiler adds a little).
+
+    python bench/bf16_profile.py    # writes bench/results/bf16_profile.md
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import _repo_path  # noqa: F401  (blade from this checkout when it is not installed)
+import torch
+import torch._inductor.config as inductor_config
+from torch.profiler import ProfilerActivity, profile
+
+import blade
+import blade.models as zoo
+from ort_cpu import machine_info, make_inputs
+
+CASES = (256, 1024)
+PROFILED_CALLS = 3
+TOP = 12
+RESULTS = Path(__file__).resolve().parent / "results" / "bf16_profile.md"
+
+
+def contenders(seq: int) -> dict:
+    model, _, dims = zoo.get("gpt", "base")
+    example = zoo.sample_inputs("gpt", "base", seed=5, batch=2, seq=seq)
+    cm = blade.compile(model, example, dynamic_shapes=dims, precision="bf16", backend="inductor", cache=False)
+    peer = torch.compile(copy.deepcopy(model).to(torch.bfloat16), options={"freezing": True})
+    inputs = make_inputs("gpt", seq)
+    return {"blade_bf16": lambda: cm(*inputs), "inductor_bf16": lambda: peer(*inputs)}
+
+
+def profile_one(fn) -> tuple[float, list[tuple[str, float, int]]]:
+    with torch.no_grad():
+        for _ in range(3):
+            fn()
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(PROFILED_CALLS):
+                fn()
+        per_call_ms = (time.perf_counter() - start) / PROFILED_CALLS * 1e3
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    ops = [(e.key, e.self_cpu_time_total / PROFILED_CALLS / 1e3, e.count // PROFILED_CALLS) for e in rows
+           if not e.key.startswith(("## Call CompiledFxGraph", "Torch-Compiled Region"))]
+    return per_call_ms, ops[:TOP]
+
+
+def main() -> None:
+    inductor_config.cpp.enable_kernel_profile = True
+    machine = machine_info()
+    lines = ["# Where bf16 time goes on CPU: blade bf16 (inductor) vs torch.compile of model.to(bf16)", "",
+             f"Machine: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}. Zoo gpt base, batch 1; "
+             f"self CPU time per call of the heaviest ops over {PROFILED_CALLS} profiled calls "
+             "(`python bench/bf16_profile.py`). Inductor's kernels are named `graph_N_cpp_fused_<ops>`.", ""]
+    for seq in CASES:
+        fns = contenders(seq)
+        lines += [f"## seq {seq}", ""]
+        for name, fn in fns.items():
+            per_call, ops = profile_one(fn)
+            lines += [f"**{name}**: {per_call:.1f} ms per profiled call", "", "| op | ms per call | calls per call |",
+                      "|---|---:|---:|"]
+            lines += [f"| `{key[:70]}` | {ms:.2f} | {count} |" for key, ms, count in ops]
+            lines.append("")
+        del fns
+        torch._dynamo.reset()
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
