@@ -43,8 +43,11 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
     kv_heads, k_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
-    out = q.new_empty((batch, q_len, q_heads, v.shape[-1]))
+    v_dim = v.shape[-1]
+    out = q.new_empty((batch, q_len, q_heads, v_dim))
     out_heads = out.transpose(1, 2)  # [B, Hq, Sq, Dv] view of the [B, Sq, Hq, Dv] memory
+    if out.numel() == 0 or k_len == 0:  # nothing to compute; no keys at all: every row is fully masked
+        return out_heads.zero_()
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
     # One contiguous copy of K and V (row copies), so that each block's GEMMs read them in place (K
@@ -76,7 +79,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
         probs = torch.softmax(scores, dim=-1)
         if group > 1:
             probs = probs.view(batch, kv_heads, group * rows, k_end)
-        block_out = torch.matmul(probs, values[:, :, :k_end]).view(batch, q_heads, rows, -1)
+        block_out = torch.matmul(probs, values[:, :, :k_end]).view(batch, q_heads, rows, v_dim)
         if dead is not None and bool(dead.any()):
             block_out = block_out.masked_fill(dead.unsqueeze(-1), 0.0)
         out_heads[:, :, start:stop].copy_(block_out)

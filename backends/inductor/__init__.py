@@ -19,8 +19,6 @@ import math
 import threading
 
 import torch
-from torch._inductor.compile_fx import compile_fx
-from torch._inductor.decomposition import select_decomp_table
 
 from blade.errors import BackendError
 from blade.fused import is_fused
@@ -36,18 +34,23 @@ def _gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """aten.gelu for Inductor: the tanh form as x·sigmoid(2u), computed in fp32 (or wider); the exact form as
     Inductor decomposes it."""
     if approximate != "tanh":
-        return _INDUCTOR_DECOMPOSITIONS[aten.gelu.default](x, approximate=approximate)
+        from torch._inductor.decomposition import select_decomp_table
+        return select_decomp_table()[aten.gelu.default](x, approximate=approximate)
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
     return (wide * torch.sigmoid(_SQRT_8_OVER_PI * (wide + 0.044715 * wide * wide * wide))).to(x.dtype)
 
 
-_INDUCTOR_DECOMPOSITIONS = select_decomp_table()
-DECOMPOSITIONS = {**_INDUCTOR_DECOMPOSITIONS, aten.gelu.default: _gelu}
+BLADE_DECOMPOSITIONS = {aten.gelu.default: _gelu}
 
 
 def inductor_with_blade_lowerings(gm: torch.fx.GraphModule, example_inputs):
-    """torch.compile's Inductor with freezing, and blade's decompositions in place of its own for the ops above."""
-    return compile_fx(gm, example_inputs, config_patches={"freezing": True}, decompositions=DECOMPOSITIONS)
+    """torch.compile's Inductor with freezing, and blade's decompositions in place of its own for the ops above
+    (Inductor's table read now: it depends on its config; compile_fx takes a whole table, not additions)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    return compile_fx(gm, example_inputs, config_patches={"freezing": True},
+                      decompositions={**select_decomp_table(), **BLADE_DECOMPOSITIONS})
 
 
 class InductorExecutable:

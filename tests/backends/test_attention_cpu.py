@@ -63,9 +63,36 @@ def test_grouped_query_heads_and_value_dim():
 def test_bool_masks_that_broadcast(shape):
     gen = torch.Generator().manual_seed(3)
     mask = torch.rand(shape, generator=gen) > 0.3
-    mask[..., 0] = True  # every row keeps a key (rows with none are tested below)
+    if shape[-1] > 1:
+        mask[..., 0] = True  # every row keeps a key (a [.., Sq, 1] mask leaves some rows none: zeros)
     check(*qkv(), mask=mask)
     check(*qkv(), mask=mask, causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_heads_with_a_mask_per_query_head(causal):
+    """Scores of a GQA block are laid out [B, Hkv, group·rows, Sk]: the mask of query head h must land on h."""
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(2, 8, 40, 40, generator=gen) > 0.5
+    mask[:, 3] = False  # one query head sees nothing: only that head's output is zero
+    mask[:, 3, :, 0] = True
+    mask[:, 3, :20, 0] = False
+    out, _ = check(*qkv(q_heads=8, kv_heads=2), mask=mask, causal=causal)
+    assert (out[:, 3, :20] == 0).all() and (out[:, 2, :20] != 0).any()
+    check(*qkv(q_heads=8, kv_heads=2), mask=torch.randn(2, 8, 40, 40, generator=gen), causal=causal)
+
+
+def test_empty_batch_and_no_keys():
+    q, k, v = (t.to(BF16) for t in qkv(batch=0))
+    assert blocked_attention(q, k, v).shape == (0, 4, 40, 32)
+    q, k, v = (t.to(BF16) for t in qkv(k_len=0))
+    assert (blocked_attention(q, k, v) == 0).all()
+
+
+def test_large_logits_stay_within_twice_sdpa_error():
+    """Scores rounded to bf16 cost more as the logits grow (std 16 here): held to 2.5x bf16 SDPA's error."""
+    q, k, v = qkv(q_len=64, k_len=64)
+    check(q * 4, k * 4, v, causal=True, bound=5e-2)
 
 
 def test_float_padding_mask():

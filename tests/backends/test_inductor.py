@@ -99,10 +99,11 @@ def test_tanh_gelu_is_lowered_as_sigmoid_the_same_function(monkeypatch):
     x = torch.cat([torch.linspace(-12, 12, 4001, dtype=torch.float64), torch.tensor([-1e13, 1e13, 0.0, -0.0])])
     assert torch.allclose(inductor._gelu(x, approximate="tanh"), F.gelu(x, approximate="tanh"), rtol=1e-12, atol=1e-12)
     assert torch.isnan(inductor._gelu(torch.tensor([float("nan")]), approximate="tanh")).all()
-    assert torch.equal(inductor._gelu(x), inductor._INDUCTOR_DECOMPOSITIONS[torch.ops.aten.gelu.default](x))
+    from torch._inductor.decomposition import select_decomp_table
+    assert torch.equal(inductor._gelu(x), select_decomp_table()[torch.ops.aten.gelu.default](x))
     seen = []
-    real = inductor.DECOMPOSITIONS[torch.ops.aten.gelu.default]
-    monkeypatch.setitem(inductor.DECOMPOSITIONS, torch.ops.aten.gelu.default,
+    real = inductor.BLADE_DECOMPOSITIONS[torch.ops.aten.gelu.default]
+    monkeypatch.setitem(inductor.BLADE_DECOMPOSITIONS, torch.ops.aten.gelu.default,
                         lambda t, approximate="none": seen.append(approximate) or real(t, approximate=approximate))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(64, 32)).eval()
