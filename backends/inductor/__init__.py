@@ -6,7 +6,7 @@ the elementwise work around the matmuls (e.g. a mixed-precision cast into the la
 and picks its GEMMs. One lowering is blade's: tanh-approximated GELU (GPT-2's) becomes
 x·sigmoid(2u), u = √(2/π)(x + 0.044715x³) — the same function (1 + tanh(u) = 2·sigmoid(2u)), for
 which Inductor's CPU code is faster than for its tanh (the GELU kernel of GPT-2 base, seq 256, took a
-third of the time under torch.profiler), and which does not cancel in the negative tail. Shapes named dynamic compile once with symbolic sizes (dynamic=True), so a new
+third of the time: bench/results/bf16_profile.md), and which does not cancel in the negative tail. Shapes named dynamic compile once with symbolic sizes (dynamic=True), so a new
 batch or length does not recompile, except a size of 1, which dynamo specializes: the first call
 with a dim of 1 compiles once more. It is compiled on the first call (or at compile time, when
 blade.compile runs the accuracy check or measures it): tens of seconds for a base-size model; an
