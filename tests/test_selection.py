@@ -115,3 +115,22 @@ def test_the_choice_is_saved_and_cached(slow_first, tmp_path, monkeypatch):
     monkeypatch.setattr(selection, "select", measured_again)
     again = blade.compile(model, (x,), autotune=True)
     assert again.report.cache["hit"] and again.backend == first.backend
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_on_cuda_measures_triton_and_keeps_the_fastest_in_bf16():
+    from blade.models import get, sample_inputs
+
+    model, example, dynamic = get("gpt", "tiny")
+    model = model.cuda()
+    example = tuple(t.cuda() for t in example)
+    cm = blade.compile(model, example, dynamic_shapes=dynamic, autotune=True, precision="bf16", cache=False)
+    measured = {n: c["ms"] for n, c in cm.report.backend_candidates.items() if "ms" in c}
+    assert "triton" in measured, cm.report.backend_candidates
+    assert measured[cm.backend] == min(measured.values())
+    inputs = tuple(t.cuda() for t in sample_inputs("gpt", "tiny", batch=2, seq=24))
+    with torch.no_grad():
+        ref, out = model(*inputs), cm(*inputs)
+    assert out.dtype == ref.dtype == torch.float32
+    assert float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref)) <= 1e-2
