@@ -4,7 +4,9 @@
 # marked `gpu` plus the Triton kernels' tests on CUDA while the default (CPU) suite runs against that
 # machine's torch/triton/onnxruntime on its other cores, then the GPU benchmarks alone (timings are
 # not shared with anything). Logs and results go to $OUT. Sized to fit one 600 s call.
-# python3 -P: the checkout's blade/ (without passes/ backends/ models/ mapped in) must not shadow the install.
+# python3 -P (pytest, run from the root): the checkout's blade/ (without passes/ backends/ models/ mapped in) must
+# not shadow the install; a script in bench/ has bench/ as its path, not the root, and must not take -P (it
+# would lose _repo_path).
 set -u
 OUT=${OUT:-/tmp/blade-gpu-out}
 mkdir -p "$OUT"
@@ -20,12 +22,12 @@ cat "$OUT/machine.txt"
 echo "== default suite (CPU tests on this machine's libraries), in the background"
 # test_packaging builds a wheel in an isolated environment, which needs the package index (none there)
 PARALLEL=""; python3 -c "import xdist" 2>/dev/null && PARALLEL="-n ${SUITE_WORKERS:-8} --dist loadfile"
-[ -n "${SKIP_SUITE:-}" ] || (CUDA_VISIBLE_DEVICES="" timeout ${SUITE_S:-240} python3 -P -m pytest -q -p no:cacheprovider $PARALLEL \
+[ -n "${SKIP_SUITE:-}" ] || (CUDA_VISIBLE_DEVICES="" timeout -s INT ${SUITE_S:-240} python3 -P -m pytest -q -p no:cacheprovider $PARALLEL \
   -k "not triton" --ignore tests/test_packaging.py --tb=short -rfE >"$OUT/suite.log" 2>&1; echo "suite rc=$?" >>"$OUT/suite.log") &
 SUITE_PID=$!
 echo "== gpu tests"
 export BLADE_TRITON_AUTOTUNE=${BLADE_TRITON_AUTOTUNE:-0}  # autotuning every kernel test outlasts the device time
-timeout ${GPU_TEST_S:-180} python3 -P -m pytest -q -p no:cacheprovider -m "gpu or not gpu" --tb=short -rfE \
+timeout -s INT ${GPU_TEST_S:-180} python3 -P -m pytest -v -p no:cacheprovider -m "gpu or not gpu" --tb=short -rfE --durations=15 \
   tests/backends/test_triton_attention.py tests/passes/test_attention.py tests/passes/test_fusion.py tests/test_peaks.py \
   tests/test_profile.py tests/backends/test_triton_backend.py tests/backends/test_triton_qgemm.py tests/test_selection.py \
   -k "gpu or triton or cuda" >"$OUT/gpu_tests.log" 2>&1
@@ -43,6 +45,6 @@ if [ -n "${ATTENTION_BENCH:-}" ]; then  # measured on an H100 and an H200 alread
 fi
 echo "== triton backend benchmark (eager, torch.compile, blade triton; base models, fp16)"
 # autotuning on here (the tests above turn it off): untuned block sizes would understate blade
-[ -n "${SKIP_BENCH:-}" ] || BLADE_TRITON_AUTOTUNE=1 timeout ${TRITON_BENCH_S:-300} python3 -P bench/triton_gpu.py --out "$OUT" ${TRITON_BENCH_ARGS:-} \
+[ -n "${SKIP_BENCH:-}" ] || BLADE_TRITON_AUTOTUNE=1 timeout ${TRITON_BENCH_S:-300} python3 bench/triton_gpu.py --out "$OUT" ${TRITON_BENCH_ARGS:-} \
   >"$OUT/triton_gpu.log" 2>&1
 echo "triton bench rc=$?"; tail -40 "$OUT/triton_gpu.log"

@@ -35,11 +35,12 @@ CONFIGS = {
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """[B] float timesteps -> [B, dim] cos/sin features at geometrically spaced frequencies."""
+    """[B] float timesteps -> [B, dim] cos/sin features at geometrically spaced frequencies, in t's dtype
+    (the angles are computed in fp32: timesteps up to 1000 need more than fp16's 11 bits)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = t[:, None] * freqs[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).to(t.dtype)
 
 
 def sincos_position_embedding(hidden: int, grid: int) -> torch.Tensor:

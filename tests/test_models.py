@@ -137,6 +137,19 @@ def test_eager_forward_is_finite_and_varied(name):
         assert_finite_and_varied(model(*zoo.sample_inputs(name, seed=1, **dims)))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_cast_to_bf16_with_its_float_inputs(name):
+    """model.to(bf16) with the float inputs cast too (what a GPU benchmark does) runs and stays close to fp32."""
+    model, _, _ = zoo.get(name)
+    inputs = zoo.sample_inputs(name, seed=1, **fresh_dims(name))
+    with torch.no_grad():
+        reference = model(*inputs)
+        out = model.to(torch.bfloat16)(*(t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs))
+    for got, want in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(reference), strict=True):
+        assert got.dtype == torch.bfloat16
+        assert float((got.float() - want).norm() / want.norm()) < 5e-2
+
+
 def test_output_shapes():
     with torch.no_grad():
         hidden, pooled = zoo.get("bert")[0](*zoo.sample_inputs("bert", batch=3, seq=9))
