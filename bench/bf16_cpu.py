@@ -9,11 +9,14 @@ Contenders, timed interleaved with idle gaps (bench/ort_cpu.py's time_contenders
 - blade_bf16: blade.compile(model, <batch-2 inputs of the case's length>, dynamic_shapes=..., precision="bf16",
   autotune=True): matmuls and attention in bf16, norms/softmax/residual in fp32, the backend measured
   among the candidates that can run bf16 on this CPU (eager, inductor); the report's candidate times
-  are printed with the table.
+  are printed with the table;
+- blade_bf16_out: the same with keep_output_dtype=False: outputs in bf16, as the bf16 peers return them
+  (blade_bf16 returns the model's fp32 logits, which costs a cast and twice the output bytes).
 
 Errors are relative to eager fp32 on the same inputs. Utilization: FLOPs from blade's IR ÷ median ÷ the
 peak of the contender's matmul dtype (fp32 or bf16), both measured in the same run. The verdicts:
-blade_bf16 ≥ 1.5x the fastest fp32 peer, and not slower than the fastest bf16 peer.
+blade_bf16 ≥ 1.5x the fastest fp32 peer, and not slower than the fastest bf16 peer; the same for
+blade_bf16_out, whose outputs have the peers' dtype.
 
     python bench/bf16_cpu.py     # writes bench/results/bf16_cpu.{md,json}
 """
@@ -43,7 +46,10 @@ BF16 = ("eager_bf16", "inductor_bf16")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def blade_bf16(name, seq, model, inputs, dims) -> tuple[Contender, object]:
+BLADE = ("blade_bf16", "blade_bf16_out")
+
+
+def blade_bf16(name, seq, model, inputs, dims, **options) -> tuple[Contender, object]:
     """Compiled on batch-2 inputs of the case's length (a batch-1 example would make torch.export fix the
     batch), so that the backend is measured near the case's size; timed on the case's batch-1 inputs."""
     example = zoo.sample_inputs(name, "base", seed=5, batch=2, seq=seq)
@@ -51,7 +57,8 @@ def blade_bf16(name, seq, model, inputs, dims) -> tuple[Contender, object]:
         example = (example[0], torch.ones_like(example[1]))
     start = time.perf_counter()
     try:
-        cm = blade.compile(model, example, dynamic_shapes=dims, precision="bf16", autotune=True, cache=False)
+        cm = blade.compile(model, example, dynamic_shapes=dims, precision="bf16", autotune=True, cache=False,
+                           **options)
     except Exception as exc:  # noqa: BLE001
         return Contender(None, f"failed: {type(exc).__name__}: {exc}"[:300], time.perf_counter() - start), None
     return Contender(lambda: cm(*inputs), "ok", time.perf_counter() - start,
@@ -71,6 +78,7 @@ def run_case(name: str, seq: int, args, peaks, workdir: Path) -> dict:
     contenders["eager_bf16"] = eager_contender(low, inputs)
     contenders["inductor_bf16"] = inductor_contender(low, inputs, args.warmup)
     contenders["blade_bf16"], cm = blade_bf16(name, seq, model, inputs, dims)
+    contenders["blade_bf16_out"], _ = blade_bf16(name, seq, model, inputs, dims, keep_output_dtype=False)
     errors = {}
     for key, c in contenders.items():
         if c.fn is not None:
@@ -81,7 +89,7 @@ def run_case(name: str, seq: int, args, peaks, workdir: Path) -> dict:
     work = ir_work(cm, inputs) if cm is not None else {"total": float("nan")}
     rows = {}
     for key, seconds in medians.items():
-        dtype = "bf16" if key in BF16 or key == "blade_bf16" else "fp32"
+        dtype = "bf16" if key in BF16 or key in BLADE else "fp32"
         peak, peak_dtype = peaks.flops_peak(dtype)
         rows[key] = {"ms": seconds * 1e3, "rel_err": errors[key], "mfu": work["total"] / seconds / peak,
                      "peak_dtype": peak_dtype, "p10_ms": spread[key]["p10"], "p90_ms": spread[key]["p90"],
@@ -89,15 +97,16 @@ def run_case(name: str, seq: int, args, peaks, workdir: Path) -> dict:
     best_fp32 = min((k for k in rows if k in FP32), key=lambda k: rows[k]["ms"], default=None)
     best_bf16 = min((k for k in rows if k in BF16), key=lambda k: rows[k]["ms"], default=None)
     verdict = {}
-    if "blade_bf16" in rows and best_fp32 and best_bf16:
-        blade_ms = rows["blade_bf16"]["ms"]
-        verdict = {"best_fp32": best_fp32, "vs_best_fp32": rows[best_fp32]["ms"] / blade_ms,
-                   "best_bf16": best_bf16, "vs_best_bf16": rows[best_bf16]["ms"] / blade_ms}
-        verdict["holds"] = verdict["vs_best_fp32"] >= 1.5 and verdict["vs_best_bf16"] >= 1.0
+    for key in BLADE:
+        if key in rows and best_fp32 and best_bf16:
+            blade_ms = rows[key]["ms"]
+            verdict[key] = {"best_fp32": best_fp32, "vs_best_fp32": rows[best_fp32]["ms"] / blade_ms,
+                            "best_bf16": best_bf16, "vs_best_bf16": rows[best_bf16]["ms"] / blade_ms}
+            verdict[key]["holds"] = verdict[key]["vs_best_fp32"] >= 1.5 and verdict[key]["vs_best_bf16"] >= 1.0
     print("   " + "  ".join(f"{k} {v['ms']:.1f} ms" for k, v in rows.items()), flush=True)
     result = {"model": name, "seq": seq, "rows": rows, "verdict": verdict, "flops": work["total"],
               "status": {k: c.status for k, c in contenders.items()},
-              "blade": contenders["blade_bf16"].extra}
+              "blade": {key: contenders[key].extra for key in BLADE}}
     del contenders, low, model, cm
     gc.collect()
     torch._dynamo.reset()
@@ -120,16 +129,15 @@ def render(machine, peaks, cases, args, seconds) -> str:
         for key, r in case["rows"].items():
             lines.append(f"| {key} | {r['ms']:.1f} | {r['p10_ms']:.1f}–{r['p90_ms']:.1f} | {r['minor_faults']} | {r['rel_err']:.2e} | "
                          f"{100 * r['mfu']:.0f} % of {r['peak_dtype']} |")
-        v = case["verdict"]
-        if v:
-            lines += ["", f"blade_bf16: **{v['vs_best_fp32']:.2f}x** the fastest fp32 peer ({v['best_fp32']}; bound "
+        for key, v in case["verdict"].items():
+            lines += ["", f"{key}: **{v['vs_best_fp32']:.2f}x** the fastest fp32 peer ({v['best_fp32']}; bound "
                           f"≥ 1.5x), **{v['vs_best_bf16']:.2f}x** the fastest bf16 peer ({v['best_bf16']}; bound ≥ 1.0x): "
                           f"{'holds' if v['holds'] else 'DOES NOT HOLD'}."]
-        chosen = case["blade"]
-        if chosen:
-            times = ", ".join(f"{n} {c['ms']:.1f} ms" if "ms" in c else f"{n}: {c.get('error') or c.get('skipped')}"
-                              for n, c in chosen.get("candidates", {}).items())
-            lines += ["", f"blade chose **{chosen.get('backend')}** (measured on these inputs: {times})."]
+        for key, chosen in case["blade"].items():
+            if chosen:
+                times = ", ".join(f"{n} {c['ms']:.1f} ms" if "ms" in c else f"{n}: {c.get('error') or c.get('skipped')}"
+                                  for n, c in chosen.get("candidates", {}).items())
+                lines += ["", f"{key}: blade chose **{chosen.get('backend')}** (measured on these inputs: {times})."]
         failed = {k: s for k, s in case["status"].items() if s != "ok"}
         if failed:
             lines += ["", "Failed: " + "; ".join(f"{k}: {s}" for k, s in failed.items())]

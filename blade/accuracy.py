@@ -82,18 +82,25 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / norm if norm > 0 else diff
 
 
+def _lowered(dtype: torch.dtype, reference: torch.dtype) -> bool:
+    """An fp16/bf16 output of an fp32 value (keep_output_dtype=False): compared by value, in float64."""
+    return reference == torch.float32 and dtype in (torch.float16, torch.bfloat16)
+
+
 def compare_tensor(index: int, out, ref, tolerance: float | None = None) -> OutputError:
     if not isinstance(ref, torch.Tensor):
         same = out == ref
         return OutputError(index, type(ref).__name__, 0.0 if same else math.inf, 0.0 if same else math.inf,
                            1.0 if same else 0.0, 0.0)
-    if out.shape != ref.shape or out.dtype != ref.dtype:
+    if out.shape != ref.shape or not (out.dtype == ref.dtype or _lowered(out.dtype, ref.dtype)):
         return OutputError(index, str(ref.dtype).removeprefix("torch."), math.inf, math.inf, 0.0, 0.0)
     if tolerance is None:
         tol = TOLERANCE.get(ref.dtype, 0.0)
     else:  # a lowered model: floating outputs held to its tolerance, integer ones (an argmax) only reported
         tol = tolerance if ref.is_floating_point() else math.inf
     dtype = str(ref.dtype).removeprefix("torch.")
+    if out.dtype != ref.dtype:
+        dtype = f"{str(out.dtype).removeprefix('torch.')} (of {dtype})"
     if not (ref.is_floating_point() or ref.is_complex()):
         mismatch = (out != ref).double().mean().item() if ref.numel() else 0.0
         return OutputError(index, dtype, float((out.double() - ref.double()).abs().max().item())

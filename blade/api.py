@@ -30,7 +30,8 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
             optimize: int = DEFAULT_OPTIMIZE, passes=None, check_accuracy: bool = True,
             debug: bool = False, name: str | None = None, cache: bool | None = None,
             precision: str | None = None, quantize: str | None = None, calibration_data=None,
-            accuracy_budget: float | None = None, autotune: bool | None = None) -> CompiledModel:
+            accuracy_budget: float | None = None, autotune: bool | None = None,
+            keep_output_dtype: bool = True) -> CompiledModel:
     """Compile `model` (nn.Module, ExportedProgram or .pt2 path) for inference.
 
     `dynamic_shapes` follows torch.export's convention; `backend` is a registered name or "auto";
@@ -44,7 +45,9 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     holds, or raises blade.errors.AccuracyError. With backend="auto" and `autotune` (default
     $BLADE_AUTOTUNE, on) the backends that can run the graph are compiled and timed on the example
     inputs and the fastest is kept (the report lists every candidate's time); autotune=False follows
-    the fixed rule (Triton on a CUDA GPU, else ONNX Runtime).
+    the fixed rule (Triton on a CUDA GPU, else ONNX Runtime). `keep_output_dtype=False` (with precision
+    "fp16"/"bf16") returns floating outputs in that precision, as `model.to(dtype)` would, instead of the
+    model's fp32: no cast back, half the output bytes.
     """
     debug = debug or os.environ.get("BLADE_DEBUG") == "1"  # the test suite verifies the IR after every pass
     start = time.perf_counter()
@@ -55,10 +58,12 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
         _warn_once(f"precision='bf16' on {target.describe()}, which has no bf16 matmul instructions (AVX512-BF16, "
                    "AMX, Arm BF16, or a CUDA GPU of sm_80 or newer): compiling in fp32")
         precision = "fp32"
+        keep_output_dtype = True  # an fp32 compile has no compute precision to return
         if quantize is None:
             accuracy_budget = None  # nothing is lowered: the fp32 model meets any budget
     config = CompileConfig(backend=backend, optimize=optimize, debug=debug, check_accuracy=check_accuracy,
-                           precision=precision, quantize=quantize, accuracy_budget=accuracy_budget)
+                           precision=precision, quantize=quantize, accuracy_budget=accuracy_budget,
+                           keep_output_dtype=keep_output_dtype)
     calibration_data = check_lowering_options(config, calibration_data)
     pipeline = with_lowering(list(passes), config) if passes is not None else \
         pipelines.pipeline_for(optimize, config.lowers_precision)
@@ -67,7 +72,7 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     lookup = _CacheLookup(cache, {"backend": "auto (measured)" if measure else chosen.name, "optimize": optimize,
                                   "passes": passes, "name": name,
                                   "check_accuracy": check_accuracy, "precision": asked_precision, "quantize": quantize,
-                                  "accuracy_budget": accuracy_budget,
+                                  "accuracy_budget": accuracy_budget, "keep_output_dtype": keep_output_dtype,
                                   "calibration": compile_cache.tensors_digest(calibration_data),
                                   # process-wide settings that change what capture and the backends produce
                                   "default_dtype": str(torch.get_default_dtype()),

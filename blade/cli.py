@@ -63,9 +63,11 @@ def _compile(spec: str, args, progress):
 
 
 def _compile_options(args) -> dict:
-    """precision/quantize/calibration/accuracy_budget/autotune from the command line (absent ones left out)."""
+    """precision/quantize/calibration/accuracy_budget/autotune/keep_output_dtype from the command line (absent
+    ones left out)."""
     options = {"precision": args.precision, "quantize": args.quantize, "accuracy_budget": args.accuracy_budget,
-               "autotune": False if args.no_autotune else None}
+               "autotune": False if args.no_autotune else None,
+               "keep_output_dtype": False if args.low_precision_outputs else None}
     if args.calibration:
         options["calibration_data"] = read_calibration(args.calibration)
     return {k: v for k, v in options.items() if v is not None}
@@ -419,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(Triton on a CUDA GPU, else ONNX Runtime) instead of timing the candidates")
             p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                            help="what matmuls, convolutions and attention compute in (norms and softmax stay fp32)")
+            p.add_argument("--low-precision-outputs", action="store_true", help="with --precision fp16/bf16: return "
+                           "outputs in that precision, as model.to(dtype) would (keep_output_dtype=False)")
             p.add_argument("--quantize", choices=["int8_weight_only", "int8_dynamic", "int8_static", "fp8"],
                            help="quantize linear layers and embedding tables")
             p.add_argument("--calibration", metavar="PATH", help="int8_static calibration: a safetensors file, or a "

@@ -22,6 +22,7 @@ class CompileConfig:
     calibration: tuple = ()  # flat input lists observed by static quantization
     keep_high_precision: frozenset = frozenset()  # layer (node) names the accuracy guard keeps in fp32
     accuracy_budget: float | None = None  # max relative error vs fp32 the guard holds the model to
+    keep_output_dtype: bool = True  # False: floating outputs come back in the compute precision (fp16/bf16)
 
     @property
     def lowers_precision(self) -> bool:

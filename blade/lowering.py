@@ -31,6 +31,9 @@ def check_lowering_options(config: CompileConfig, calibration_data) -> list | No
     if budget is not None and not config.lowers_precision:
         raise ConfigError("accuracy_budget applies to quantize= or precision='fp16'/'bf16'; without them the model "
                           "is compiled in fp32 and checked against its own tolerance")
+    if not config.keep_output_dtype and precision.low_dtype(config.precision) is None:
+        raise ConfigError("keep_output_dtype=False returns outputs in the compute precision, which only "
+                          "precision='fp16' or 'bf16' lowers; add one of them or drop keep_output_dtype")
     if calibration_data is None:
         if config.quantize == "int8_static":
             raise ConfigError("quantize='int8_static' needs calibration_data: an iterable of example inputs (each a "

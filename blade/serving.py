@@ -85,7 +85,8 @@ def export_triton_repo(artifact, repo, *, name: str | None = None, max_batch: in
             bf16 = [t.name for t in inputs + outputs if t.dtype == "TYPE_BF16"]
             if bf16:
                 raise BackendError(f"tensors {bf16} are bfloat16, which the Python backend cannot pass through numpy; "
-                                   "serve an onnxruntime artifact, or compile with float32 inputs and outputs")
+                                   "serve an onnxruntime artifact, or compile with float32 inputs and outputs "
+                                   "(keep_output_dtype=True, the default)")
             (version_dir / "model.py").write_text(_PYTHON_MODEL.format(artifact=ARTIFACT_DIR))
             header = ['backend: "python"']
             notes.append(f"Python backend: the server's Python environment needs blade {blade.__version__} "

@@ -10,6 +10,11 @@ residual additions and the model's outputs stay fp32, which is what keeps the er
 A cast of a cast back (fp16 → fp32 → fp16, exact) is dropped, so two low-precision nodes in a row
 pass their value directly.
 
+With config.keep_output_dtype False, the model's fp32 outputs are returned in the low dtype, as
+`model.to(dtype)` would return them (ONNX Runtime's keep_io_types=False): an output that is a low
+node's cast back (through shape-only views) reads the low value directly, any other gets one cast.
+That saves the cast back and half the bytes of each output (GPT's logits are the largest tensor).
+
 Leaves alone: nodes named in config.keep_high_precision, nodes already in another dtype, every
 other op, and precision "fp32" (or None).
 """
@@ -29,6 +34,10 @@ LOW_PRECISION_OPS = {aten.linear.default, aten.matmul.default, aten.mm.default, 
                      aten.baddbmm.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
                      aten.convolution.default, FLASH_ATTENTION}
 CAST = aten._to_copy.default
+# ops that only rearrange their first argument: an output reached through them can be rebuilt on the low value
+SHAPE_ONLY_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+                  aten.transpose.int, aten.t.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+                  aten.expand.default, aten.alias.default}
 
 
 def low_dtype(precision: str | None) -> torch.dtype | None:
@@ -84,8 +93,37 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                               name=f"{node.name}_f32")
         graph.replace_all_uses(node, back)
         ctx.count(f"{_short(low)}_{_op_name(node)}")
+    if not ctx.config.keep_output_dtype:
+        _lower_outputs(graph, low, ctx)
     eliminate_dead_code(graph, ctx)
     return graph
+
+
+def _lower_outputs(graph: Graph, low: torch.dtype, ctx: PassContext) -> None:
+    """Point every fp32 output at its value in `low`: the low node under a cast back, else a new cast."""
+    def in_low(node: Node) -> Node | None:
+        if is_cast(node) and isinstance(node.args[0], Node) and node.args[0].val.dtype == low:
+            return node.args[0]
+        if node.target in SHAPE_ONLY_OPS and isinstance(node.args[0], Node) and \
+                isinstance(node.args[0].val, TensorMeta) and node.args[0].val.dtype == torch.float32:
+            inner = in_low(node.args[0])
+            if inner is not None:
+                meta = {"val": TensorMeta(node.val.shape, low, node.val.device)}
+                return graph.add_node(node.target, (inner, *node.args[1:]), node.kwargs, meta,
+                                      name=f"{node.name}_{_short(low)}")
+        return None
+
+    for i, out in enumerate(graph.outputs):
+        if not (isinstance(out, Node) and isinstance(out.val, TensorMeta) and out.val.dtype == torch.float32):
+            continue
+        lowered = in_low(out)
+        if lowered is None:
+            lowered = graph.add_node(CAST, (out,), {"dtype": low}, {"val": TensorMeta(out.val.shape, low, out.val.device)},
+                                     name=f"{out.name}_out_{_short(low)}")
+            ctx.count("output_casts")
+        else:
+            ctx.count("outputs_read_low")
+        graph.outputs[i] = lowered
 
 
 def _short(dtype: torch.dtype) -> str:

@@ -192,6 +192,19 @@ def test_infinite_outputs_are_accurate_when_they_match():
     assert cm.report.accuracy.ok, cm.report
 
 
+def test_a_low_precision_output_is_compared_by_value_and_other_dtype_changes_fail():
+    from blade.accuracy import compare_tensor
+
+    ref = torch.randn(64)
+    lowered = compare_tensor(0, ref.to(torch.bfloat16), ref, tolerance=1e-2)
+    assert lowered.ok and 0 < lowered.rel_err < 5e-3 and lowered.dtype == "bfloat16 (of float32)"
+    assert not compare_tensor(0, ref.to(torch.bfloat16) + 1, ref, tolerance=1e-2).ok  # values still count
+    assert not compare_tensor(0, ref.to(torch.bfloat16), ref).ok  # held to fp32's own tolerance when not lowered
+    widened = compare_tensor(0, ref.double(), ref.double().to(torch.float32))
+    assert widened.rel_err == float("inf")  # only fp32 -> fp16/bf16 is a lowering
+    assert compare_tensor(0, ref.to(torch.float16), ref.to(torch.bfloat16), tolerance=1).rel_err == float("inf")
+
+
 def test_outputs_are_freed_as_soon_as_the_caller_drops_them():
     import gc
     import weakref

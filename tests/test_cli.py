@@ -129,3 +129,11 @@ def test_compile_quantized_with_calibration_files(tmp_path):
                      "--backend", "eager", "--json")
     assert bf16.returncode == 0, bf16.stderr
     assert json.loads(bf16.stdout)["report"]["quantization"]["precision"] == "bf16"
+    low = blade_cli("compile", "blade.models.mlp:tiny", "-o", str(tmp_path / "l.blade"), "--precision", "bf16",
+                    "--backend", "eager", "--low-precision-outputs")
+    assert low.returncode == 0, low.stderr
+    (x,) = zoo.sample_inputs("mlp", seed=3, batch=4)
+    assert blade.load(tmp_path / "l.blade")(x).dtype == torch.bfloat16
+    assert blade.load(tmp_path / "h.blade")(x).dtype == torch.float32
+    alone = blade_cli("compile", "blade.models.mlp:tiny", "-o", str(tmp_path / "a.blade"), "--low-precision-outputs")
+    assert alone.returncode != 0 and "precision='fp16' or 'bf16'" in alone.stderr

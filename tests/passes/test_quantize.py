@@ -166,3 +166,66 @@ def test_bad_options_name_what_to_do():
         compiled(None, quantize="int8_static", calibration_data=torch.zeros(3))
     with pytest.raises(blade.errors.InputError, match=r"calibration_data\[1\] does not fit"):
         compiled(None, quantize="int8_static", calibration_data=[example(1), (torch.zeros(2, 6, 3), torch.zeros(16, 16))])
+
+
+class Heads(torch.nn.Module):
+    """Outputs of each kind: a linear through views, a norm (no matmul), an integer argmax, a linear read twice."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(16, 32)
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        y = self.proj(x)
+        heads = y.reshape(x.shape[0], x.shape[1], 4, 8).transpose(1, 2)
+        return heads, self.norm(x), y.argmax(-1), torch.relu(y)
+
+
+@pytest.mark.parametrize("dtype_name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_low_precision_outputs_read_the_low_values_without_a_cast_back(dtype_name, dtype):
+    model, x = Heads().eval(), torch.randn(2, 6, 16)
+    kept = blade.compile(model, (x,), backend="eager", precision=dtype_name, cache=False)
+    cm = blade.compile(model, (x,), backend="eager", precision=dtype_name, keep_output_dtype=False, cache=False)
+    bare = blade.compile(model, (x,), backend="eager", passes=[cleanup.run, precision.run], precision=dtype_name,
+                         keep_output_dtype=False, cache=False)  # before fusion folds the casts into regions
+    heads, normed, picks, relu = bare.graph.outputs
+    # the linear's cast back is gone from the path to the first output: its views are rebuilt on the low value
+    assert heads.val.dtype == dtype and heads.target == aten.transpose.int
+    assert heads.args[0].args[0].meta.get("precision") == dtype_name
+    assert precision.is_cast(normed) and normed.args[0].target == aten.layer_norm.default  # no low op: one cast
+    assert picks.val.dtype == torch.int64
+    assert cm.report.accuracy.ok, cm.report.accuracy
+    fresh = torch.randn(2, 6, 16)
+    got, want, ref = cm(fresh), kept(fresh), model(fresh)
+    assert [t.dtype for t in got] == [dtype, dtype, torch.int64, dtype]
+    assert torch.equal(got[0].float(), want[0])  # the matmul's low result, not re-rounded
+    assert torch.equal(got[2], want[2])
+    for g, r in zip(got, ref):
+        if r.is_floating_point():
+            assert float((g.float() - r).norm() / r.norm()) <= 1e-2
+
+
+def test_low_precision_outputs_need_a_low_precision_and_are_part_of_the_cache_key(tmp_path, monkeypatch):
+    model, x = Heads().eval(), torch.randn(2, 6, 16)
+    with pytest.raises(blade.errors.ConfigError, match="keep_output_dtype=False .* precision='fp16' or 'bf16'"):
+        blade.compile(model, (x,), backend="eager", keep_output_dtype=False, cache=False)
+    monkeypatch.setenv("BLADE_CACHE_DIR", str(tmp_path))
+    kept = blade.compile(model, (x,), backend="eager", precision="bf16", cache=True)
+    low = blade.compile(model, (x,), backend="eager", precision="bf16", keep_output_dtype=False, cache=True)
+    assert not low.report.cache["hit"] and low(x)[0].dtype == torch.bfloat16 and kept(x)[0].dtype == torch.float32
+    low.save(tmp_path / "low.blade")
+    assert blade.load(tmp_path / "low.blade")(x)[1].dtype == torch.bfloat16
+
+
+def test_low_precision_outputs_on_a_cpu_without_bf16_stay_fp32(monkeypatch):
+    import blade.api
+    from blade.target import Target
+
+    monkeypatch.setattr(blade.api, "detect", lambda device: Target("cpu", "old cpu", "x86_64", ("avx2",), 2))
+    monkeypatch.setattr(blade.api, "_WARNED", set())
+    with pytest.warns(UserWarning, match="compiling in fp32"):  # no ConfigError: nothing is lowered to return
+        cm = blade.compile(Heads().eval(), (torch.randn(2, 6, 16),), backend="eager", precision="bf16",
+                           keep_output_dtype=False, cache=False)
+    assert all(o.val.dtype in (torch.float32, torch.int64) for o in cm.graph.outputs)
