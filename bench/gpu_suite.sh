@@ -27,7 +27,9 @@ PARALLEL=""; python3 -c "import xdist" 2>/dev/null && PARALLEL="-n ${SUITE_WORKE
 SUITE_PID=$!
 echo "== gpu tests"
 export BLADE_TRITON_AUTOTUNE=${BLADE_TRITON_AUTOTUNE:-0}  # autotuning every kernel test outlasts the device time
-timeout -s INT ${GPU_TEST_S:-180} python3 -P -m pytest -v -p no:cacheprovider -m "gpu or not gpu" --tb=short -rfE --durations=15 \
+# the kernels compile on the CPU: a few workers share the GPU and cut the wall time (correctness only, no timing)
+GPU_PARALLEL=""; [ -n "$PARALLEL" ] && GPU_PARALLEL="-n ${GPU_WORKERS:-4}"
+timeout -s INT ${GPU_TEST_S:-180} python3 -P -m pytest -v -p no:cacheprovider $GPU_PARALLEL -m "gpu or not gpu" --tb=short -rfE --durations=15 \
   tests/backends/test_triton_attention.py tests/passes/test_attention.py tests/passes/test_fusion.py tests/test_peaks.py \
   tests/test_profile.py tests/backends/test_triton_backend.py tests/backends/test_triton_qgemm.py tests/test_selection.py \
   -k "gpu or triton or cuda" >"$OUT/gpu_tests.log" 2>&1
