@@ -19,6 +19,7 @@ Other dtypes (fp32, and fp16, which these CPUs have no fast GEMM for) run the re
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -49,7 +50,10 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
     if out.numel() == 0 or k_len == 0:  # nothing to compute; no keys at all: every row is fully masked
         return out_heads.zero_()
     if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
+        mask = _shifted_to_zero_max(mask).to(q.dtype)
+    # only -inf can leave a row with no key (a finite additive mask such as BERT's -10000 never does): one
+    # check per call spares every block the search for dead rows
+    may_kill_rows = mask is not None and (mask.dtype == torch.bool or bool(torch.isneginf(mask).any()))
     # One contiguous copy of K and V (row copies), so that each block's GEMMs read them in place (K
     # transposed through the BLAS flag): a strided view would be copied again by every block.
     keys_t = k.contiguous().transpose(-1, -2)
@@ -64,8 +68,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
             q_block = q_block.reshape(batch, kv_heads, group * rows, head_dim)
         scores = torch.matmul(q_block, keys_t[..., :k_end]).view(batch, q_heads, rows, k_end)
         if causal and start < k_end:
-            above = torch.ones(rows, k_end - start, dtype=torch.bool).triu_(1)
-            scores[..., start:].masked_fill_(above, float("-inf"))
+            scores[..., start:].masked_fill_(_above_diagonal(rows, k_end - start), float("-inf"))
         dead = None
         if mask is not None:
             block_mask = _block(mask, start, stop, k_end)
@@ -75,7 +78,8 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
             else:
                 scores.add_(block_mask)
                 allowed = block_mask != float("-inf")
-            dead = ~_any_allowed(allowed, causal, start, rows, k_end)
+            if may_kill_rows:
+                dead = ~_any_allowed(allowed, causal, start, rows, k_end)
         probs = torch.softmax(scores, dim=-1)
         if group > 1:
             probs = probs.view(batch, kv_heads, group * rows, k_end)
@@ -84,6 +88,20 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
             block_out = block_out.masked_fill(dead.unsqueeze(-1), 0.0)
         out_heads[:, :, start:stop].copy_(block_out)
     return out_heads
+
+
+def _shifted_to_zero_max(mask: torch.Tensor) -> torch.Tensor:
+    """The additive mask less its largest entry per row (where finite): softmax ignores a constant per row, and a
+    row masked whole by a finite constant (BERT's -10000 over an all-padding sequence) would otherwise be added to
+    bf16 scores whose spacing near 10000 is 64, rounding the scores away."""
+    top = mask.amax(dim=-1, keepdim=True).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return mask - top if bool(top.any()) else mask
+
+
+@functools.lru_cache(maxsize=64)
+def _above_diagonal(rows: int, width: int) -> torch.Tensor:
+    """[rows, width] bool, True above the diagonal (never written: shared by every call of that shape)."""
+    return torch.ones(rows, width, dtype=torch.bool).triu_(1)
 
 
 def _block(mask: torch.Tensor, start: int, stop: int, k_end: int) -> torch.Tensor:

@@ -119,6 +119,18 @@ def test_rows_with_every_key_masked_are_zero():
     assert (out[:, :, 5] == 0).all()
 
 
+def test_a_finite_mask_over_a_whole_row_is_a_shift_not_a_dead_row():
+    """BERT's additive mask is -10000, not -inf: a row with every key so masked is shifted, not dead (softmax
+    ignores the constant), and adding -10000 to bf16 scores (spacing 64 there) must not round the scores away."""
+    q, k, v = qkv()
+    mask = torch.zeros(2, 1, 40, 40)
+    mask[0, :, 3] = -10000.0
+    mask[1, :, :, 30:] = -10000.0  # the usual case too: some keys masked in every row
+    out, ref = check(q, k, v, mask=mask, bound=5e-3)
+    unmasked = attention_reference(q, k, v)[0, :, 3]  # the row as if nothing were masked
+    assert float((out[0, :, 3].float() - unmasked).norm() / unmasked.norm()) < 1e-2
+
+
 def test_nan_in_inputs_is_not_hidden():
     q, k, v = (t.to(BF16) for t in qkv())
     q[0, 0, 3, 0] = float("nan")
