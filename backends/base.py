@@ -53,6 +53,20 @@ class Backend(Protocol):
     def load(self, directory: str, graph: Graph, target: Target) -> Executable: ...
 
 
+def placement(graph: Graph, engine: str, device: str) -> dict:
+    """Where the nodes run when `engine` runs the whole graph (no partition): every node on it, except
+    blade::flash_attention, which calls the attention kernel registered for the device."""
+    from blade.fused import calls_within
+    from blade.ops import FLASH_ATTENTION, attention_kernel_description
+
+    calls = calls_within(graph)
+    attention = sum(1 for n in calls if n.target == FLASH_ATTENTION)
+    nodes = {engine: len(calls) - attention}
+    if attention:
+        nodes[f"attention: {attention_kernel_description(device)}"] = attention
+    return {"nodes": nodes}
+
+
 _REGISTRY: dict[str, Any] = {}
 # backend="auto" prefers these in order (DESIGN.md: triton on CUDA, else onnxruntime), then eager.
 AUTO_PREFERENCE = ("triton", "onnxruntime", "eager")

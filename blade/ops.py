@@ -52,13 +52,22 @@ def check_attention_args(q, k, v, mask=None) -> None:
                          f"heads {k.shape[1]}")
     if mask is not None:
         full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        try:
-            torch.broadcast_shapes(tuple(mask.shape), full)
-        except RuntimeError:
+        if not _broadcasts(tuple(mask.shape), full):
             raise ShapeError(f"blade::flash_attention: mask of shape {tuple(mask.shape)} does not broadcast "
                              f"to [batch, heads, q_seq, k_seq] = {list(full)}") from None
         if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
             raise ShapeError(f"blade::flash_attention: mask must be bool or floating point, got {mask.dtype}")
+
+
+def _broadcasts(shape: tuple, full: tuple) -> bool:
+    """Whether `shape` broadcasts to `full` without growing it (plain ints are compared directly: the kernels call
+    this on every run, and torch.broadcast_shapes costs tens of microseconds)."""
+    if not all(type(d) is int for d in shape + full):
+        try:
+            return torch.broadcast_shapes(shape, full) == torch.Size(full)
+        except RuntimeError:
+            return False
+    return len(shape) <= len(full) and all(m in (1, f) for m, f in zip(reversed(shape), reversed(full)))
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -113,6 +122,14 @@ def register_attention_kernel(device_type: str, kernel: AttentionKernel | None) 
     if kernel is not None:
         _ATTENTION_KERNELS[device_type] = kernel
     return old
+
+
+def attention_kernel_description(device_type: str) -> str:
+    """What runs blade::flash_attention on `device_type`: the registered kernel's `description`, else its name."""
+    kernel = _ATTENTION_KERNELS.get(device_type)
+    if kernel is None:
+        return "the reference (PyTorch's scaled_dot_product_attention)"
+    return getattr(kernel, "description", f"{kernel.__module__}.{kernel.__qualname__}")
 
 
 @contextlib.contextmanager

@@ -75,7 +75,7 @@ class CompileReport:
             lines.append("  matmuls   " + ", ".join(f"{n} in {what}" for what, n in sorted(tally.items())))
         nodes = self.backend_details.get("nodes")
         if nodes:
-            lines.append("  placement " + ", ".join(f"{engine} {n} nodes" for engine, n in nodes.items()))
+            lines.append("  placement " + "; ".join(f"{n} nodes on {engine}" for engine, n in nodes.items()))
         for region in self.backend_details.get("regions", []):
             if region.get("reason"):
                 lines.append(f"  fallback  region {region['index']} ({region['nodes']} nodes) on PyTorch: "

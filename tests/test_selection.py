@@ -82,6 +82,19 @@ def test_bf16_graphs_skip_onnxruntime_on_cpu():
     assert "bf16" in cm.report.backend_candidates["onnxruntime"]["skipped"] and cm.backend in ("eager", "inductor")
 
 
+def test_the_report_says_where_every_node_runs():
+    from blade.fused import calls_within
+    from blade.models import get
+
+    model, example, dynamic = get("gpt", "tiny")
+    cm = blade.compile(model, example, dynamic_shapes=dynamic, backend="eager", precision="bf16", cache=False)
+    nodes = cm.report.backend_details["nodes"]
+    attention = next(k for k in nodes if k.startswith("attention: "))
+    assert "blocked bf16 CPU kernel" in attention and nodes[attention] == 2  # one per layer
+    assert sum(nodes.values()) == len(calls_within(cm.graph))
+    assert f"2 nodes on {attention}" in str(cm.report)
+
+
 def test_bf16_on_a_cpu_without_it_compiles_fp32_with_one_warning(monkeypatch):
     import blade.api
     from blade.target import Target

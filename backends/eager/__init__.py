@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from blade.backends.base import RegionTiming
+from blade.backends.base import RegionTiming, placement
 from blade.backends.eager.profiler import profile_module
 from blade.ir import Graph, Node
 from blade.target import Target
@@ -12,8 +12,12 @@ from blade.target import Target
 class EagerExecutable:
     """Runs the graph's fx module under no_grad."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, device: str = "cpu"):
         self.module = graph.to_fx()
+        self.placement = placement(graph, "torch (op by op)", device)
+
+    def describe(self) -> dict:
+        return dict(self.placement)
 
     def __call__(self, *tensors) -> list:
         with torch.no_grad():
@@ -37,7 +41,7 @@ class EagerBackend:
         return True
 
     def compile(self, graph: Graph, target: Target, example_inputs=None) -> EagerExecutable:
-        return EagerExecutable(graph)
+        return EagerExecutable(graph, target.device)
 
     def load(self, directory: str, graph: Graph, target: Target) -> EagerExecutable:
-        return EagerExecutable(graph)
+        return EagerExecutable(graph, target.device)

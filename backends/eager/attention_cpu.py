@@ -133,6 +133,10 @@ def blocked_or_reference(q, k, v, mask=None, scale=None, causal=False) -> torch.
     return in_output_layout(attention_reference(q, k, v, mask, scale, causal))
 
 
+blocked_or_reference.description = (f"blade's blocked bf16 CPU kernel at {MIN_KEYS}+ keys (faster than SDPA there, "
+                                    "bench/results/attention_cpu.md), else PyTorch's SDPA")
+
+
 def install() -> None:
     """Make this kernel blade::flash_attention's on the CPU."""
     register_attention_kernel("cpu", blocked_or_reference)

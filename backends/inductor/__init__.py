@@ -20,6 +20,7 @@ import threading
 
 import torch
 
+from blade.backends.base import placement
 from blade.errors import BackendError
 from blade.fused import is_fused
 from blade.ir import Graph, Node
@@ -56,8 +57,9 @@ def inductor_with_blade_lowerings(gm: torch.fx.GraphModule, example_inputs):
 class InductorExecutable:
     """torch.compile of the graph's fx module (freezing on), called under no_grad."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, device: str = "cpu"):
         self.name = graph.name
+        self.placement = placement(graph, "inductor (its generated kernels; matmuls as extern library calls)", device)
         for node in graph.call_nodes:  # regions' bodies built now, not inside the trace
             if is_fused(node):
                 node.target.module()
@@ -77,7 +79,7 @@ class InductorExecutable:
                                    "backend='onnxruntime' or 'eager'") from exc
 
     def describe(self) -> dict:
-        return {"compiler": f"torch.compile (inductor, freezing), torch {torch.__version__}"}
+        return {"compiler": f"torch.compile (inductor, freezing), torch {torch.__version__}", **self.placement}
 
     def save(self, directory: str) -> None:
         """Nothing beyond the IR and weights: loading compiles again."""
@@ -101,11 +103,11 @@ class InductorBackend:
 
     def compile(self, graph: Graph, target: Target, example_inputs=None) -> InductorExecutable:
         """Compiles now, on the example inputs when given (so that a failure is a compile-time BackendError)."""
-        executable = InductorExecutable(graph)
+        executable = InductorExecutable(graph, target.device)
         if example_inputs is not None:
             with executable._lock:
                 executable(*example_inputs)
         return executable
 
     def load(self, directory: str, graph: Graph, target: Target) -> InductorExecutable:
-        return InductorExecutable(graph)
+        return InductorExecutable(graph, target.device)
