@@ -7,8 +7,9 @@ time (a weight read by several nodes is cast once); its other operands through o
 `_to_copy(dtype=low)` per value; its result cast back to fp32 right after. Matmuls accumulate in
 fp32 inside the kernels (PyTorch's, ONNX Runtime's, Triton's); norms, softmax and their statistics,
 residual additions and the model's outputs stay fp32, which is what keeps the error near 1e-3.
-A cast of a cast back (fp16 → fp32 → fp16, exact) is dropped, so two low-precision nodes in a row
-pass their value directly.
+A cast of a cast back (fp16 → fp32 → fp16, exact) is dropped, also through shape-only ops (views,
+transposes, splits), which are rebuilt on the low value: two low-precision nodes in a row — a fused
+QKV projection and attention, attention and the output projection — pass their value directly.
 
 With config.keep_output_dtype False, the model's fp32 outputs are returned in the low dtype, as
 `model.to(dtype)` would return them (ONNX Runtime's keep_io_types=False): an output that is a low
@@ -19,6 +20,8 @@ Leaves alone: nodes named in config.keep_high_precision, nodes already in anothe
 other op, and precision "fp32" (or None).
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -38,6 +41,7 @@ CAST = aten._to_copy.default
 SHAPE_ONLY_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
                   aten.transpose.int, aten.t.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
                   aten.expand.default, aten.alias.default}
+SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default}
 
 
 def low_dtype(precision: str | None) -> torch.dtype | None:
@@ -67,6 +71,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         return graph
     keep = set(ctx.config.keep_high_precision)
     casts: dict[Node, Node] = {}
+    rebuilt: dict[Node, Node | None] = {}
 
     def lowered(ref: Node) -> Node:
         if not (isinstance(ref.val, TensorMeta) and ref.val.dtype == torch.float32):
@@ -75,11 +80,10 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             if ref.op == "constant":
                 tensor = graph.constants[ref.name].to(low)
                 casts[ref] = graph.add_constant(f"{ref.name}_{_short(low)}", tensor, f"{ref.target} ({_short(low)})")
-            elif is_cast(ref) and isinstance(ref.args[0], Node) and ref.args[0].val.dtype == low:
-                casts[ref] = ref.args[0]  # x.to(fp32).to(low) is x: the cast back is exact
             else:
-                meta = {"val": TensorMeta(ref.val.shape, low, ref.val.device)}
-                casts[ref] = graph.add_node(CAST, (ref,), {"dtype": low}, meta, name=f"{ref.name}_{_short(low)}")
+                casts[ref] = _in_low(graph, ref, low, rebuilt) or graph.add_node(
+                    CAST, (ref,), {"dtype": low}, {"val": TensorMeta(ref.val.shape, low, ref.val.device)},
+                    name=f"{ref.name}_{_short(low)}")
         return casts[ref]
 
     for node in graph.call_nodes:
@@ -94,29 +98,48 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         graph.replace_all_uses(node, back)
         ctx.count(f"{_short(low)}_{_op_name(node)}")
     if not ctx.config.keep_output_dtype:
-        _lower_outputs(graph, low, ctx)
+        _lower_outputs(graph, low, rebuilt, ctx)
     eliminate_dead_code(graph, ctx)
     return graph
 
 
-def _lower_outputs(graph: Graph, low: torch.dtype, ctx: PassContext) -> None:
-    """Point every fp32 output at its value in `low`: the low node under a cast back, else a new cast."""
-    def in_low(node: Node) -> Node | None:
-        if is_cast(node) and isinstance(node.args[0], Node) and node.args[0].val.dtype == low:
-            return node.args[0]
-        if node.target in SHAPE_ONLY_OPS and isinstance(node.args[0], Node) and \
-                isinstance(node.args[0].val, TensorMeta) and node.args[0].val.dtype == torch.float32:
-            inner = in_low(node.args[0])
-            if inner is not None:
-                meta = {"val": TensorMeta(node.val.shape, low, node.val.device)}
-                return graph.add_node(node.target, (inner, *node.args[1:]), node.kwargs, meta,
-                                      name=f"{node.name}_{_short(low)}")
-        return None
+def _low_meta(val, low: torch.dtype):
+    """`val` (a TensorMeta or a tuple of them, all fp32) in `low`; None when anything in it is not fp32."""
+    if isinstance(val, TensorMeta):
+        return TensorMeta(val.shape, low, val.device) if val.dtype == torch.float32 else None
+    if isinstance(val, (tuple, list)) and val:
+        parts = [_low_meta(v, low) for v in val]
+        return None if any(p is None for p in parts) else type(val)(parts)
+    return None
 
+
+def _in_low(graph: Graph, node: Node, low: torch.dtype, memo: dict) -> Node | None:
+    """`node`'s value in `low` without a cast, where it is a low node's cast back seen through shape-only ops
+    (views, splits): the chain rebuilt on the low value (exact: bf16 -> fp32 -> bf16 is the identity); else None."""
+    if node in memo:
+        return memo[node]
+    found = None
+    if is_cast(node) and isinstance(node.args[0], Node) and isinstance(node.args[0].val, TensorMeta) \
+            and node.args[0].val.dtype == low:
+        found = node.args[0]
+    elif (node.target in SHAPE_ONLY_OPS or node.target in SPLIT_OPS or
+          (node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0].target in SPLIT_OPS)) \
+            and node.args and isinstance(node.args[0], Node):
+        meta = _low_meta(node.val, low)
+        inner = _in_low(graph, node.args[0], low, memo) if meta is not None else None
+        if inner is not None:
+            found = graph.add_node(node.target, (inner, *node.args[1:]), node.kwargs, dict(node.meta, val=meta),
+                                   name=f"{node.name}_{_short(low)}")
+    memo[node] = found
+    return found
+
+
+def _lower_outputs(graph: Graph, low: torch.dtype, memo: dict, ctx: PassContext) -> None:
+    """Point every fp32 output at its value in `low`: the low node under a cast back, else a new cast."""
     for i, out in enumerate(graph.outputs):
         if not (isinstance(out, Node) and isinstance(out.val, TensorMeta) and out.val.dtype == torch.float32):
             continue
-        lowered = in_low(out)
+        lowered = _in_low(graph, out, low, memo)
         if lowered is None:
             lowered = graph.add_node(CAST, (out,), {"dtype": low}, {"val": TensorMeta(out.val.shape, low, out.val.device)},
                                      name=f"{out.name}_out_{_short(low)}")

@@ -151,6 +151,35 @@ def test_precision_passes_low_values_between_matmuls_directly():
     assert second.args[0].meta.get("precision") == "fp16"  # no fp32 round trip between the two
 
 
+def test_precision_passes_low_values_through_views_and_splits():
+    """A fused QKV projection feeds attention, and attention the output projection, through splits, reshapes and
+    transposes: no fp32 round trip between them (bf16 -> fp32 -> bf16 is exact, so the values are the same)."""
+    from blade.ops import FLASH_ATTENTION
+    from blade.passes import attention as attention_pass, horizontal
+
+    from blade.models import get
+
+    model, example, dynamic = get("bert", "tiny")
+    cm = blade.compile(model, example, dynamic_shapes=dynamic, backend="eager", precision="bf16", cache=False,
+                       passes=[cleanup.run, attention_pass.run, horizontal.run, precision.run])
+
+    def source(node):  # walk back through shape-only ops and splits
+        while node.op == "call" and node.target not in (aten.linear.default, FLASH_ATTENTION) \
+                and not precision.is_cast(node):
+            node = node.args[0]
+        return node
+
+    attentions = [n for n in cm.graph.call_nodes if n.target == FLASH_ATTENTION]
+    assert attentions
+    for node in attentions:
+        for operand in node.args[:3]:
+            assert operand.val.dtype == torch.bfloat16 and source(operand).target == aten.linear.default
+    out_projections = [n for n in cm.graph.call_nodes if n.target == aten.linear.default and
+                       source(n.args[0]).target == FLASH_ATTENTION]
+    assert len(out_projections) == len(attentions)
+    assert cm.report.accuracy.ok
+
+
 def test_bad_options_name_what_to_do():
     with pytest.raises(blade.errors.ConfigError, match="precision='fp64' is not one of"):
         compiled(None, precision="fp64")
