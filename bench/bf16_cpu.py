@@ -77,6 +77,11 @@ def run_case(name: str, seq: int, args, peaks, workdir: Path) -> dict:
     low = copy.deepcopy(model).to(torch.bfloat16)
     contenders["eager_bf16"] = eager_contender(low, inputs)
     contenders["inductor_bf16"] = inductor_contender(low, inputs, args.warmup)
+    # the peers above turned Inductor's freezing on for the whole process; blade must not lean on that (it turns
+    # freezing on around its own calls), so it is compiled and timed with the user's default, off
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = False
     contenders["blade_bf16"], cm = blade_bf16(name, seq, model, inputs, dims)
     contenders["blade_bf16_out"], _ = blade_bf16(name, seq, model, inputs, dims, keep_output_dtype=False)
     errors = {}

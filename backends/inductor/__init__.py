@@ -15,6 +15,7 @@ backend="auto": it is one of the candidates auto measures.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -54,6 +55,33 @@ def inductor_with_blade_lowerings(gm: torch.fx.GraphModule, example_inputs):
                       decompositions={**select_decomp_table(), **BLADE_DECOMPOSITIONS})
 
 
+_FREEZING_LOCK = threading.Lock()
+_FREEZING_USERS = [0, False]  # calls inside _freezing(), the user's own setting to restore after the last
+
+
+@contextlib.contextmanager
+def _freezing():
+    """Inductor's freezing on while blade's compiled graphs run (any call may trace or recompile). Dynamo reads
+    torch._inductor.config.freezing when it traces, to treat the weights as constants; compile_fx's
+    config_patches come too late for that, so without this the weights stay graph inputs: no constant folding,
+    no prepacked oneDNN GEMMs. Counted, so that overlapping calls from several threads restore the user's
+    setting once, after the last."""
+    import torch._inductor.config as inductor_config
+
+    with _FREEZING_LOCK:
+        if _FREEZING_USERS[0] == 0:
+            _FREEZING_USERS[1] = inductor_config.freezing
+            inductor_config.freezing = True
+        _FREEZING_USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _FREEZING_LOCK:
+            _FREEZING_USERS[0] -= 1
+            if _FREEZING_USERS[0] == 0:
+                inductor_config.freezing = _FREEZING_USERS[1]
+
+
 class InductorExecutable:
     """torch.compile of the graph's fx module (freezing on), called under no_grad."""
 
@@ -69,7 +97,7 @@ class InductorExecutable:
         self._lock = threading.Lock()
 
     def __call__(self, *tensors) -> list:
-        with torch.no_grad():
+        with torch.no_grad(), _freezing():
             try:
                 return list(self.compiled(*tensors))
             except Exception as exc:  # noqa: BLE001 - Inductor's own failures, named as blade's

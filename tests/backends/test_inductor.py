@@ -132,3 +132,38 @@ def test_bf16_attention_runs_blades_cpu_kernel_inside_inductor(monkeypatch):
         ref = model(*fresh)
     assert float((cm(*fresh) - ref).norm() / ref.norm()) <= 1e-2
     assert calls and all(shape[2] == 50 for shape in calls)
+
+
+def test_weights_are_frozen_into_the_compiled_code_and_the_users_setting_is_restored():
+    """Inductor freezes only when its config says so at dynamo's trace: blade turns it on around its calls (the
+    weights become constants: folded, and on CPU prepacked for oneDNN's GEMM) and leaves the user's value alone."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).eval()
+    x = torch.randn(8, 32)
+    assert inductor_config.freezing is False
+    cm, codes = run_and_get_code(lambda: blade.compile(model, (x,), backend="inductor", precision="bf16", cache=False))
+    assert "_frozen_param" in "\n".join(codes)
+    assert inductor_config.freezing is False
+    with torch.no_grad():
+        assert float((cm(x).float() - model(x)).norm() / model(x).norm()) < 1e-2
+    inductor_config.freezing = True  # a user's own choice survives blade's calls
+    try:
+        cm(x)
+        assert inductor_config.freezing is True
+    finally:
+        inductor_config.freezing = False
+
+
+def test_overlapping_calls_restore_the_setting_after_the_last():
+    import torch._inductor.config as inductor_config
+    from blade.backends.inductor import _freezing
+
+    first, second = _freezing(), _freezing()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first call ends while the second still runs: freezing stays on
+    assert inductor_config.freezing is True
+    second.__exit__(None, None, None)
+    assert inductor_config.freezing is False
