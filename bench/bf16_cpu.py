@@ -153,7 +153,7 @@ def render(machine, peaks, cases, args, seconds) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--gap-ms", type=float, default=100)
     parser.add_argument("--cases", nargs="*", help="e.g. bert:128 gpt:256 (default: all three)")
     args = parser.parse_args()

@@ -1,4 +1,5 @@
-"""Where bf16 time goes on CPU: blade precision="bf16" (inductor backend) vs torch.compile of model.to(bf16), op by op.
+"""Where bf16 time goes on CPU: blade precision="bf16" (inductor backend; outputs fp32, and bf16 with
+keep_output_dtype=False) vs torch.compile of model.to(bf16) with freezing, op by op.
 
 Zoo gpt base, batch 1, at seq 256 and 1024 (the cases of bench/bf16_cpu.py): both compiled as there,
 then torch.profiler over PROFILED_CALLS calls of each, Inductor's generated kernels named
@@ -32,9 +33,17 @@ def contenders(seq: int) -> dict:
     model, _, dims = zoo.get("gpt", "base")
     example = zoo.sample_inputs("gpt", "base", seed=5, batch=2, seq=seq)
     cm = blade.compile(model, example, dynamic_shapes=dims, precision="bf16", backend="inductor", cache=False)
-    peer = torch.compile(copy.deepcopy(model).to(torch.bfloat16), options={"freezing": True})
+    low = blade.compile(model, example, dynamic_shapes=dims, precision="bf16", backend="inductor", cache=False,
+                        keep_output_dtype=False)
     inputs = make_inputs("gpt", seq)
-    return {"blade_bf16": lambda: cm(*inputs), "inductor_bf16": lambda: peer(*inputs)}
+    # freezing must be on when dynamo traces (torch.compile(options={"freezing": True}) comes too late to freeze)
+    inductor_config.freezing = True
+    peer = torch.compile(copy.deepcopy(model).to(torch.bfloat16))
+    with torch.no_grad():
+        peer(*inputs)
+    inductor_config.freezing = False
+    return {"blade_bf16": lambda: cm(*inputs), "blade_bf16_out": lambda: low(*inputs),
+            "inductor_bf16": lambda: peer(*inputs)}
 
 
 def profile_one(fn) -> tuple[float, list[tuple[str, float, int]]]:

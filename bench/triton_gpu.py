@@ -111,7 +111,8 @@ def run_case(name: str, dims: dict, dtype, device: str, args, peaks) -> dict:
     flops, least, compute = model_work(cm.graph, bound, device=device)
     # torch's int8 matmul, which blade.peaks measures int8 with, is far from the GPU's int8 roof (the kernels
     # here beat it): quantized contenders are held to the datasheet's int8/fp8 peak where there is one
-    roofs = dataclasses.replace(peaks, matmul={**peaks.matmul, **(peaks.datasheet or {}).get("matmul", {})})
+    sheet = (peaks.datasheet or {}).get("matmul", {})
+    roofs = dataclasses.replace(peaks, matmul={**peaks.matmul, **{d: sheet[d] for d in ("int8", "fp8_e4m3") if d in sheet}})
     figures = {k: utilization(flops, least, s, roofs if k.startswith("blade_") else peaks,
                               QUANTIZED_DTYPE.get(k.removeprefix("blade_"), compute))
                for k, s in medians.items()}

@@ -82,17 +82,19 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / norm if norm > 0 else diff
 
 
-def _lowered(dtype: torch.dtype, reference: torch.dtype) -> bool:
-    """An fp16/bf16 output of an fp32 value (keep_output_dtype=False): compared by value, in float64."""
-    return reference == torch.float32 and dtype in (torch.float16, torch.bfloat16)
+def _lowered(dtype: torch.dtype, reference: torch.dtype, declared) -> bool:
+    """An fp16/bf16 output of an fp32 value that the compiled graph declares so (keep_output_dtype=False):
+    compared by value, in float64. Any other dtype change is a failure."""
+    return reference == torch.float32 and dtype == declared and declared in (torch.float16, torch.bfloat16)
 
 
-def compare_tensor(index: int, out, ref, tolerance: float | None = None) -> OutputError:
+def compare_tensor(index: int, out, ref, tolerance: float | None = None, declared=None) -> OutputError:
+    """`out` against `ref`; `declared`: the dtype the compiled graph gives this output, when it lowered it."""
     if not isinstance(ref, torch.Tensor):
         same = out == ref
         return OutputError(index, type(ref).__name__, 0.0 if same else math.inf, 0.0 if same else math.inf,
                            1.0 if same else 0.0, 0.0)
-    if out.shape != ref.shape or not (out.dtype == ref.dtype or _lowered(out.dtype, ref.dtype)):
+    if out.shape != ref.shape or not (out.dtype == ref.dtype or _lowered(out.dtype, ref.dtype, declared)):
         return OutputError(index, str(ref.dtype).removeprefix("torch."), math.inf, math.inf, 0.0, 0.0)
     if tolerance is None:
         tol = TOLERANCE.get(ref.dtype, 0.0)
@@ -117,10 +119,13 @@ def compare_tensor(index: int, out, ref, tolerance: float | None = None) -> Outp
     return OutputError(index, dtype, max_abs, rel, cosine, tol)
 
 
-def compare(outputs: list, references: list, tolerance: float | None = None) -> Accuracy:
+def compare(outputs: list, references: list, tolerance: float | None = None, declared: list | None = None) -> Accuracy:
     """Compare flat outputs with flat references, output by output; `tolerance` replaces the dtype's
     own for floating outputs (a quantized model is held to its budget) and lets integer outputs differ
-    (their mismatch rate is reported as rel_err)."""
+    (their mismatch rate is reported as rel_err); `declared` (Graph.output_dtypes()) lets an output the graph
+    returns in fp16/bf16 be compared with its fp32 reference."""
     if len(outputs) != len(references):
         raise ValueError(f"{len(outputs)} outputs against {len(references)} references")
-    return Accuracy([compare_tensor(i, o, r, tolerance) for i, (o, r) in enumerate(zip(outputs, references))])
+    declared = declared or [None] * len(outputs)
+    return Accuracy([compare_tensor(i, o, r, tolerance, d)
+                     for i, (o, r, d) in enumerate(zip(outputs, references, declared))])

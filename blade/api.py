@@ -124,7 +124,7 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     if check_accuracy:
         t_check = time.perf_counter()
         outputs = compiled.run_flat(compiled.example_inputs)
-        report.accuracy = compare(outputs, captured.reference_outputs, tolerance_for(config))
+        report.accuracy = compare(outputs, captured.reference_outputs, tolerance_for(config), graph.output_dtypes())
         report.seconds["accuracy"] = time.perf_counter() - t_check
         failing = [o for o in report.accuracy.outputs if not o.ok]
         if failing:

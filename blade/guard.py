@@ -51,15 +51,17 @@ def lowered_layers(graph: Graph) -> list[str]:
 def graph_error(graph: Graph, samples: list[list], references: list[list]) -> float:
     """Worst relative error of the graph's outputs over the samples (NaN counts as infinite)."""
     module = graph.to_fx()
+    declared = graph.output_dtypes()
     worst = 0.0
     with torch.no_grad():
         for sample, reference in zip(samples, references):
             outputs = list(module(*sample))
-            floating = [(o, r) for o, r in zip(outputs, reference)
+            floating = [(o, r, d) for o, r, d in zip(outputs, reference, declared)
                         if isinstance(r, torch.Tensor) and r.is_floating_point()]
             if not floating:
                 continue
-            rel = compare(*map(list, zip(*floating))).rel_err
+            outs, refs, dtypes = map(list, zip(*floating))
+            rel = compare(outs, refs, declared=dtypes).rel_err
             worst = max(worst, math.inf if math.isnan(rel) else rel)
     return worst
 

@@ -195,6 +195,10 @@ class Graph:
     def output_nodes(self) -> list[Node]:
         return [o for o in self.outputs if isinstance(o, Node)]
 
+    def output_dtypes(self) -> list:
+        """The dtype each output declares (None for a literal or a non-tensor value), in output order."""
+        return [getattr(getattr(o, "val", None), "dtype", None) if isinstance(o, Node) else None for o in self.outputs]
+
     @property
     def symbols(self) -> dict:
         return {name: dim_symbol(name) for name in self.dims}

@@ -116,7 +116,7 @@ class Lowering:
             return graph, records, executable
         budget = self.config.accuracy_budget
         for attempt in range(MAX_BACKEND_RETRIES + 1):
-            error = self._backend_error(executable)
+            error = self._backend_error(executable, graph.output_dtypes())
             self.backend_errors.append(error)
             if error <= budget:
                 return graph, records, executable
@@ -130,13 +130,14 @@ class Lowering:
             executable = backend.compile(graph, target, example_inputs=examples)
         raise AssertionError("unreachable")
 
-    def _backend_error(self, executable) -> float:
+    def _backend_error(self, executable, declared: list) -> float:
         worst = 0.0
         for sample, reference in zip(self.samples, self.references):
-            pairs = [(o, r) for o, r in zip(executable(*sample), reference)
-                     if isinstance(r, torch.Tensor) and r.is_floating_point()]
-            if pairs:
-                rel = compare(*map(list, zip(*pairs))).rel_err
+            triples = [(o, r, d) for o, r, d in zip(executable(*sample), reference, declared)
+                       if isinstance(r, torch.Tensor) and r.is_floating_point()]
+            if triples:
+                outs, refs, dtypes = map(list, zip(*triples))
+                rel = compare(outs, refs, declared=dtypes).rel_err
                 worst = max(worst, math.inf if math.isnan(rel) else rel)
         return worst
 

@@ -129,7 +129,7 @@ def attention_kernel_description(device_type: str) -> str:
     kernel = _ATTENTION_KERNELS.get(device_type)
     if kernel is None:
         return "the reference (PyTorch's scaled_dot_product_attention)"
-    return getattr(kernel, "description", f"{kernel.__module__}.{kernel.__qualname__}")
+    return getattr(kernel, "description", None) or getattr(kernel, "__qualname__", None) or repr(kernel)
 
 
 @contextlib.contextmanager

@@ -85,7 +85,7 @@ def select(graph: Graph, target: Target, examples: list, references: list | None
         seconds = time.perf_counter() - start
         spent += seconds
         if references is not None:
-            accuracy = compare(outputs, references, tolerance)
+            accuracy = compare(outputs, references, tolerance, graph.output_dtypes())
             if not accuracy.ok:
                 results[backend.name] = {"error": f"outputs differ from eager (rel_err {accuracy.rel_err:.3g})",
                                          "compile_s": seconds}

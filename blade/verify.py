@@ -54,7 +54,8 @@ def compare(compiled, reference, inputs: list[torch.Tensor]) -> list[dict]:
     if len(got) != len(expected):
         return [{"index": "count", "rel_err": math.inf,
                  "note": f"compiled gives {len(got)} outputs, the source {len(expected)}"}]
-    return [asdict(compare_tensor(i, out, ref)) for i, (out, ref) in enumerate(zip(got, expected))]
+    declared = compiled.graph.output_dtypes()
+    return [asdict(compare_tensor(i, out, ref, declared=d)) for i, (out, ref, d) in enumerate(zip(got, expected, declared))]
 
 
 def verify(compiled, reference, input_sets: list[tuple[str, list[torch.Tensor]]], tol: float) -> dict:

@@ -35,12 +35,13 @@ CONFIGS = {
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """[B] float timesteps -> [B, dim] cos/sin features at geometrically spaced frequencies, in t's dtype
-    (the angles are computed in fp32: timesteps up to 1000 need more than fp16's 11 bits)."""
+    """[B] timesteps -> [B, dim] cos/sin features at geometrically spaced frequencies, in t's dtype when it is
+    floating (fp32 for integer timesteps); the angles themselves are computed in fp32."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).to(t.dtype)
+    features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return features.to(t.dtype) if t.is_floating_point() else features
 
 
 def sincos_position_embedding(hidden: int, grid: int) -> torch.Tensor:

@@ -98,7 +98,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         graph.replace_all_uses(node, back)
         ctx.count(f"{_short(low)}_{_op_name(node)}")
     if not ctx.config.keep_output_dtype:
-        _lower_outputs(graph, low, rebuilt, ctx)
+        _lower_outputs(graph, low, rebuilt, casts, ctx)
     eliminate_dead_code(graph, ctx)
     return graph
 
@@ -134,12 +134,18 @@ def _in_low(graph: Graph, node: Node, low: torch.dtype, memo: dict) -> Node | No
     return found
 
 
-def _lower_outputs(graph: Graph, low: torch.dtype, memo: dict, ctx: PassContext) -> None:
-    """Point every fp32 output at its value in `low`: the low node under a cast back, else a new cast."""
+def _lower_outputs(graph: Graph, low: torch.dtype, memo: dict, casts: dict, ctx: PassContext) -> None:
+    """Point every fp32 output at its value in `low`: the low node under a cast back, else a cast (the one a
+    low-precision reader already has, or a new one). Never an input or a constant itself: the caller's own
+    tensor must not come back as an output."""
     for i, out in enumerate(graph.outputs):
         if not (isinstance(out, Node) and isinstance(out.val, TensorMeta) and out.val.dtype == torch.float32):
             continue
         lowered = _in_low(graph, out, low, memo)
+        if lowered is not None and _viewed(lowered).op != "call":
+            lowered = None
+        if lowered is None and out in casts and _viewed(casts[out]).op == "call":
+            lowered = casts[out]
         if lowered is None:
             lowered = graph.add_node(CAST, (out,), {"dtype": low}, {"val": TensorMeta(out.val.shape, low, out.val.device)},
                                      name=f"{out.name}_out_{_short(low)}")
@@ -147,6 +153,14 @@ def _lower_outputs(graph: Graph, low: torch.dtype, memo: dict, ctx: PassContext)
         else:
             ctx.count("outputs_read_low")
         graph.outputs[i] = lowered
+
+
+def _viewed(node: Node) -> Node:
+    """The node whose memory `node` views, through shape-only ops and splits (itself when it computes)."""
+    while node.op == "call" and (node.target in SHAPE_ONLY_OPS or node.target in SPLIT_OPS
+                                 or node.target is operator.getitem) and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
 
 
 def _short(dtype: torch.dtype) -> str:

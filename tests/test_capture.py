@@ -195,11 +195,13 @@ def test_infinite_outputs_are_accurate_when_they_match():
 def test_a_low_precision_output_is_compared_by_value_and_other_dtype_changes_fail():
     from blade.accuracy import compare_tensor
 
-    ref = torch.randn(64)
-    lowered = compare_tensor(0, ref.to(torch.bfloat16), ref, tolerance=1e-2)
+    ref, bf16 = torch.randn(64), torch.bfloat16
+    lowered = compare_tensor(0, ref.to(bf16), ref, tolerance=1e-2, declared=bf16)
     assert lowered.ok and 0 < lowered.rel_err < 5e-3 and lowered.dtype == "bfloat16 (of float32)"
-    assert not compare_tensor(0, ref.to(torch.bfloat16) + 1, ref, tolerance=1e-2).ok  # values still count
-    assert not compare_tensor(0, ref.to(torch.bfloat16), ref).ok  # held to fp32's own tolerance when not lowered
+    assert not compare_tensor(0, ref.to(bf16) + 1, ref, tolerance=1e-2, declared=bf16).ok  # values still count
+    # a low output the graph does not declare (a backend that dropped the cast back) fails, whatever the tolerance
+    assert compare_tensor(0, ref.to(bf16), ref, tolerance=1e-2).rel_err == float("inf")
+    assert compare_tensor(0, ref.to(torch.float16), ref, tolerance=1e-2, declared=bf16).rel_err == float("inf")
     widened = compare_tensor(0, ref.double(), ref.double().to(torch.float32))
     assert widened.rel_err == float("inf")  # only fp32 -> fp16/bf16 is a lowering
     assert compare_tensor(0, ref.to(torch.float16), ref.to(torch.bfloat16), tolerance=1).rel_err == float("inf")

@@ -125,9 +125,9 @@ def test_the_guard_rechecks_on_the_backend_and_keeps_more_when_it_misses(monkeyp
     calls = []
     real = lowering.Lowering._backend_error
 
-    def worse(self, executable):
+    def worse(self, executable, declared):
         calls.append(len(self.result.kept))
-        return real(self, executable) + (1.0 if len(self.result.kept) < 2 else 0.0)
+        return real(self, executable, declared) + (1.0 if len(self.result.kept) < 2 else 0.0)
 
     monkeypatch.setattr(lowering.Lowering, "_backend_error", worse)
     cm = blade.compile(Outliers().eval(), outlier_inputs(0), backend="eager", quantize="int8_dynamic",

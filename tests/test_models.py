@@ -150,6 +150,14 @@ def test_runs_cast_to_bf16_with_its_float_inputs(name):
         assert float((got.float() - want).norm() / want.norm()) < 5e-2
 
 
+def test_dit_takes_integer_timesteps_too():
+    model, _, _ = zoo.get("dit")
+    latents, timesteps, labels = zoo.sample_inputs("dit", seed=2, batch=3)
+    with torch.no_grad():
+        as_float, as_int = model(latents, timesteps.round(), labels), model(latents, timesteps.round().long(), labels)
+    assert as_int.dtype == torch.float32 and torch.allclose(as_int, as_float)
+
+
 def test_output_shapes():
     with torch.no_grad():
         hidden, pooled = zoo.get("bert")[0](*zoo.sample_inputs("bert", batch=3, seq=9))

@@ -67,8 +67,8 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
         if group > 1:  # the group's queries as rows of one GEMM against their shared key head
             q_block = q_block.reshape(batch, kv_heads, group * rows, head_dim)
         scores = torch.matmul(q_block, keys_t[..., :k_end]).view(batch, q_heads, rows, k_end)
-        if causal and start < k_end:
-            scores[..., start:].masked_fill_(_above_diagonal(rows, k_end - start), float("-inf"))
+        if causal and start < k_end:  # an add of a cached 0/-inf triangle: 3x cheaper than masked_fill_ here
+            scores[..., start:].add_(_above_diagonal(rows, k_end - start, scores.dtype))
         dead = None
         if mask is not None:
             block_mask = _block(mask, start, stop, k_end)
@@ -90,18 +90,27 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
     return out_heads
 
 
+SHIFT_LIMIT = 2.0 ** 16  # fp32 keeps scores added to a mask value below this; bf16 (spacing 64 near 10000) does not
+
+
 def _shifted_to_zero_max(mask: torch.Tensor) -> torch.Tensor:
-    """The additive mask less its largest entry per row (where finite): softmax ignores a constant per row, and a
-    row masked whole by a finite constant (BERT's -10000 over an all-padding sequence) would otherwise be added to
-    bf16 scores whose spacing near 10000 is 64, rounding the scores away."""
-    top = mask.amax(dim=-1, keepdim=True).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    """The additive mask less its largest entry per row, where that is finite and below SHIFT_LIMIT: softmax ignores
+    a constant per row, and a row masked whole by a moderate constant (BERT's -10000 over an all-padding sequence)
+    would otherwise be added to bf16 scores that round away, where the fp32 model keeps them. A row masked by a
+    huge value (-1e9) is left alone: fp32 loses its scores too, and both average the values."""
+    top = mask.amax(dim=-1, keepdim=True)
+    top = torch.where(top.abs() < SHIFT_LIMIT, top, 0.0)  # also maps ±inf and NaN to 0
     return mask - top if bool(top.any()) else mask
 
 
 @functools.lru_cache(maxsize=64)
-def _above_diagonal(rows: int, width: int) -> torch.Tensor:
-    """[rows, width] bool, True above the diagonal (never written: shared by every call of that shape)."""
-    return torch.ones(rows, width, dtype=torch.bool).triu_(1)
+def _above_diagonal(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, width]: -inf above the diagonal, 0 on and below it (never written: shared by every call of that shape;
+    made outside inference mode, so that a call with autograd on may use it too). Added to scores it masks like
+    masked_fill, except that a score of +inf there (only from inputs that overflow bf16) would become NaN."""
+    with torch.inference_mode(False):
+        above = torch.ones(rows, width, dtype=torch.bool).triu_(1)
+        return torch.zeros(rows, width, dtype=dtype).masked_fill_(above, float("-inf"))
 
 
 def _block(mask: torch.Tensor, start: int, stop: int, k_end: int) -> torch.Tensor:

@@ -65,7 +65,8 @@ def _freezing():
     torch._inductor.config.freezing when it traces, to treat the weights as constants; compile_fx's
     config_patches come too late for that, so without this the weights stay graph inputs: no constant folding,
     no prepacked oneDNN GEMMs. Counted, so that overlapping calls from several threads restore the user's
-    setting once, after the last."""
+    setting once, after the last. The flag is process-wide: another thread's own torch.compile that traces
+    during a blade call sees freezing on too (its weights become constants)."""
     import torch._inductor.config as inductor_config
 
     with _FREEZING_LOCK:

@@ -248,6 +248,18 @@ def test_low_precision_outputs_need_a_low_precision_and_are_part_of_the_cache_ke
     assert blade.load(tmp_path / "low.blade")(x)[1].dtype == torch.bfloat16
 
 
+def test_a_low_precision_output_never_returns_the_callers_own_tensor():
+    class PassThrough(torch.nn.Module):
+        def forward(self, x, w):
+            return x.float().t(), (x.float() @ w).relu()
+
+    x, w = torch.randn(4, 8).to(torch.bfloat16), torch.randn(8, 8)
+    cm = blade.compile(PassThrough(), (x, w), backend="eager", precision="bf16", keep_output_dtype=False, cache=False)
+    passed, computed = cm(x, w)
+    assert passed.dtype == computed.dtype == torch.bfloat16 and torch.equal(passed, x.t())
+    assert passed.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
 def test_low_precision_outputs_on_a_cpu_without_bf16_stay_fp32(monkeypatch):
     import blade.api
     from blade.target import Target
