@@ -135,8 +135,8 @@ def test_failed_accuracy_is_not_cached(cache_dir, monkeypatch):
     model, example, dynamic = zoo.get("mlp")
     real = blade.api.compare
 
-    def failing(outputs, reference, tolerance=None):  # as if the backend had computed something else
-        return real([o + 1.0 for o in outputs], reference, tolerance)
+    def failing(outputs, reference, tolerance=None, declared=None):  # as if the backend had computed something else
+        return real([o + 1.0 for o in outputs], reference, tolerance, declared)
 
     monkeypatch.setattr(blade.api, "compare", failing)
     report = blade.compile(model, example, dynamic_shapes=dynamic, backend="eager").report
