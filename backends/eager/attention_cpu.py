@@ -67,7 +67,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
         if group > 1:  # the group's queries as rows of one GEMM against their shared key head
             q_block = q_block.reshape(batch, kv_heads, group * rows, head_dim)
         scores = torch.matmul(q_block, keys_t[..., :k_end]).view(batch, q_heads, rows, k_end)
-        if causal and start < k_end:  # an add of a cached 0/-inf triangle: 3x cheaper than masked_fill_ here
+        if causal and start < k_end:  # an add of a cached 0/-inf triangle: cheaper than masked_fill_ with a bool mask
             scores[..., start:].add_(_above_diagonal(rows, k_end - start, scores.dtype))
         dead = None
         if mask is not None:
