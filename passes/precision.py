@@ -122,9 +122,7 @@ def _in_low(graph: Graph, node: Node, low: torch.dtype, memo: dict) -> Node | No
     if is_cast(node) and isinstance(node.args[0], Node) and isinstance(node.args[0].val, TensorMeta) \
             and node.args[0].val.dtype == low:
         found = node.args[0]
-    elif (node.target in SHAPE_ONLY_OPS or node.target in SPLIT_OPS or
-          (node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0].target in SPLIT_OPS)) \
-            and node.args and isinstance(node.args[0], Node):
+    elif _rearranges(node):
         meta = _low_meta(node.val, low)
         inner = _in_low(graph, node.args[0], low, memo) if meta is not None else None
         if inner is not None:
@@ -155,10 +153,17 @@ def _lower_outputs(graph: Graph, low: torch.dtype, memo: dict, casts: dict, ctx:
         graph.outputs[i] = lowered
 
 
+def _rearranges(node: Node) -> bool:
+    """Whether `node` only rearranges its first argument: a shape-only op, a split, or an item of a split."""
+    if node.op != "call" or not node.args or not isinstance(node.args[0], Node):
+        return False
+    return node.target in SHAPE_ONLY_OPS or node.target in SPLIT_OPS or (
+        node.target is operator.getitem and node.args[0].target in SPLIT_OPS)
+
+
 def _viewed(node: Node) -> Node:
     """The node whose memory `node` views, through shape-only ops and splits (itself when it computes)."""
-    while node.op == "call" and (node.target in SHAPE_ONLY_OPS or node.target in SPLIT_OPS
-                                 or node.target is operator.getitem) and isinstance(node.args[0], Node):
+    while _rearranges(node):
         node = node.args[0]
     return node
 
