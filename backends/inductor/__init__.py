@@ -3,11 +3,11 @@
 What blade's passes decided stays decided (attention as blade::flash_attention, which Inductor runs
 as the op's CPU/CUDA kernel; precision casts; quantized ops as their kernels); Inductor then fuses
 the elementwise work around the matmuls (e.g. a mixed-precision cast into the layer norm before it)
-and picks its GEMMs. One lowering is blade's: tanh-approximated GELU (GPT-2's) becomes
-x·sigmoid(2u), u = √(2/π)(x + 0.044715x³) — the same function (1 + tanh(u) = 2·sigmoid(2u)), for
-which Inductor's CPU code is faster than for its tanh (the GELU kernel of GPT-2 base, seq 256, took a
-third of the time: bench/results/bf16_profile.md), and which does not cancel in the negative tail. Shapes named dynamic compile once with symbolic sizes (dynamic=True), so a new
-batch or length does not recompile, except a size of 1, which dynamo specializes: the first call
+and picks its GEMMs, folding a GEMM's bias and activation (GPT-2's tanh GELU included) into oneDNN's
+epilogue. blade hands over aten.gelu as it is, for that reason: that fusion matches Inductor's own
+decomposition of the op, and an earlier blade lowering of tanh GELU as x·sigmoid(2u) hid it, which
+left a separate GELU kernel of about 2 ms per call in GPT-2 base at seq 256 (bench/results/bf16_profile.md).
+Shapes named dynamic compile once with symbolic sizes (dynamic=True), so a new batch or length does not recompile, except a size of 1, which dynamo specializes: the first call
 with a dim of 1 compiles once more. It is compiled on the first call (or at compile time, when
 blade.compile runs the accuracy check or measures it): tens of seconds for a base-size model; an
 artifact saves nothing of it and compiles again when loaded. Not in the fixed rule of
@@ -16,7 +16,6 @@ backend="auto": it is one of the candidates auto measures.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 
 import torch
@@ -28,31 +27,12 @@ from blade.ir import Graph, Node
 from blade.target import Target
 
 
-aten = torch.ops.aten
-_SQRT_8_OVER_PI = math.sqrt(8 / math.pi)  # 2·√(2/π)
-
-
-def _gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """aten.gelu for Inductor: the tanh form as x·sigmoid(2u), computed in fp32 (or wider); the exact form as
-    Inductor decomposes it."""
-    if approximate != "tanh":
-        from torch._inductor.decomposition import select_decomp_table
-        return select_decomp_table()[aten.gelu.default](x, approximate=approximate)
-    wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    return (wide * torch.sigmoid(_SQRT_8_OVER_PI * (wide + 0.044715 * wide * wide * wide))).to(x.dtype)
-
-
-BLADE_DECOMPOSITIONS = {aten.gelu.default: _gelu}
-
-
-def inductor_with_blade_lowerings(gm: torch.fx.GraphModule, example_inputs):
-    """torch.compile's Inductor with freezing, and blade's decompositions in place of its own for the ops above
-    (Inductor's table read now: it depends on its config; compile_fx takes a whole table, not additions)."""
+def inductor_with_freezing(gm: torch.fx.GraphModule, example_inputs):
+    """torch.compile's Inductor with freezing (weights as constants: folded, GEMMs prepacked and fused with their
+    epilogues)."""
     from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
 
-    return compile_fx(gm, example_inputs, config_patches={"freezing": True},
-                      decompositions={**select_decomp_table(), **BLADE_DECOMPOSITIONS})
+    return compile_fx(gm, example_inputs, config_patches={"freezing": True})
 
 
 _FREEZING_LOCK = threading.Lock()
@@ -94,7 +74,7 @@ class InductorExecutable:
                 node.target.module()
         self.module = graph.to_fx()
         dynamic = any(not isinstance(size, int) for n in graph.inputs for size in n.val.shape)
-        self.compiled = torch.compile(self.module, dynamic=dynamic, backend=inductor_with_blade_lowerings)
+        self.compiled = torch.compile(self.module, dynamic=dynamic, backend=inductor_with_freezing)
         self._lock = threading.Lock()
 
     def __call__(self, *tensors) -> list:
