@@ -74,6 +74,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
                         scale: Optional[float] = None, causal: bool = False) -> torch.Tensor:
     """The op's meaning, through torch's scaled_dot_product_attention."""
     check_attention_args(q, k, v, mask)
+    if mask is not None:  # SDPA refuses 0-D and 1-D masks, which the spec allows (broadcastable): [Sk] is [1, Sk]
+        mask = torch.atleast_2d(mask)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
     if causal and mask is not None:

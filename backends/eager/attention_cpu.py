@@ -4,7 +4,8 @@ PyTorch's fused CPU attention (SDPA flash) runs bf16 no faster than fp32 on AVX5
 AMX (bench/results/attention_cpu.md); its per-block GEMMs do not reach the bf16 matmul peak. This
 kernel takes a block of BLOCK_ROWS queries at a time, all heads together:
 
-    scores = (scale·q_block) @ k[:, :, :end]ᵀ      bf16 GEMM, fp32 accumulation, bf16 scores
+    scores = scale·q_block @ k[:, :, :end]ᵀ        bf16 GEMM, fp32 accumulation, bf16 scores
+                                                    (+ a padding mask, as the GEMM's bias)
     probs  = softmax(scores)                        PyTorch's kernel, fp32 inside
     out[block] = probs @ v[:, :, :end]
 
@@ -49,41 +50,48 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
     out_heads = out.transpose(1, 2)  # [B, Hq, Sq, Dv] view of the [B, Sq, Hq, Dv] memory
     if out.numel() == 0 or k_len == 0:  # nothing to compute; no keys at all: every row is fully masked
         return out_heads.zero_()
+    if mask is not None:
+        mask = torch.atleast_2d(mask)  # [Sk] is [1, Sk]: every later step may read the mask's last two dims
     if mask is not None and mask.dtype != torch.bool:
         mask = _shifted_to_zero_max(mask).to(q.dtype)
     # only -inf can leave a row with no key (a finite additive mask such as BERT's -10000 never does): one
     # check per call spares every block the search for dead rows
     may_kill_rows = mask is not None and (mask.dtype == torch.bool or bool(torch.isneginf(mask).any()))
+    by_key_only = mask is not None and mask.dtype != torch.bool and _varies_by_key_only(mask)
     # One contiguous copy of K and V (row copies), so that each block's GEMMs read them in place (K
     # transposed through the BLAS flag): a strided view would be copied again by every block.
-    keys_t = k.contiguous().transpose(-1, -2)
-    values = v.contiguous()
-    q = q * scale
+    keys_t = k.contiguous().transpose(-1, -2).reshape(batch * kv_heads, head_dim, k_len)
+    values = v.contiguous().reshape(batch * kv_heads, k_len, v_dim)
     for start in range(0, q_len, BLOCK_ROWS):
         stop = min(start + BLOCK_ROWS, q_len)
         rows = stop - start
         k_end = min(stop, k_len) if causal else k_len
-        q_block = q[:, :, start:stop]
-        if group > 1:  # the group's queries as rows of one GEMM against their shared key head
-            q_block = q_block.reshape(batch, kv_heads, group * rows, head_dim)
-        scores = torch.matmul(q_block, keys_t[..., :k_end]).view(batch, q_heads, rows, k_end)
+        # the group's queries as rows of one GEMM against their shared key head
+        q_block = q[:, :, start:stop].reshape(batch * kv_heads, group * rows, head_dim)
+        block_mask = None if mask is None else _block(mask, start, stop, k_end)
+        # scores = scale·q·kᵀ (+ a padding mask, which varies by key only: the GEMM adds it as its bias)
+        if by_key_only:
+            bias = block_mask.expand(batch, kv_heads, 1, k_end).reshape(batch * kv_heads, 1, k_end)
+            scores = torch.baddbmm(bias, q_block, keys_t[..., :k_end], alpha=scale)
+        else:
+            scores = torch.baddbmm(q_block.new_empty(batch * kv_heads, group * rows, k_end), q_block,
+                                   keys_t[..., :k_end], beta=0.0, alpha=scale)
+        scores_heads = scores.view(batch, q_heads, rows, k_end)
         if causal and start < k_end:  # an add of a cached 0/-inf triangle: cheaper than masked_fill_ with a bool mask
-            scores[..., start:].add_(_above_diagonal(rows, k_end - start, scores.dtype))
+            scores_heads[..., start:].add_(_above_diagonal(rows, k_end - start, scores.dtype))
         dead = None
-        if mask is not None:
-            block_mask = _block(mask, start, stop, k_end)
+        if block_mask is not None:
             if block_mask.dtype == torch.bool:
-                scores.masked_fill_(~block_mask, float("-inf"))
+                scores_heads.masked_fill_(~block_mask, float("-inf"))
                 allowed = block_mask
             else:
-                scores.add_(block_mask)
+                if not by_key_only:
+                    scores_heads.add_(block_mask)
                 allowed = block_mask != float("-inf")
             if may_kill_rows:
                 dead = ~_any_allowed(allowed, causal, start, rows, k_end)
         probs = torch.softmax(scores, dim=-1)
-        if group > 1:
-            probs = probs.view(batch, kv_heads, group * rows, k_end)
-        block_out = torch.matmul(probs, values[:, :, :k_end]).view(batch, q_heads, rows, v_dim)
+        block_out = torch.bmm(probs, values[:, :k_end]).view(batch, q_heads, rows, v_dim)
         if dead is not None and bool(dead.any()):
             block_out = block_out.masked_fill(dead.unsqueeze(-1), 0.0)
         out_heads[:, :, start:stop].copy_(block_out)
@@ -111,6 +119,11 @@ def _above_diagonal(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     with torch.inference_mode(False):
         above = torch.ones(rows, width, dtype=torch.bool).triu_(1)
         return torch.zeros(rows, width, dtype=dtype).masked_fill_(above, float("-inf"))
+
+
+def _varies_by_key_only(mask: torch.Tensor) -> bool:
+    """A mask (2-D or more) of shape [..., 1, 1, Sk] or [1, Sk]: one value per batch and key, the same for every head and query."""
+    return mask.shape[-2] == 1 and (mask.dim() == 2 or mask.shape[-3] == 1)
 
 
 def _block(mask: torch.Tensor, start: int, stop: int, k_end: int) -> torch.Tensor:

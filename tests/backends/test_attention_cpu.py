@@ -103,6 +103,21 @@ def test_float_padding_mask():
     check(*qkv(q_heads=8, kv_heads=2), mask=mask, causal=True)
 
 
+@pytest.mark.parametrize("shape", [(), (40,), (1, 40), (1, 1, 40), (2, 1, 1, 40)])
+def test_padding_masks_added_as_the_gemms_bias(shape):
+    """A float mask that varies by key only (any rank, 0-D and 1-D too, which the reference takes as [1, Sk]) is
+    the score GEMM's bias; a batch with every key at -inf is
+    dead (zeros), the other batch is not."""
+    gen = torch.Generator().manual_seed(7)
+    mask = torch.randn(shape, generator=gen)
+    check(*qkv(), mask=mask)
+    check(*qkv(q_heads=8, kv_heads=2), mask=mask, causal=True)
+    if len(shape) == 4:
+        mask[1] = float("-inf")
+        out, _ = check(*qkv(), mask=mask.clone().fill_(0).masked_fill(mask == float("-inf"), float("-inf")))
+        assert (out[1] == 0).all() and (out[0] != 0).any()
+
+
 def test_rows_with_every_key_masked_are_zero():
     q, k, v = qkv()
     mask = torch.ones(2, 1, 40, 40, dtype=torch.bool)
