@@ -16,7 +16,9 @@ Contenders, timed interleaved with idle gaps (bench/ort_cpu.py's time_contenders
 Errors are relative to eager fp32 on the same inputs. Utilization: FLOPs from blade's IR ÷ median ÷ the
 peak of the contender's matmul dtype (fp32 or bf16), both measured in the same run. The verdicts:
 blade_bf16 ≥ 1.5x the fastest fp32 peer, and not slower than the fastest bf16 peer; the same for
-blade_bf16_out, whose outputs have the peers' dtype.
+blade_bf16_out, whose outputs have the peers' dtype. Beside each verdict, the paired ratio: in every round the
+fastest bf16 peer's time over blade's (adjacent calls), median and p10–p90, which drift between rounds does
+not move. A fast case gets more rounds than --repeat, up to 4x, as many as fit --budget-s of timing.
 
     python bench/bf16_cpu.py     # writes bench/results/bf16_cpu.{md,json}
 """
@@ -90,7 +92,10 @@ def run_case(name: str, seq: int, args, peaks, workdir: Path) -> dict:
             errors[key] = rel_err(c.fn(), ref)
         print(f"   {key:14s} setup {c.setup_s:6.1f} s  {errors.get(key, c.status)}", flush=True)
     live = {key: c.fn for key, c in contenders.items() if c.fn is not None}
-    medians, spread = time_contenders(live, args.warmup, args.repeat, args.gap_ms / 1e3)
+    round_s = sum(_seconds(fn) for fn in live.values()) + len(live) * args.gap_ms / 1e3  # warm calls (the first compiled)
+    # a fast case gets more rounds (up to 4x), as many as fit the time budget: its ratios are the closest
+    rounds = max(args.repeat, min(4 * args.repeat, int(args.budget_s / max(round_s, 1e-3))))
+    medians, spread = time_contenders(live, args.warmup, rounds, args.gap_ms / 1e3)
     work = ir_work(cm, inputs) if cm is not None else {"total": float("nan")}
     rows = {}
     for key, seconds in medians.items():
@@ -106,10 +111,11 @@ def run_case(name: str, seq: int, args, peaks, workdir: Path) -> dict:
         if key in rows and best_fp32 and best_bf16:
             blade_ms = rows[key]["ms"]
             verdict[key] = {"best_fp32": best_fp32, "vs_best_fp32": rows[best_fp32]["ms"] / blade_ms,
-                            "best_bf16": best_bf16, "vs_best_bf16": rows[best_bf16]["ms"] / blade_ms}
+                            "best_bf16": best_bf16, "vs_best_bf16": rows[best_bf16]["ms"] / blade_ms,
+                            "paired_vs_best_bf16": paired_ratios(spread[best_bf16]["samples"], spread[key]["samples"])}
             verdict[key]["holds"] = verdict[key]["vs_best_fp32"] >= 1.5 and verdict[key]["vs_best_bf16"] >= 1.0
     print("   " + "  ".join(f"{k} {v['ms']:.1f} ms" for k, v in rows.items()), flush=True)
-    result = {"model": name, "seq": seq, "rows": rows, "verdict": verdict, "flops": work["total"],
+    result = {"model": name, "seq": seq, "rounds": rounds, "rows": rows, "verdict": verdict, "flops": work["total"],
               "status": {k: c.status for k, c in contenders.items()},
               "blade": {key: contenders[key].extra for key in BLADE}}
     del contenders, low, model, cm
@@ -118,26 +124,41 @@ def run_case(name: str, seq: int, args, peaks, workdir: Path) -> dict:
     return result
 
 
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired_ratios(peer: list[float], blade_times: list[float]) -> dict:
+    """The peer's time over blade's in each round (adjacent calls, so drift between rounds cancels): median, p10, p90."""
+    ratios = sorted(p / b for p, b in zip(peer, blade_times))
+    return {"median": ratios[len(ratios) // 2], "p10": ratios[len(ratios) // 10], "p90": ratios[-1 - len(ratios) // 10]}
+
+
 def render(machine, peaks, cases, args, seconds) -> str:
     lines = ["# bf16 on CPU: blade precision=\"bf16\", backend measured, vs fp32 and bf16 peers", "",
              f"Machine: {machine['cpu']}, {machine['cores']} cores, flags "
              f"{', '.join(k for k, v in machine['flags'].items() if v)}; torch {machine['torch']}, onnxruntime "
              f"{machine['onnxruntime']}. Peaks this run: " + ", ".join(f"{d} {r / 1e9:.0f} GFLOP/s"
                                                                       for d, r in peaks.matmul.items()) + ".", "",
-             f"Batch 1; warm-up {args.warmup}, {args.repeat} interleaved rounds with idle gaps, median; errors vs "
+             f"Batch 1; warm-up {args.warmup}, at least {args.repeat} interleaved rounds with idle gaps (more for a fast "
+             f"case, up to {args.budget_s:.0f} s of timing), median; errors vs "
              f"eager fp32. `python bench/bf16_cpu.py` ({seconds:.0f} s). Page faults: the median minor faults per "
              "call — a fresh output buffer over glibc's mmap threshold (GPT's logits: 51 MB in fp32 at seq 256, "
              "25 MB in bf16) is faulted in page by page on every call.", ""]
     for case in cases:
-        lines += [f"## {case['model']} base, seq {case['seq']}", "",
+        lines += [f"## {case['model']} base, seq {case['seq']} ({case['rounds']} rounds)", "",
                   "| contender | median ms | p10–p90 | page faults/call | rel err vs fp32 | MFU |", "|---|---|---|---|---|---|"]
         for key, r in case["rows"].items():
             lines.append(f"| {key} | {r['ms']:.1f} | {r['p10_ms']:.1f}–{r['p90_ms']:.1f} | {r['minor_faults']} | {r['rel_err']:.2e} | "
                          f"{100 * r['mfu']:.0f} % of {r['peak_dtype']} |")
         for key, v in case["verdict"].items():
+            paired = v["paired_vs_best_bf16"]
             lines += ["", f"{key}: **{v['vs_best_fp32']:.2f}x** the fastest fp32 peer ({v['best_fp32']}; bound "
                           f"≥ 1.5x), **{v['vs_best_bf16']:.2f}x** the fastest bf16 peer ({v['best_bf16']}; bound ≥ 1.0x): "
-                          f"{'holds' if v['holds'] else 'DOES NOT HOLD'}."]
+                          f"{'holds' if v['holds'] else 'DOES NOT HOLD'}. Per round, {v['best_bf16']}'s time over blade's: "
+                          f"median {paired['median']:.2f}x, p10–p90 {paired['p10']:.2f}–{paired['p90']:.2f}x."]
         for key, chosen in case["blade"].items():
             if chosen:
                 times = ", ".join(f"{n} {c['ms']:.1f} ms" if "ms" in c else f"{n}: {c.get('error') or c.get('skipped')}"
@@ -153,7 +174,8 @@ def render(machine, peaks, cases, args, seconds) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--repeat", type=int, default=15, help="rounds at least (a fast case gets more)")
+    parser.add_argument("--budget-s", type=float, default=90, help="timing seconds a case may take for extra rounds")
     parser.add_argument("--gap-ms", type=float, default=100)
     parser.add_argument("--cases", nargs="*", help="e.g. bert:128 gpt:256 (default: all three)")
     args = parser.parse_args()
