@@ -17,8 +17,8 @@ Errors are relative to eager fp32 on the same inputs. Utilization: FLOPs from bl
 peak of the contender's matmul dtype (fp32 or bf16), both measured in the same run. The verdicts:
 blade_bf16 ≥ 1.5x the fastest fp32 peer, and not slower than the fastest bf16 peer; the same for
 blade_bf16_out, whose outputs have the peers' dtype. Beside each verdict, the paired ratio: in every round the
-fastest bf16 peer's time over blade's (adjacent calls), median and p10–p90, which drift between rounds does
-not move. A fast case gets more rounds than --repeat, up to 4x, as many as fit --budget-s of timing.
+fastest bf16 peer's time over blade's (both timed in that round), median and p10–p90, which drift between
+rounds does not move. A fast case gets more rounds than --repeat, up to 4x, as many as fit --budget-s of timing.
 
     python bench/bf16_cpu.py     # writes bench/results/bf16_cpu.{md,json}
 """
@@ -112,7 +112,7 @@ def run_case(name: str, seq: int, args, peaks, workdir: Path) -> dict:
             blade_ms = rows[key]["ms"]
             verdict[key] = {"best_fp32": best_fp32, "vs_best_fp32": rows[best_fp32]["ms"] / blade_ms,
                             "best_bf16": best_bf16, "vs_best_bf16": rows[best_bf16]["ms"] / blade_ms,
-                            "paired_vs_best_bf16": paired_ratios(spread[best_bf16]["samples"], spread[key]["samples"])}
+                            "paired_vs_best_bf16": paired_ratios(spread[best_bf16]["samples_ms"], spread[key]["samples_ms"])}
             verdict[key]["holds"] = verdict[key]["vs_best_fp32"] >= 1.5 and verdict[key]["vs_best_bf16"] >= 1.0
     print("   " + "  ".join(f"{k} {v['ms']:.1f} ms" for k, v in rows.items()), flush=True)
     result = {"model": name, "seq": seq, "rounds": rounds, "rows": rows, "verdict": verdict, "flops": work["total"],
@@ -131,7 +131,8 @@ def _seconds(fn) -> float:
 
 
 def paired_ratios(peer: list[float], blade_times: list[float]) -> dict:
-    """The peer's time over blade's in each round (adjacent calls, so drift between rounds cancels): median, p10, p90."""
+    """The peer's time over blade's in each round (both timed in the same round, so drift between rounds cancels):
+    median, p10, p90."""
     ratios = sorted(p / b for p, b in zip(peer, blade_times))
     return {"median": ratios[len(ratios) // 2], "p10": ratios[len(ratios) // 10], "p90": ratios[-1 - len(ratios) // 10]}
 

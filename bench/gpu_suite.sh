@@ -22,7 +22,8 @@ cat "$OUT/machine.txt"
 echo "== default suite (CPU tests on this machine's libraries), in the background"
 # test_packaging builds a wheel in an isolated environment, which needs the package index (none there)
 PARALLEL=""; python3 -c "import xdist" 2>/dev/null && PARALLEL="-n ${SUITE_WORKERS:-8} --dist loadfile"
-[ -n "${SKIP_SUITE:-}" ] || (CUDA_VISIBLE_DEVICES="" timeout -s INT ${SUITE_S:-240} python3 -P -m pytest -q -p no:cacheprovider $PARALLEL \
+# PYTHONSAFEPATH: the tests' own `python -m blade` subprocesses, too, must not import the checkout's blade/
+[ -n "${SKIP_SUITE:-}" ] || (CUDA_VISIBLE_DEVICES="" PYTHONSAFEPATH=1 timeout -s INT ${SUITE_S:-240} python3 -P -m pytest -q -p no:cacheprovider $PARALLEL \
   -k "not triton" --ignore tests/test_packaging.py --tb=short -rfE >"$OUT/suite.log" 2>&1; echo "suite rc=$?" >>"$OUT/suite.log") &
 SUITE_PID=$!
 echo "== gpu tests"

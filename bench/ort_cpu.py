@@ -139,7 +139,7 @@ def time_contenders(contenders: dict, warmup: int, repeat: int, gap_s: float) ->
     threads of one ONNX Runtime session keep spinning for tens of ms after its run and take a core
     from whichever contender runs next (on 2 cores, +50% on the next one's time).
     Returns (median seconds, per-contender sample stats) for the real contenders only; the stats
-    include every timed call's seconds in round order ("samples") and the median minor page faults per call (a fresh multi-MB output buffer faults in every
+    include every timed call's ms in round order ("samples_ms") and the median minor page faults per call (a fresh multi-MB output buffer faults in every
     page, e.g. GPT's logits, depending on whether glibc gave the last one back to the OS).
     """
     samples: dict[str, list[float]] = {name: [] for name in contenders}
@@ -164,7 +164,7 @@ def time_contenders(contenders: dict, warmup: int, repeat: int, gap_s: float) ->
     stats = {}
     for name, values in samples.items():
         values = sorted(values[-repeat:])  # the timed rounds (warm-up calls come first)
-        stats[name] = {"samples": samples[name][-repeat:], "min": values[0] * 1e3, "max": values[-1] * 1e3,
+        stats[name] = {"samples_ms": [t * 1e3 for t in samples[name][-repeat:]], "min": values[0] * 1e3, "max": values[-1] * 1e3,
                        "p10": values[len(values) // 10] * 1e3, "p90": values[-1 - len(values) // 10] * 1e3,
                        "minor_faults": sorted(faults[name][-repeat:])[repeat // 2]}
     return {name: medians[name] for name in contenders}, stats

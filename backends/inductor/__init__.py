@@ -3,12 +3,14 @@
 What blade's passes decided stays decided (attention as blade::flash_attention, which Inductor runs
 as the op's CPU/CUDA kernel; precision casts; quantized ops as their kernels); Inductor then fuses
 the elementwise work around the matmuls (e.g. a mixed-precision cast into the layer norm before it)
-and picks its GEMMs, folding a GEMM's bias and activation (GPT-2's tanh GELU included) into oneDNN's
-epilogue. blade hands over aten.gelu as it is, for that reason: that fusion matches Inductor's own
-decomposition of the op, and an earlier blade lowering of tanh GELU as x·sigmoid(2u) hid it, which
-left a separate GELU kernel of about 2 ms per call in GPT-2 base at seq 256 (bench/results/bf16_profile.md).
-Shapes named dynamic compile once with symbolic sizes (dynamic=True), so a new batch or length does not recompile, except a size of 1, which dynamo specializes: the first call
-with a dim of 1 compiles once more. It is compiled on the first call (or at compile time, when
+and picks its GEMMs. Where it packs a linear for oneDNN (bf16/fp16 weights, or a symbolic batch; an
+all-static fp32 linear goes to MKL instead) it folds the bias and activation, GPT-2's tanh GELU included,
+into the GEMM's epilogue. blade hands over aten.gelu as it is for that reason: the fusion matches
+Inductor's own decomposition of the op, and an earlier blade lowering of tanh GELU as x·sigmoid(2u) hid
+it, leaving a separate GELU kernel of about 2 ms per call in GPT-2 base at seq 256
+(bench/results/bf16_profile.md). An all-static fp32 graph runs Inductor's tanh GELU kernel instead.
+Shapes named dynamic compile once with symbolic sizes (dynamic=True), so a new batch or length does not
+recompile, except a size of 1, which dynamo specializes: the first call with a dim of 1 compiles once more. It is compiled on the first call (or at compile time, when
 blade.compile runs the accuracy check or measures it): tens of seconds for a base-size model; an
 artifact saves nothing of it and compiles again when loaded. Not in the fixed rule of
 backend="auto": it is one of the candidates auto measures.

@@ -118,6 +118,31 @@ def test_padding_masks_added_as_the_gemms_bias(shape):
         assert (out[1] == 0).all() and (out[0] != 0).any()
 
 
+def test_padding_masks_take_the_bias_path_and_kill_left_padded_causal_rows(monkeypatch):
+    """Key-only masks reach the score GEMM as its bias (no separate add); under causal, a -inf on key 0 (left
+    padding) leaves query 0 no key: zeros there, the other rows as the reference."""
+    biases = []
+    real = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda bias, *a, **kw: biases.append(kw.get("beta", 1)) or real(bias, *a, **kw))
+    mask = torch.zeros(2, 1, 1, 40)
+    mask[:, ..., 0] = float("-inf")
+    out, _ = check(*qkv(), mask=mask, causal=True)
+    assert biases and all(beta == 1 for beta in biases), "the mask was not the GEMM's bias"
+    assert (out[:, :, 0] == 0).all() and torch.isfinite(out).all()
+    biases.clear()
+    check(*qkv(q_len=1, k_len=40), mask=torch.randn(1, 40))  # decode with a bias
+    assert biases == [1]
+
+
+def test_scores_ignore_the_uninitialized_buffer(monkeypatch):
+    """Without a bias the score GEMM runs with beta=0 on a fresh buffer: whatever it holds (NaN here) never
+    reaches the output."""
+    real = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: real(self, *a, **kw).fill_(float("nan")))
+    out, _ = check(*qkv(), causal=True)
+    assert torch.isfinite(out).all()
+
+
 def test_rows_with_every_key_masked_are_zero():
     q, k, v = qkv()
     mask = torch.ones(2, 1, 40, 40, dtype=torch.bool)
