@@ -53,9 +53,10 @@ class Backend(Protocol):
     def load(self, directory: str, graph: Graph, target: Target) -> Executable: ...
 
 
-def placement(graph: Graph, engine: str, device: str) -> dict:
+def placement(graph: Graph, engine: str, device: str, attention_runs: str | None = None) -> dict:
     """Where the nodes run when `engine` runs the whole graph (no partition): every node on it, except
-    blade::flash_attention, which calls the attention kernel registered for the device."""
+    blade::flash_attention, which calls the attention kernel registered for the device (or as `attention_runs`
+    says, for an engine that lowers some of those calls itself)."""
     from blade.fused import calls_within
     from blade.ops import FLASH_ATTENTION, attention_kernel_description
 
@@ -63,7 +64,7 @@ def placement(graph: Graph, engine: str, device: str) -> dict:
     attention = sum(1 for n in calls if n.target == FLASH_ATTENTION)
     nodes = {engine: len(calls) - attention}
     if attention:
-        nodes[f"attention: {attention_kernel_description(device)}"] = attention
+        nodes[f"attention: {attention_runs or attention_kernel_description(device)}"] = attention
     return {"nodes": nodes}
 
 

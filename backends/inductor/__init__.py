@@ -1,7 +1,8 @@
 """The inductor backend: the optimized IR handed to torch.compile (Inductor, with freezing) as one fx module.
 
 What blade's passes decided stays decided (attention as blade::flash_attention, which Inductor runs
-as the op's CPU/CUDA kernel; precision casts; quantized ops as their kernels); Inductor then fuses
+as the op's CPU/CUDA kernel, except bf16 CPU attention over at most 128 keys, which it gets as plain ops
+to fuse: short_attention.py; precision casts; quantized ops as their kernels); Inductor then fuses
 the elementwise work around the matmuls (e.g. a mixed-precision cast into the layer norm before it)
 and picks its GEMMs. Where it packs a linear for oneDNN (bf16/fp16 weights, or a symbolic batch; an
 all-static fp32 linear goes to MKL instead) it folds the bias and activation, GPT-2's tanh GELU included,
@@ -23,9 +24,11 @@ import threading
 import torch
 
 from blade.backends.base import placement
+from blade.backends.inductor.short_attention import SHORT_KEYS, attention_for_inductor
 from blade.errors import BackendError
 from blade.fused import is_fused
 from blade.ir import Graph, Node
+from blade.ops import FLASH_ATTENTION, attention_kernel_description
 from blade.target import Target
 
 
@@ -35,6 +38,22 @@ def inductor_with_freezing(gm: torch.fx.GraphModule, example_inputs):
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs, config_patches={"freezing": True})
+
+
+def _attention_runs(device: str) -> str | None:
+    if device != "cpu":
+        return None
+    return (f"in bf16 over at most {SHORT_KEYS} keys as plain ops in Inductor's kernels, else "
+            f"{attention_kernel_description(device)}")
+
+
+def _with_short_attention_as_ops(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """blade::flash_attention calls become attention_for_inductor (short bf16 CPU attention as plain ops)."""
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target is FLASH_ATTENTION:
+            node.target = attention_for_inductor
+    module.recompile()
+    return module
 
 
 _FREEZING_LOCK = threading.Lock()
@@ -70,11 +89,12 @@ class InductorExecutable:
 
     def __init__(self, graph: Graph, device: str = "cpu"):
         self.name = graph.name
-        self.placement = placement(graph, "inductor (its generated kernels; matmuls as extern library calls)", device)
+        self.placement = placement(graph, "inductor (its generated kernels; matmuls as extern library calls)", device,
+                                   _attention_runs(device))
         for node in graph.call_nodes:  # regions' bodies built now, not inside the trace
             if is_fused(node):
                 node.target.module()
-        self.module = graph.to_fx()
+        self.module = _with_short_attention_as_ops(graph.to_fx())
         dynamic = any(not isinstance(size, int) for n in graph.inputs for size in n.val.shape)
         self.compiled = torch.compile(self.module, dynamic=dynamic, backend=inductor_with_freezing)
         self._lock = threading.Lock()

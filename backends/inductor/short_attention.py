@@ -1,0 +1,53 @@
+"""blade::flash_attention over few keys, for Inductor on CPU in bf16: plain ops it fuses, not the Python kernel.
+
+blade's bf16 CPU kernel (backends/eager/attention_cpu.py) is a Python op of about 25 PyTorch calls per
+layer. Over at most SHORT_KEYS keys it computes a single block, and that overhead is a large part of the
+call; written as plain ops instead — a bf16 GEMM for the scores, one fused Inductor kernel for scale, mask,
+causal triangle and the fp32 softmax, a bf16 GEMM for the output — it leaves nothing to run in Python.
+More keys keep the op (the blocked kernel reads under `causal` only the keys each block needs and never
+holds Sq × Sk scores). The length is checked when dynamo traces: a graph compiled for one side of
+SHORT_KEYS compiles once more on the first call from the other side (a guard on the symbolic length).
+
+Same meaning as the op (blade/ops.py): top-left causal, bool or additive masks broadcast to
+[B, Hq, Sq, Sk], grouped-query heads read their shared key/value head without a copy, rows with no key
+left give zeros (NaN from the inputs stays NaN), output memory [B, Sq, Hq, Dv]. The mask is added to
+the scores in fp32, so BERT's -10000 does not round the scores away.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from blade.ops import FLASH_ATTENTION
+
+SHORT_KEYS = 128  # the blocked kernel's single block; ad hoc interleaved runs of zoo bert base in bf16 (seq 128)
+
+
+def attention_for_inductor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                           scale: Optional[float] = None, causal: bool = False) -> torch.Tensor:
+    """blade::flash_attention as Inductor compiles it: plain ops for bf16 CPU attention over at most SHORT_KEYS
+    keys, the op otherwise."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[2] <= SHORT_KEYS:
+        return short_attention(q, k, v, mask, scale, causal)
+    return FLASH_ATTENTION(q, k, v, mask, scale, causal=causal)
+
+
+def short_attention(q, k, v, mask=None, scale=None, causal=False) -> torch.Tensor:
+    """The op's meaning as plain ops: bf16 score and output GEMMs, scale/mask/softmax in fp32 between them."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len, v_dim = k.shape[1], k.shape[2], v.shape[-1]
+    group = q_heads // kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    rows = q.reshape(batch, kv_heads, group * q_len, head_dim)  # the group's queries against their key head
+    scores = torch.matmul(rows, k.transpose(-1, -2)).view(batch, q_heads, q_len, k_len).float() * scale
+    if mask is not None:
+        mask = torch.atleast_2d(mask)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    if causal:
+        allowed = torch.arange(k_len, device=q.device) <= torch.arange(q_len, device=q.device).unsqueeze(-1)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    dead = scores.amax(dim=-1, keepdim=True) == float("-inf")  # no key left (NaN scores are not dead: they stay NaN)
+    probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0).to(q.dtype)
+    out = torch.matmul(probs.view(batch, kv_heads, group * q_len, k_len), v).view(batch, q_heads, q_len, v_dim)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
