@@ -21,7 +21,10 @@ import torch
 
 from blade.ops import FLASH_ATTENTION
 
-SHORT_KEYS = 128  # the blocked kernel's single block; ad hoc interleaved runs of zoo bert base in bf16 (seq 128)
+# The blocked kernel's single block. At 128 keys this took zoo bert base in bf16 from parity with torch.compile of
+# the bf16-cast model to ahead of it (bench/results/bf16_cpu.md); the same ops in two causal blocks of 128 queries
+# (up to 256 keys) left gpt base at seq 256 where the blocked kernel has it (an ad hoc run, not kept).
+SHORT_KEYS = 128
 
 
 def attention_for_inductor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
