@@ -126,9 +126,14 @@ def register_attention_kernel(device_type: str, kernel: AttentionKernel | None) 
     return old
 
 
+def registered_attention_kernel(device_type: str) -> AttentionKernel | None:
+    """The kernel registered for `device_type` (None: the op runs the reference there)."""
+    return _ATTENTION_KERNELS.get(device_type)
+
+
 def attention_kernel_description(device_type: str) -> str:
     """What runs blade::flash_attention on `device_type`: the registered kernel's `description`, else its name."""
-    kernel = _ATTENTION_KERNELS.get(device_type)
+    kernel = registered_attention_kernel(device_type)
     if kernel is None:
         return "the reference (PyTorch's scaled_dot_product_attention)"
     return getattr(kernel, "description", None) or getattr(kernel, "__qualname__", None) or repr(kernel)

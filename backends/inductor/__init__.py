@@ -11,7 +11,8 @@ Inductor's own decomposition of the op, and an earlier blade lowering of tanh GE
 it, leaving a separate GELU kernel of about 2 ms per call in GPT-2 base at seq 256
 (bench/results/bf16_profile.md). An all-static fp32 graph runs Inductor's tanh GELU kernel instead.
 Shapes named dynamic compile once with symbolic sizes (dynamic=True), so a new batch or length does not
-recompile, except a size of 1, which dynamo specializes: the first call with a dim of 1 compiles once more. It is compiled on the first call (or at compile time, when
+recompile, except a size of 1, which dynamo specializes: the first call with a dim of 1 compiles once more (as does
+the first whose bf16 CPU attention crosses SHORT_KEYS keys). It is compiled on the first call (or at compile time, when
 blade.compile runs the accuracy check or measures it): tens of seconds for a base-size model; an
 artifact saves nothing of it and compiles again when loaded. Not in the fixed rule of
 backend="auto": it is one of the candidates auto measures.
@@ -24,11 +25,11 @@ import threading
 import torch
 
 from blade.backends.base import placement
-from blade.backends.inductor.short_attention import SHORT_KEYS, attention_for_inductor
+from blade.backends.inductor import short_attention
 from blade.errors import BackendError
 from blade.fused import is_fused
 from blade.ir import Graph, Node
-from blade.ops import FLASH_ATTENTION, attention_kernel_description
+from blade.ops import FLASH_ATTENTION, attention_kernel_description, registered_attention_kernel
 from blade.target import Target
 
 
@@ -40,10 +41,18 @@ def inductor_with_freezing(gm: torch.fx.GraphModule, example_inputs):
     return compile_fx(gm, example_inputs, config_patches={"freezing": True})
 
 
-def _attention_runs(device: str) -> str | None:
-    if device != "cpu":
-        return None
-    return (f"in bf16 over at most {SHORT_KEYS} keys as plain ops in Inductor's kernels, else "
+def _lowers_short_attention(graph: Graph, device: str) -> bool:
+    """Whether short_attention applies: bf16 attention on the CPU, whose kernel is blade's own (a kernel a user
+    registered for "cpu" keeps every call)."""
+    from blade.backends.eager.attention_cpu import blocked_or_reference
+
+    return (device == "cpu" and registered_attention_kernel("cpu") is blocked_or_reference
+            and any(n.target == FLASH_ATTENTION and getattr(n.val, "dtype", None) == torch.bfloat16
+                    for n in graph.call_nodes))
+
+
+def _attention_runs(device: str) -> str:
+    return (f"in bf16 over 1 to {short_attention.SHORT_KEYS} keys as plain ops in Inductor's kernels; longer: "
             f"{attention_kernel_description(device)}")
 
 
@@ -51,7 +60,7 @@ def _with_short_attention_as_ops(module: torch.fx.GraphModule) -> torch.fx.Graph
     """blade::flash_attention calls become attention_for_inductor (short bf16 CPU attention as plain ops)."""
     for node in module.graph.nodes:
         if node.op == "call_function" and node.target is FLASH_ATTENTION:
-            node.target = attention_for_inductor
+            node.target = short_attention.attention_for_inductor
     module.recompile()
     return module
 
@@ -89,12 +98,15 @@ class InductorExecutable:
 
     def __init__(self, graph: Graph, device: str = "cpu"):
         self.name = graph.name
+        lowers = _lowers_short_attention(graph, device)
         self.placement = placement(graph, "inductor (its generated kernels; matmuls as extern library calls)", device,
-                                   _attention_runs(device))
+                                   _attention_runs(device) if lowers else None)
         for node in graph.call_nodes:  # regions' bodies built now, not inside the trace
             if is_fused(node):
                 node.target.module()
-        self.module = _with_short_attention_as_ops(graph.to_fx())
+        self.module = graph.to_fx()
+        if lowers:
+            self.module = _with_short_attention_as_ops(self.module)
         dynamic = any(not isinstance(size, int) for n in graph.inputs for size in n.val.shape)
         self.compiled = torch.compile(self.module, dynamic=dynamic, backend=inductor_with_freezing)
         self._lock = threading.Lock()

@@ -4,14 +4,19 @@ blade's bf16 CPU kernel (backends/eager/attention_cpu.py) is a Python op of abou
 layer. Over at most SHORT_KEYS keys it computes a single block, and that overhead is a large part of the
 call; written as plain ops instead — a bf16 GEMM for the scores, one fused Inductor kernel for scale, mask,
 causal triangle and the fp32 softmax, a bf16 GEMM for the output — it leaves nothing to run in Python.
+Only where blade's own kernel is the CPU one: a kernel registered for "cpu" with register_attention_kernel
+keeps every call (InductorExecutable checks when it compiles).
 More keys keep the op (the blocked kernel reads under `causal` only the keys each block needs and never
 holds Sq × Sk scores). The length is checked when dynamo traces: a graph compiled for one side of
 SHORT_KEYS compiles once more on the first call from the other side (a guard on the symbolic length).
 
 Same meaning as the op (blade/ops.py): top-left causal, bool or additive masks broadcast to
 [B, Hq, Sq, Sk], grouped-query heads read their shared key/value head without a copy, rows with no key
-left give zeros (NaN from the inputs stays NaN), output memory [B, Sq, Hq, Dv]. The mask is added to
-the scores in fp32, so BERT's -10000 does not round the scores away.
+left give zeros (decided from the mask and the triangle alone, as the blocked kernel does), output memory
+[B, Sq, Hq, Dv]. The mask is added to the scores in fp32, so BERT's -10000 does not round them away. Each
+symbolic key length is guarded on its own: a graph with several (an encoder-decoder's source and target)
+compiles once per combination of sides met, which dynamo's recompile limit (8 by default) bounds; past it
+dynamo runs the graph uncompiled.
 """
 from __future__ import annotations
 
@@ -29,9 +34,9 @@ SHORT_KEYS = 128
 
 def attention_for_inductor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
                            scale: Optional[float] = None, causal: bool = False) -> torch.Tensor:
-    """blade::flash_attention as Inductor compiles it: plain ops for bf16 CPU attention over at most SHORT_KEYS
-    keys, the op otherwise."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[2] <= SHORT_KEYS:
+    """blade::flash_attention as Inductor compiles it: plain ops for bf16 CPU attention over 1 to SHORT_KEYS keys,
+    the op otherwise."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and 0 < k.shape[2] <= SHORT_KEYS:
         return short_attention(q, k, v, mask, scale, causal)
     return FLASH_ATTENTION(q, k, v, mask, scale, causal=causal)
 
@@ -44,13 +49,31 @@ def short_attention(q, k, v, mask=None, scale=None, causal=False) -> torch.Tenso
     scale = head_dim ** -0.5 if scale is None else scale
     rows = q.reshape(batch, kv_heads, group * q_len, head_dim)  # the group's queries against their key head
     scores = torch.matmul(rows, k.transpose(-1, -2)).view(batch, q_heads, q_len, k_len).float() * scale
+    bias = _bias(mask, causal, q_len, k_len, q.device)
+    dead = None
+    if bias is not None:
+        scores = scores + bias
+        dead = bias.amax(dim=-1, keepdim=True) == float("-inf")  # rows the mask leaves no key (as the op: zeros)
+    probs = torch.softmax(scores, dim=-1)
+    if dead is not None:
+        probs = probs.masked_fill(dead, 0.0)
+    out = torch.matmul(probs.to(q.dtype).view(batch, kv_heads, group * q_len, k_len), v)
+    out = out.view(batch, q_heads, q_len, v_dim)
+    if dead is not None:  # also where a masked key's value is NaN or inf (0 · inf)
+        out = out.masked_fill(dead, 0.0)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _bias(mask, causal: bool, q_len, k_len, device) -> Optional[torch.Tensor]:
+    """The mask and the causal triangle as one additive fp32 bias (0 or -inf for bool masks and the triangle),
+    broadcastable to the scores; None without either."""
+    bias = None
     if mask is not None:
         mask = torch.atleast_2d(mask)
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+        bias = (torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                else mask.float())
     if causal:
-        allowed = torch.arange(k_len, device=q.device) <= torch.arange(q_len, device=q.device).unsqueeze(-1)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    dead = scores.amax(dim=-1, keepdim=True) == float("-inf")  # no key left (NaN scores are not dead: they stay NaN)
-    probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0).to(q.dtype)
-    out = torch.matmul(probs.view(batch, kv_heads, group * q_len, k_len), v).view(batch, q_heads, q_len, v_dim)
-    return out.transpose(1, 2).contiguous().transpose(1, 2)
+        above = torch.arange(k_len, device=device) > torch.arange(q_len, device=device).unsqueeze(-1)
+        triangle = torch.zeros(q_len, k_len, device=device).masked_fill(above, float("-inf"))
+        bias = triangle if bias is None else bias + triangle
+    return bias

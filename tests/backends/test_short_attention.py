@@ -6,6 +6,7 @@ import blade
 from blade import models
 from blade.backends.inductor import short_attention as short
 from blade.ops import attention_reference
+from blade.target import detect
 
 from helpers import assert_matches
 
@@ -24,13 +25,15 @@ def masks(q_heads, q_len, k_len):
     padding[1, ..., -5:] = -10000.0
     allowed = torch.rand(2, q_heads, q_len, k_len, generator=gen) > 0.4
     allowed[..., 0] = True
+    dead_rows = allowed.clone()
+    dead_rows[0, :, q_len // 2] = False  # a query row with no key: zeros
     return {"none": None, "padding": padding, "key_vector": torch.randn(k_len, generator=gen), "bool": allowed,
-            "per_head_float": torch.randn(2, q_heads, q_len, k_len, generator=gen)}
+            "bool_dead_rows": dead_rows, "per_head_float": torch.randn(2, q_heads, q_len, k_len, generator=gen)}
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
-@pytest.mark.parametrize("lengths", [(24, 24), (1, 24), (7, 20)])
+@pytest.mark.parametrize("lengths", [(24, 24), (1, 24), (7, 20), (30, 20)])
 def test_matches_the_op_in_bf16(causal, heads, lengths):
     """Every mask kind, causal (top-left), grouped-query heads, decode and cross lengths: within bf16 rounding of
     the fp32 reference, no worse than 2x bf16 SDPA's error, output memory [B, Sq, Hq, Dv]."""
@@ -59,37 +62,54 @@ def test_rows_with_no_key_are_zero_and_nan_stays_nan():
     q[0, 0, 3, 0] = float("nan")
     out = short.short_attention(q, k, v, None, None, False)
     assert torch.isnan(out[0, 0, 3]).all() and torch.isfinite(out[1]).all()
+    # a row the mask leaves no key is zeros as the op says, even with NaN in its query or in a masked key's value
+    v[1, :, 5] = float("inf")
+    out = short.short_attention(q, k, v, mask, None, False)
+    assert (out[1] == 0).all() and torch.isnan(out[0, 0, 3]).all()
 
 
-def test_only_short_bf16_cpu_attention_is_lowered(monkeypatch):
+def test_only_bf16_cpu_attention_over_1_to_short_keys_keys_is_lowered(monkeypatch):
+    """The key count decides (decode, one query over many keys, keeps the op), 128 keys are short and 129 are not,
+    fp32 keeps the op, and so do no keys at all."""
     calls = []
-    monkeypatch.setattr(short, "FLASH_ATTENTION", lambda *a, **kw: calls.append(a[0].dtype) or a[0])
-    q, k, v = qkv(k_len=24)
-    short.attention_for_inductor(q, k, v)  # fp32: the op
-    short.attention_for_inductor(*(t.to(BF16) for t in qkv(q_len=200, k_len=200)))  # long: the op
-    assert calls == [torch.float32, BF16]
-    assert short.attention_for_inductor(*(t.to(BF16) for t in (q, k, v))).dtype == BF16 and len(calls) == 2
+    monkeypatch.setattr(short, "FLASH_ATTENTION", lambda *a, **kw: calls.append((a[0].dtype, a[1].shape[2])) or a[0])
+    low = lambda q_len, k_len: [t.to(BF16) for t in qkv(q_len=q_len, k_len=k_len)]  # noqa: E731
+    short.attention_for_inductor(*qkv(k_len=24))
+    short.attention_for_inductor(*low(1, 200))
+    short.attention_for_inductor(*low(129, 129))
+    short.attention_for_inductor(*low(4, 0))
+    assert calls == [(torch.float32, 24), (BF16, 200), (BF16, 129), (BF16, 0)]
+    assert short.attention_for_inductor(*low(128, 128)).dtype == BF16 and len(calls) == 4
 
 
 def test_inductor_runs_short_attention_as_ops_and_long_as_the_op(monkeypatch):
-    """gpt tiny in bf16 through Inductor: at a length within SHORT_KEYS the generated code calls no attention op, past
-    it (one more compile) the op; both match eager fp32 within the bf16 bound."""
-    from torch._inductor.utils import run_and_get_code
-
+    """gpt tiny in bf16 through Inductor, one executable: a length within SHORT_KEYS compiles a graph with no attention
+    op; a longer one compiles once more, with the op; the short length again compiles nothing. All match eager fp32
+    within the bf16 bound. A kernel registered for the CPU keeps every call."""
     from blade.api import supports_bf16
-    from blade.target import detect
+    from blade.backends import inductor
+    from blade.ops import attention_kernel
 
     if not supports_bf16(detect("cpu")):
         pytest.skip("this CPU has no bf16 dot products: bf16 compiles fp32")
+    graphs = []
+    real = inductor.inductor_with_freezing
+    monkeypatch.setattr(inductor, "inductor_with_freezing",
+                        lambda gm, inputs: graphs.append("torch.ops.blade.flash_attention" in gm.code) or real(gm, inputs))
     monkeypatch.setattr(short, "SHORT_KEYS", 16)
     model, _, dims = models.get("gpt")
     cm = blade.compile(model, models.sample_inputs("gpt", seed=1, batch=2, seq=12), dynamic_shapes=dims,
                        backend="inductor", precision="bf16", cache=False, check_accuracy=False)
     assert "plain ops" in str(cm.executable.describe()["nodes"])
     with torch.no_grad():
-        for seq, op_called in ((12, False), (40, True)):
+        for seq, compiled in ((12, [False]), (40, [False, True]), (13, [False, True])):
             fresh = models.sample_inputs("gpt", seed=seq, batch=2, seq=seq)
-            out, codes = run_and_get_code(cm, *fresh)
-            assert_matches(out, model(*fresh), tol=2e-2)
-            assert codes, f"seq {seq}: no code compiled for this call"
-            assert ("blade.flash_attention" in "\n".join(codes)) == op_called, seq
+            assert_matches(cm(*fresh), model(*fresh), tol=2e-2)
+            assert graphs == compiled, (seq, graphs)
+    graphs.clear()
+    with attention_kernel("cpu", lambda *a: attention_reference(*a)):
+        own = blade.compile(model, models.sample_inputs("gpt", seed=1, batch=2, seq=12), dynamic_shapes=dims,
+                            backend="inductor", precision="bf16", cache=False, check_accuracy=False)
+        with torch.no_grad():
+            own(*models.sample_inputs("gpt", seed=2, batch=2, seq=12))
+    assert graphs == [True] and "plain ops" not in str(own.executable.describe()["nodes"])
