@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from blade.ops import FLASH_ATTENTION
+from blade.ops import FLASH_ATTENTION, causal_allowed
 
 # The blocked kernel's single block. At 128 keys this took zoo bert base in bf16 from parity with torch.compile of
 # the bf16-cast model to ahead of it (bench/results/bf16_cpu.md); the same ops in two causal blocks of 128 queries
@@ -73,7 +73,7 @@ def _bias(mask, causal: bool, q_len, k_len, device) -> Optional[torch.Tensor]:
         bias = (torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
                 else mask.float())
     if causal:
-        above = torch.arange(k_len, device=device) > torch.arange(q_len, device=device).unsqueeze(-1)
-        triangle = torch.zeros(q_len, k_len, device=device).masked_fill(above, float("-inf"))
+        triangle = torch.zeros(q_len, k_len, device=device).masked_fill(~causal_allowed(q_len, k_len, device),
+                                                                         float("-inf"))
         bias = triangle if bias is None else bias + triangle
     return bias
