@@ -164,10 +164,11 @@ def test_none_for_absent_optional_input():
 def test_bf16_is_no_less_accurate_than_casting_the_model_at_base_dims(name):
     """Hugging Face BERT / GPT-2 with base dims (hidden 768, 12 heads, FFN 3072; 2 layers to stay quick):
     blade's bf16 keeps norms, softmax and the residual stream in fp32, so its error must not exceed
-    model.to(torch.bfloat16)'s. At 160 tokens (and a padded row) attention runs blade's blocked bf16 CPU kernel."""
+    model.to(torch.bfloat16)'s. At 160 tokens (and a padded row) attention runs blade's bf16 CPU kernel: the fused
+    native one where it runs here, else the blocked one."""
     import copy
 
-    from blade.backends.eager import attention_cpu
+    from blade.backends.eager import attention_cpu, attention_native
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -186,10 +187,12 @@ def test_bf16_is_no_less_accurate_than_casting_the_model_at_base_dims(name):
     with torch.no_grad():
         ref = tree_leaves(model(input_ids=fresh, attention_mask=mask))[0]
         cast = tree_leaves(copy.deepcopy(model).to(torch.bfloat16)(input_ids=fresh, attention_mask=mask))[0].float()
-    blocked = []
-    real = attention_cpu.blocked_attention
+    kernels = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(attention_cpu, "blocked_attention", lambda *a: blocked.append(a[0].dtype) or real(*a))
+        for module, name in ((attention_cpu, "blocked_attention"), (attention_native, "attention")):
+            real = getattr(module, name)
+            patch.setattr(module, name, lambda *a, real=real, name=name: kernels.append((name, a[0].dtype)) or real(*a))
         ours = relative_error(tree_leaves(cm(input_ids=fresh, attention_mask=mask))[0], ref)
-    assert blocked == [torch.bfloat16] * 2, blocked
+    expected = "attention" if attention_native.available() else "blocked_attention"
+    assert kernels == [(expected, torch.bfloat16)] * 2, kernels
     assert ours <= 1e-2 and ours <= relative_error(cast, ref), (ours, relative_error(cast, ref))

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from blade.backends.eager import attention_native
 from blade.ops import attention_reference, check_attention_args, in_output_layout, register_attention_kernel
 
 BLOCK_ROWS = 128  # queries per block (64 and 256 were slower at seq 256-2048)
@@ -149,14 +150,19 @@ def prefers_blocked(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tenso
 
 
 def blocked_or_reference(q, k, v, mask=None, scale=None, causal=False) -> torch.Tensor:
-    """This kernel where it `supports` the inputs and is the faster, else the op's reference, in the op's layout."""
+    """The fused native kernel where it takes the inputs, else this kernel where it `supports` them and is the faster,
+    else the op's reference; in the op's layout."""
+    if attention_native.supports(q, k, v, mask):
+        check_attention_args(q, k, v, mask)
+        return attention_native.attention(q, k, v, mask, scale, causal)
     if supports(q, k, v, mask) and prefers_blocked(q, k, mask, causal):
         return blocked_attention(q, k, v, mask, scale, causal)
     return in_output_layout(attention_reference(q, k, v, mask, scale, causal))
 
 
-blocked_or_reference.description = (f"blade's blocked bf16 CPU kernel at {MIN_KEYS}+ keys (faster than SDPA there, "
-                                    "bench/results/attention_cpu.md), else PyTorch's SDPA")
+blocked_or_reference.description = ("blade's fused bf16 CPU kernel (attention_bf16.cpp, AVX512-BF16) with no mask or a "
+                                    f"padding mask; else its blocked bf16 kernel at {MIN_KEYS}+ keys (faster than SDPA "
+                                    "there, bench/results/attention_cpu.md); else PyTorch's SDPA")
 
 
 def install() -> None:

@@ -1,8 +1,9 @@
 """The inductor backend: the optimized IR handed to torch.compile (Inductor, with freezing) as one fx module.
 
 What blade's passes decided stays decided (attention as blade::flash_attention, which Inductor runs
-as the op's CPU/CUDA kernel, except bf16 CPU attention over at most 128 keys, which it gets as plain ops
-to fuse: short_attention.py; precision casts; quantized ops as their kernels); Inductor then fuses
+as the op's CPU/CUDA kernel: in bf16 on the CPU blade's fused native kernel, or where that cannot run (no
+AVX512-BF16, no C++ compiler) plain ops to fuse over at most 128 keys, short_attention.py; precision
+casts; quantized ops as their kernels); Inductor then fuses
 the elementwise work around the matmuls (e.g. a mixed-precision cast into the layer norm before it)
 and picks its GEMMs. Where it packs a linear for oneDNN (bf16/fp16 weights, or a symbolic batch; an
 all-static fp32 linear goes to MKL instead) it folds the bias and activation, GPT-2's tanh GELU included,
@@ -11,9 +12,9 @@ Inductor's own decomposition of the op, and an earlier blade lowering of tanh GE
 it, leaving a separate GELU kernel of about 2 ms per call in GPT-2 base at seq 256
 (bench/results/bf16_profile.md). An all-static fp32 graph runs Inductor's tanh GELU kernel instead.
 Shapes named dynamic compile once with symbolic sizes (dynamic=True), so a new batch or length does not
-recompile, except a size of 1, which dynamo specializes: the first call with a dim of 1 compiles once more (as does
-the first whose bf16 CPU attention crosses SHORT_KEYS keys). It is compiled on the first call (or at compile time, when
-blade.compile runs the accuracy check or measures it): tens of seconds for a base-size model; an
+recompile, except a size of 1, which dynamo specializes: the first call with a dim of 1 compiles once more (as
+does, without the native kernel, the first whose bf16 CPU attention crosses SHORT_KEYS keys). It is compiled on
+the first call (or at compile time, when blade.compile runs the accuracy check or measures it): tens of seconds for a base-size model; an
 artifact saves nothing of it and compiles again when loaded. Not in the fixed rule of
 backend="auto": it is one of the candidates auto measures.
 """
@@ -43,10 +44,12 @@ def inductor_with_freezing(gm: torch.fx.GraphModule, example_inputs):
 
 def _lowers_short_attention(graph: Graph, device: str) -> bool:
     """Whether short_attention applies: bf16 attention on the CPU, whose kernel is blade's own (a kernel a user
-    registered for "cpu" keeps every call)."""
+    registered for "cpu" keeps every call) and, where blade's fused native kernel cannot run here, its Python one."""
+    from blade.backends.eager import attention_native
     from blade.backends.eager.attention_cpu import blocked_or_reference
 
     return (device == "cpu" and registered_attention_kernel("cpu") is blocked_or_reference
+            and not attention_native.available()
             and any(n.target == FLASH_ATTENTION and getattr(n.val, "dtype", None) == torch.bfloat16
                     for n in graph.call_nodes))
 

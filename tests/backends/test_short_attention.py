@@ -92,6 +92,7 @@ def test_inductor_runs_short_attention_as_ops_and_long_as_the_op(monkeypatch):
 
     if not supports_bf16(detect("cpu")):
         pytest.skip("this CPU has no bf16 dot products: bf16 compiles fp32")
+    monkeypatch.setenv("BLADE_NATIVE_ATTENTION", "0")  # short attention is the lowering where the native kernel is not
     graphs = []
     real = inductor.inductor_with_freezing
     monkeypatch.setattr(inductor, "inductor_with_freezing",

@@ -1,0 +1,184 @@
+"""blade's fused bf16 CPU attention kernel (backends/eager/attention_native.py, attention_bf16.cpp) against the op."""
+import threading
+
+import pytest
+import torch
+
+from blade.backends.eager import attention_cpu, attention_native
+from blade.ops import FLASH_ATTENTION, attention_reference
+
+BF16 = torch.bfloat16
+
+pytestmark = pytest.mark.skipif(not attention_native.available(),
+                                reason=f"the native kernel does not run here: {attention_native.unavailable_reason()}")
+
+
+def qkv(batch=2, q_heads=4, kv_heads=4, q_len=40, k_len=40, dim=64, v_dim=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_heads, q_len, dim, generator=gen)
+    k = torch.randn(batch, kv_heads, k_len, dim, generator=gen)
+    v = torch.randn(batch, kv_heads, k_len, v_dim or dim, generator=gen)
+    return q, k, v
+
+
+def rel(out, ref):
+    assert torch.isfinite(out).all()
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+def check(q, k, v, mask=None, scale=None, causal=False):
+    """The kernel on bf16 inputs within 1e-2 of the fp32 reference and no worse than bf16 SDPA's error, in the op's
+    output layout."""
+    ref = attention_reference(q, k, v, mask, scale, causal)
+    low = [t.to(BF16) for t in (q, k, v)]
+    assert attention_native.supports(*low, mask)
+    out = attention_native.attention(*low, mask, scale, causal)
+    assert out.dtype == BF16 and out.shape == ref.shape
+    assert out.transpose(1, 2).is_contiguous(), "the op's output memory is [B, Sq, Hq, Dv]"
+    sdpa = attention_reference(*low, mask, scale, causal)
+    assert rel(out, ref) <= 1e-2
+    assert rel(out, ref) <= 1.2 * rel(sdpa, ref) + 1e-4, (rel(out, ref), rel(sdpa, ref))
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("q_len,k_len", [(1, 1), (1, 77), (33, 33), (40, 17), (17, 40), (100, 100), (257, 257)])
+def test_matches_the_reference(q_len, k_len, causal):
+    """Lengths around the 16/32-key steps and the 32-query tiles, decode (one query), Sq != Sk (top-left causal)."""
+    check(*qkv(q_len=q_len, k_len=k_len), causal=causal)
+
+
+@pytest.mark.parametrize("dim,v_dim", [(2, 16), (32, 48), (64, 64), (80, 80), (128, 128), (64, 144)])
+def test_head_dims(dim, v_dim):
+    check(*qkv(dim=dim, v_dim=v_dim, q_len=20, k_len=50), causal=True)
+
+
+def test_grouped_query_heads_and_scale():
+    check(*qkv(q_heads=8, kv_heads=2, q_len=70, k_len=70), scale=0.3, causal=True)
+
+
+@pytest.mark.parametrize("shape", [(50,), (1, 50), (2, 1, 1, 50), (1, 1, 1, 50), (1, 1, 50), (2, 1, 1, 1)])
+def test_padding_masks_of_every_rank(shape):
+    """Additive masks that vary by key only, broadcast over batch or not; -10000 as BERT pads (kept in fp32)."""
+    mask = torch.zeros(shape)
+    mask[..., -7:] = -10000.0 if shape[-1] > 1 else 0.0
+    check(*qkv(q_len=30, k_len=50), mask=mask)
+    check(*qkv(q_len=50, k_len=50, seed=1), mask=mask, causal=True)
+
+
+def test_bool_padding_mask():
+    mask = torch.rand(2, 1, 1, 50, generator=torch.Generator().manual_seed(2)) > 0.4
+    mask[..., 0] = True
+    check(*qkv(q_len=50, k_len=50), mask=mask)
+
+
+def test_rows_with_no_key_give_zeros_even_with_nan_behind_the_mask():
+    """A batch row whose keys are all masked, and causal rows that may only see masked keys, give zeros (the op's
+    spec); a NaN in a masked key's score does not leak. Live rows match the reference."""
+    q, k, v = (t.to(BF16) for t in qkv(q_len=40, k_len=40))
+    mask = torch.zeros(2, 1, 1, 40)
+    mask[0] = float("-inf")  # batch 0: nothing left
+    mask[1, ..., :5] = float("-inf")  # batch 1 (left padded): causal rows 0-4 see no key
+    k[:, :, :5] = float("nan")
+    out = attention_native.attention(q, k, v, mask, None, True)
+    assert (out[0] == 0).all() and (out[1, :, :5] == 0).all()
+    live_ref = attention_reference(q[1:, :, 5:].float(), k[1:, :, 5:].float(), v[1:, :, 5:].float(), None, None, True)
+    assert rel(out[1:, :, 5:], live_ref) <= 1e-2
+
+
+def test_nan_in_a_live_row_stays_nan():
+    q, k, v = (t.to(BF16) for t in qkv())
+    q[0, 0, 3, 0] = float("nan")
+    out = attention_native.attention(q, k, v, None, None, False)
+    assert torch.isnan(out[0, 0, 3]).all() and torch.isfinite(out[1]).all() and torch.isfinite(out[0, 1]).all()
+
+
+def test_strided_views_of_a_fused_projection():
+    """q, k, v as the views a fused QKV projection gives (rows contiguous, heads and tokens strided)."""
+    fused = torch.randn(2, 45, 3, 4, 64)
+    q, k, v = (fused[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    check(q, k, v, causal=True)
+
+
+def test_per_query_and_per_head_masks():
+    """Masks that vary by query (a causal-and-padding bool mask as Hugging Face builds it) and by head, read in place
+    through their broadcast strides; a mask that broadcasts over keys too."""
+    gen = torch.Generator().manual_seed(3)
+    hf_style = torch.ones(60, 60, dtype=torch.bool).tril().expand(2, 1, 60, 60).clone()
+    hf_style[1, ..., :9] = False  # batch 1 left padded: its first 9 rows see no key
+    q, k, v = qkv(q_len=60, k_len=60)
+    out = attention_native.attention(*(t.to(BF16) for t in (q, k, v)), hf_style, None, False)
+    assert (out[1, :, :9] == 0).all()
+    ref = attention_reference(q, k, v, hf_style, None, False)
+    assert rel(out[:, :, 9:], ref[:, :, 9:]) <= 1e-2
+    check(*qkv(q_len=30, k_len=50), mask=torch.randn(1, 4, 30, 50, generator=gen))
+    check(*qkv(q_len=30, k_len=50), mask=torch.randn(2, 1, 30, 1, generator=gen))
+    check(*qkv(q_len=30, k_len=50), mask=torch.rand(30, 50, generator=gen) > 0.1, causal=False)
+
+
+def test_what_it_does_not_take_goes_elsewhere(monkeypatch):
+    """Odd head dims, value dims off 16, fp32, zero keys, contiguity off the last dim, and BLADE_NATIVE_ATTENTION=0
+    are not taken; the op then runs the blocked kernel or the reference, still correctly."""
+    q, k, v = (t.to(BF16) for t in qkv(q_len=200, k_len=200))
+    assert not attention_native.supports(q[..., :63], k[..., :63], v, None)
+    assert not attention_native.supports(q, k, v[..., :40], None)
+    assert not attention_native.supports(q.float(), k.float(), v.float(), None)
+    assert not attention_native.supports(q, k[:, :, :0], v[:, :, :0], None)
+    assert not attention_native.supports(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, None)
+    monkeypatch.setenv("BLADE_NATIVE_ATTENTION", "0")
+    assert not attention_native.supports(q, k, v, None)
+    monkeypatch.delenv("BLADE_NATIVE_ATTENTION")
+    calls = []
+    for module, name in ((attention_cpu, "blocked_attention"), (attention_native, "attention")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    fp32 = [t.float() for t in (q, k, v)]
+    narrow_ref = attention_reference(fp32[0], fp32[1], fp32[2][..., :40], None, None, True)
+    assert rel(FLASH_ATTENTION(q, k, v[..., :40].contiguous(), None, None, True), narrow_ref) <= 1e-2
+    assert rel(FLASH_ATTENTION(q, k, v, None, None, True), attention_reference(*fp32, None, None, True)) <= 1e-2
+    assert calls == ["blocked_attention", "attention"]
+
+
+def test_bad_inputs_are_named_before_the_kernel_runs():
+    q, k, v = (t.to(BF16) for t in qkv())
+    with pytest.raises(Exception, match="batch"):
+        FLASH_ATTENTION(q, k[:1], v[:1], None, None, False)
+
+
+def test_concurrent_calls_from_threads_do_not_share_buffers():
+    """Each calling thread keeps its own packed K/V: two threads with different shapes get their own answers."""
+    cases = [[t.to(BF16) for t in qkv(q_len=n, k_len=n, seed=n)] for n in (64, 300)]
+    refs = [attention_native.attention(*c, None, None, True) for c in cases]
+    errors = []
+
+    def work(i):
+        for _ in range(20):
+            if not torch.equal(attention_native.attention(*cases[i], None, None, True), refs[i]):
+                errors.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_a_failed_build_warns_once_and_the_op_still_runs(monkeypatch, tmp_path):
+    """No compiler: library() is None with the reason, warned once; the op runs the blocked kernel."""
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    monkeypatch.setenv("BLADE_CACHE_DIR", str(tmp_path))
+    attention_native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no-such-compiler-xyz"):
+            assert attention_native.library() is None
+        assert not attention_native.available() and "no-such-compiler-xyz" in attention_native.unavailable_reason()
+        q, k, v = (t.to(BF16) for t in qkv(q_len=200, k_len=200))
+        out = FLASH_ATTENTION(q, k, v, None, None, True)
+        assert rel(out, attention_reference(q.float(), k.float(), v.float(), None, None, True)) <= 1e-2
+    finally:
+        attention_native.library.cache_clear()
+    monkeypatch.delenv("CXX")
+    assert attention_native.library() is not None  # built again into tmp_path with the real compiler
+    assert list((tmp_path / "native").glob("attention_bf16_*.so"))
