@@ -1,16 +1,18 @@
-"""blade::flash_attention on CPU in bf16: blade's query-blocked kernel vs PyTorch's fused SDPA, per shape.
+"""blade::flash_attention on CPU in bf16: blade's fused native kernel and its query-blocked one vs PyTorch's SDPA.
 
 One attention layer of GPT-2/BERT base size (12 heads, head dim 64, batch 1) in bf16, q/k/v as the
 strided views a fused QKV projection gives; forms: causal (GPT) and non-causal with a float padding
 mask (BERT), seq 64 to 2048. Contenders, timed interleaved (blade.timing.time_interleaved), median:
 
 - sdpa: the op's reference, torch's scaled_dot_product_attention (its fused CPU flash kernel);
-- blocked: backends/eager/attention_cpu.blocked_attention (BLOCK_ROWS queries at a time);
-- auto: what blade::flash_attention runs on CPU (blocked where `prefers_blocked` says so, else sdpa).
+- blocked: backends/eager/attention_cpu.blocked_attention (BLOCK_ROWS queries at a time, Python);
+- native: backends/eager/attention_native.attention (attention_bf16.cpp, fused per 32-query tile);
+- auto: what blade::flash_attention runs on CPU (native where it runs, else blocked where `prefers_blocked` says
+  so, else sdpa).
 
 Errors are relative to fp32 SDPA on the same inputs. MFU: attention FLOPs (blade.cost.attention_flops,
 the causal half for causal) / median / the bf16 matmul peak measured in the same run. This chose
-`prefers_blocked` in backends/eager/attention_cpu.py.
+`prefers_blocked` in backends/eager/attention_cpu.py, and the native kernel over both.
 
     python bench/attention_cpu.py    # writes bench/results/attention_cpu.md
 """
@@ -24,7 +26,7 @@ import _repo_path  # noqa: F401  (blade from this checkout when it is not instal
 import torch
 
 import blade.target
-from blade.backends.eager import attention_cpu
+from blade.backends.eager import attention_cpu, attention_native
 from blade.cost import attention_flops
 from blade.ops import attention_reference
 from blade.peaks import measure
@@ -52,6 +54,7 @@ def run_case(seq: int, causal: bool, repeat: int) -> dict:
     ref = attention_reference(q.float(), k.float(), v.float(), mask, None, causal)
     fns = {"sdpa": lambda: attention_reference(q, k, v, mask, None, causal),
            "blocked": lambda: attention_cpu.blocked_attention(q, k, v, mask, None, causal),
+           "native": lambda: attention_native.attention(q, k, v, mask, None, causal),
            "auto": lambda: attention_cpu.blocked_or_reference(q, k, v, mask, None, causal)}
     with torch.no_grad():
         errors = {n: float((f().float() - ref).norm() / ref.norm()) for n, f in fns.items()}
@@ -59,23 +62,28 @@ def run_case(seq: int, causal: bool, repeat: int) -> dict:
     flops = float(attention_flops(1, HEADS, seq, seq, HEAD_DIM, HEAD_DIM, causal))
     return {"seq": seq, "causal": causal, "flops": flops, "errors": errors,
             "ms": {n: t * 1e3 for n, t in timings.items()},
-            "auto_runs": "blocked" if attention_cpu.prefers_blocked(q, k, mask, causal) else "sdpa"}
+            "auto_runs": "native" if attention_native.supports(q, k, v, mask)
+            else "blocked" if attention_cpu.prefers_blocked(q, k, mask, causal) else "sdpa"}
 
 
 def render(machine, peak_bf16, cases, seconds) -> str:
-    lines = ["# blade::flash_attention on CPU, bf16: blocked kernel vs PyTorch's fused SDPA", "",
+    lines = ["# blade::flash_attention on CPU, bf16: native and blocked kernels vs PyTorch's fused SDPA", "",
              f"Machine: {machine['cpu']}, {machine['cores']} cores ({', '.join(k for k, v in machine['flags'].items() if v)}); "
              f"torch {machine['torch']}. One layer: batch 1, {HEADS} heads, head dim {HEAD_DIM}, bf16, q/k/v strided "
              f"views of a fused projection. bf16 matmul peak this run: {peak_bf16 / 1e9:.0f} GFLOP/s. "
              f"Median of interleaved runs; errors vs fp32 SDPA. `python bench/attention_cpu.py` ({seconds:.0f} s).", "",
-             "| form | seq | sdpa ms | blocked ms | blocked / sdpa speed | auto runs | sdpa err | blocked err | "
-             "blocked MFU |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "| form | seq | sdpa ms | blocked ms | native ms | native / sdpa speed | native / blocked speed | auto runs "
+             "| sdpa err | blocked err | native err | blocked MFU | native MFU |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for c in cases:
         ms = c["ms"]
         form = "causal" if c["causal"] else "padding mask"
-        lines.append(f"| {form} | {c['seq']} | {ms['sdpa']:.3f} | {ms['blocked']:.3f} | {ms['sdpa'] / ms['blocked']:.2f}x | "
-                     f"{c['auto_runs']} | {c['errors']['sdpa']:.1e} | {c['errors']['blocked']:.1e} | "
-                     f"{100 * c['flops'] / (ms['blocked'] / 1e3) / peak_bf16:.0f} % |")
+        err = c["errors"]
+        mfu = {n: f"{100 * c['flops'] / (ms[n] / 1e3) / peak_bf16:.0f} %" for n in ("blocked", "native")}
+        lines.append(f"| {form} | {c['seq']} | {ms['sdpa']:.3f} | {ms['blocked']:.3f} | {ms['native']:.3f} | "
+                     f"{ms['sdpa'] / ms['native']:.2f}x | {ms['blocked'] / ms['native']:.2f}x | {c['auto_runs']} | "
+                     f"{err['sdpa']:.1e} | {err['blocked']:.1e} | {err['native']:.1e} | {mfu['blocked']} | "
+                     f"{mfu['native']} |")
     return "\n".join(lines) + "\n"
 
 
