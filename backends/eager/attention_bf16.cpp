@@ -12,8 +12,11 @@
 // gives zeros, decided from the mask and the triangle alone, as the op's spec says.
 #include <immintrin.h>
 
+#include <omp.h>
+
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <vector>
 
 namespace {
@@ -35,7 +38,9 @@ inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 // |f| <= 1/2 (relative error about 2e-7, below bf16's rounding by far).
 inline __m512 exp_nonpositive(__m512 x) {
   __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  t = _mm512_max_ps(_mm512_set1_ps(-160.0f), t);  // -inf -> -160 (the result underflows to 0); NaN stays NaN
+  // below 2^-126 the result is taken as 0 (no denormals, which some CPUs assist slowly); NaN stays NaN
+  const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  t = _mm512_max_ps(_mm512_set1_ps(-126.0f), t);
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // f·ln 2
   __m512 p = _mm512_set1_ps(1.0f / 720);
@@ -45,7 +50,7 @@ inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
 }
 
 inline __mmask16 lanes_below(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1u); }
@@ -195,24 +200,42 @@ extern "C" {
 // out: [B, Sq, Hq, Dv] contiguous. Strides are in elements; the last dimension of q, k, v and the mask must be
 // contiguous. mask: null, fp32 additive (mask_kind 1) or bool as bytes (2, nonzero keeps the key), broadcast to
 // [B, Hq, Sq, keys] by its strides (0 where it broadcasts). Returns 0, or 1 for arguments this kernel does not take
-// (odd D, Dv not a multiple of 16, no keys, query heads not a multiple of key heads, an unknown mask kind).
+// (odd D, Dv not a multiple of 16, no keys, query heads not a multiple of key heads, an unknown mask kind), or 2 when
+// its buffers cannot be allocated.
 int blade_attention_bf16(const bf16* q, int64_t q_sb, int64_t q_sh, int64_t q_ss,
                          const bf16* k, int64_t k_sb, int64_t k_sh, int64_t k_ss,
                          const bf16* v, int64_t v_sb, int64_t v_sh, int64_t v_ss,
                          const void* mask, int mask_kind, int64_t m_sb, int64_t m_sh, int64_t m_sq, bf16* out,
                          int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t keys, int64_t dim,
                          int64_t v_dim, float scale, int causal) {
-  if (dim % 2 != 0 || v_dim % 16 != 0 || keys < 1 || q_heads % kv_heads != 0) return 1;
+  if (dim < 2 || dim % 2 != 0 || v_dim % 16 != 0 || keys < 1 || kv_heads < 1 || q_heads % kv_heads != 0) return 1;
   if (mask_kind < NO_MASK || mask_kind > BOOLEAN || (mask == nullptr) != (mask_kind == NO_MASK)) return 1;
   const MaskKind kind = static_cast<MaskKind>(mask_kind);
   const int64_t mask_item = kind == ADDITIVE ? sizeof(float) : 1;
   const int64_t padded = (keys + KEY_ALIGN - 1) / KEY_ALIGN * KEY_ALIGN;
   const int64_t head_elems = padded * (dim + v_dim) / 2, group = q_heads / kv_heads;
   const int64_t tiles = (q_len + TILE_ROWS - 1) / TILE_ROWS, units = batch * q_heads * tiles;
-  static thread_local std::vector<int32_t> packed;  // the calling thread's: concurrent calls never share it
-  if (packed.size() < static_cast<size_t>(batch * kv_heads * head_elems)) packed.resize(batch * kv_heads * head_elems);
-  int32_t* scratch = packed.data();
-#pragma omp parallel
+  // Buffers of the calling thread (concurrent calls never share them), kept across calls (no page faults on fresh
+  // memory each call) unless huge; allocated here, outside the parallel region, where a failure can be reported.
+  static thread_local std::vector<int32_t> packed;
+  static thread_local std::vector<float> scores_buf;
+  static thread_local std::vector<bf16> probs_buf;
+  const int threads = omp_get_max_threads();
+  const size_t strip = static_cast<size_t>(TILE_ROWS) * padded;
+  try {
+    if (packed.size() < static_cast<size_t>(batch * kv_heads * head_elems)) packed.resize(batch * kv_heads * head_elems);
+    if (scores_buf.size() < strip * threads) {
+      scores_buf.resize(strip * threads);
+      probs_buf.resize(strip * threads);
+    }
+  } catch (const std::bad_alloc&) {
+    return 2;
+  }
+  // the region's threads see their own thread_local objects: they get the caller's buffers as plain pointers
+  int32_t* const scratch = packed.data();
+  float* const scores_base = scores_buf.data();
+  bf16* const probs_base = probs_buf.data();
+#pragma omp parallel num_threads(threads)
   {
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < batch; ++b)
@@ -221,12 +244,8 @@ int blade_attention_bf16(const bf16* q, int64_t q_sb, int64_t q_sh, int64_t q_ss
         pack_head(k + b * k_sb + h * k_sh, k_ss, v + b * v_sb + h * v_sh, v_ss, keys, padded, dim, v_dim, kp,
                   kp + padded * dim / 2);
       }
-    static thread_local std::vector<float> s_buf;  // kept across calls: no page faults on a fresh buffer per call
-    static thread_local std::vector<bf16> p_buf;
-    if (s_buf.size() < static_cast<size_t>(TILE_ROWS * padded)) {
-      s_buf.resize(TILE_ROWS * padded);
-      p_buf.resize(TILE_ROWS * padded);
-    }
+    float* const s_buf = scores_base + strip * omp_get_thread_num();
+    bf16* const p_buf = probs_base + strip * omp_get_thread_num();
     // the last tiles see the most keys under causal: hand them out first
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < units; ++u) {
@@ -245,8 +264,8 @@ int blade_attention_bf16(const bf16* q, int64_t q_sb, int64_t q_sh, int64_t q_ss
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         q_rows[r] = q + b * q_sb + h * q_sh + i * q_ss;
-        s_rows[r] = s_buf.data() + r * padded;
-        p_rows[r] = p_buf.data() + r * padded;
+        s_rows[r] = s_buf + r * padded;
+        p_rows[r] = p_buf + r * padded;
         o_rows[r] = out + ((b * q_len + i) * q_heads + h) * v_dim;
       }
       scores(q_rows, static_cast<int>(rows), kp, padded, dim / 2, s_rows, seen_padded, scale);
@@ -258,6 +277,12 @@ int blade_attention_bf16(const bf16* q, int64_t q_sb, int64_t q_sh, int64_t q_ss
       }
       outputs(p_rows, static_cast<int>(rows), vp, v_dim, seen_padded / 2, o_rows, dead);
     }
+  }
+  constexpr size_t KEEP_BYTES = size_t(256) << 20;  // a larger call's buffers are given back, not kept for good
+  if (packed.capacity() * sizeof(int32_t) + scores_buf.capacity() * (sizeof(float) + sizeof(bf16)) > KEEP_BYTES) {
+    std::vector<int32_t>().swap(packed);
+    std::vector<float>().swap(scores_buf);
+    std::vector<bf16>().swap(probs_buf);
   }
   return 0;
 }

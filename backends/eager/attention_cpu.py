@@ -152,17 +152,17 @@ def prefers_blocked(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tenso
 def blocked_or_reference(q, k, v, mask=None, scale=None, causal=False) -> torch.Tensor:
     """The fused native kernel where it takes the inputs, else this kernel where it `supports` them and is the faster,
     else the op's reference; in the op's layout."""
+    check_attention_args(q, k, v, mask)
     if attention_native.supports(q, k, v, mask):
-        check_attention_args(q, k, v, mask)
         return attention_native.attention(q, k, v, mask, scale, causal)
     if supports(q, k, v, mask) and prefers_blocked(q, k, mask, causal):
         return blocked_attention(q, k, v, mask, scale, causal)
     return in_output_layout(attention_reference(q, k, v, mask, scale, causal))
 
 
-blocked_or_reference.description = ("blade's fused bf16 CPU kernel (attention_bf16.cpp, AVX512-BF16) with no mask or a "
-                                    f"padding mask; else its blocked bf16 kernel at {MIN_KEYS}+ keys (faster than SDPA "
-                                    "there, bench/results/attention_cpu.md); else PyTorch's SDPA")
+blocked_or_reference.description = ("blade's fused bf16 CPU kernel (attention_bf16.cpp, AVX512-BF16) where it runs; "
+                                    f"else its blocked bf16 CPU kernel at {MIN_KEYS}+ keys (faster than SDPA there, "
+                                    "bench/results/attention_cpu.md); else PyTorch's SDPA")
 
 
 def install() -> None:

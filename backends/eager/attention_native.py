@@ -3,8 +3,10 @@
 The source is compiled once per machine with the system's C++ compiler ($CXX, else g++) into blade's cache directory
 (config.cache_root()/native, named by a hash of source, flags and compiler), then loaded with ctypes. Its OpenMP is
 the libgomp torch already loaded (same soname), so it shares torch's threads and torch.set_num_threads. Where the CPU
-lacks AVX512-BF16, no compiler is found or the build fails, `library()` is None (the reason in `unavailable_reason()`,
-warned once) and blade's Python blocked kernel runs instead. $BLADE_NATIVE_ATTENTION=0 turns it off.
+lacks AVX512-BF16 or has AMX (where PyTorch's oneDNN kernels use the tiles; this kernel is unmeasured there), no
+compiler is found or the build fails (warned once), `library()` is None, the reason in `unavailable_reason()`, and
+blade's Python blocked kernel runs instead. $BLADE_NATIVE_ATTENTION=0 turns it off. As in SDPA, a NaN or inf in a
+value row behind the mask or the causal triangle still reaches the output (its probability is 0, and 0 · NaN is NaN).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from blade.config import cache_root
 from blade.target import detect
 
 SOURCE = Path(__file__).with_name("attention_bf16.cpp")
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
          "-mavx512bf16", "-mfma"]
 _reason: Optional[str] = None
 
@@ -47,18 +49,24 @@ def unavailable_reason() -> Optional[str]:
 
 @functools.lru_cache(maxsize=1)
 def library() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, built on first use; None where it cannot run here (warned once, with the reason)."""
+    """The compiled kernel, built on first use; None where it does not run here (the reason in
+    `unavailable_reason()`; a failed build is warned once, with what to do)."""
     global _reason
     _reason = None
+    features = detect("cpu").features
+    if "avx512_bf16" not in features:
+        _reason = "this CPU has no AVX512-BF16"
+        return None
+    if "amx_bf16" in features:  # PyTorch's oneDNN kernels use the AMX tiles there; this kernel is unmeasured on them
+        _reason = "this CPU has AMX, where PyTorch's own bf16 kernels are used (this kernel is unmeasured there)"
+        return None
     try:
-        if "avx512_bf16" not in detect("cpu").features:
-            raise OSError("this CPU has no AVX512-BF16")
-        lib = ctypes.CDLL(str(_built()))
-    except (OSError, subprocess.SubprocessError) as err:
+        lib = _load()
+    except Exception as err:  # noqa: BLE001 - any failure to build or load means: run the Python kernel
         _reason = str(err)
         warnings.warn(f"blade: the fused bf16 CPU attention kernel is unavailable ({_reason}); blade::flash_attention "
-                      "runs its Python blocked kernel instead (slower). Install a C++ compiler (g++) to enable it.",
-                      RuntimeWarning, stacklevel=2)
+                      "runs its slower Python blocked kernel instead. It needs a C++ compiler with AVX512-BF16 support "
+                      "(g++ 10 or later, or $CXX).", RuntimeWarning, stacklevel=3)
         return None
     fn = lib.blade_attention_bf16
     fn.restype = ctypes.c_int
@@ -67,23 +75,33 @@ def library() -> Optional[ctypes.CDLL]:
     return lib
 
 
+def _load() -> ctypes.CDLL:
+    """The library from the cache, built first when missing; a cached file that does not load is built again once."""
+    path = _built()
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return ctypes.CDLL(str(_built()))
+
+
 def _built() -> Path:
     """The shared library for this source, flags and compiler, compiled into the cache when not there yet."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise OSError(f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    digest = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version]).encode()).hexdigest()[:20]
+    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=60).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version).hexdigest()[:20]
     target = cache_root() / "native" / f"attention_bf16_{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         built = Path(work) / target.name
-        result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
-                                timeout=300)
+        result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, timeout=300)
         if result.returncode != 0:
-            raise OSError(f"{compiler} failed to build {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+            stderr = result.stderr.decode(errors="replace").strip()
+            raise OSError(f"{compiler} failed to build {SOURCE.name}: {stderr[-2000:]}")
         os.replace(built, target)  # atomic: concurrent builders (test workers) each leave a whole file
     return target
 
@@ -91,13 +109,24 @@ def _built() -> Path:
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
     """Whether the native kernel takes these: bf16 CPU q/k/v with contiguous rows, an even head dim, a value dim that
     is a multiple of 16, keys, and a bool or floating mask (or none); and whether it is on and loaded here."""
-    if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and enabled()):
+    if q.dtype != k.dtype or q.dtype != v.dtype or k.shape[2] == 0:
         return False
-    if q.shape[-1] % 2 or v.shape[-1] % 16 or k.shape[2] == 0 or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+    if any(t.device.type != "cpu" for t in (q, k, v) + (() if mask is None else (mask,))):
         return False
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         return False
     if mask is not None and not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
+        return False
+    return takes_shapes(q.dtype, q.shape[-1], v.shape[-1], q.shape[1], k.shape[1])
+
+
+def takes_shapes(dtype: torch.dtype, head_dim, v_dim, q_heads, kv_heads) -> bool:
+    """What the kernel needs of the dtype and head sizes (bf16, an even head dim, a value dim a multiple of 16, query
+    heads a multiple of key heads; symbolic sizes are not taken), and that it is on and loaded here."""
+    sizes = (head_dim, v_dim, q_heads, kv_heads)
+    if dtype != torch.bfloat16 or not all(isinstance(n, int) for n in sizes) or not enabled():
+        return False
+    if head_dim < 2 or head_dim % 2 or v_dim % 16 or kv_heads < 1 or q_heads % kv_heads:
         return False
     return library() is not None
 
@@ -121,6 +150,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
         None if mask is None else mask.data_ptr(), MASK_KINDS[kind], *strides,
         out.data_ptr(), batch, q_heads, kv_heads, q_len, k_len, head_dim, v_dim, float(scale), int(causal))
+    if status == 2:
+        raise MemoryError(f"blade's native attention could not allocate its buffers for k {tuple(k.shape)}")
     if status != 0:
         raise ValueError(f"blade's native attention refused q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                          "(supports() should have said so)")

@@ -42,27 +42,33 @@ def inductor_with_freezing(gm: torch.fx.GraphModule, example_inputs):
     return compile_fx(gm, example_inputs, config_patches={"freezing": True})
 
 
-def _lowers_short_attention(graph: Graph, device: str) -> bool:
-    """Whether short_attention applies: bf16 attention on the CPU, whose kernel is blade's own (a kernel a user
-    registered for "cpu" keeps every call) and, where blade's fused native kernel cannot run here, its Python one."""
+def _short_attention_nodes(graph: Graph, device: str) -> set[str]:
+    """The attention nodes short_attention lowers: bf16 on the CPU, whose kernel is blade's own (a kernel a user
+    registered for "cpu" keeps every call), that blade's fused native kernel does not take (it runs every length
+    with no guard on it)."""
     from blade.backends.eager import attention_native
     from blade.backends.eager.attention_cpu import blocked_or_reference
 
-    return (device == "cpu" and registered_attention_kernel("cpu") is blocked_or_reference
-            and not attention_native.available()
-            and any(n.target == FLASH_ATTENTION and getattr(n.val, "dtype", None) == torch.bfloat16
-                    for n in graph.call_nodes))
+    if device != "cpu" or registered_attention_kernel("cpu") is not blocked_or_reference:
+        return set()
+    names = set()
+    for node in graph.call_nodes:
+        if node.target == FLASH_ATTENTION and getattr(node.val, "dtype", None) == torch.bfloat16:
+            q, k, v = (arg.val.shape for arg in node.args[:3])
+            if not attention_native.takes_shapes(torch.bfloat16, q[-1], v[-1], q[1], k[1]):
+                names.add(node.name)
+    return names
 
 
 def _attention_runs(device: str) -> str:
-    return (f"in bf16 over 1 to {short_attention.SHORT_KEYS} keys as plain ops in Inductor's kernels; longer: "
-            f"{attention_kernel_description(device)}")
+    return (f"{attention_kernel_description(device)}; in bf16 where blade's fused kernel does not take the call, "
+            f"over 1 to {short_attention.SHORT_KEYS} keys as plain ops in Inductor's kernels")
 
 
-def _with_short_attention_as_ops(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """blade::flash_attention calls become attention_for_inductor (short bf16 CPU attention as plain ops)."""
+def _with_short_attention_as_ops(module: torch.fx.GraphModule, names: set[str]) -> torch.fx.GraphModule:
+    """The named blade::flash_attention calls become attention_for_inductor (short bf16 CPU attention as plain ops)."""
     for node in module.graph.nodes:
-        if node.op == "call_function" and node.target is FLASH_ATTENTION:
+        if node.op == "call_function" and node.target is FLASH_ATTENTION and node.name in names:
             node.target = short_attention.attention_for_inductor
     module.recompile()
     return module
@@ -101,15 +107,15 @@ class InductorExecutable:
 
     def __init__(self, graph: Graph, device: str = "cpu"):
         self.name = graph.name
-        lowers = _lowers_short_attention(graph, device)
+        lowered = _short_attention_nodes(graph, device)
         self.placement = placement(graph, "inductor (its generated kernels; matmuls as extern library calls)", device,
-                                   _attention_runs(device) if lowers else None)
+                                   _attention_runs(device) if lowered else None)
         for node in graph.call_nodes:  # regions' bodies built now, not inside the trace
             if is_fused(node):
                 node.target.module()
         self.module = graph.to_fx()
-        if lowers:
-            self.module = _with_short_attention_as_ops(self.module)
+        if lowered:
+            self.module = _with_short_attention_as_ops(self.module, lowered)
         dynamic = any(not isinstance(size, int) for n in graph.inputs for size in n.val.shape)
         self.compiled = torch.compile(self.module, dynamic=dynamic, backend=inductor_with_freezing)
         self._lock = threading.Lock()

@@ -9,8 +9,8 @@ from blade.ops import FLASH_ATTENTION, attention_reference
 
 BF16 = torch.bfloat16
 
-pytestmark = pytest.mark.skipif(not attention_native.available(),
-                                reason=f"the native kernel does not run here: {attention_native.unavailable_reason()}")
+native = pytest.mark.skipif(not attention_native.available(),
+                            reason=f"the native kernel does not run here: {attention_native.unavailable_reason()}")
 
 
 def qkv(batch=2, q_heads=4, kv_heads=4, q_len=40, k_len=40, dim=64, v_dim=None, seed=0):
@@ -41,6 +41,7 @@ def check(q, k, v, mask=None, scale=None, causal=False):
     return out
 
 
+@native
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("q_len,k_len", [(1, 1), (1, 77), (33, 33), (40, 17), (17, 40), (100, 100), (257, 257)])
 def test_matches_the_reference(q_len, k_len, causal):
@@ -48,30 +49,51 @@ def test_matches_the_reference(q_len, k_len, causal):
     check(*qkv(q_len=q_len, k_len=k_len), causal=causal)
 
 
+@native
 @pytest.mark.parametrize("dim,v_dim", [(2, 16), (32, 48), (64, 64), (80, 80), (128, 128), (64, 144)])
 def test_head_dims(dim, v_dim):
     check(*qkv(dim=dim, v_dim=v_dim, q_len=20, k_len=50), causal=True)
 
 
+@native
 def test_grouped_query_heads_and_scale():
     check(*qkv(q_heads=8, kv_heads=2, q_len=70, k_len=70), scale=0.3, causal=True)
 
 
-@pytest.mark.parametrize("shape", [(50,), (1, 50), (2, 1, 1, 50), (1, 1, 1, 50), (1, 1, 50), (2, 1, 1, 1)])
+@native
+@pytest.mark.parametrize("shape", [(50,), (1, 50), (2, 1, 1, 50), (1, 1, 1, 50), (1, 1, 50)])
 def test_padding_masks_of_every_rank(shape):
     """Additive masks that vary by key only, broadcast over batch or not; -10000 as BERT pads (kept in fp32)."""
     mask = torch.zeros(shape)
-    mask[..., -7:] = -10000.0 if shape[-1] > 1 else 0.0
+    mask[..., -7:] = -10000.0
     check(*qkv(q_len=30, k_len=50), mask=mask)
     check(*qkv(q_len=50, k_len=50, seed=1), mask=mask, causal=True)
 
 
+@native
+def test_masks_that_broadcast_over_keys_and_0d():
+    """A mask of one value per batch row or per query ([B, 1, 1, 1], [B, 1, Sq, 1]): -inf there kills the row; a
+    0-D mask is one value for everything."""
+    q, k, v = (t.to(BF16) for t in qkv(q_len=30, k_len=50))
+    per_batch = torch.zeros(2, 1, 1, 1)
+    per_batch[1] = float("-inf")
+    out = attention_native.attention(q, k, v, per_batch, None, False)
+    assert (out[1] == 0).all() and rel(out[:1], attention_reference(*(t[:1].float() for t in (q, k, v)))) <= 1e-2
+    per_query = torch.zeros(2, 1, 30, 1)
+    per_query[0, 0, 7] = float("-inf")
+    out = attention_native.attention(q, k, v, per_query, None, True)
+    assert (out[0, :, 7] == 0).all() and (out[0, :, 6] != 0).any() and (out[1, :, 7] != 0).any()
+    check(*qkv(q_len=30, k_len=50), mask=torch.tensor(-3.0))
+
+
+@native
 def test_bool_padding_mask():
     mask = torch.rand(2, 1, 1, 50, generator=torch.Generator().manual_seed(2)) > 0.4
     mask[..., 0] = True
     check(*qkv(q_len=50, k_len=50), mask=mask)
 
 
+@native
 def test_rows_with_no_key_give_zeros_even_with_nan_behind_the_mask():
     """A batch row whose keys are all masked, and causal rows that may only see masked keys, give zeros (the op's
     spec); a NaN in a masked key's score does not leak. Live rows match the reference."""
@@ -86,6 +108,7 @@ def test_rows_with_no_key_give_zeros_even_with_nan_behind_the_mask():
     assert rel(out[1:, :, 5:], live_ref) <= 1e-2
 
 
+@native
 def test_nan_in_a_live_row_stays_nan():
     q, k, v = (t.to(BF16) for t in qkv())
     q[0, 0, 3, 0] = float("nan")
@@ -93,6 +116,7 @@ def test_nan_in_a_live_row_stays_nan():
     assert torch.isnan(out[0, 0, 3]).all() and torch.isfinite(out[1]).all() and torch.isfinite(out[0, 1]).all()
 
 
+@native
 def test_strided_views_of_a_fused_projection():
     """q, k, v as the views a fused QKV projection gives (rows contiguous, heads and tokens strided)."""
     fused = torch.randn(2, 45, 3, 4, 64)
@@ -101,9 +125,10 @@ def test_strided_views_of_a_fused_projection():
     check(q, k, v, causal=True)
 
 
+@native
 def test_per_query_and_per_head_masks():
-    """Masks that vary by query (a causal-and-padding bool mask as Hugging Face builds it) and by head, read in place
-    through their broadcast strides; a mask that broadcasts over keys too."""
+    """Masks that vary by query (a causal-and-padding bool mask as Hugging Face builds it) and by head, read through
+    their broadcast strides; GQA with a per-head mask; a 3-D mask; bool with causal and Sq != Sk; a bf16 mask."""
     gen = torch.Generator().manual_seed(3)
     hf_style = torch.ones(60, 60, dtype=torch.bool).tril().expand(2, 1, 60, 60).clone()
     hf_style[1, ..., :9] = False  # batch 1 left padded: its first 9 rows see no key
@@ -113,10 +138,17 @@ def test_per_query_and_per_head_masks():
     ref = attention_reference(q, k, v, hf_style, None, False)
     assert rel(out[:, :, 9:], ref[:, :, 9:]) <= 1e-2
     check(*qkv(q_len=30, k_len=50), mask=torch.randn(1, 4, 30, 50, generator=gen))
-    check(*qkv(q_len=30, k_len=50), mask=torch.randn(2, 1, 30, 1, generator=gen))
-    check(*qkv(q_len=30, k_len=50), mask=torch.rand(30, 50, generator=gen) > 0.1, causal=False)
+    check(*qkv(q_heads=8, kv_heads=2, q_len=30, k_len=50), mask=torch.randn(2, 8, 30, 50, generator=gen))
+    check(*qkv(q_len=30, k_len=50), mask=torch.randn(4, 30, 50, generator=gen))
+    check(*qkv(q_len=30, k_len=50), mask=torch.rand(30, 50, generator=gen) > 0.1)
+    check(*qkv(q_len=20, k_len=45), mask=torch.rand(2, 1, 20, 45, generator=gen) > 0.1, causal=True)
+    q, k, v = qkv(q_len=30, k_len=50)
+    low_mask = torch.randn(2, 1, 30, 50, generator=gen).to(BF16)
+    ref = attention_reference(q, k, v, low_mask.float(), None, False)
+    assert rel(attention_native.attention(*(t.to(BF16) for t in (q, k, v)), low_mask, None, False), ref) <= 1e-2
 
 
+@native
 def test_what_it_does_not_take_goes_elsewhere(monkeypatch):
     """Odd head dims, value dims off 16, fp32, zero keys, contiguity off the last dim, and BLADE_NATIVE_ATTENTION=0
     are not taken; the op then runs the blocked kernel or the reference, still correctly."""
@@ -126,6 +158,7 @@ def test_what_it_does_not_take_goes_elsewhere(monkeypatch):
     assert not attention_native.supports(q.float(), k.float(), v.float(), None)
     assert not attention_native.supports(q, k[:, :, :0], v[:, :, :0], None)
     assert not attention_native.supports(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, None)
+    assert not attention_native.supports(q, k, v, torch.zeros(200, device="meta"))
     monkeypatch.setenv("BLADE_NATIVE_ATTENTION", "0")
     assert not attention_native.supports(q, k, v, None)
     monkeypatch.delenv("BLADE_NATIVE_ATTENTION")
@@ -140,12 +173,14 @@ def test_what_it_does_not_take_goes_elsewhere(monkeypatch):
     assert calls == ["blocked_attention", "attention"]
 
 
+@native
 def test_bad_inputs_are_named_before_the_kernel_runs():
     q, k, v = (t.to(BF16) for t in qkv())
     with pytest.raises(Exception, match="batch"):
         FLASH_ATTENTION(q, k[:1], v[:1], None, None, False)
 
 
+@native
 def test_concurrent_calls_from_threads_do_not_share_buffers():
     """Each calling thread keeps its own packed K/V: two threads with different shapes get their own answers."""
     cases = [[t.to(BF16) for t in qkv(q_len=n, k_len=n, seed=n)] for n in (64, 300)]
@@ -166,19 +201,72 @@ def test_concurrent_calls_from_threads_do_not_share_buffers():
 
 
 def test_a_failed_build_warns_once_and_the_op_still_runs(monkeypatch, tmp_path):
-    """No compiler: library() is None with the reason, warned once; the op runs the blocked kernel."""
+    """No compiler: library() is None with the reason, warned once (not again on later calls); the op still runs, on
+    the blocked kernel. Then the real compiler builds into the (new) cache directory."""
+    import warnings
+
+    if "avx512_bf16" not in attention_native.detect("cpu").features:
+        pytest.skip("no AVX512-BF16: the kernel is not built here at all")
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     monkeypatch.setenv("BLADE_CACHE_DIR", str(tmp_path))
     attention_native.library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="no-such-compiler-xyz"):
             assert attention_native.library() is None
-        assert not attention_native.available() and "no-such-compiler-xyz" in attention_native.unavailable_reason()
-        q, k, v = (t.to(BF16) for t in qkv(q_len=200, k_len=200))
-        out = FLASH_ATTENTION(q, k, v, None, None, True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not attention_native.available()
+            q, k, v = (t.to(BF16) for t in qkv(q_len=200, k_len=200))
+            out = FLASH_ATTENTION(q, k, v, None, None, True)
+        assert "no-such-compiler-xyz" in attention_native.unavailable_reason()
         assert rel(out, attention_reference(q.float(), k.float(), v.float(), None, None, True)) <= 1e-2
     finally:
         attention_native.library.cache_clear()
     monkeypatch.delenv("CXX")
+    if "amx_bf16" in attention_native.detect("cpu").features:
+        return
     assert attention_native.library() is not None  # built again into tmp_path with the real compiler
     assert list((tmp_path / "native").glob("attention_bf16_*.so"))
+
+
+class CausalSelfAttention(torch.nn.Module):
+    """One attention layer through SDPA (blade's attention pass makes it blade::flash_attention): 4 heads of 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(64, 192)
+
+    def forward(self, x):
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, 4, 16).unbind(2)
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), is_causal=True)
+        return out.transpose(1, 2).reshape(batch, seq, 64)
+
+
+@native
+def test_inductor_keeps_the_op_for_the_native_kernel_at_every_length(monkeypatch):
+    """Through the inductor backend in bf16, attention stays the op (the native kernel runs it) on both sides of
+    SHORT_KEYS, with one compile for every length: no guard on the length."""
+    import blade
+    from blade.backends import inductor
+    from torch.export import Dim
+
+    compiles, kernel_calls = [], []
+    real_compile = inductor.inductor_with_freezing
+    monkeypatch.setattr(inductor, "inductor_with_freezing",
+                        lambda gm, inputs: compiles.append("torch.ops.blade.flash_attention" in gm.code)
+                        or real_compile(gm, inputs))
+    real_kernel = attention_native.attention
+    monkeypatch.setattr(attention_native, "attention", lambda *a: kernel_calls.append(a[1].shape[2]) or real_kernel(*a))
+    model = CausalSelfAttention().eval()
+    gen = torch.Generator().manual_seed(0)
+    cm = blade.compile(model, (torch.randn(2, 12, 64, generator=gen),), dynamic_shapes=({1: Dim("seq")},),
+                       backend="inductor", precision="bf16", cache=False, check_accuracy=False)
+    kernel_calls.clear()  # blade.compile compiled (and so ran) it once already
+    with torch.no_grad():
+        for seq in (12, 140, 40):
+            x = torch.randn(2, seq, 64, generator=gen)
+            assert rel(cm(x), model(x)) <= 1e-2
+    assert compiles == [True], compiles
+    assert kernel_calls == [12, 140, 40]
