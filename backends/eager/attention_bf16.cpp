@@ -38,9 +38,10 @@ inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 // |f| <= 1/2 (relative error about 2e-7, below bf16's rounding by far).
 inline __m512 exp_nonpositive(__m512 x) {
   __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  // below 2^-126 the result is taken as 0 (no denormals, which some CPUs assist slowly); NaN stays NaN
-  const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
-  t = _mm512_max_ps(_mm512_set1_ps(-126.0f), t);
+  // below 2^-100 the result is taken as 0 (far under bf16's rounding; and neither it nor its share of the row's sum
+  // is a denormal, which some CPUs assist slowly); NaN stays NaN
+  const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-100.0f), _CMP_NLT_UQ);
+  t = _mm512_max_ps(_mm512_set1_ps(-100.0f), t);
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // f·ln 2
   __m512 p = _mm512_set1_ps(1.0f / 720);
@@ -201,13 +202,13 @@ extern "C" {
 // contiguous. mask: null, fp32 additive (mask_kind 1) or bool as bytes (2, nonzero keeps the key), broadcast to
 // [B, Hq, Sq, keys] by its strides (0 where it broadcasts). Returns 0, or 1 for arguments this kernel does not take
 // (odd D, Dv not a multiple of 16, no keys, query heads not a multiple of key heads, an unknown mask kind), or 2 when
-// its buffers cannot be allocated.
+// its buffers cannot be allocated. num_threads: the OpenMP team (torch's intra-op count; 0: OpenMP's default).
 int blade_attention_bf16(const bf16* q, int64_t q_sb, int64_t q_sh, int64_t q_ss,
                          const bf16* k, int64_t k_sb, int64_t k_sh, int64_t k_ss,
                          const bf16* v, int64_t v_sb, int64_t v_sh, int64_t v_ss,
                          const void* mask, int mask_kind, int64_t m_sb, int64_t m_sh, int64_t m_sq, bf16* out,
                          int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t keys, int64_t dim,
-                         int64_t v_dim, float scale, int causal) {
+                         int64_t v_dim, float scale, int causal, int num_threads) {
   if (dim < 2 || dim % 2 != 0 || v_dim % 16 != 0 || keys < 1 || kv_heads < 1 || q_heads % kv_heads != 0) return 1;
   if (mask_kind < NO_MASK || mask_kind > BOOLEAN || (mask == nullptr) != (mask_kind == NO_MASK)) return 1;
   const MaskKind kind = static_cast<MaskKind>(mask_kind);
@@ -220,15 +221,13 @@ int blade_attention_bf16(const bf16* q, int64_t q_sb, int64_t q_sh, int64_t q_ss
   static thread_local std::vector<int32_t> packed;
   static thread_local std::vector<float> scores_buf;
   static thread_local std::vector<bf16> probs_buf;
-  const int threads = omp_get_max_threads();
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   const size_t strip = static_cast<size_t>(TILE_ROWS) * padded;
-  try {
+  try {  // each sized on its own: a failure part-way leaves no buffer smaller than the next call believes
     if (packed.size() < static_cast<size_t>(batch * kv_heads * head_elems)) packed.resize(batch * kv_heads * head_elems);
-    if (scores_buf.size() < strip * threads) {
-      scores_buf.resize(strip * threads);
-      probs_buf.resize(strip * threads);
-    }
-  } catch (const std::bad_alloc&) {
+    if (scores_buf.size() < strip * threads) scores_buf.resize(strip * threads);
+    if (probs_buf.size() < strip * threads) probs_buf.resize(strip * threads);
+  } catch (const std::exception&) {
     return 2;
   }
   // the region's threads see their own thread_local objects: they get the caller's buffers as plain pointers

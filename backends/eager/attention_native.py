@@ -2,7 +2,8 @@
 
 The source is compiled once per machine with the system's C++ compiler ($CXX, else g++) into blade's cache directory
 (config.cache_root()/native, named by a hash of source, flags and compiler), then loaded with ctypes. Its OpenMP is
-the libgomp torch already loaded (same soname), so it shares torch's threads and torch.set_num_threads. Where the CPU
+the libgomp torch already loaded (same soname, where torch ships GNU OpenMP as its pip wheels do), and each call asks
+for torch.get_num_threads() threads. Where the CPU
 lacks AVX512-BF16 or has AMX (where PyTorch's oneDNN kernels use the tiles; this kernel is unmeasured there), no
 compiler is found or the build fails (warned once), `library()` is None, the reason in `unavailable_reason()`, and
 blade's Python blocked kernel runs instead. $BLADE_NATIVE_ATTENTION=0 turns it off. As in SDPA, a NaN or inf in a
@@ -43,8 +44,8 @@ def available() -> bool:
 
 
 def unavailable_reason() -> Optional[str]:
-    """Why `library()` is None (None when it loaded or was not tried yet)."""
-    return _reason
+    """Why the kernel does not run here (None when it does, or `library()` was not tried yet)."""
+    return "BLADE_NATIVE_ATTENTION=0" if not enabled() else _reason
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,7 +72,8 @@ def library() -> Optional[ctypes.CDLL]:
     fn = lib.blade_attention_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = (([ctypes.c_void_p] + [ctypes.c_int64] * 3) * 3 + [ctypes.c_void_p, ctypes.c_int]
-                   + [ctypes.c_int64] * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int])
+                   + [ctypes.c_int64] * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 7
+                   + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
     return lib
 
 
@@ -109,7 +111,7 @@ def _built() -> Path:
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
     """Whether the native kernel takes these: bf16 CPU q/k/v with contiguous rows, an even head dim, a value dim that
     is a multiple of 16, keys, and a bool or floating mask (or none); and whether it is on and loaded here."""
-    if q.dtype != k.dtype or q.dtype != v.dtype or k.shape[2] == 0:
+    if any(t.dim() != 4 for t in (q, k, v)) or q.dtype != k.dtype or q.dtype != v.dtype or k.shape[2] == 0:
         return False
     if any(t.device.type != "cpu" for t in (q, k, v) + (() if mask is None else (mask,))):
         return False
@@ -149,7 +151,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
         q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
         None if mask is None else mask.data_ptr(), MASK_KINDS[kind], *strides,
-        out.data_ptr(), batch, q_heads, kv_heads, q_len, k_len, head_dim, v_dim, float(scale), int(causal))
+        out.data_ptr(), batch, q_heads, kv_heads, q_len, k_len, head_dim, v_dim, float(scale), int(causal),
+        torch.get_num_threads())
     if status == 2:
         raise MemoryError(f"blade's native attention could not allocate its buffers for k {tuple(k.shape)}")
     if status != 0:

@@ -1,10 +1,10 @@
 """The inductor backend: the optimized IR handed to torch.compile (Inductor, with freezing) as one fx module.
 
 What blade's passes decided stays decided (attention as blade::flash_attention, which Inductor runs
-as the op's CPU/CUDA kernel: in bf16 on the CPU blade's fused native kernel, or where that cannot run (no
-AVX512-BF16, no C++ compiler) plain ops to fuse over at most 128 keys, short_attention.py; precision
-casts; quantized ops as their kernels); Inductor then fuses
-the elementwise work around the matmuls (e.g. a mixed-precision cast into the layer norm before it)
+as the op's CPU/CUDA kernel: in bf16 on the CPU blade's fused native kernel, or where that cannot run
+(no AVX512-BF16, AMX, no C++ compiler, head sizes it does not take) plain ops to fuse over at most 128
+keys, short_attention.py; precision casts; quantized ops as their kernels); Inductor then fuses the
+elementwise work around the matmuls (e.g. a mixed-precision cast into the layer norm before it)
 and picks its GEMMs. Where it packs a linear for oneDNN (bf16/fp16 weights, or a symbolic batch; an
 all-static fp32 linear goes to MKL instead) it folds the bias and activation, GPT-2's tanh GELU included,
 into the GEMM's epilogue. blade hands over aten.gelu as it is for that reason: the fusion matches

@@ -116,11 +116,12 @@ def test_tanh_gelu_reaches_inductor_as_the_op_and_fuses_into_the_gemm(precision)
 
 
 def test_bf16_attention_runs_blades_cpu_kernel_inside_inductor(monkeypatch):
-    """Past SHORT_KEYS keys Inductor keeps blade::flash_attention as the op, whose CPU kernel for bf16 is the blocked
-    one."""
+    """Without the native kernel, past SHORT_KEYS keys Inductor keeps blade::flash_attention as the op, whose CPU kernel
+    for bf16 is then the blocked one."""
     from blade.backends.eager import attention_cpu
     from blade.backends.inductor import short_attention
 
+    monkeypatch.setenv("BLADE_NATIVE_ATTENTION", "0")
     calls = []
     real = attention_cpu.blocked_attention
     monkeypatch.setattr(attention_cpu, "blocked_attention", lambda *a: calls.append(a[0].shape) or real(*a))
