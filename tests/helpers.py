@@ -64,3 +64,18 @@ class Apply(torch.nn.Module):
 
     def forward(self, x, y=None, z=None):
         return self.fn(*(t for t in (x, y, z) if t is not None))
+
+
+def attention_inputs(batch=2, q_heads=4, kv_heads=4, q_len=40, k_len=40, dim=32, v_dim=None, seed=0):
+    """Random fp32 q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_heads, q_len, dim, generator=gen)
+    k = torch.randn(batch, kv_heads, k_len, dim, generator=gen)
+    v = torch.randn(batch, kv_heads, k_len, v_dim or dim, generator=gen)
+    return q, k, v
+
+
+def finite_relative_error(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖, after asserting that out holds no NaN or inf."""
+    assert torch.isfinite(out).all()
+    return float((out.float() - ref).norm() / ref.norm())

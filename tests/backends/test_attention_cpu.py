@@ -5,6 +5,7 @@ import torch
 from blade.backends.eager import attention_cpu
 from blade.backends.eager.attention_cpu import blocked_attention, blocked_or_reference, prefers_blocked
 from blade.ops import FLASH_ATTENTION, attention_reference
+from helpers import attention_inputs, finite_relative_error
 
 BF16 = torch.bfloat16
 
@@ -15,17 +16,11 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(attention_cpu, "BLOCK_ROWS", 16)
 
 
-def qkv(batch=2, q_heads=4, kv_heads=4, q_len=40, k_len=40, dim=32, v_dim=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, q_heads, q_len, dim, generator=gen)
-    k = torch.randn(batch, kv_heads, k_len, dim, generator=gen)
-    v = torch.randn(batch, kv_heads, k_len, v_dim or dim, generator=gen)
-    return q, k, v
+def qkv(**sizes):
+    return attention_inputs(**{"dim": 32, **sizes})
 
 
-def rel(out, ref):
-    assert torch.isfinite(out).all()
-    return float((out.float() - ref).norm() / ref.norm())
+rel = finite_relative_error
 
 
 def check(q, k, v, mask=None, scale=None, causal=False, bound=1e-2):

@@ -6,6 +6,7 @@ import torch
 
 from blade.backends.eager import attention_cpu, attention_native
 from blade.ops import FLASH_ATTENTION, attention_reference
+from helpers import attention_inputs, finite_relative_error
 
 BF16 = torch.bfloat16
 
@@ -13,17 +14,11 @@ native = pytest.mark.skipif(not attention_native.available(),
                             reason=f"the native kernel does not run here: {attention_native.unavailable_reason()}")
 
 
-def qkv(batch=2, q_heads=4, kv_heads=4, q_len=40, k_len=40, dim=64, v_dim=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, q_heads, q_len, dim, generator=gen)
-    k = torch.randn(batch, kv_heads, k_len, dim, generator=gen)
-    v = torch.randn(batch, kv_heads, k_len, v_dim or dim, generator=gen)
-    return q, k, v
+def qkv(**sizes):
+    return attention_inputs(**{"dim": 64, **sizes})
 
 
-def rel(out, ref):
-    assert torch.isfinite(out).all()
-    return float((out.float() - ref).norm() / ref.norm())
+rel = finite_relative_error
 
 
 def check(q, k, v, mask=None, scale=None, causal=False):
@@ -230,19 +225,24 @@ def test_a_failed_build_warns_once_and_the_op_still_runs(monkeypatch, tmp_path):
     assert list((tmp_path / "native").glob("attention_bf16_*.so"))
 
 
-class CausalSelfAttention(torch.nn.Module):
-    """One attention layer through SDPA (blade's attention pass makes it blade::flash_attention): 4 heads of 16."""
+class CausalAttentionLayers(torch.nn.Module):
+    """Causal attention layers through SDPA (blade's attention pass makes each blade::flash_attention) over one
+    projection, one per (heads, head dim) of width 64, summed."""
 
-    def __init__(self):
+    def __init__(self, head_shapes=((4, 16),)):
         super().__init__()
+        self.head_shapes = head_shapes
         self.qkv = torch.nn.Linear(64, 192)
 
     def forward(self, x):
         batch, seq, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, 4, 16).unbind(2)
-        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                               v.transpose(1, 2), is_causal=True)
-        return out.transpose(1, 2).reshape(batch, seq, 64)
+        total = 0
+        for heads, dim in self.head_shapes:
+            q, k, v = self.qkv(x).view(batch, seq, 3, heads, dim).unbind(2)
+            out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                   v.transpose(1, 2), is_causal=True)
+            total = total + out.transpose(1, 2).reshape(batch, seq, 64)
+        return total
 
 
 @native
@@ -260,7 +260,7 @@ def test_inductor_keeps_the_op_for_the_native_kernel_at_every_length(monkeypatch
                         or real_compile(gm, inputs))
     real_kernel = attention_native.attention
     monkeypatch.setattr(attention_native, "attention", lambda *a: kernel_calls.append(a[1].shape[2]) or real_kernel(*a))
-    model = CausalSelfAttention().eval()
+    model = CausalAttentionLayers().eval()
     gen = torch.Generator().manual_seed(0)
     cm = blade.compile(model, (torch.randn(2, 12, 64, generator=gen),), dynamic_shapes=({1: Dim("seq")},),
                        backend="inductor", precision="bf16", cache=False, check_accuracy=False)
@@ -294,29 +294,12 @@ def test_scores_far_below_the_row_max():
     check(q * 12, k, v, causal=True)
 
 
-class TwoHeadSizes(torch.nn.Module):
-    """Two attention layers: heads of 16 (the native kernel takes them) and of 8 (it does not)."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = torch.nn.Linear(64, 192)
-
-    def forward(self, x):
-        batch, seq, _ = x.shape
-        outs = []
-        for heads, dim in ((4, 16), (8, 8)):
-            q, k, v = self.qkv(x).view(batch, seq, 3, heads, dim).unbind(2)
-            out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                                   v.transpose(1, 2), is_causal=True)
-            outs.append(out.transpose(1, 2).reshape(batch, seq, 64))
-        return outs[0] + outs[1]
-
-
 @native
 def test_inductor_lowers_only_the_nodes_the_native_kernel_does_not_take():
+    """Heads of 16 (the native kernel takes them) keep the op; heads of 8 (it does not) become plain ops."""
     import blade
 
-    model = TwoHeadSizes().eval()
+    model = CausalAttentionLayers(((4, 16), (8, 8))).eval()
     gen = torch.Generator().manual_seed(1)
     cm = blade.compile(model, (torch.randn(2, 24, 64, generator=gen),), backend="inductor", precision="bf16",
                        cache=False, check_accuracy=False)

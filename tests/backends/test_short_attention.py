@@ -8,15 +8,13 @@ from blade.backends.inductor import short_attention as short
 from blade.ops import attention_reference
 from blade.target import detect
 
-from helpers import assert_matches
+from helpers import assert_matches, attention_inputs
 
 BF16 = torch.bfloat16
 
 
-def qkv(batch=2, q_heads=4, kv_heads=4, q_len=24, k_len=24, dim=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, q_heads, q_len, dim, generator=gen), torch.randn(batch, kv_heads, k_len, dim, generator=gen),
-            torch.randn(batch, kv_heads, k_len, dim, generator=gen))
+def qkv(**sizes):
+    return attention_inputs(**{"q_len": 24, "k_len": 24, "dim": 16, **sizes})
 
 
 def masks(q_heads, q_len, k_len):
