@@ -21,6 +21,9 @@ fastest bf16 peer's time over blade's (both timed in that round), median and p10
 rounds does not move. A fast case gets more rounds than --repeat, up to 4x, as many as fit --budget-s of timing.
 
     python bench/bf16_cpu.py     # writes bench/results/bf16_cpu.{md,json}
+    MALLOC_MMAP_THRESHOLD_=536870912 MALLOC_TRIM_THRESHOLD_=1073741824 \
+        python bench/bf16_cpu.py --cases gpt:256 gpt:1024 --save-as bf16_cpu_malloc_threshold
+                                 # fp32 outputs from the heap: bench/results/bf16_cpu_malloc_threshold.md
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -148,6 +152,10 @@ def render(machine, peaks, cases, args, seconds) -> str:
              f"eager fp32. `python bench/bf16_cpu.py` ({seconds:.0f} s). Page faults: the median minor faults per "
              "call — a fresh output buffer over glibc's mmap threshold (GPT's logits: 51 MB in fp32 at seq 256, "
              "25 MB in bf16) is faulted in page by page on every call.", ""]
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    if malloc:
+        lines += ["glibc malloc settings of this run: " + ", ".join(f"`{k}={v}`" for k, v in sorted(malloc.items()))
+                  + " (buffers up to the threshold come from the heap and are reused, not mapped fresh per call).", ""]
     for case in cases:
         lines += [f"## {case['model']} base, seq {case['seq']} ({case['rounds']} rounds)", "",
                   "| contender | median ms | p10–p90 | page faults/call | rel err vs fp32 | MFU |", "|---|---|---|---|---|---|"]
@@ -179,6 +187,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=90, help="timing seconds a case may take for extra rounds")
     parser.add_argument("--gap-ms", type=float, default=100)
     parser.add_argument("--cases", nargs="*", help="e.g. bert:128 gpt:256 (default: all three)")
+    parser.add_argument("--save-as", help="write bench/results/<name>.{md,json} (by default only a run of all three "
+                                          "cases is written, as bf16_cpu)")
     args = parser.parse_args()
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases] if args.cases else CASES
     start = time.perf_counter()
@@ -190,11 +200,12 @@ def main() -> None:
             results.append(run_case(name, seq, args, peaks, Path(tmp)))
     text = render(machine, peaks, results, args, time.perf_counter() - start)
     print(text)
-    if not args.cases:
+    name = args.save_as or (None if args.cases else "bf16_cpu")
+    if name:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "bf16_cpu.md").write_text(text)
-        (RESULTS / "bf16_cpu.json").write_text(json.dumps({"machine": machine, "peaks": peaks.as_dict(),
-                                                            "cases": results}, indent=1, default=str))
+        (RESULTS / f"{name}.md").write_text(text)
+        (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine, "peaks": peaks.as_dict(),
+                                                          "cases": results}, indent=1, default=str))
 
 
 if __name__ == "__main__":
