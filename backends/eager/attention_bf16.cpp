@@ -184,7 +184,8 @@ void pack_head(const bf16* k, int64_t k_row, const bf16* v, int64_t v_row, int64
                int64_t dim, int64_t v_dim, int32_t* kpairs, int32_t* vpairs) {
   const int64_t dim_pairs = dim / 2;
   for (int64_t j = 0; j < padded_keys; ++j)
-    for (int64_t p = 0; p < dim_pairs; ++p) kpairs[p * padded_keys + j] = j < keys ? load_pair(k + j * k_row + 2 * p) : 0;
+    for (int64_t p = 0; p < dim_pairs; ++p)
+      kpairs[p * padded_keys + j] = j < keys ? load_pair(k + j * k_row + 2 * p) : 0;
   bf16* out = reinterpret_cast<bf16*>(vpairs);
   for (int64_t jp = 0; jp < padded_keys / 2; ++jp)
     for (int64_t e = 0; e < v_dim; ++e) {
@@ -224,7 +225,8 @@ int blade_attention_bf16(const bf16* q, int64_t q_sb, int64_t q_sh, int64_t q_ss
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   const size_t strip = static_cast<size_t>(TILE_ROWS) * padded;
   try {  // each sized on its own: a failure part-way leaves no buffer smaller than the next call believes
-    if (packed.size() < static_cast<size_t>(batch * kv_heads * head_elems)) packed.resize(batch * kv_heads * head_elems);
+    const size_t packed_elems = static_cast<size_t>(batch * kv_heads * head_elems);
+    if (packed.size() < packed_elems) packed.resize(packed_elems);
     if (scores_buf.size() < strip * threads) scores_buf.resize(strip * threads);
     if (probs_buf.size() < strip * threads) probs_buf.resize(strip * threads);
   } catch (const std::exception&) {

@@ -3,11 +3,11 @@
 The source is compiled once per machine with the system's C++ compiler ($CXX, else g++) into blade's cache directory
 (config.cache_root()/native, named by a hash of source, flags and compiler), then loaded with ctypes. Its OpenMP is
 the libgomp torch already loaded (same soname, where torch ships GNU OpenMP as its pip wheels do), and each call asks
-for torch.get_num_threads() threads. Where the CPU
-lacks AVX512-BF16 or has AMX (where PyTorch's oneDNN kernels use the tiles; this kernel is unmeasured there), no
-compiler is found or the build fails (warned once), `library()` is None, the reason in `unavailable_reason()`, and
-blade's Python blocked kernel runs instead. $BLADE_NATIVE_ATTENTION=0 turns it off. As in SDPA, a NaN or inf in a
-value row behind the mask or the causal triangle still reaches the output (its probability is 0, and 0 · NaN is NaN).
+for torch.get_num_threads() threads. Where the CPU lacks AVX512-BF16 or has AMX (where PyTorch's oneDNN kernels use
+the tiles; this kernel is unmeasured there), no compiler is found or the build fails (warned once), `library()` is
+None, the reason in `unavailable_reason()`, and blade's Python blocked kernel runs instead. $BLADE_NATIVE_ATTENTION=0
+turns it off. As in SDPA, a NaN or inf in a value row behind the mask or the causal triangle still reaches the
+output (its probability is 0, and 0 · NaN is NaN).
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from blade.config import cache_root
 from blade.target import detect
 
 SOURCE = Path(__file__).with_name("attention_bf16.cpp")
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-         "-mavx512bf16", "-mfma"]
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-strict-aliasing",
+         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 _reason: Optional[str] = None
 
 
@@ -146,7 +146,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     if out.numel() == 0:
         return out.transpose(1, 2)
     kind, mask = (None, None) if mask is None else _kernel_mask(mask, k_len)
-    strides = [0, 0, 0] if mask is None else [st if size > 1 else 0 for size, st in zip(mask.shape[:3], mask.stride()[:3])]
+    strides = [0, 0, 0] if mask is None else [st if n > 1 else 0 for n, st in zip(mask.shape[:3], mask.stride()[:3])]
     status = library().blade_attention_bf16(
         q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
         v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),

@@ -14,8 +14,8 @@ it, leaving a separate GELU kernel of about 2 ms per call in GPT-2 base at seq 2
 Shapes named dynamic compile once with symbolic sizes (dynamic=True), so a new batch or length does not
 recompile, except a size of 1, which dynamo specializes: the first call with a dim of 1 compiles once more (as
 does, without the native kernel, the first whose bf16 CPU attention crosses SHORT_KEYS keys). It is compiled on
-the first call (or at compile time, when blade.compile runs the accuracy check or measures it): tens of seconds for a base-size model; an
-artifact saves nothing of it and compiles again when loaded. Not in the fixed rule of
+the first call (or at compile time, when blade.compile runs the accuracy check or measures it): tens of seconds
+for a base-size model; an artifact saves nothing of it and compiles again when loaded. Not in the fixed rule of
 backend="auto": it is one of the candidates auto measures.
 """
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 Only for the calls blade's fused native kernel (backends/eager/attention_native.py) does not take, decided per node
 when the graph is handed to Inductor (InductorExecutable): no AVX512-BF16, AMX, or no C++ compiler here, an odd
-head dim, a value dim off a multiple of 16. blade's other bf16 CPU kernel
-(backends/eager/attention_cpu.py) is a Python op of about 25 PyTorch calls per layer. Over at most SHORT_KEYS keys it computes a single block, and that overhead is a large part of the
-call; written as plain ops instead — a bf16 GEMM for the scores, one fused Inductor kernel for scale, mask,
-causal triangle and the fp32 softmax, a bf16 GEMM for the output — it leaves nothing to run in Python.
+head dim, a value dim off a multiple of 16. blade's other bf16 CPU kernel (backends/eager/attention_cpu.py) is a
+Python op of about 25 PyTorch calls per layer. Over at most SHORT_KEYS keys it computes a single block, and that
+overhead is a large part of the call; written as plain ops instead — a bf16 GEMM for the scores, one fused
+Inductor kernel for scale, mask, causal triangle and the fp32 softmax, a bf16 GEMM for the output — it leaves
+nothing to run in Python.
 Only where blade's own kernel is the CPU one: a kernel registered for "cpu" with register_attention_kernel
 keeps every call (InductorExecutable checks when it compiles).
 More keys keep the op (the blocked kernel reads under `causal` only the keys each block needs and never
