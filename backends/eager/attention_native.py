@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from blade.config import cache_root
+from blade.shapes import is_static
 from blade.target import detect
 
 SOURCE = Path(__file__).with_name("attention_bf16.cpp")
@@ -126,7 +127,7 @@ def takes_shapes(dtype: torch.dtype, head_dim, v_dim, q_heads, kv_heads) -> bool
     """What the kernel needs of the dtype and head sizes (bf16, an even head dim, a value dim a multiple of 16, query
     heads a multiple of key heads; symbolic sizes are not taken), and that it is on and loaded here."""
     sizes = (head_dim, v_dim, q_heads, kv_heads)
-    if dtype != torch.bfloat16 or not all(isinstance(n, int) for n in sizes) or not enabled():
+    if dtype != torch.bfloat16 or not all(is_static(n) for n in sizes) or not enabled():
         return False
     if head_dim < 2 or head_dim % 2 or v_dim % 16 or kv_heads < 1 or q_heads % kv_heads:
         return False
