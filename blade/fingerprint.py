@@ -1,6 +1,7 @@
 """Stable hashes of what determines a compile: a module's code, attributes and weights, a captured graph, inputs."""
 from __future__ import annotations
 
+import dis
 import enum
 import functools
 import hashlib
@@ -210,6 +211,8 @@ def _safe(value, depth: int = 0):
         return ["dict", sorted(json.dumps([_safe(k, depth + 1), _safe(v, depth + 1)]) for k, v in value.items())]
     if inspect.isclass(value) or inspect.isfunction(value):
         return ["ref", value.__module__, value.__qualname__]
+    if isinstance(value, (types.BuiltinFunctionType, types.BuiltinMethodType)):  # torch.tanh, F.gelu: by name
+        return ["builtin", getattr(value, "__module__", None), value.__qualname__]
     return ["instance", type(value).__module__, type(value).__qualname__]
 
 
@@ -232,8 +235,39 @@ def module_code_digest(module: types.ModuleType, values: bool = True) -> str:
     for key in sorted(read) if values else ():
         value = namespace.get(key)
         if key in namespace and not (inspect.isfunction(value) or inspect.isclass(value)):
-            items.append([key, _definition(value, name, 0)])
+            items.append([key, _global_value(value, name)])
     return _hash(items)
+
+
+def _global_value(value, module_name: str, depth: int = 0):
+    """A global the user's code reads, by its state: definitions as _definition keys them, containers walked,
+    tensors and arrays by their bytes, objects by their fields; Unstable for anything else (a generator,
+    a handle), so that the compile is keyed by its captured graph instead of by a name that hides a value."""
+    if depth > 6:
+        raise Unstable(f"global of {module_name} nests too deep to hash")
+    if value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype, torch.device, enum.Enum)) \
+            or inspect.isfunction(value) or inspect.isclass(value) or isinstance(value, types.ModuleType) \
+            or isinstance(value, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+        return _definition(value, module_name, 0) if not isinstance(value, bytes) else ["bytes", value.hex()]
+    if isinstance(value, torch.Tensor):
+        return ["tensor", tensor_digests([value])[0]]
+    if type(value).__module__ == "numpy" and hasattr(value, "tobytes"):
+        return ["ndarray", str(getattr(value, "dtype", "")), list(getattr(value, "shape", ())),
+                hashlib.sha256(value.tobytes()).hexdigest()]
+    if isinstance(value, (list, tuple)):
+        return [type(value).__name__, [_global_value(v, module_name, depth + 1) for v in value]]
+    if isinstance(value, (set, frozenset)):
+        return [type(value).__name__, sorted(json.dumps(_global_value(v, module_name, depth + 1)) for v in value)]
+    if isinstance(value, dict):
+        return ["dict", sorted(json.dumps([_global_value(k, module_name, depth + 1),
+                                           _global_value(v, module_name, depth + 1)]) for k, v in value.items())]
+    if isinstance(value, functools.partial) or inspect.ismethod(value):
+        return _callable_value(value, depth, frozenset())
+    if hasattr(value, "__dict__"):
+        return ["object", type(value).__module__, type(value).__qualname__,
+                _global_value({k: v for k, v in vars(value).items() if k not in _PER_PROCESS_FIELDS}, module_name,
+                              depth + 1)]
+    raise Unstable(f"global of {module_name} of type {type(value).__qualname__} has no stable hash")
 
 
 def _names_read(definition) -> set[str]:
@@ -251,18 +285,24 @@ def _names_read(definition) -> set[str]:
     names: set[str] = set()
     while codes:
         code = codes.pop()
-        names.update(code.co_names)
+        # the names loaded as globals, not attribute names (co_names mixes both: `self.model` is not the
+        # notebook's global `model`)
+        names.update(i.argval for i in dis.get_instructions(code) if i.opname in _GLOBAL_LOADS)
         codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
     return names
 
 
+_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
+
+
 def _class_code(cls: type, memo: dict) -> list:
-    """What defines a class's behaviour, over its MRO: the live code of the modules that define each class
-    (their helpers too) and their package's version; torch's own classes by the torch version in the key."""
+    """What defines a class's behaviour, over its MRO: each class's module and qualified name, the live code of
+    the module that defines it (its helpers too) and, for an installed package (torch included), its version.
+    A package's version alone never names a class: two parameterless modules of one package differ by this."""
     found = []
     for klass in cls.__mro__:
         module_name = klass.__module__
-        if module_name.split(".")[0] in ("torch", "builtins"):
+        if module_name == "builtins":
             continue
         if module_name not in memo:
             module = sys.modules.get(module_name)
