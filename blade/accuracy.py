@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
 # Relative-error tolerance per output dtype (DESIGN.md, Measuring).
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+# An fp32 output that misses its tolerance against eager still passes when it is no further from the exact
+# (float64) answer than this many times eager's own fp32 outputs are: the model amplifies rounding so much that
+# eager itself misses the tolerance, and a reordered computation rounds differently by as much (see Judge).
+REFEREE_FACTOR = 2.0
 
 
 @dataclass
@@ -18,10 +25,20 @@ class OutputError:
     rel_err: float
     cosine: float
     tolerance: float
+    exact_rel_err: float | None = None  # against the float64 answer, when the referee was asked
+    eager_exact_rel_err: float | None = None  # eager's own fp32 output against the float64 answer
 
     @property
     def ok(self) -> bool:
-        return self.rel_err <= self.tolerance  # False for NaN
+        if self.rel_err <= self.tolerance:  # False for NaN
+            return True
+        return self.exact_rel_err is not None and self.eager_exact_rel_err is not None and \
+            self.exact_rel_err <= max(self.tolerance, REFEREE_FACTOR * self.eager_exact_rel_err)
+
+    @property
+    def refereed(self) -> bool:
+        """Passed only by the float64 referee (eager's own rounding misses the tolerance)."""
+        return self.ok and not self.rel_err <= self.tolerance
 
 
 @dataclass
@@ -49,13 +66,18 @@ class Accuracy:
 
     def as_dict(self) -> dict:
         return {"max_abs": self.max_abs, "rel_err": self.rel_err, "cosine": self.cosine, "ok": self.ok,
-                "outputs": [asdict(o) for o in self.outputs]}
+                "outputs": [{k: v for k, v in asdict(o).items() if v is not None} for o in self.outputs]}
+
+    @property
+    def refereed(self) -> list[OutputError]:
+        return [o for o in self.outputs if o.refereed]
 
     @classmethod
     def from_dict(cls, data: dict) -> "Accuracy":
-        numeric = ("max_abs", "rel_err", "cosine", "tolerance")
-        return cls([OutputError(**{k: float(v) if k in numeric else v for k, v in o.items()})
-                    for o in data.get("outputs", [])])
+        numeric = ("max_abs", "rel_err", "cosine", "tolerance", "exact_rel_err", "eager_exact_rel_err")
+        fields = OutputError.__dataclass_fields__
+        return cls([OutputError(**{k: float(v) if k in numeric and v is not None else v for k, v in o.items()
+                                   if k in fields}) for o in data.get("outputs", [])])
 
 
 def _worst(values) -> float:
@@ -129,3 +151,69 @@ def compare(outputs: list, references: list, tolerance: float | None = None, dec
     declared = declared or [None] * len(outputs)
     return Accuracy([compare_tensor(i, o, r, tolerance, d)
                      for i, (o, r, d) in enumerate(zip(outputs, references, declared))])
+
+
+class Judge:
+    """Whether a compiled program's flat outputs are right on one set of example inputs.
+
+    First against eager's outputs, within the tolerance (the dtype's own, or a lowered compile's). An fp32
+    output that misses it is then measured against the exact answer, `exact()` (the captured graph run in
+    float64, computed once, on demand): it passes when it is no further from that answer than REFEREE_FACTOR
+    times eager's own fp32 output is. That happens only where the model amplifies rounding beyond the
+    tolerance — eager itself is then that far off (HF's random-init MobileViT has subnormal outputs, 1e-40,
+    where fp32 keeps a few bits: eager is 0.14 from the float64 answer, plain ONNX Runtime 0.13 from eager) —
+    while a rewrite that computes something else lands far beyond it. NaN never passes.
+    """
+
+    def __init__(self, references: list, tolerance: float | None = None, declared: list | None = None,
+                 exact: Callable[[], list | None] | None = None):
+        self.references, self.tolerance, self.declared = references, tolerance, declared
+        self._exact, self._exact_outputs, self._exact_done = exact, None, False
+
+    def exact(self) -> list | None:
+        if not self._exact_done:
+            self._exact_done = True
+            self._exact_outputs = self._exact() if self._exact is not None else None
+        return self._exact_outputs
+
+    def __call__(self, outputs: list) -> Accuracy:
+        accuracy = compare(outputs, self.references, self.tolerance, self.declared)
+        misses = [o for o in accuracy.outputs if not o.ok and o.dtype == "float32" and math.isfinite(o.rel_err)]
+        if self.tolerance is not None or not misses or self.exact() is None:
+            return accuracy
+        exact = self.exact()
+        for miss in misses:
+            truth, out, ref = exact[miss.index], outputs[miss.index], self.references[miss.index]
+            if isinstance(truth, torch.Tensor) and truth.shape == ref.shape:
+                miss.exact_rel_err = relative_error(out, truth)
+                miss.eager_exact_rel_err = relative_error(ref, truth)
+        return accuracy
+
+
+def exact_outputs(graph, inputs: list) -> list | None:
+    """The graph's flat outputs computed in float64 — its fp32 weights, inputs and dtype arguments promoted —
+    or None where it cannot run so (an op without a float64 kernel, a dtype the graph relies on)."""
+    wide = graph.copy()
+    for name, tensor in list(wide.constants.items()):
+        if tensor.dtype == torch.float32:
+            wide.constants[name] = tensor.double()
+    for node in wide.call_nodes:
+        wide.set_args(node, _promoted(node.args), _promoted(node.kwargs))
+    try:
+        module = wide.to_fx()
+        with torch.no_grad():
+            outputs = list(module(*[t.double() if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+                                   for t in inputs]))
+    except Exception:  # noqa: BLE001 - no float64 answer: the fp32 verdict stands
+        return None
+    return outputs
+
+
+def _promoted(value):
+    if value is torch.float32:
+        return torch.float64
+    if isinstance(value, (list, tuple)):
+        return type(value)(_promoted(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _promoted(v) for k, v in value.items()}
+    return value

@@ -70,7 +70,24 @@ def _compile_options(args) -> dict:
                "keep_output_dtype": False if args.low_precision_outputs else None}
     if args.calibration:
         options["calibration_data"] = read_calibration(args.calibration)
+    if getattr(args, "passes", None):
+        options["passes"] = load_passes(args.passes)
     return {k: v for k, v in options.items() if v is not None}
+
+
+def load_passes(spec: str) -> list:
+    """A pass pipeline from 'pkg.module:NAME': a list of passes, or a function that returns one."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        raise InputError(f"--passes {spec!r} is not 'module:name' (a list of passes, or a function returning one)")
+    try:
+        found = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"cannot load --passes {spec!r}: {exc}") from exc
+    passes = found() if callable(found) and not isinstance(found, (list, tuple)) else found
+    if not isinstance(passes, (list, tuple)) or not all(callable(p) for p in passes):
+        raise InputError(f"--passes {spec!r} is not a list of passes (functions graph, ctx -> graph)")
+    return list(passes)
 
 
 def read_calibration(path: str) -> list[dict]:
@@ -177,7 +194,8 @@ def cmd_verify(args, progress) -> int:
 
     progress(f"loading {args.artifact}")
     compiled = blade.load(args.artifact)
-    model, _, _ = load_source(args.against)
+    source = load_source(args.against)
+    model = source[0]
     if isinstance(model, str):
         model = torch.export.load(model).module()
     else:
@@ -195,6 +213,10 @@ def cmd_verify(args, progress) -> int:
 
         args.tol = tolerance_of(compiled.report.quantization) or 1e-4
     result = verify(compiled, model, input_sets, args.tol)
+    if args.output and not args.bisect:
+        raise InputError("verify -o writes the repaired artifact that --bisect compiles; add --bisect")
+    if args.bisect and not result["ok"]:
+        result["bisection"] = _bisect_artifact(compiled, source, input_sets, result, args, progress)
     if args.json:
         print(json.dumps(result, default=str))
     else:
@@ -202,7 +224,29 @@ def cmd_verify(args, progress) -> int:
             errs = ", ".join(f"output {r['index']} rel_err {r['rel_err']:.2e}" for r in sample["outputs"])
             print(f"{'ok  ' if sample['ok'] else 'FAIL'} {sample['inputs']} {sample['shapes']}: {errs}")
         print(f"{'passed' if result['ok'] else 'FAILED'}: tolerance {args.tol:g} (relative error per output)")
+        if "bisection" in result:
+            from blade.bisect import describe
+
+            print(f"bisection: {describe(result['bisection'])}")
+            if args.output:
+                print(f"saved the repaired compile {args.output}")
     return 0 if result["ok"] else 1
+
+
+def _bisect_artifact(compiled, source, input_sets, result, args, progress) -> dict:
+    """verify --bisect: compile the source again with the rewrites at fault held back, on the worst failing inputs."""
+    from blade.verify import bisect_artifact
+
+    worst = max((i for i, s in enumerate(result["samples"]) if not s["ok"]),
+                key=lambda i: result["samples"][i]["worst_rel_err"])
+    name, inputs = input_sets[worst]
+    progress(f"bisecting the passes on the inputs '{name}' (each trial compiles the source again)")
+    passes = load_passes(args.passes) if args.passes else None
+    found, fixed = bisect_artifact(compiled, source, inputs, args.tol, passes)
+    if args.output:
+        progress(f"saving the repaired compile to {args.output}")
+        fixed.save(args.output)
+    return {**found.as_dict(), "inputs": name, "repaired": str(args.output) if args.output else None}
 
 
 def _inputs_file(compiled, path: str) -> list[torch.Tensor]:
@@ -429,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "directory of them, each one sample with one tensor per input name (as `run --inputs`)")
             p.add_argument("--accuracy-budget", type=float, metavar="REL_ERR", help="largest relative error vs "
                            "fp32; the most sensitive layers stay fp32 until it holds, else the compile fails")
+            p.add_argument("--passes", metavar="MODULE:NAME", help="replace the pass pipeline with your own: a list "
+                           "of passes (functions graph, ctx -> graph), or a function returning one")
         if bench_options:
             p.add_argument("--warmup", type=_count(0), default=3)
             p.add_argument("--repeat", type=_count(1), default=20)
@@ -461,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh inputs")
     p.add_argument("--tol", type=float, help="largest relative error allowed per output (default 1e-4; for a "
                    "quantized or low-precision artifact its accuracy budget, else its mode's tolerance)")
+    p.add_argument("--bisect", action="store_true", help="when the artifact fails: compile the source again as the "
+                   "artifact was, find the pass and the rewrite at fault and hold them back; prints what it found")
+    p.add_argument("--passes", metavar="MODULE:NAME", help="with --bisect: the pass pipeline the artifact was compiled "
+                   "with, when it was not blade's own (as compile --passes)")
+    p.add_argument("-o", "--output", help="with --bisect: write the repaired compile as an artifact here")
     p.set_defaults(func=cmd_verify)
 
     p = common(sub.add_parser("bench", help="time eager vs compiled in one run"), True, True)

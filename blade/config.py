@@ -23,6 +23,8 @@ class CompileConfig:
     keep_high_precision: frozenset = frozenset()  # layer (node) names the accuracy guard keeps in fp32
     accuracy_budget: float | None = None  # max relative error vs fp32 the guard holds the model to
     keep_output_dtype: bool = True  # False: floating outputs come back in the compute precision (fp16/bf16)
+    # (pass name, site) rewrites the accuracy bisection keeps out of the graph; (pass name, "*") skips that pass
+    held_back: frozenset = frozenset()
 
     @property
     def lowers_precision(self) -> bool:

@@ -109,6 +109,12 @@ class Lowering:
         graph, records = run_pipeline(self.guard.graph, rest, replace(self.config, keep_high_precision=frozenset(keep)))
         return graph, self.prefix_records + records
 
+    def pipeline_and_config(self) -> tuple[list, CompileConfig]:
+        """The pipeline as the compile ran it and the config that reproduces it (with the layers the guard kept in
+        fp32), for the accuracy bisection to run again with rewrites held back."""
+        kept = frozenset(self.result.kept) if self.result is not None else self.config.keep_high_precision
+        return self.pipeline, replace(self.config, keep_high_precision=kept)
+
     def enforce_budget(self, graph, records, executable, backend, target):
         """Check the backend's own outputs against the budget; keep more layers in fp32 and recompile while
         they miss it (the backend's numerics can differ from the eager reference), else AccuracyError."""

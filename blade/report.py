@@ -31,6 +31,7 @@ class CompileReport:
     quantization: dict = field(default_factory=dict)  # precision/quantize: layers lowered, kept, errors
     matmul_precision: dict = field(default_factory=dict)  # every matmul/conv/attention node -> what it computes in
     cache: dict = field(default_factory=dict)  # {"hit", "key", "path", ...} when the compile cache was used
+    bisection: dict = field(default_factory=dict)  # the accuracy bisection, when the compile missed its tolerance
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -85,9 +86,15 @@ class CompileReport:
             lines.append(f"  cache     {what} {self.cache.get('key')} ({self.cache.get('path')})")
         if self.seconds:
             lines.append("  seconds   " + ", ".join(f"{k} {v:.3f}" for k, v in self.seconds.items()))
+        if self.bisection:
+            from blade.bisect import describe
+
+            lines.append(f"  bisection {describe(self.bisection)}")
         if self.accuracy is not None:
             acc = self.accuracy
             verdict = "ok" if acc.ok else "OUT OF TOLERANCE"
+            if acc.ok and acc.refereed:
+                verdict = "ok against the float64 answer (eager's own fp32 rounding misses the tolerance here)"
             lines.append(f"  accuracy  rel_err {acc.rel_err:.3g}, max_abs {acc.max_abs:.3g}, "
                          f"cosine {acc.cosine:.6f} over {len(acc.outputs)} outputs: {verdict}")
         lines += [f"  warning: {w}" for w in self.warnings]

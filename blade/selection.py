@@ -15,9 +15,10 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from blade import backends
-from blade.accuracy import compare
+from blade.accuracy import Accuracy
 from blade.backends import base
 from blade.errors import BackendError
 from blade.ir import Graph
@@ -42,6 +43,7 @@ class Selection:
     executable: object
     reason: str
     candidates: dict = field(default_factory=dict)  # name -> {"ms", "compile_s"} or {"error"} or {"skipped"}
+    accurate: bool = True  # False: every candidate missed the accuracy check; this one was compiled first
 
 
 def candidates_for(graph: Graph, target: Target) -> tuple[list, dict]:
@@ -63,13 +65,14 @@ def candidates_for(graph: Graph, target: Target) -> tuple[list, dict]:
     return found, skipped
 
 
-def select(graph: Graph, target: Target, examples: list, references: list | None = None,
-           tolerance: float | None = None, budget_s: float = DEFAULT_BUDGET_S) -> Selection:
-    """Compile and time every candidate on `examples`; the fastest of those whose outputs match
-    `references` (eager's, within `tolerance` or the dtype's own) wins."""
+def select(graph: Graph, target: Target, examples: list, judge: Callable[[list], Accuracy] | None = None,
+           budget_s: float = DEFAULT_BUDGET_S) -> Selection:
+    """Compile and time every candidate on `examples`; the fastest of those whose outputs the `judge` passes
+    wins. When every candidate that ran misses, the first of them is returned with `accurate` False (the
+    compile then bisects the passes on it)."""
     found, skipped = candidates_for(graph, target)
     results: dict[str, dict] = {name: {"skipped": why} for name, why in skipped.items()}
-    compiled, spent = {}, 0.0
+    compiled, spent, inaccurate = {}, 0.0, []
     for backend in found:
         if compiled and spent > budget_s:
             results[backend.name] = {"skipped": f"compile-time budget of {budget_s:g} s spent"}
@@ -84,14 +87,19 @@ def select(graph: Graph, target: Target, examples: list, references: list | None
             continue
         seconds = time.perf_counter() - start
         spent += seconds
-        if references is not None:
-            accuracy = compare(outputs, references, tolerance, graph.output_dtypes())
+        if judge is not None:
+            accuracy = judge(outputs)
             if not accuracy.ok:
                 results[backend.name] = {"error": f"outputs differ from eager (rel_err {accuracy.rel_err:.3g})",
                                          "compile_s": seconds}
+                inaccurate.append((backend, executable))
                 continue
         compiled[backend.name] = (backend, executable)
         results[backend.name] = {"compile_s": seconds}
+    if not compiled and inaccurate:
+        backend, executable = inaccurate[0]
+        return Selection(backend, executable, f"auto (measured): no candidate matched eager; {backend.name} "
+                         "was bisected", results, accurate=False)
     if not compiled:
         raise BackendError(f"no candidate backend could compile {graph.name}: {results}")
     times = _time(compiled, examples, target.device)

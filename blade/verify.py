@@ -68,3 +68,52 @@ def verify(compiled, reference, input_sets: list[tuple[str, list[torch.Tensor]]]
         samples.append({"inputs": name, "shapes": [list(t.shape) for t in inputs], "worst_rel_err": worst,
                         "ok": ok, "outputs": rows})
     return {"ok": all(s["ok"] for s in samples), "tolerance": tol, "samples": samples}
+
+
+def bisect_artifact(compiled, source, inputs: list[torch.Tensor], tol: float, passes: list | None = None):
+    """The accuracy bisection for an artifact that fails its gate on `inputs`: the source (a module:factory triple
+    or a .pt2 path) is captured and compiled again as the artifact was (backend, level, precision, quantization,
+    the layers its guard kept), with rewrites held back until `inputs` pass within `tol`. Returns the
+    blade.bisect.Bisection and a CompiledModel of the repaired compile (the artifact's signature and examples)."""
+    from blade import backends
+    from blade import passes as pipelines
+    from blade.accuracy import Judge
+    from blade.bisect import bisect
+    from blade.capture import capture
+    from blade.compiled import CompiledModel
+    from blade.config import CompileConfig
+    from blade.errors import ConfigError
+    from blade.lowering import with_lowering
+    from blade.report import CompileReport
+
+    report = compiled.report
+    lowered = report.quantization or {}
+    precision = lowered.get("precision") if lowered.get("precision") != "fp32" else None
+    low_outputs = any(d in (torch.float16, torch.bfloat16) for d in compiled.graph.output_dtypes())
+    config = CompileConfig(backend=compiled.backend, optimize=report.optimize, precision=precision,
+                           quantize=lowered.get("quantize"), accuracy_budget=lowered.get("budget"),
+                           keep_output_dtype=not (precision and low_outputs),
+                           keep_high_precision=frozenset(lowered.get("kept_high_precision", [])))
+    if config.quantize == "int8_static":
+        raise ConfigError("bisecting an int8_static artifact needs its calibration data: compile it again with "
+                          "`blade compile --calibration`, which bisects a compile that misses its tolerance")
+    model, example_inputs, dynamic_shapes = source
+    captured = capture(model, example_inputs, None, dynamic_shapes, compiled.graph.name)
+    pipeline = with_lowering(list(passes), config) if passes is not None else \
+        pipelines.pipeline_for(report.optimize, config.lowers_precision)
+    args, kwargs = unflatten(compiled.signature.in_tree, inputs)
+    with torch.no_grad():
+        references = pytree.tree_leaves(captured.reference(*args, **kwargs))
+    judge = Judge(references, tol, compiled.graph.output_dtypes())
+    before = judge(compiled.run_flat(inputs))
+    found = bisect(captured.graph, pipeline, config, backends.get(compiled.backend), compiled.target, inputs, judge,
+                   before.rel_err)
+    fixed_report = CompileReport.from_dict(report.as_dict())
+    fixed_report.passes = [r.as_dict() for r in found.records]
+    fixed_report.bisection = found.as_dict()
+    fixed_report.backend = found.backend
+    fixed_report.nodes_after = len(found.graph)
+    fixed_report.accuracy = judge(found.executable(*inputs))
+    fixed = CompiledModel(found.graph, found.executable, found.backend, compiled.target, compiled.signature,
+                          fixed_report, list(compiled.example_inputs))
+    return found, fixed

@@ -145,6 +145,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if found is None:
             continue
         name, members, out = found
+        if not ctx.allows(out.name):
+            continue
         _, target, extra_args, kwargs = ACTIVATIONS[name]
         new = graph.add_node(target, (x, *extra_args), dict(kwargs), dict(out.meta), name=name)
         graph.replace_all_uses(out, new)

@@ -58,6 +58,9 @@ SIZE_SAMPLES = (7, 12)
 CAUSAL_CHECK_MAX = 8192
 
 
+HELD_BACK = "held back by the accuracy bisection"
+
+
 class NoMatch(Exception):
     """This softmax is not attention the pass can replace; the message says why."""
 
@@ -604,7 +607,7 @@ def describe(att: Attention, softmax: Node) -> str:
 
 # -- SDPA ----------------------------------------------------------------------------------
 
-def replace_sdpa(graph: Graph, node: Node) -> Node:
+def replace_sdpa(graph: Graph, node: Node, ctx: PassContext) -> Node:
     q, k, v = node.args[:3]
     mask = _arg(node, 3, "attn_mask")
     dropout = _arg(node, 4, "dropout_p", 0.0)
@@ -621,6 +624,8 @@ def replace_sdpa(graph: Graph, node: Node) -> Node:
         if not is_static(head_dim):
             raise NoMatch(f"{node.name}: head dim {head_dim} is dynamic and no scale is given")
         scale = 1.0 / math.sqrt(head_dim)
+    if not ctx.allows(node.name):
+        raise NoMatch(HELD_BACK)
     flash = graph.add_node(FLASH_ATTENTION, (q, k, v, _to_4d(graph, mask), float(scale), causal),
                            meta=_meta(node.val.shape, node.val.dtype, node.val.device), name="flash_attention")
     graph.replace_all_uses(node, flash)
@@ -661,6 +666,8 @@ def replace_softmax(graph: Graph, sizes: SizeOnly, softmax: Node, ctx: PassConte
     if left:
         raise NoMatch(f"masks {left} fill with a finite value and are not causal: a row with every key masked "
                       "would average the values in eager and give zeros in the op")
+    if not ctx.allows(softmax.name):
+        raise NoMatch(HELD_BACK)
     absorb_output_copy(graph, build(graph, att, out), ctx)
     return "; ".join([describe(att, softmax), *att.notes])
 
@@ -669,7 +676,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     sizes = SizeOnly(graph)
     for node in graph.call_nodes:
         if node.target is aten.scaled_dot_product_attention.default:
-            replace, left = lambda n: _describe_sdpa(n, replace_sdpa(graph, n)), "sdpa_left"
+            replace, left = lambda n: _describe_sdpa(n, replace_sdpa(graph, n, ctx)), "sdpa_left"
         elif node.target in SOFTMAX_OPS:
             replace, left = lambda n: replace_softmax(graph, sizes, n, ctx), "softmax_left"
         else:

@@ -180,7 +180,7 @@ def _assert_holds(node: Node) -> bool:
 
 def remove_proven_asserts(graph: Graph, ctx: PassContext) -> None:
     for node in graph.call_nodes:
-        if node.target == aten._assert_tensor_metadata.default and _assert_holds(node):
+        if node.target == aten._assert_tensor_metadata.default and _assert_holds(node) and ctx.allows(node.name):
             graph.remove_node(node)
             ctx.count("asserts_proven")
 
@@ -195,6 +195,8 @@ def remove_noops(graph: Graph, ctx: PassContext) -> None:
             continue
         if graph.is_output(node) and (src.op in ("input", "constant") or _reaches_output(graph, src)):
             continue  # the output would alias the caller's input, a weight, or another output
+        if not ctx.allows(node.name):
+            continue
         graph.replace_all_uses(node, src)
         graph.remove_node(node)
         ctx.count(f"noop:{format_target(node.target)}")
@@ -222,6 +224,8 @@ def eliminate_common_subexpressions(graph: Graph, ctx: PassContext) -> None:
         first = seen.setdefault(key, node)
         if first is node or (_reaches_output(graph, node) and _reaches_output(graph, first)):
             continue  # two outputs stay two tensors
+        if not ctx.allows(node.name):
+            continue
         graph.replace_all_uses(node, first)
         graph.remove_node(node)
         ctx.count("cse_merged")

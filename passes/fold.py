@@ -50,7 +50,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             continue
         # a copy, always: a view of a weight kept beside the weight would share its memory
         values[node] = result.detach().clone(memory_format=torch.contiguous_format)
-        if graph.is_output(node):
+        if graph.is_output(node) or not ctx.allows(node.name):
             continue
         source = node.meta.get("source") or node.name
         constant = graph.add_constant(f"{node.name}_folded", values[node], f"{source} (folded)")

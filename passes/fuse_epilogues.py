@@ -70,7 +70,7 @@ def fuse_epilogue(graph: Graph, matmul: Node, ctx: PassContext) -> bool:
     if step is not None and plain_add(step) and step.args[0] is not step.args[1]:
         residual = step.args[1] if step.args[0] is current else step.args[0]
         members, current = members + [step], step
-    if len(members) == 1 or members[-1].target in RESHAPES or fusable(graph, members):
+    if len(members) == 1 or members[-1].target in RESHAPES or fusable(graph, members) or not ctx.allows(matmul.name):
         return False
     pattern = "_".join([form] + ([activation] if activation else []) + (["residual"] if residual is not None else []))
     fuse(graph, members, "matmul_epilogue", pattern,

@@ -95,7 +95,7 @@ def _sum_role(graph: Graph, total: Node, members: list[Node]) -> dict:
 def fuse_skip_layer_norm(graph: Graph, ln: Node, ctx: PassContext) -> bool:
     x, shape = ln.args[0], _arg(ln, 1, "normalized_shape")
     operands = skip_add(x) if isinstance(x, Node) else None
-    if operands is None or len(shape) != 1 or shape[0] != x.val.shape[-1]:
+    if operands is None or len(shape) != 1 or shape[0] != x.val.shape[-1] or not ctx.allows(ln.name):
         return False
     weight, beta, eps = _arg(ln, 2, "weight"), _arg(ln, 3, "bias"), _arg(ln, 4, "eps", 1e-5)
     a, b = operands
@@ -161,7 +161,7 @@ def fuse_rms_norm(graph: Graph, mean: Node, ctx: PassContext) -> bool:
         first, second = skip_add(x)
         roles = {"input": first, "skip": second, "gamma": weight}
         pattern = "skip_rms_norm"
-    if fusable(graph, members):
+    if fusable(graph, members) or not ctx.allows(mean.name):
         return False
     output_roles = {out: "out", **(_sum_role(graph, x, members) if pattern == "skip_rms_norm" else {})}
     fuse(graph, members, "reduction", pattern, {"eps": float(add.args[1])}, roles=roles, output_roles=output_roles)

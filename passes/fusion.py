@@ -102,6 +102,8 @@ def fuse_loops(graph: Graph, ctx: PassContext) -> None:
         if fusable(graph, members):
             ctx.note(f"not fused {[m.name for m in members]}: {fusable(graph, members)}")
             continue
+        if not ctx.allows(members[-1].name):
+            continue
         kind, pattern = _pattern(members)
         fuse(graph, members, kind, pattern)
         ctx.count(f"{kind}:{pattern}")

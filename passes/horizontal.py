@@ -94,6 +94,8 @@ def fuse_group(graph: Graph, group: list[Node]) -> None:
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
     for group in _groups(graph):
+        if not ctx.allows(group[0].name):
+            continue
         fuse_group(graph, group)
         ctx.count(f"linears_{len(group)}_into_1")
     eliminate_dead_code(graph, ctx)

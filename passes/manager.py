@@ -12,6 +12,7 @@ from blade.fused import verify_regions
 from blade.ir import Graph
 
 Pass = Callable[[Graph, "PassContext"], Graph]
+SKIP = "*"  # the site that names a whole pass in CompileConfig.held_back
 
 
 @dataclass
@@ -24,10 +25,15 @@ class PassRecord:
     seconds: float = 0.0
     counts: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)  # every rewrite the pass offered to commit, in order
+    held_back: list[str] = field(default_factory=list)  # those the accuracy bisection kept out
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "nodes_before": self.nodes_before, "nodes_after": self.nodes_after,
+        data = {"name": self.name, "nodes_before": self.nodes_before, "nodes_after": self.nodes_after,
                 "seconds": round(self.seconds, 6), "counts": dict(self.counts), "notes": list(self.notes)}
+        if self.held_back:
+            data["held_back"] = list(self.held_back)
+        return data
 
 
 @dataclass
@@ -42,6 +48,17 @@ class PassContext:
 
     def note(self, text: str) -> None:
         self.record.notes.append(text)
+
+    def allows(self, site: str) -> bool:
+        """Whether the pass may commit its rewrite at `site` (the name of the node it is anchored on, in the
+        graph the pass was given). Every pass asks before it touches the graph for one rewrite; the accuracy
+        bisection (blade/bisect.py) searches these sites for the one at fault and holds it back."""
+        self.record.sites.append(site)
+        if (self.record.name, site) in self.config.held_back:
+            self.record.held_back.append(site)
+            self.note(f"held back the rewrite at {site} (accuracy bisection)")
+            return False
+        return True
 
 
 def pass_name(fn: Pass) -> str:
@@ -58,6 +75,12 @@ def run_pipeline(graph: Graph, pipeline: list[Pass], config: CompileConfig) -> t
             raise ConfigError(f"pipeline entry {fn!r} is not a pass (a function graph, ctx -> graph)")
         record = PassRecord(pass_name(fn), nodes_before=len(graph))
         start = time.perf_counter()
+        if (record.name, SKIP) in config.held_back:
+            record.held_back.append(SKIP)
+            record.notes.append("skipped: the accuracy bisection found this pass at fault")
+            record.nodes_after = len(graph)
+            records.append(record)
+            continue
         result = fn(graph, PassContext(config, record))
         if not isinstance(result, Graph):
             raise GraphError(f"pass {record.name} returned {type(result).__name__}, not a Graph")

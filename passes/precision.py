@@ -87,7 +87,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         return casts[ref]
 
     for node in graph.call_nodes:
-        if not _eligible(node, keep):
+        if not _eligible(node, keep) or not ctx.allows(node.name):
             continue
         graph.set_args(node, map_refs(node.args, lowered), map_refs(node.kwargs, lowered))
         node.meta = dict(node.meta, val=TensorMeta(node.val.shape, low, node.val.device), precision=_short(low),

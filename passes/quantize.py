@@ -107,6 +107,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             layers = [n for n in layers if n.name not in silent]
     weights = _Weights(graph)
     for node in layers:
+        if not ctx.allows(node.name):
+            continue
         if linear_weights(node):
             _rewrite_linear(graph, node, mode, weights, scales.get(node.name))
             ctx.count(f"qlinear_{OP_MODE[mode]}")

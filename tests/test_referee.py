@@ -1,0 +1,77 @@
+"""The float64 referee: an fp32 model that amplifies rounding beyond the tolerance (subnormal outputs) compiles
+when blade is no further from the exact answer than eager itself, and a wrong rewrite is still caught."""
+import math
+
+import torch
+
+import blade
+from blade.accuracy import Judge, OutputError, exact_outputs, relative_error
+from blade.capture import capture
+
+aten = torch.ops.aten
+X = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+
+
+class Tiny(torch.nn.Module):
+    """Outputs of about 1e-44, where fp32 keeps two or three bits: eager is 4e-2 from the float64 answer."""
+
+    def forward(self, x):
+        return (x * 1e-22) * 1e-22
+
+
+def merge_scales(factor: float = 1.0):
+    """(x * a) * b -> x * (a * b * factor): an exact rewrite for factor 1, rounded differently near underflow."""
+    def merge_scales(graph, ctx):
+        for node in graph.call_nodes:
+            inner = node.args[0] if node.target is aten.mul.Tensor else None
+            if getattr(inner, "target", None) is aten.mul.Tensor and ctx.allows(node.name):
+                scale = inner.args[1] * node.args[1] * factor
+                merged = graph.add_node(aten.mul.Tensor, (inner.args[0], scale), meta=dict(node.meta), name="merged")
+                graph.replace_all_uses(node, merged)
+                graph.remove_node(node)
+                graph.remove_node(inner)
+        return graph
+    return merge_scales
+
+
+def test_a_reordered_computation_as_close_to_the_exact_answer_as_eager_passes():
+    compiled = blade.compile(Tiny(), (X,), backend="eager", passes=[merge_scales()])
+    accuracy = compiled.report.accuracy
+    (output,) = accuracy.outputs
+    assert output.rel_err > 1e-2, "fp32 cannot hold 1e-5 here: the two differ by rounding alone"
+    assert accuracy.ok and output.refereed and compiled.report.bisection == {}
+    assert output.exact_rel_err <= 2 * output.eager_exact_rel_err
+    assert "aten.mul.Tensor" in compiled.graph.count_targets() and len(compiled.graph.call_nodes) == 1
+    assert any("from the float64 answer" in w for w in compiled.report.warnings)
+    assert "ok against the float64 answer" in str(compiled.report)
+
+
+def test_a_wrong_rewrite_is_still_caught_and_held_back():
+    compiled = blade.compile(Tiny(), (X,), backend="eager", passes=[merge_scales(factor=3.0)])
+    assert compiled.report.bisection["culprits"][0]["pass"] == "merge_scales"
+    torch.testing.assert_close(compiled(X), Tiny()(X), rtol=0, atol=0)
+
+
+def test_exact_outputs_promote_weights_inputs_and_dtype_arguments():
+    class Cast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return (x @ self.w).to(torch.float32) + torch.ones(8, dtype=torch.float32)
+
+    captured = capture(Cast(), (torch.randn(2, 8),))
+    (out,) = exact_outputs(captured.graph, [torch.randn(2, 8)])
+    assert out.dtype == torch.float64
+
+
+def test_nan_and_lowered_tolerances_are_never_refereed():
+    nan = OutputError(0, "float32", math.nan, math.nan, math.nan, 1e-5, exact_rel_err=math.nan,
+                      eager_exact_rel_err=1.0)
+    assert not nan.ok
+    ref = [torch.ones(4)]
+    judge = Judge(ref, tolerance=1e-2, exact=lambda: [torch.ones(4, dtype=torch.float64)])
+    assert not judge([torch.full((4,), 2.0)]).ok and judge.exact() is not None
+    assert judge([torch.full((4,), 2.0)]).outputs[0].exact_rel_err is None, "a lowered compile keeps its budget"
+    assert relative_error(torch.ones(4), torch.ones(4)) == 0.0
