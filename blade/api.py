@@ -87,7 +87,7 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
             return hit  # a .pt2 keeps the example inputs saved with it
 
     captured = capture(model, example_inputs, example_kwargs, dynamic_shapes, name)
-    signature = Signature(captured.in_tree, captured.out_tree, captured.arg_names)
+    signature = Signature(captured.in_tree, captured.out_tree, captured.arg_names, captured.constants)
     if lookup.on and lookup.key is None:
         digest = compile_cache.graph_digest(captured.graph, signature.as_dict(), captured.example_args,
                                             captured.example_kwargs)
@@ -95,7 +95,8 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
         if hit is not None:
             return _with_examples(hit, captured.example_args, captured.example_kwargs)
     t_passes = time.perf_counter()
-    examples = signature.flatten(captured.example_args, captured.example_kwargs)
+    # what an executable takes: the caller's tensors, then the state the compiled model feeds itself
+    examples = signature.flatten(captured.example_args, captured.example_kwargs) + captured.graph.state_values()
     lowering = Lowering(captured, signature, pipeline, config, calibration_data, examples)
     graph, records = lowering.run_passes()
     t_backend = time.perf_counter()

@@ -19,12 +19,12 @@ from blade.errors import ArtifactError, BladeError
 from blade.fingerprint import path_digest
 from blade.ir import Graph
 from blade.report import CompileReport
-from blade.serialize import graph_from_json, graph_to_json, meta_to_json
+from blade.serialize import format_of, graph_from_json, graph_to_json, meta_to_json
 from blade.signature import Signature
 from blade.target import Target, detect
 
 FORMAT = "blade-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the graph mutates, keeps state or nests graphs; an artifact without them is written as 1
 MANIFEST = "manifest.json"
 GRAPH = "graph.json"
 WEIGHTS = "weights.safetensors"
@@ -71,16 +71,18 @@ def save(compiled: CompiledModel, path) -> Path:
         raise ArtifactError(f"{root} exists and is not a blade artifact; choose a new path")
     root.mkdir(parents=True, exist_ok=True)
     stored, aliases = _dedupe_constants(compiled.graph)
+    stored.update({name: t.detach().cpu().contiguous() for name, t in compiled.graph.state.items()})
     (root / GRAPH).write_text(json.dumps(graph_to_json(compiled.graph), indent=1))
     safetensors.torch.save_file(stored, root / WEIGHTS)
-    examples = {n.name: t.detach().cpu().contiguous() for n, t in zip(compiled.graph.inputs, compiled.example_inputs)}
+    examples = {n.name: t.detach().cpu().contiguous() for n, t in zip(compiled.graph.user_inputs,
+                                                                       compiled.example_inputs)}
     safetensors.torch.save_file(examples, root / EXAMPLES)
     (root / BACKEND_DIR).mkdir(exist_ok=True)
     compiled.executable.save(str(root / BACKEND_DIR))
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_of(compiled.graph),
         "blade_version": __version__,
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "safetensors": safetensors.__version__},
@@ -120,7 +122,7 @@ def read_manifest(path) -> dict:
     if claimed != hashlib.sha256(_canonical(manifest)).hexdigest():
         raise ArtifactError(f"{manifest_path} was modified after it was written (its hash does not match); "
                             "refusing to load — recompile or restore the original artifact")
-    if version != FORMAT_VERSION:
+    if version not in (1, FORMAT_VERSION):
         raise ArtifactError(f"{manifest_path}: artifact format version {version!r} is not supported by "
                             f"blade {__version__} (reads {FORMAT_VERSION}); recompile with this blade")
     return manifest

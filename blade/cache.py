@@ -98,7 +98,8 @@ def graph_digest(graph, signature: dict, example_args, example_kwargs) -> str | 
     except BladeError:
         return None
     return "graph:" + hashlib.sha256(json.dumps([data, signature], sort_keys=True, default=str).encode()).hexdigest() \
-        + ":" + weights_digest(sorted(graph.constants.items())) + ":" + inputs_digest(example_args, example_kwargs, None)
+        + ":" + weights_digest(sorted(graph.constants.items()) + sorted(graph.state.items())) + ":" \
+        + inputs_digest(example_args, example_kwargs, None)
 
 
 def tensors_digest(data) -> str | None:

@@ -32,9 +32,10 @@ class Captured:
     arg_names: list[str]  # forward's parameter names, for binding calls by name
     example_args: tuple
     example_kwargs: dict
-    reference: Callable  # the eager model (or the exported program) to compare against
-    reference_outputs: list  # flat outputs of reference on the example inputs
+    reference: Callable  # the eager model (or the exported program): outputs; inputs cloned, buffers restored
+    reference_outputs: list  # flat outputs on the example inputs, then the new values of what the graph mutates
     specialized: list[str] = field(default_factory=list)  # dims asked dynamic that came out static
+    constants: dict[int, object] = field(default_factory=dict)  # input leaf index -> value torch.export specialised
     seconds: float = 0.0
 
 
@@ -54,8 +55,32 @@ def capture(model, example_inputs=(), example_kwargs=None, dynamic_shapes=None, 
         raise InputError(
             f"blade.compile takes an nn.Module, a torch.export.ExportedProgram or a .pt2 path, got "
             f"{type(model).__name__}; wrap a plain function in an nn.Module")
+    captured.constants = constant_inputs(captured.exported)
+    captured.specialized += [f"input {name} = {value!r} (a non-tensor input: a constant of the compiled model)"
+                             for name, value in constant_names(captured.exported)]
     captured.seconds = time.perf_counter() - start
     return captured
+
+
+def _user_input_specs(ep) -> list:
+    from torch.export.graph_signature import InputKind
+
+    return [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+
+
+def constant_inputs(ep) -> dict[int, object]:
+    """Input leaf index -> the value torch.export specialised a non-tensor input (a flag, a string) to."""
+    from torch.export.graph_signature import ConstantArgument
+
+    return {i: s.arg.value for i, s in enumerate(_user_input_specs(ep)) if isinstance(s.arg, ConstantArgument)
+            and s.arg.value is not None}
+
+
+def constant_names(ep) -> list[tuple[str, object]]:
+    from torch.export.graph_signature import ConstantArgument
+
+    return [(s.arg.name, s.arg.value) for s in _user_input_specs(ep) if isinstance(s.arg, ConstantArgument)
+            and s.arg.value is not None]
 
 
 def normalize_example(example_inputs, example_kwargs) -> tuple[tuple, dict]:
@@ -136,21 +161,22 @@ def _from_module(model, example_inputs, example_kwargs, dynamic_shapes, name) ->
     args, kwargs = bind_example(model, example_inputs, example_kwargs)
     arg_names = list(inspect.signature(model.forward).parameters)
     flat_specs = flat_dim_specs(model, args, kwargs, dynamic_shapes)
+
+    def call(*a, **k):
+        with _eval_mode(model), torch.no_grad():
+            return model(*a, **k)
+
+    reference = Reference(call, lambda: dict(model.named_buffers()))
+    reference_output, changed = reference.run(args, kwargs)
     with _eval_mode(model), torch.no_grad():
-        reference_output = model(*args, **kwargs)
         _register_output_dataclasses(reference_output)
         ep = _export(model, args, kwargs, dynamic_shapes)
     ep = functional(ep)
     dim_names, specialized = name_dims(ep, flat_specs)
     graph = Graph.from_exported(ep, dim_names, name or type(model).__name__)
     out_tree = spec_to_json(ep.call_spec.out_spec)
-
-    def reference(*a, **k):
-        with _eval_mode(model), torch.no_grad():
-            return model(*a, **k)
-
     return Captured(graph, ep, spec_to_json(ep.call_spec.in_spec), out_tree, arg_names, args, kwargs, reference,
-                    pytree.tree_leaves(reference_output), specialized)
+                    pytree.tree_leaves(reference_output) + mutated_values(graph, changed), specialized)
 
 
 def _from_exported(ep, example_inputs, example_kwargs, name) -> Captured:
@@ -164,17 +190,79 @@ def _from_exported(ep, example_inputs, example_kwargs, name) -> Captured:
     dim_names, _ = name_dims(ep, [None] * len(_user_input_nodes(ep)))
     graph = Graph.from_exported(ep, dim_names, name or "exported")
     module = ep.module()
-    with torch.no_grad():
-        reference_outputs = pytree.tree_leaves(module(*args, **kwargs))
-    signature = ep.module_call_graph[0].signature
-    arg_names = list(getattr(signature, "forward_arg_names", None) or [])
 
-    def reference(*a, **k):
+    def call(*a, **k):
         with torch.no_grad():
             return module(*a, **k)
 
+    reference = Reference(call, lambda: dict(module.named_buffers()))
+    outputs, changed = reference.run(args, kwargs)
+    signature = ep.module_call_graph[0].signature
+    arg_names = list(getattr(signature, "forward_arg_names", None) or [])
     return Captured(graph, ep, spec_to_json(ep.call_spec.in_spec), spec_to_json(ep.call_spec.out_spec),
-                    arg_names, args, kwargs, reference, reference_outputs)
+                    arg_names, args, kwargs, reference, pytree.tree_leaves(outputs) + mutated_values(graph, changed))
+
+
+class Reference:
+    """The eager model as a check sees it: each call runs on clones of the inputs and puts the model's buffers
+    back as they were, so comparing with it never changes the caller's tensors or the model's state; `run`
+    also returns what the call wrote (input leaves by flat index, buffers by name)."""
+
+    def __init__(self, call: Callable, buffers: Callable[[], dict]):
+        self.call, self.buffers = call, buffers
+
+    def __call__(self, *args, **kwargs):
+        return self.run(args, kwargs)[0]
+
+    def run(self, args: tuple, kwargs: dict) -> tuple[Any, dict]:
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        clones = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        versions = [_version(leaf) if isinstance(leaf, torch.Tensor) else None for leaf in clones]
+        buffers = self.buffers()
+        saved = {name: (_version(b), b.clone()) for name, b in buffers.items()}
+        call_args, call_kwargs = pytree.tree_unflatten(clones, spec)
+        try:
+            outputs = self.call(*call_args, **call_kwargs)
+            written = {("input", i): leaf for i, (leaf, v) in enumerate(zip(clones, versions))
+                       if isinstance(leaf, torch.Tensor) and (v is None or _version(leaf) != v)}
+            written.update({("buffer", name): b.detach().clone() for name, b in buffers.items()
+                            if saved[name][0] is None or _version(b) != saved[name][0]})
+        finally:
+            with torch.no_grad():
+                for name, b in buffers.items():
+                    if saved[name][0] is None or _version(b) != saved[name][0]:
+                        b.copy_(saved[name][1])
+        return outputs, {"written": written, "inputs": clones, "buffers": {k: v for k, (_, v) in saved.items()}}
+
+    def flat(self, graph: Graph, args: tuple, kwargs: dict) -> list:
+        """Flat outputs, then the new value of every input and buffer the graph mutates."""
+        outputs, changed = self.run(args, kwargs)
+        return pytree.tree_leaves(outputs) + mutated_values(graph, changed)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter (None for an inference-mode tensor, which has none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def mutated_values(graph: Graph, changed: dict) -> list:
+    """The values the eager call left in what the graph writes back, in graph.mutations order."""
+    if not graph.mutations:
+        return []
+    tensor_leaves = [i for i, leaf in enumerate(changed["inputs"]) if isinstance(leaf, torch.Tensor)]
+    user = [n.name for n in graph.user_inputs]
+    values = []
+    for name in graph.mutations:
+        if name in graph.state:
+            buffer = graph.node(name).meta.get("source")
+            values.append(changed["written"].get(("buffer", buffer), changed["buffers"].get(buffer)))
+        else:
+            index = tensor_leaves[user.index(name)]
+            values.append(changed["written"].get(("input", index), changed["inputs"][index]))
+    return values
 
 
 _TRAINING_ONLY = {"native_dropout", "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}

@@ -119,7 +119,7 @@ def _bench(model, example_inputs, compiled, args, progress) -> dict:
     with torch.no_grad():
         medians = time_interleaved({"eager": lambda: model(*example_inputs), "blade": lambda: compiled.run_flat(flat)},
                                    warmup=args.warmup, repeat=args.repeat, device=compiled.target.device)
-    dims = check_inputs(compiled.graph.inputs, compiled.graph.dims, flat)
+    dims = check_inputs(compiled.graph.user_inputs, compiled.graph.dims, flat)
     flops, least, dtype = model_work(compiled.graph, dims, device=compiled.target.device)
     progress("utilization against this machine's peaks (measured once, about 10 s, then cached)")
     peaks = machine_peaks(compiled.target, refresh=args.remeasure_peaks)

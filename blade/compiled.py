@@ -30,30 +30,51 @@ class CompiledModel:
     def flat_inputs(self, *args, **kwargs) -> list[torch.Tensor]:
         """Bind a call's arguments to the graph's inputs and check them against the spec."""
         check_tensor_leaves(args, kwargs)
-        tensors = self.signature.flatten(args, kwargs)
-        check_inputs(self.graph.inputs, self.graph.dims, tensors)
+        return self._checked(self.signature.flatten(args, kwargs))
+
+    def _checked(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        check_inputs(self.graph.user_inputs, self.graph.dims, tensors)
         # the IR assumes dense inputs (torch.export traced contiguous examples): views rely on it
         return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
     def named_inputs(self, given: dict, source: str = "the inputs") -> list[torch.Tensor]:
         """The graph's inputs taken by name from `given` (a safetensors file, a server request), checked."""
-        names = [n.name for n in self.graph.inputs]
+        names = [n.name for n in self.graph.user_inputs]
         missing = [n for n in names if n not in given]
         if missing:
             raise InputError(f"{source} lacks input(s) {missing}; it must hold tensors named {names}")
-        tensors = [given[n] for n in names]
-        check_inputs(self.graph.inputs, self.graph.dims, tensors)
-        return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        return self._checked([given[n] for n in names])
 
     def run_named(self, given: dict, source: str = "the inputs") -> list:
         """Run on inputs given by name; the flat outputs."""
         return self.run_flat(self.named_inputs(given, source))
 
-    def run_flat(self, tensors: list[torch.Tensor]) -> list:
-        return self.executable(*tensors)
+    def run_flat(self, tensors: list[torch.Tensor], write_to: list[torch.Tensor] | None = None) -> list:
+        """The outputs for the caller's flat tensors; what the program mutates is written back after the call: into
+        `write_to` (the caller's own tensors, default `tensors`) and into the model's state."""
+        graph = self.graph
+        if not graph.mutations:
+            return self.executable(*tensors)
+        outputs = self.executable(*tensors, *graph.state_values())
+        targets = dict(zip((n.name for n in graph.user_inputs), write_to if write_to is not None else tensors))
+        targets.update(graph.state)
+        count = graph.user_output_count
+        with torch.no_grad():
+            for name, value in zip(graph.mutations, outputs[count:]):
+                if targets[name] is not value:
+                    targets[name].copy_(value)
+        return outputs[:count]
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The buffers the program mutates, as this compiled model holds them (its own copies: calls update these,
+        not the module's)."""
+        return {self.graph.node(name).meta.get("source") or name: t for name, t in self.graph.state.items()}
 
     def __call__(self, *args, **kwargs):
-        return self.signature.unflatten(self.run_flat(self.flat_inputs(*args, **kwargs)))
+        check_tensor_leaves(args, kwargs)
+        given = self.signature.flatten(args, kwargs)
+        return self.signature.unflatten(self.run_flat(self._checked(given), write_to=given))
 
     def profile(self, *args, warmup: int = 3, repeat: int = 10, **kwargs):
         """Time every region on these inputs with the backend's profiler; a blade.profile.Profile with

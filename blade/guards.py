@@ -39,7 +39,7 @@ def check_inputs(inputs: list[Node], dims: dict[str, DimRange], tensors: list[to
                 rng = dims.get(dim)
                 if rng is not None and not rng.contains(got):
                     hi = "inf" if rng.max is None else rng.max
-                    raise ShapeError(f"input '{name}' dim {axis} ('{dim}'): expected {rng.min}..{hi}, got {got}; "
+                    raise ShapeError(f"input '{name}' dim {axis} ('{dim}'): expected {rng.min or 0}..{hi}, got {got}; "
                                      "recompile with a wider range in dynamic_shapes")
                 values[dim], bound_by[dim] = got, name
             else:

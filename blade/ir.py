@@ -140,6 +140,31 @@ def map_refs(obj, fn: Callable[[Node], Any]):
     return obj
 
 
+def iter_graphs(obj) -> Iterator["Graph"]:
+    """Every nested Graph (a branch of torch.cond, the body of a loop) inside a nest of node arguments."""
+    if isinstance(obj, Graph):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from iter_graphs(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from iter_graphs(item)
+
+
+def map_graphs(obj, fn: Callable[["Graph"], "Graph"]):
+    """A copy of a nest of node arguments with every nested Graph replaced by fn(graph)."""
+    if isinstance(obj, Graph):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_graphs(item, fn) for item in obj)
+    if isinstance(obj, list):
+        return [map_graphs(item, fn) for item in obj]
+    if isinstance(obj, dict):
+        return {key: map_graphs(item, fn) for key, item in obj.items()}
+    return obj
+
+
 def _slot_paths(args, kwargs) -> Iterator[tuple[Node, str]]:
     def walk(obj, path):
         if isinstance(obj, Node):
@@ -161,6 +186,10 @@ class Graph:
 
     Mutate through the methods here so that edges always follow the arguments; `verify()` checks
     the invariants. `nodes` lists the nodes in a stable topological order.
+
+    A program that mutates stays a pure graph: the last len(mutations) outputs are the new values of the
+    inputs `mutations` names, which the caller writes back after the call. The inputs named in `state`
+    (buffers the model mutates) come last and are fed from those tensors, which the compiled model owns.
     """
 
     def __init__(self, name: str = "graph"):
@@ -170,6 +199,9 @@ class Graph:
         self.constants: dict[str, torch.Tensor] = {}  # constant node name -> tensor
         self.outputs: list[Any] = []  # Nodes or literals, in the order the model returns them
         self.dims: dict[str, DimRange] = {}
+        self.mutations: list[str] = []  # input written back by each trailing output, in output order
+        self.state: dict[str, torch.Tensor] = {}  # state input name -> its current value (mutated buffers)
+        self.returns_tuple = True  # False: a nested graph that returns its one output bare (a loop's condition)
         self._by_name: dict[str, Node] = {}
         self._rank: dict[Node, int] = {}
         self._counter = itertools.count()
@@ -194,6 +226,25 @@ class Graph:
     @property
     def output_nodes(self) -> list[Node]:
         return [o for o in self.outputs if isinstance(o, Node)]
+
+    @property
+    def user_inputs(self) -> list[Node]:
+        """The inputs a caller passes (graph.inputs without the state the compiled model feeds itself)."""
+        return [n for n in self.inputs if n.name not in self.state]
+
+    @property
+    def user_output_count(self) -> int:
+        """How many outputs the caller gets (the rest are written back into mutated inputs)."""
+        return len(self.outputs) - len(self.mutations)
+
+    def state_values(self) -> list[torch.Tensor]:
+        """The state inputs' current tensors, in input order (what follows the user's tensors in a call)."""
+        return [self.state[n.name] for n in self.inputs if n.name in self.state]
+
+    def nested(self) -> list[tuple[Node, "Graph"]]:
+        """(node, graph) for every graph a node of this one holds as an argument (torch.cond's branches, a loop's
+        body), in node order; nested graphs share the dims of the graph that holds them."""
+        return [(node, sub) for node in self.call_nodes for sub in iter_graphs((node.args, node.kwargs))]
 
     def output_dtypes(self) -> list:
         """The dtype each output declares (None for a literal or a non-tensor value), in output order."""
@@ -335,6 +386,13 @@ class Graph:
         for inp in self.inputs:
             if inp not in self or inp.op != "input":
                 problems.append(f"input {inp.name} is not an input node of the graph")
+        names = [n.name for n in self.inputs]
+        problems += [f"mutation writes {m!r}, which is not an input" for m in self.mutations if m not in names]
+        problems += [f"state {s!r} is not an input" for s in self.state if s not in names]
+        if len(self.mutations) > len(self.outputs):
+            problems.append(f"{len(self.mutations)} mutations but only {len(self.outputs)} outputs")
+        if names[len(names) - len(self.state):] != [n for n in names if n in self.state]:
+            problems.append("state inputs must come after the caller's inputs")
         if len(set(self.inputs)) != len(self.inputs):
             problems.append("an input is listed twice in graph.inputs")
         for node in self.nx.nodes:
@@ -347,6 +405,11 @@ class Graph:
         orphans = [name for name in self.constants if name not in self._by_name]
         if orphans:
             problems.append(f"constant tensors without a node: {orphans}")
+        for node, sub in ((n, g) for n in self.nx.nodes for g in iter_graphs((n.args, n.kwargs))):
+            try:
+                sub.verify()
+            except GraphError as exc:
+                problems.append(f"the graph nested in {node.name}: {exc}")
         if problems:
             raise GraphError(f"graph {self.name} is broken:\n  " + "\n  ".join(problems))
         return self
@@ -369,7 +432,15 @@ class Graph:
             lines.append("  dims: " + ", ".join(str(r) for r in self.dims.values()))
         lines += ["  " + self.format_node(n) for n in self.nodes]
         lines.append("  return (" + ", ".join(repr(o) for o in self.outputs) + ")")
+        if self.mutations:
+            lines.append("  writes back: " + ", ".join(f"output {self.user_output_count + i} -> %{name}"
+                                                      for i, name in enumerate(self.mutations)))
+        for node, sub in self.nested():
+            lines += ["  " + line for line in f"nested in %{node.name}: {sub}".splitlines()]
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<graph {self.name}: {len(self)} nodes>"
 
     def to_dot(self) -> str:
         """Graphviz DOT text: one box per node labelled with its op and output meta."""
@@ -406,15 +477,17 @@ class Graph:
         """A structural copy sharing the constant tensors (passes work on copies)."""
         new = Graph(self.name)
         new.dims = dict(self.dims)
+        new.mutations, new.state, new.returns_tuple = list(self.mutations), dict(self.state), self.returns_tuple
         mapping: dict[Node, Node] = {}
         for node in self.nodes:
             if node.op == "input":
                 mapping[node] = new.add_input(node.name, node.val)
+                mapping[node].meta = dict(node.meta)
             elif node.op == "constant":
                 mapping[node] = new.add_constant(node.name, self.constants[node.name], node.target)
             else:
-                args = map_refs(node.args, mapping.__getitem__)
-                kwargs = map_refs(node.kwargs, mapping.__getitem__)
+                args = map_graphs(map_refs(node.args, mapping.__getitem__), Graph.copy)
+                kwargs = map_graphs(map_refs(node.kwargs, mapping.__getitem__), Graph.copy)
                 mapping[node] = new._insert(Node(node.name, "call", node.target, args, kwargs, node.meta))
         new.inputs = [mapping[n] for n in self.inputs]
         new.outputs = [mapping.get(o, o) if isinstance(o, Node) else o for o in self.outputs]

@@ -83,8 +83,8 @@ class Lowering:
                 check_inputs(captured.graph.inputs, captured.graph.dims, flat)
             except Exception as exc:  # noqa: BLE001 - name the sample whatever was wrong with it
                 raise InputError(f"calibration_data[{i}] does not fit the model's inputs: {exc}") from exc
-            self.samples.append([t.contiguous() for t in flat])
-            self.references.append(pytree.tree_leaves(captured.reference(*args, **kwargs)))
+            self.samples.append([t.contiguous() for t in flat] + captured.graph.state_values())
+            self.references.append(captured.reference.flat(captured.graph, args, kwargs))
         self.config = replace(config, calibration=tuple(self.samples[1:]))
         self.guard: Guard | None = None
         self.result: GuardResult | None = None

@@ -95,14 +95,14 @@ def profile(compiled, tensors: list[torch.Tensor], *, warmup: int = 3, repeat: i
         raise BackendError(f"backend {compiled.backend!r} cannot profile its regions yet; profile with "
                            "backend='eager' or 'onnxruntime'")
     graph: Graph = compiled.graph
-    dims = check_inputs(graph.inputs, graph.dims, tensors)
+    dims = check_inputs(graph.user_inputs, graph.dims, tensors)
     costs = graph_cost(graph)
     peaks = peaks or machine_peaks(compiled.target)
     call = {"model": lambda: compiled.run_flat(tensors)}
     device = compiled.target.device
     with torch.no_grad():  # end-to-end samples before and after the regions', so drift hits both alike
         samples = sample_interleaved(call, warmup=warmup, repeat=(repeat + 1) // 2, device=device)["model"]
-        timings = executable.profile(tensors, warmup, repeat)
+        timings = executable.profile(tensors + graph.state_values(), warmup, repeat)
         samples += sample_interleaved(call, warmup=1, repeat=max(repeat // 2, 1), device=device)["model"]
     seconds = statistics.median(samples)
     regions = [_region(graph, costs, dims, peaks, t, device) for t in timings]

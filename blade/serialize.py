@@ -1,6 +1,7 @@
 """The IR as JSON data and a tensor table — never pickle, never eval."""
 from __future__ import annotations
 
+import importlib
 import math
 import operator
 from typing import Any
@@ -9,11 +10,14 @@ import torch
 
 from blade.errors import ArtifactError
 from blade.fused import KINDS as FUSED_KINDS, FusedRegion
+from blade.fx_bridge import HIGHER_ORDER_OPS
 from blade.ir import Graph, Node, ScalarMeta, TensorMeta, format_target
 from blade.shapes import DimRange, size_from_json, size_to_json
 
-FORMAT_VERSION = 1
-FUSED_TARGET = "blade.fused"  # a fused node's target; its region is saved under "fused"
+FORMAT_VERSION = 2  # 2: mutations, state inputs, nested graphs; a graph without them is written as 1
+READABLE_FORMATS = (1, 2)
+FUSED_TARGET = "blade.fused"
+HIGHER_ORDER = "higher_order"  # torch.ops.higher_order.<name>, saved as "higher_order.<name>"  # a fused node's target; its region is saved under "fused"
 
 # Python callables (not ATen ops) that exported graphs use for symbolic size arithmetic.
 _PYTHON_TARGETS = {
@@ -39,6 +43,8 @@ def is_size_arithmetic(target) -> bool:
 def target_to_json(target, where: str) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return str(target)
+    if isinstance(target, torch._ops.HigherOrderOperator) and target.name() in HIGHER_ORDER_OPS:
+        return f"{HIGHER_ORDER}.{target.name()}"
     name = format_target(target)
     if _PYTHON_TARGETS.get(name) is target:
         return name
@@ -60,6 +66,9 @@ def target_from_json(name: str, trusted_namespaces: tuple[str, ...] = ()):
     """
     if name in _PYTHON_TARGETS:
         return _PYTHON_TARGETS[name]
+    if name.startswith(f"{HIGHER_ORDER}.") and name.split(".", 1)[1] in HIGHER_ORDER_OPS:
+        importlib.import_module("torch._higher_order_ops")  # registers map_impl, while_loop and the others
+        return getattr(torch.ops.higher_order, name.split(".", 1)[1])
     parts = name.split(".")
     if len(parts) != 3 or not all(p.isidentifier() for p in parts) or parts[2].startswith("_") \
             or (parts[1].startswith("__") and parts[1] not in _DUNDER_OPS):
@@ -88,6 +97,12 @@ def value_to_json(value, where: str):
     """A literal or a reference in node arguments as tagged JSON."""
     if isinstance(value, Node):
         return {"node": value.name}
+    if isinstance(value, Graph):
+        if value.constants:
+            raise ArtifactError(f"node {where}: the graph nested in it holds weights ({sorted(value.constants)}); "
+                                "blade saves nested graphs that read their weights as inputs, as torch.export "
+                                "makes them")
+        return {"graph": graph_to_json(value)}
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -110,20 +125,22 @@ def value_to_json(value, where: str):
     raise ArtifactError(f"node {where}: cannot save argument {value!r} of type {type(value).__name__}")
 
 
-def value_from_json(data, nodes: dict[str, Node]):
+def value_from_json(data, nodes: dict[str, Node], trusted_namespaces: tuple[str, ...] = ()):
     if isinstance(data, list):
-        return [value_from_json(v, nodes) for v in data]
+        return [value_from_json(v, nodes, trusted_namespaces) for v in data]
     if not isinstance(data, dict):
         return data
     (tag, payload), = data.items()
     if tag == "node":
         return nodes[payload]
     if tag == "tuple":
-        return tuple(value_from_json(v, nodes) for v in payload)
+        return tuple(value_from_json(v, nodes, trusted_namespaces) for v in payload)
     if tag == "dict":
-        return {k: value_from_json(v, nodes) for k, v in payload.items()}
+        return {k: value_from_json(v, nodes, trusted_namespaces) for k, v in payload.items()}
     if tag == "float":
         return float(payload)
+    if tag == "graph":
+        return graph_from_json(payload, {}, trusted_namespaces)
     if tag == "dtype":
         return _DTYPES[payload]
     if tag == "device":
@@ -170,6 +187,8 @@ def graph_to_json(graph: Graph) -> dict[str, Any]:
         entry = {"name": node.name, "op": node.op, "meta": meta_to_json(node.val)}
         if node.op == "constant":
             entry["source"] = node.target
+        if node.op == "input" and node.meta.get("source"):
+            entry["source"] = node.meta["source"]
         if node.op == "call" and isinstance(node.target, FusedRegion):
             region = node.target
             entry["target"] = FUSED_TARGET
@@ -183,14 +202,25 @@ def graph_to_json(graph: Graph) -> dict[str, Any]:
             if node.meta.get("source"):
                 entry["source"] = node.meta["source"]
         nodes.append(entry)
-    return {
-        "format": FORMAT_VERSION,
+    data = {
+        "format": format_of(graph),
         "name": graph.name,
         "dims": [{"name": r.name, "min": r.min, "max": r.max} for r in graph.dims.values()],
         "nodes": nodes,
         "inputs": [n.name for n in graph.inputs],
         "outputs": [value_to_json(o, "<outputs>") for o in graph.outputs],
     }
+    if graph.mutations or graph.state:
+        data["mutations"], data["state"] = list(graph.mutations), list(graph.state)
+    if not graph.returns_tuple:
+        data["returns_tuple"] = False
+    return data
+
+
+def format_of(graph: Graph) -> int:
+    """The oldest graph format that holds `graph`: 2 once it mutates, keeps state or nests graphs (a reader of
+    format 1 would run it without writing anything back), else 1."""
+    return 2 if graph.mutations or graph.state or graph.nested() or not graph.returns_tuple else 1
 
 
 def _fused_from_json(entry: dict, trusted_namespaces: tuple[str, ...]) -> FusedRegion:
@@ -205,8 +235,8 @@ def _fused_from_json(entry: dict, trusted_namespaces: tuple[str, ...]) -> FusedR
 def graph_from_json(data: dict[str, Any], constants: dict[str, torch.Tensor],
                     trusted_namespaces: tuple[str, ...] = ()) -> Graph:
     """Rebuild a Graph from graph_to_json data and its constant tensors, then verify it."""
-    if data.get("format") != FORMAT_VERSION:
-        raise ArtifactError(f"graph format {data.get('format')} is not the supported {FORMAT_VERSION}")
+    if data.get("format") not in READABLE_FORMATS:
+        raise ArtifactError(f"graph format {data.get('format')} is not one this blade reads {READABLE_FORMATS}")
     graph = Graph(data["name"])
     graph.dims = {d["name"]: DimRange(d["name"], d["min"], d["max"]) for d in data["dims"]}
     symbols = graph.symbols
@@ -217,6 +247,8 @@ def graph_from_json(data: dict[str, Any], constants: dict[str, torch.Tensor],
         name = entry["name"]
         if entry["op"] == "input":
             node = inputs[name] = graph.add_input(name, meta)
+            if entry.get("source"):
+                node.meta["source"] = entry["source"]
         elif entry["op"] == "constant":
             tensor = constants.get(name)
             if tensor is None:
@@ -226,8 +258,8 @@ def graph_from_json(data: dict[str, Any], constants: dict[str, torch.Tensor],
                                     f"graph expects {meta}; the artifact is inconsistent")
             node = graph.add_constant(name, tensor, entry.get("source"))
         else:
-            args = tuple(value_from_json(entry["args"], by_name))
-            kwargs = value_from_json(entry["kwargs"], by_name)
+            args = tuple(value_from_json(entry["args"], by_name, trusted_namespaces))
+            kwargs = value_from_json(entry["kwargs"], by_name, trusted_namespaces)
             node_meta = {"val": meta, **({"source": entry["source"]} if entry.get("source") else {})}
             target = (_fused_from_json(entry, trusted_namespaces) if entry["target"] == FUSED_TARGET
                       else target_from_json(entry["target"], trusted_namespaces))
@@ -237,6 +269,12 @@ def graph_from_json(data: dict[str, Any], constants: dict[str, torch.Tensor],
         by_name[name] = node
     graph.inputs = [inputs[n] for n in data["inputs"]]
     graph.outputs = [value_from_json(o, by_name) for o in data["outputs"]]
+    graph.mutations = [str(m) for m in data.get("mutations", [])]
+    graph.returns_tuple = data.get("returns_tuple", True) is not False
+    for name in data.get("state", []):
+        if name not in constants:
+            raise ArtifactError(f"weights file has no tensor for the state input {name}")
+        graph.state[name] = constants[name]
     for out in graph.outputs:
         if not isinstance(out, (Node, int, float, bool, type(None))):
             raise ArtifactError(f"the saved graph returns {out!r}; outputs are tensors or numbers")

@@ -64,6 +64,10 @@ def export_triton_repo(artifact, repo, *, name: str | None = None, max_batch: in
     if model_dir.exists():
         raise InputError(f"{model_dir} already exists; remove it or choose another --name")
     device = manifest["target"]["device"]
+    if compiled.graph.mutations:
+        raise BackendError(f"{root} writes back into {compiled.graph.mutations} (inputs it mutates, or buffers it keeps "
+                           "as state): Triton requests share no tensors and batch unrelated callers, so such a model "
+                           "cannot be served as one; make the new values outputs of the model instead")
     _check_outputs(compiled.graph)
     batch_dim, notes = _batch_dim(compiled.graph, batch_dim)
     max_batch_size = _max_batch_size(batch_dim, compiled.graph, max_batch)

@@ -18,18 +18,20 @@ def dim_symbol(name: str) -> sympy.Symbol:
 
 @dataclass(frozen=True)
 class DimRange:
-    """The inclusive range a dynamic dim may take; `max` None means unbounded."""
+    """The inclusive range a symbol may take; None means unbounded on that side (a data-dependent size such
+    as `n.item()` has no lower bound; an input's dims always have one)."""
 
     name: str
-    min: int
+    min: int | None
     max: int | None
 
     def contains(self, value: int) -> bool:
-        return value >= self.min and (self.max is None or value <= self.max)
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
 
     def __str__(self) -> str:
+        lo = "-inf" if self.min is None else str(self.min)
         hi = "inf" if self.max is None else str(self.max)
-        return f"{self.name} in [{self.min}, {hi}]"
+        return f"{self.name} in [{lo}, {hi}]"
 
 
 def as_size(value) -> Size:

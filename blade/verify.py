@@ -10,7 +10,6 @@ import torch.utils._pytree as pytree
 from blade.accuracy import compare_tensor
 from blade.ir import Graph
 from blade.shapes import evaluate
-from blade.structure import unflatten
 
 FRESH_MAX_GROWTH = 2  # fresh dynamic sizes stay within 2x the example's, to keep a gate quick
 
@@ -20,7 +19,7 @@ def fresh_inputs(graph: Graph, examples: list[torch.Tensor], generator: torch.Ge
     FRESH_MAX_GROWTH times the example's size); floating inputs from a normal distribution, integer
     and bool inputs drawn from the example's own values (token ids stay valid ids, masks 0/1)."""
     chosen: dict[str, int] = {}
-    for node, example in zip(graph.inputs, examples):
+    for node, example in zip(graph.user_inputs, examples):
         for size, got in zip(node.val.shape, example.shape):
             if isinstance(size, int) or not size.is_Symbol or size.name in chosen:
                 continue
@@ -31,7 +30,7 @@ def fresh_inputs(graph: Graph, examples: list[torch.Tensor], generator: torch.Ge
                 high = min(high, rng.max)
             chosen[size.name] = int(torch.randint(low, max(high, low) + 1, (), generator=generator))
     tensors = []
-    for node, example in zip(graph.inputs, examples):
+    for node, example in zip(graph.user_inputs, examples):
         try:
             shape = tuple(int(evaluate(s, chosen)) for s in node.val.shape)
         except (KeyError, TypeError, ValueError):  # a dim only derived from others: keep the example's
@@ -47,7 +46,7 @@ def fresh_inputs(graph: Graph, examples: list[torch.Tensor], generator: torch.Ge
 
 def compare(compiled, reference, inputs: list[torch.Tensor]) -> list[dict]:
     """Per output: blade.accuracy's figures (relative error, max abs, cosine) of compiled vs reference."""
-    args, kwargs = unflatten(compiled.signature.in_tree, inputs)
+    args, kwargs = compiled.signature.unflatten_inputs(inputs)
     with torch.no_grad():
         expected = pytree.tree_leaves(reference(*args, **kwargs))
     got = compiled.run_flat(inputs)
@@ -101,9 +100,9 @@ def bisect_artifact(compiled, source, inputs: list[torch.Tensor], tol: float, pa
     captured = capture(model, example_inputs, None, dynamic_shapes, compiled.graph.name)
     pipeline = with_lowering(list(passes), config) if passes is not None else \
         pipelines.pipeline_for(report.optimize, config.lowers_precision)
-    args, kwargs = unflatten(compiled.signature.in_tree, inputs)
+    args, kwargs = compiled.signature.unflatten_inputs(inputs)
     with torch.no_grad():
-        references = pytree.tree_leaves(captured.reference(*args, **kwargs))
+        references = captured.reference.flat(captured.graph, args, kwargs)
     judge = Judge(references, tol, compiled.graph.output_dtypes())
     before = judge(compiled.run_flat(inputs))
     found = bisect(captured.graph, pipeline, config, backends.get(compiled.backend), compiled.target, inputs, judge,

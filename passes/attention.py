@@ -135,7 +135,7 @@ class _NotSizeOnly(Exception):
 
 
 def _clamp(value: int, rng) -> int:
-    value = max(value, rng.min)
+    value = value if rng.min is None else max(value, rng.min)
     return value if rng.max is None else min(value, rng.max)
 
 

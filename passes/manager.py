@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from blade.config import CompileConfig
 from blade.errors import ConfigError, GraphError
 from blade.fused import verify_regions
-from blade.ir import Graph
+from blade.ir import Graph, map_graphs
 
 Pass = Callable[[Graph, "PassContext"], Graph]
 SKIP = "*"  # the site that names a whole pass in CompileConfig.held_back
@@ -42,23 +42,40 @@ class PassContext:
 
     config: CompileConfig
     record: PassRecord
+    scope: str = ""  # where in the program: "" for the top graph, "cond.true_graph_0/" inside a nested one
 
     def count(self, key: str, n: int = 1) -> None:
         self.record.counts[key] += n
 
     def note(self, text: str) -> None:
-        self.record.notes.append(text)
+        self.record.notes.append(f"in {self.scope.rstrip('/')}: {text}" if self.scope else text)
 
     def allows(self, site: str) -> bool:
         """Whether the pass may commit its rewrite at `site` (the name of the node it is anchored on, in the
         graph the pass was given). Every pass asks before it touches the graph for one rewrite; the accuracy
         bisection (blade/bisect.py) searches these sites for the one at fault and holds it back."""
+        site = self.scope + site
         self.record.sites.append(site)
         if (self.record.name, site) in self.config.held_back:
             self.record.held_back.append(site)
             self.note(f"held back the rewrite at {site} (accuracy bisection)")
             return False
         return True
+
+
+def _run_pass(fn: Pass, graph: Graph, ctx: PassContext) -> Graph:
+    """The pass on the graph, then on every graph nested in it (torch.cond's branches, loop bodies), unless the
+    pass is marked `top_level_only` (the lowering passes: their calibration and guard see the whole model)."""
+    result = fn(graph, ctx)
+    if not isinstance(result, Graph):
+        raise GraphError(f"pass {ctx.record.name} returned {type(result).__name__}, not a Graph")
+    if getattr(fn, "top_level_only", False):
+        return result
+    for node, _ in result.nested():
+        def inside(nested: Graph, node=node) -> Graph:
+            return _run_pass(fn, nested, replace(ctx, scope=f"{ctx.scope}{node.name}.{nested.name}/"))
+        result.set_args(node, map_graphs(node.args, inside), map_graphs(node.kwargs, inside))
+    return result
 
 
 def pass_name(fn: Pass) -> str:
@@ -81,10 +98,7 @@ def run_pipeline(graph: Graph, pipeline: list[Pass], config: CompileConfig) -> t
             record.nodes_after = len(graph)
             records.append(record)
             continue
-        result = fn(graph, PassContext(config, record))
-        if not isinstance(result, Graph):
-            raise GraphError(f"pass {record.name} returned {type(result).__name__}, not a Graph")
-        graph = result
+        graph = _run_pass(fn, graph, PassContext(config, record))
         record.seconds = time.perf_counter() - start
         record.nodes_after = len(graph)
         if config.debug:

@@ -103,6 +103,9 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     return graph
 
 
+run.top_level_only = True  # calibration and the accuracy guard see the whole model; nested graphs stay fp32
+
+
 def _low_meta(val, low: torch.dtype):
     """`val` (a TensorMeta or a tuple of them, all fp32) in `low`; None when anything in it is not fp32."""
     if isinstance(val, TensorMeta):

@@ -122,6 +122,9 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     return graph
 
 
+run.top_level_only = True  # calibration and the accuracy guard see the whole model; nested graphs stay fp32
+
+
 def _rewrite_linear(graph: Graph, node: Node, mode: str, weights: _Weights, absmax: float | None) -> None:
     x, (weight, bias) = node.args[0], linear_weights(node)
     op_mode = OP_MODE[mode]

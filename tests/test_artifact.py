@@ -138,7 +138,7 @@ def test_missing_file_version_and_target_mismatch(saved, tmp_path):
         blade.load(path)
     path = _copy(saved[2], tmp_path / "b")
     _rewrite_manifest(path, lambda m: m.__setitem__("format_version", 99))
-    with pytest.raises(ArtifactError, match="format version 99 is newer than this blade .* reads \\(up to 1\\)"):
+    with pytest.raises(ArtifactError, match="format version 99 is newer than this blade .* reads \\(up to 2\\)"):
         blade.load(path)
     # a newer format is named even when it hashes its manifest differently
     manifest = json.loads((path / "manifest.json").read_text())

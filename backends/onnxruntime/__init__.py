@@ -21,10 +21,11 @@ from blade.backends.onnxruntime.translations import TRANSLATIONS
 from blade.backends.partition import Region, build_region, partition
 from blade.errors import ArtifactError, BackendError
 from blade.fused import FusedRegion
-from blade.ir import Graph, Node, format_target
+from blade.ir import Graph, Node, format_target, iter_graphs
 from blade.target import Target
 
 PLAN = "plan.json"
+ONNX_CONTROL_FLOW = ("cond", "while_loop")  # torch.onnx has no translation of map_impl: it runs in PyTorch
 _NAMESPACES = ("aten", "prims")
 
 
@@ -36,6 +37,9 @@ def supports(node: Node) -> bool:
         return True
     if isinstance(target, FusedRegion):
         return all(supports(n) for n in target.body.call_nodes)
+    if isinstance(target, torch._ops.HigherOrderOperator):  # torch.onnx emits If for cond, Loop for while_loop
+        return target.name() in ONNX_CONTROL_FLOW and all(
+            supports(n) for nested in iter_graphs((node.args, node.kwargs)) for n in nested.call_nodes)
     if isinstance(target, torch._ops.OpOverload):
         return target.namespace in _NAMESPACES
     return False

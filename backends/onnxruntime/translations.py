@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import onnx
 import onnxscript
+import torch
 from onnxscript import opset20 as op
 
 from blade.backends.onnxruntime.fused import register_schemas
@@ -92,7 +93,29 @@ def flash_attention(q, k, v, mask=None, scale=None, causal: bool = False):
         out = msft.MultiHeadAttention(query, key, _to_bsh(v, heads * v_dim), None, None,
                                       bias, num_heads=heads, scale=scale, unidirectional=int(bool(causal)))
     out = op.Reshape(out, op.Constant(value_ints=[0, 0, heads, v_dim]))
-    return op.Transpose(out, perm=[0, 2, 1, 3])
+    out = op.Transpose(out, perm=[0, 2, 1, 3])
+    if mask is None:
+        return out
+    return op.Where(_live_rows(mask, query, key, causal), out, op.CastLike(op.Constant(value_float=0.0), out))
+
+
+def _live_rows(mask, query, key, causal: bool):
+    """True for every query row that may attend some key, False for a row the mask (and the causal triangle)
+    close entirely: the op gives such rows zeros, where MultiHeadAttention, whose bias here is finite, averages
+    the values (a -inf bias would give NaN, which the next layer spreads to every row). Broadcasts as
+    [B|1, H|1, Sq|1, 1] against the [B, H, Sq, Dv] output."""
+    if mask.dtype == onnxscript.ir.DataType.BOOL:
+        allowed = mask
+    else:
+        allowed = op.Greater(mask, op.CastLike(op.Constant(value_float=float("-inf")), mask))
+    if causal:
+        q_len, k_len = op.Shape(query, start=1, end=2), op.Shape(key, start=1, end=2)
+        triangle = op.Trilu(op.ConstantOfShape(op.Concat(q_len, k_len, axis=0),
+                                               value=onnx.helper.make_tensor("one", onnx.TensorProto.INT64, [1], [1])),
+                            upper=0)
+        allowed = op.And(allowed, op.Cast(triangle, to=onnx.TensorProto.BOOL))
+    live = op.ReduceMax(op.Cast(allowed, to=onnx.TensorProto.INT32), op.Constant(value_ints=[3]), keepdims=1)
+    return op.Cast(live, to=onnx.TensorProto.BOOL)
 
 
 def _to_bsh(x, width: int):
@@ -122,17 +145,22 @@ def _repeat_heads(x, groups: int, dim: int):
                                           op.Constant(value_ints=[dim]), axis=0))
 
 
+# a finite "never attend" bias per dtype: exp of it (less any score) is 0, as -inf's, without NaN on a closed row
+_LOWEST = {onnxscript.ir.DataType.FLOAT16: -65000.0, onnxscript.ir.DataType.FLOAT: -3.0e38,
+           onnxscript.ir.DataType.BFLOAT16: -3.0e38}
+
+
 def _attention_bias(mask, q, k, query, key):
     """The 4-D mask (the attention pass emits masks 4-D) as an additive tensor of q's type
-    (bool: 0 where allowed, -inf where not) that spans the query axis, as MultiHeadAttention
+    (bool: 0 where allowed, the dtype's lowest where not) that spans the query axis, as MultiHeadAttention
     wants: broadcast up to [1, 1, Sq, 1] (or [1, 1, Sq, Sk]) only where it does not already.
     The lengths are read from `query` and `key`, the [B, S, H*D] inputs (reading them from q and k
     would keep the exporter's transposes alive)."""
+    never = op.CastLike(op.Constant(value_float=_LOWEST.get(q.dtype, -3.0e38)), q)
     if mask.dtype == onnxscript.ir.DataType.BOOL:
-        zero = op.CastLike(op.Constant(value_float=0.0), q)
-        mask = op.Where(mask, zero, op.CastLike(op.Constant(value_float=float("-inf")), q))
+        mask = op.Where(mask, op.CastLike(op.Constant(value_float=0.0), q), never)
     else:
-        mask = op.CastLike(mask, q)
+        mask = op.Max(op.CastLike(mask, q), never)  # -inf as the dtype's lowest: a closed row averages, never NaN
     spans_query = mask.shape is not None and mask.shape[2] == q.shape[2]
     spans_keys = mask.shape is not None and mask.shape[3] == k.shape[2]
     if spans_query and spans_keys:
@@ -142,5 +170,19 @@ def _attention_bias(mask, q, k, query, key):
     return op.Expand(mask, op.Concat(op.Constant(value_ints=[1, 1]), q_len, k_len, axis=0))
 
 
-TRANSLATIONS: dict = {FLASH_ATTENTION: flash_attention, **register_schemas(register_contrib_schema),
+def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+                                 scale=None, enable_gqa: bool = False):
+    """aten's SDPA (a graph the attention pass left alone, or compiled at optimize 0/1) as blade's op: torch.onnx's
+    own translation averages the values of a row the mask closes, where PyTorch gives zeros."""
+    if dropout_p:
+        raise ValueError("scaled_dot_product_attention with dropout has no ONNX Runtime form here")
+    if attn_mask is not None:
+        while attn_mask.shape is not None and len(attn_mask.shape) < 4:
+            attn_mask = op.Unsqueeze(attn_mask, op.Constant(value_ints=[0]))
+    return flash_attention(q, k, v, attn_mask, scale, is_causal)
+
+
+TRANSLATIONS: dict = {FLASH_ATTENTION: flash_attention,
+                      torch.ops.aten.scaled_dot_product_attention.default: scaled_dot_product_attention,
+                      **register_schemas(register_contrib_schema),
                       **quantized_translations(register_contrib_schema)}
