@@ -90,7 +90,7 @@ def user_code_digest(skip: tuple[str, ...] = ()) -> str:
             continue
         if path and not _is_user_file(path, skip):
             continue
-        digests.append((name, module_code_digest(module)))
+        digests.append((name, module_code_digest(module, strict=False)))
     return _hash(digests)
 
 
@@ -216,10 +216,12 @@ def _safe(value, depth: int = 0):
     return ["instance", type(value).__module__, type(value).__qualname__]
 
 
-def module_code_digest(module: types.ModuleType, values: bool = True) -> str:
-    """A Python module as it is loaded now: its functions' and classes' code, and (with `values`) the plain
-    globals that code reads (a script's other globals, such as a timer's value, do not matter to a compile).
-    Installed packages are keyed without values: they hold per-process ones (transformers' SESSION_ID)."""
+def module_code_digest(module: types.ModuleType, values: bool = True, strict: bool = True) -> str:
+    """A Python module as it is loaded now: its functions' and classes' code, and (with `values`) the globals that
+    code reads (a script's other globals, such as a timer's value, do not matter to a compile). Installed
+    packages are keyed without values: they hold per-process ones (transformers' SESSION_ID). A global without
+    a stable hash raises Unstable when `strict` (a module defining the model's classes), else is keyed by its
+    type (the user's other loaded modules: keyed so that an edit misses, not to name what the model reads)."""
     name = module.__name__
     namespace = dict(vars(module))
     items, read = [], set()
@@ -235,7 +237,12 @@ def module_code_digest(module: types.ModuleType, values: bool = True) -> str:
     for key in sorted(read) if values else ():
         value = namespace.get(key)
         if key in namespace and not (inspect.isfunction(value) or inspect.isclass(value)):
-            items.append([key, _global_value(value, name)])
+            try:
+                items.append([key, _global_value(value, name)])
+            except Unstable:
+                if strict:
+                    raise
+                items.append([key, "unhashable", type(value).__module__, type(value).__qualname__])
     return _hash(items)
 
 
@@ -263,6 +270,8 @@ def _global_value(value, module_name: str, depth: int = 0):
                                            _global_value(v, module_name, depth + 1)]) for k, v in value.items())]
     if isinstance(value, functools.partial) or inspect.ismethod(value):
         return _callable_value(value, depth, frozenset())
+    if hasattr(type(value), "__members__") and isinstance(getattr(value, "name", None), str):  # a pybind11 enum
+        return ["enum", type(value).__module__, type(value).__qualname__, value.name]
     if hasattr(value, "__dict__"):
         return ["object", type(value).__module__, type(value).__qualname__,
                 _global_value({k: v for k, v in vars(value).items() if k not in _PER_PROCESS_FIELDS}, module_name,

@@ -23,7 +23,8 @@ def calibrate_batch_norm(model: nn.Module, make_batch, batches: int = 3) -> nn.M
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over the batches
     model.train()
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)  # dropout draws in train mode: the same statistics in every process
         for _ in range(batches):
             model(make_batch())
     return model.eval()

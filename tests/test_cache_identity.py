@@ -102,17 +102,6 @@ def test_every_model_of_the_catalogue_has_its_own_key_and_equal_models_share_one
         "a fresh instance of the same model keys the same (so a new process can hit)"
 
 
-def test_each_compile_gets_its_own_program_then_its_own_hit(fresh_cache):
-    for label, factory in CATALOGUE.items():
-        compiled = blade.compile(factory(), (X,), backend="eager")
-        assert compiled.report.cache["hit"] is False, f"{label} hit another model's entry"
-        _check(label, compiled)
-    for label, factory in CATALOGUE.items():
-        compiled = blade.compile(factory(), (X,), backend="eager")
-        assert compiled.report.cache["hit"] is True, label
-        _check(label, compiled)
-
-
 def test_a_new_process_hits_each_entry_with_its_own_outputs(fresh_cache, tmp_path):
     """Two processes run the same script (the key includes the user's loaded modules, so pytest's own process
     is not one of them); the second compiles the catalogue in reverse order and must hit every entry."""

@@ -50,7 +50,7 @@ def test_structure_errors(cm):
         cm(tokens)
     with pytest.raises(InputError, match=r"unexpected input\(s\) \['extra'\]"):
         cm(tokens, mask, extra=mask)
-    with pytest.raises(InputError, match="input 'args\\[1\\]' is a float"):
+    with pytest.raises(InputError, match="input 'mask' is a float \\(1.0\\); the model was compiled with a tensor"):
         cm(tokens, 1.0)
     assert torch.equal(cm(mask=mask, tokens=tokens), cm(tokens, mask))
 
