@@ -33,14 +33,17 @@ MAX_CULPRITS = 4
 
 @dataclass
 class Culprit:
-    """One rewrite held back: the pass, its site ("*": the whole pass) and the error with it."""
+    """One rewrite held back: the pass, its site ("*": the whole pass), the error with it and without it (the whole
+    pipeline on the compile's backend, the culprits found before it held back too)."""
 
     pass_name: str
     site: str
     error_with: float
+    error_without: float = float("nan")
 
     def as_dict(self) -> dict:
-        return {"pass": self.pass_name, "site": self.site, "error_with": self.error_with}
+        return {"pass": self.pass_name, "site": self.site, "error_with": self.error_with,
+                "error_without": self.error_without}
 
 
 @dataclass
@@ -151,7 +154,7 @@ def bisect(start: Graph, pipeline: list, config: CompileConfig, backend, target,
         result.culprits.append(Culprit(*found, error_with=error))
         graph, records = search.passes(held)
         accuracy, executable = search.trial(graph, backend)
-        error = accuracy.rel_err
+        error = result.culprits[-1].error_without = accuracy.rel_err
         if accuracy.ok:
             return _done(result, "held back", graph, records, executable, error, search, began)
         if probe is eager and search.ok(graph, eager):

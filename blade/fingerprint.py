@@ -219,9 +219,10 @@ def _safe(value, depth: int = 0):
 def module_code_digest(module: types.ModuleType, values: bool = True, strict: bool = True) -> str:
     """A Python module as it is loaded now: its functions' and classes' code, and (with `values`) the globals that
     code reads (a script's other globals, such as a timer's value, do not matter to a compile). Installed
-    packages are keyed without values: they hold per-process ones (transformers' SESSION_ID). A global without
-    a stable hash raises Unstable when `strict` (a module defining the model's classes), else is keyed by its
-    type (the user's other loaded modules: keyed so that an edit misses, not to name what the model reads)."""
+    packages are keyed without values: they hold per-process ones (transformers' SESSION_ID). With `strict` (a
+    module defining the model's classes) a global is keyed by its state (objects by their fields, tensors by their
+    bytes; Unstable without a stable hash); else (the user's other loaded modules, keyed so that an edit misses)
+    by plain values and the kinds of the rest, which keeps a compile from hashing every tensor a notebook holds."""
     name = module.__name__
     namespace = dict(vars(module))
     items, read = [], set()
@@ -237,12 +238,7 @@ def module_code_digest(module: types.ModuleType, values: bool = True, strict: bo
     for key in sorted(read) if values else ():
         value = namespace.get(key)
         if key in namespace and not (inspect.isfunction(value) or inspect.isclass(value)):
-            try:
-                items.append([key, _global_value(value, name)])
-            except Unstable:
-                if strict:
-                    raise
-                items.append([key, "unhashable", type(value).__module__, type(value).__qualname__])
+            items.append([key, _global_value(value, name) if strict else _definition(value, name, 0)])
     return _hash(items)
 
 
