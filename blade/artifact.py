@@ -59,8 +59,12 @@ def _dedupe_constants(graph: Graph) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def _io_spec(graph: Graph) -> dict:
-    return {"inputs": [{"name": n.name, **meta_to_json(n.val)} for n in graph.inputs],
-            "outputs": [meta_to_json(o.val) if hasattr(o, "val") else {"literal": o} for o in graph.outputs],
+    writes = dict(zip(range(graph.user_output_count, len(graph.outputs)), graph.mutations))
+    return {"inputs": [{"name": n.name, **meta_to_json(n.val), **({"state": n.meta.get("source") or n.name}
+                                                                  if n.name in graph.state else {})}
+                       for n in graph.inputs],
+            "outputs": [{**(meta_to_json(o.val) if hasattr(o, "val") else {"literal": o}),
+                         **({"writes": writes[i]} if i in writes else {})} for i, o in enumerate(graph.outputs)],
             "dims": {r.name: [r.min, r.max] for r in graph.dims.values()}}
 
 

@@ -338,12 +338,14 @@ def cmd_inspect(args, progress) -> int:
     blade_ops = {op: n for op, n in manifest["report"].get("ops_after", {}).items() if op.startswith(("blade", "fused"))}
     if blade_ops:
         print("  ops     " + ", ".join(f"{op} ×{n}" for op, n in sorted(blade_ops.items())))
-    print("  dims    " + ", ".join(f"{k} in [{lo}, {'inf' if hi is None else hi}]" for k, (lo, hi) in io["dims"].items()))
+    print("  dims    " + ", ".join(f"{k} in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]" for k, (lo, hi) in io["dims"].items()))
     for spec in io["inputs"]:
-        print(f"  input   {spec['name']}: {spec['dtype']}{_shape_text(spec['shape'])}")
+        state = f"  (state: buffer {spec['state']}, kept by the model)" if spec.get("state") else ""
+        print(f"  input   {spec['name']}: {spec['dtype']}{_shape_text(spec['shape'])}{state}")
     for i, spec in enumerate(io["outputs"]):
         text = f"{spec['dtype']}{_shape_text(spec['shape'])}" if spec and "shape" in spec else json.dumps(spec)
-        print(f"  output  {i}: {text}")
+        writes = f"  (written back into {spec['writes']})" if spec.get("writes") else ""
+        print(f"  output  {i}: {text}{writes}")
     for relpath, digest in sorted(manifest["files"].items()):
         print(f"  file    {relpath}  sha256 {digest[:16]}…")
     from blade.report import CompileReport

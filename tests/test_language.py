@@ -2,6 +2,8 @@
 ONNX Runtime lowers cond to If and while_loop to Loop, map runs in PyTorch), input and buffer mutation written back,
 unbounded and data-dependent sizes, and non-tensor inputs as specialised constants — each on eager and
 onnxruntime, saved and loaded; what stays out of reach is refused naming the construct."""
+import json
+
 import pytest
 import torch
 from torch.export import Dim
@@ -110,6 +112,9 @@ def test_input_and_buffer_mutation_are_written_back(backend, tmp_path):
     _same(compiled.state["calls"], eager.calls)
     assert torch.equal(model.calls, torch.zeros(4)), "the compiled model keeps its own copy of the state"
     loaded = _saved_and_loaded(compiled, tmp_path, backend)  # saved with three calls counted
+    io = json.loads((tmp_path / f"{backend}.blade" / "manifest.json").read_text())["io"]
+    assert [i.get("state") for i in io["inputs"]] == [None, None, "calls"]
+    assert sorted(o.get("writes", "") for o in io["outputs"]) == ["", "b_calls", "cache"]
     again = torch.zeros(4)
     _same(loaded(x, again), eager(x, eager_cache))
     _same(again, x)
