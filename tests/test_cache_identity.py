@@ -98,7 +98,8 @@ def test_every_model_of_the_catalogue_has_its_own_key_and_equal_models_share_one
     for label, key in keys.items():
         by_key.setdefault(key, []).append(label)
     assert [labels for labels in by_key.values() if len(labels) > 1] == []
-    assert all(_key(factory()) == keys[label] for label, factory in CATALOGUE.items()), \
+    again = list(CATALOGUE)[::5]  # (the two-process test hits every entry)
+    assert all(_key(CATALOGUE[label]()) == keys[label] for label in again), \
         "a fresh instance of the same model keys the same (so a new process can hit)"
 
 
@@ -135,7 +136,7 @@ def test_a_random_sequence_of_compiles_hits_exactly_the_models_seen_before(fresh
     rng = random.Random(2026)
     labels = list(CATALOGUE)
     seen = set()
-    for label in [rng.choice(labels) for _ in range(40)]:
+    for label in [rng.choice(labels) for _ in range(30)]:
         compiled = blade.compile(CATALOGUE[label](), (X,), backend="eager")
         assert compiled.report.cache["hit"] is (label in seen), label
         _check(label, compiled)
