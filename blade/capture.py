@@ -214,11 +214,13 @@ class Reference:
     def __call__(self, *args, **kwargs):
         return self.run(args, kwargs)[0]
 
-    def run(self, args: tuple, kwargs: dict) -> tuple[Any, dict]:
+    def run(self, args: tuple, kwargs: dict, watch: set[str] | None = None) -> tuple[Any, dict]:
+        """(outputs, what the call wrote); `watch` names the buffers that may change (default: all of them, as
+        before capture, when nobody knows yet)."""
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         clones = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         versions = [_version(leaf) if isinstance(leaf, torch.Tensor) else None for leaf in clones]
-        buffers = self.buffers()
+        buffers = {name: b for name, b in self.buffers().items() if watch is None or name in watch}
         saved = {name: (_version(b), b.clone()) for name, b in buffers.items()}
         call_args, call_kwargs = pytree.tree_unflatten(clones, spec)
         try:
@@ -236,7 +238,7 @@ class Reference:
 
     def flat(self, graph: Graph, args: tuple, kwargs: dict) -> list:
         """Flat outputs, then the new value of every input and buffer the graph mutates."""
-        outputs, changed = self.run(args, kwargs)
+        outputs, changed = self.run(args, kwargs, watch={graph.node(n).meta.get("source") for n in graph.state})
         return pytree.tree_leaves(outputs) + mutated_values(graph, changed)
 
 

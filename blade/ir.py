@@ -111,58 +111,53 @@ class Node:
         return f"%{self.name}"
 
 
-def iter_refs(obj) -> Iterator[Node]:
-    """Every Node referenced inside a nest of tuples, lists and dicts."""
-    if isinstance(obj, Node):
+def _leaves(obj, kind: type) -> Iterator:
+    """Every instance of `kind` inside a nest of tuples, lists, dicts and slices (node arguments)."""
+    if isinstance(obj, kind):
         yield obj
     elif isinstance(obj, (tuple, list)):
         for item in obj:
-            yield from iter_refs(item)
+            yield from _leaves(item, kind)
     elif isinstance(obj, dict):
         for item in obj.values():
-            yield from iter_refs(item)
+            yield from _leaves(item, kind)
     elif isinstance(obj, slice):
-        yield from iter_refs((obj.start, obj.stop, obj.step))
+        yield from _leaves((obj.start, obj.stop, obj.step), kind)
+
+
+def _mapped(obj, kind: type, fn: Callable):
+    """A copy of a nest of tuples, lists, dicts and slices with every instance of `kind` replaced by fn(it)."""
+    if isinstance(obj, kind):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_mapped(item, kind, fn) for item in obj)
+    if isinstance(obj, list):
+        return [_mapped(item, kind, fn) for item in obj]
+    if isinstance(obj, dict):
+        return {key: _mapped(item, kind, fn) for key, item in obj.items()}
+    if isinstance(obj, slice):
+        return slice(*(_mapped(item, kind, fn) for item in (obj.start, obj.stop, obj.step)))
+    return obj
+
+
+def iter_refs(obj) -> Iterator[Node]:
+    """Every Node referenced inside a nest of tuples, lists and dicts."""
+    return _leaves(obj, Node)
 
 
 def map_refs(obj, fn: Callable[[Node], Any]):
     """A copy of a nest of tuples, lists and dicts with every Node replaced by fn(node)."""
-    if isinstance(obj, Node):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(map_refs(item, fn) for item in obj)
-    if isinstance(obj, list):
-        return [map_refs(item, fn) for item in obj]
-    if isinstance(obj, dict):
-        return {key: map_refs(item, fn) for key, item in obj.items()}
-    if isinstance(obj, slice):
-        return slice(*(map_refs(item, fn) for item in (obj.start, obj.stop, obj.step)))
-    return obj
+    return _mapped(obj, Node, fn)
 
 
 def iter_graphs(obj) -> Iterator["Graph"]:
     """Every nested Graph (a branch of torch.cond, the body of a loop) inside a nest of node arguments."""
-    if isinstance(obj, Graph):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from iter_graphs(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from iter_graphs(item)
+    return _leaves(obj, Graph)
 
 
 def map_graphs(obj, fn: Callable[["Graph"], "Graph"]):
     """A copy of a nest of node arguments with every nested Graph replaced by fn(graph)."""
-    if isinstance(obj, Graph):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(map_graphs(item, fn) for item in obj)
-    if isinstance(obj, list):
-        return [map_graphs(item, fn) for item in obj]
-    if isinstance(obj, dict):
-        return {key: map_graphs(item, fn) for key, item in obj.items()}
-    return obj
+    return _mapped(obj, Graph, fn)
 
 
 def _slot_paths(args, kwargs) -> Iterator[tuple[Node, str]]:

@@ -15,18 +15,24 @@ import torch
 from torch import nn
 
 
-def calibrate_batch_norm(model: nn.Module, make_batch, batches: int = 3) -> nn.Module:
-    """Set every batch norm's running statistics to those of `batches` inputs from make_batch(), as training
-    would have; the model comes back in eval mode."""
+def calibrate_batch_norm(model: nn.Module, make_batch, batches: int = 3, unit_scales: bool = False) -> nn.Module:
+    """Set every batch norm's running statistics to those of `batches` inputs from make_batch() (a tensor, or
+    (args, kwargs)), as training would have; with `unit_scales`, scales that HF draws near zero (EfficientNet's,
+    from N(0, 0.02)) become 1 first. The model comes back in eval mode."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
+        if unit_scales and norm.weight is not None and float(norm.weight.abs().mean()) < 0.1:
+            with torch.no_grad():
+                norm.weight.fill_(1.0)
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over the batches
     model.train()
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)  # dropout draws in train mode: the same statistics in every process
         for _ in range(batches):
-            model(make_batch())
+            batch = make_batch()
+            args, kwargs = batch if isinstance(batch, tuple) else ((batch,), {})
+            model(*args, **kwargs)
     return model.eval()
 
 

@@ -193,7 +193,9 @@ class Masked(torch.nn.Module):
 
 
 def test_infinite_outputs_are_accurate_when_they_match():
-    cm = blade.compile(Masked(), (torch.randn(4, 5),), backend="eager")
+    x = torch.randn(4, 5)
+    x[:, 0] = 1.0  # no row fully masked (its softmax would be NaN in eager, and NaN never passes)
+    cm = blade.compile(Masked(), (x,), backend="eager")
     assert cm.report.accuracy.ok, cm.report
 
 
