@@ -161,7 +161,7 @@ class Judge:
     float64, computed once, on demand): it passes when it is no further from that answer than REFEREE_FACTOR
     times eager's own fp32 output is. That happens only where the model amplifies rounding beyond the
     tolerance — eager itself is then that far off (HF's random-init MobileViT has subnormal outputs, 1e-40,
-    where fp32 keeps a few bits: eager is 0.14 from the float64 answer, plain ONNX Runtime 0.13 from eager) —
+    where fp32 keeps a few bits: eager is 0.14 from the float64 answer, plain ONNX Runtime 0.12 from eager) —
     while a rewrite that computes something else lands far beyond it. NaN never passes.
     """
 
