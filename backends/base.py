@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from blade.errors import ConfigError
-from blade.ir import Graph, Node
+from blade.ir.graph import Graph, Node
 from blade.target import Target
 
 
@@ -57,8 +57,8 @@ def placement(graph: Graph, engine: str, device: str, attention_runs: str | None
     """Where the nodes run when `engine` runs the whole graph (no partition): every node on it, except
     blade::flash_attention, which calls the attention kernel registered for the device (or as `attention_runs`
     says, for an engine that lowers some of those calls itself)."""
-    from blade.fused import calls_within
-    from blade.ops import FLASH_ATTENTION, attention_kernel_description
+    from blade.ir.fused import calls_within
+    from blade.ops.attention import FLASH_ATTENTION, attention_kernel_description
 
     calls = calls_within(graph)
     attention = sum(1 for n in calls if n.target == FLASH_ATTENTION)

@@ -17,7 +17,7 @@ from typing import Callable
 import networkx as nx
 
 from blade.errors import GraphError
-from blade.ir import Graph, Node, ScalarMeta, map_refs
+from blade.ir.graph import Graph, Node, ScalarMeta, map_refs
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 One attention layer of GPT-2/BERT base size (12 heads, head dim 64, batch 1) in bf16, q/k/v as the
 strided views a fused QKV projection gives; forms: causal (GPT) and non-causal with a float padding
-mask (BERT), seq 64 to 2048. Contenders, timed interleaved (blade.timing.time_interleaved), median:
+mask (BERT), seq 64 to 2048. Contenders, timed interleaved (blade.perf.timing.time_interleaved), median:
 
 - sdpa: the op's reference, torch's scaled_dot_product_attention (its fused CPU flash kernel);
 - blocked: backends/eager/attention_cpu.blocked_attention (BLOCK_ROWS queries at a time, Python);
@@ -10,7 +10,7 @@ mask (BERT), seq 64 to 2048. Contenders, timed interleaved (blade.timing.time_in
 - auto: what blade::flash_attention runs on CPU (native where it runs, else blocked where `prefers_blocked` says
   so, else sdpa).
 
-Errors are relative to fp32 SDPA on the same inputs. MFU: attention FLOPs (blade.cost.attention_flops,
+Errors are relative to fp32 SDPA on the same inputs. MFU: attention FLOPs (blade.perf.cost.attention_flops,
 the causal half for causal) / median / the bf16 matmul peak measured in the same run. This chose
 `prefers_blocked` in backends/eager/attention_cpu.py, and the native kernel over both.
 
@@ -27,10 +27,10 @@ import torch
 
 import blade.target
 from blade.backends.eager import attention_cpu, attention_native
-from blade.cost import attention_flops
-from blade.ops import attention_reference
-from blade.peaks import measure
-from blade.timing import time_interleaved
+from blade.perf.cost import attention_flops
+from blade.ops.attention import attention_reference
+from blade.perf.peaks import measure
+from blade.perf.timing import time_interleaved
 from ort_cpu import machine_info
 
 HEADS, HEAD_DIM = 12, 64

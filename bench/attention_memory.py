@@ -13,13 +13,13 @@ This benchmark shows what that is worth on this machine's CPU, at batch 1, seq 2
   mode that tracks the bytes of live tensor storage after every op: the activation peak is its
   maximum not counting the returned logits ([1, seq, 50257] fp32, which exist only at the very
   end, when the attention's buffers are gone, so RSS alone cannot tell the two phases apart).
-* speed -- in this process, all contenders timed interleaved (blade.timing.time_interleaved),
+* speed -- in this process, all contenders timed interleaved (blade.perf.timing.time_interleaved),
   median after warm-up, an idle gap after each so ONNX Runtime's spinning threads do not slow the
   next one; each output is checked against eager (relative error of the logits).
 * utilization -- FLOPs and least bytes per forward from blade's IR of the model (the attention-pass
   graph: causal attention counts the half it computes; the same figures for every contender):
   MFU = FLOPs / median time / the fp32 matmul peak, MBU = bytes / median time / memory bandwidth (the better of a large copy and a large read),
-  both peaks measured in this run by blade.peaks.measure (the best of torch's and ONNX Runtime's
+  both peaks measured in this run by blade.perf.peaks.measure (the best of torch's and ONNX Runtime's
   square matmul).
 Blade contenders in the memory children compile with check_accuracy=False, so the measured call is
 the first forward the process makes (ONNX Runtime's arena starts empty); the speed process keeps it.
@@ -51,10 +51,10 @@ from torch.utils._pytree import tree_leaves
 
 import blade
 import blade.models.gpt as gpt
-import blade.timing
+import blade.perf.timing
 
-from blade.peaks import measure
-from blade.profile import model_work
+from blade.perf.peaks import measure
+from blade.runtime.profile import model_work
 from blade.target import detect
 from ort_cpu import machine_info
 
@@ -185,7 +185,7 @@ def measure_speed(seq: int, repeat: int, gap_s: float) -> tuple[dict, dict, int]
     for i, (name, run) in enumerate(runs.items()):
         timed[name] = (lambda run=run: run(ids))
         timed[f"_idle{i}"] = lambda: time.sleep(gap_s)
-    medians = blade.timing.time_interleaved(timed, warmup=1, repeat=repeat, device="cpu")
+    medians = blade.perf.timing.time_interleaved(timed, warmup=1, repeat=repeat, device="cpu")
     flops, least, _ = model_work(runs["blade eager backend"].graph, {"batch": 1, "seq": seq})
     return {name: medians[name] for name in CONTENDERS}, errors, {"flops": flops, "bytes": least}
 

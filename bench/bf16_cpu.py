@@ -42,7 +42,7 @@ import torch
 import blade
 import blade.models as zoo
 import blade.target
-from blade.peaks import measure
+from blade.perf.peaks import measure
 from ort_cpu import (Contender, eager_contender, first_tensor, inductor_contender, ir_work, machine_info,
                      make_inputs, ort_contender, ort_optimizer_contender, rel_err, time_contenders)
 

@@ -38,7 +38,7 @@ echo "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.log"
 wait $SUITE_PID; tail -25 "$OUT/suite.log"
 if [ -n "${PEAKS:-}" ]; then  # bench/triton_gpu.py measures the peaks it needs itself
   echo "== machine peaks (measured vs datasheet)"
-  timeout ${PEAKS_S:-120} python3 -P -c "import json, blade.backends; from blade.peaks import measure; from blade.target import detect; print(json.dumps(measure(detect('cuda')).as_dict(), indent=1))" >"$OUT/peaks.json" 2>"$OUT/peaks.log"
+  timeout ${PEAKS_S:-120} python3 -P -c "import json, blade.backends; from blade.perf.peaks import measure; from blade.target import detect; print(json.dumps(measure(detect('cuda')).as_dict(), indent=1))" >"$OUT/peaks.json" 2>"$OUT/peaks.log"
   echo "peaks rc=$?"; head -c 1500 "$OUT/peaks.json"; tail -5 "$OUT/peaks.log"
 fi
 if [ -n "${ATTENTION_BENCH:-}" ]; then  # measured on an H100 and an H200 already (bench/results/attention_gpu*.md)

@@ -135,7 +135,7 @@ def flat_tensors(x):
 
 
 def rel(a_list, b_list):
-    from blade.accuracy import relative_error
+    from blade.perf.accuracy import relative_error
     if len(a_list) != len(b_list):
         return math.inf
     worst = 0.0

@@ -5,9 +5,9 @@ model, each run in a fresh child process: peak resident memory the first run add
 before it, after resetting the mark through /proc/self/clear_refs) and its time, checked against
 torch's scaled_dot_product_attention. This is what chose blade's lowering in
 backends/onnxruntime/translations.py. One layer's scores would be 192 MiB. MFU = attention FLOPs
-(blade.cost.attention_flops: QKᵀ and PV, the causal half for causal forms) / median time / the fp32
+(blade.perf.cost.attention_flops: QKᵀ and PV, the causal half for causal forms) / median time / the fp32
 matmul peak, MBU = bytes (q, k, v and the bias read, the output written) / median time / memory
-bandwidth (the better of a large copy and a large read), both peaks measured in the same run (blade.peaks.measure).
+bandwidth (the better of a large copy and a large read), both peaks measured in the same run (blade.perf.peaks.measure).
 
     python bench/ort_attention_ops.py      # writes bench/results/ort_attention_ops.md
 """
@@ -99,8 +99,8 @@ def main() -> int:
     import platform
 
     import blade.backends  # noqa: F401  (ONNX Runtime's matmul competes for the peak)
-    from blade.cost import attention_flops
-    from blade.peaks import measure
+    from blade.perf.cost import attention_flops
+    from blade.perf.peaks import measure
     from blade.target import detect
 
     peaks = measure(detect())

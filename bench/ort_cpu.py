@@ -28,18 +28,18 @@ as blade hands it to ONNX Runtime, as a plain export has it, and as the transfor
 leaves it.
 
 Each contender's first output is checked against eager (relative error ||out - ref|| / ||ref||),
-then all are timed interleaved (A B C D A B C D ...) by blade.timing.time_interleaved; the median is
+then all are timed interleaved (A B C D A B C D ...) by blade.perf.timing.time_interleaved; the median is
 reported. An untimed idle gap (--gap-ms, default 100) follows each contender: ONNX Runtime's intra-op
 worker threads spin for tens of ms after a run, and on a 2-core machine that costs whichever
 contender runs next about +50% (measured; see time_contenders).
 
 Utilization, for every contender from the same figures (blade's IR of the same model):
 
-* FLOPs and bytes per call = blade.profile.model_work on blade's compiled graph at the case's
+* FLOPs and bytes per call = blade.runtime.profile.model_work on blade's compiled graph at the case's
   batch/seq: FLOPs of every matmul, attention (causal attention counts the half it computes),
   elementwise op and reduction; bytes = the least any execution must move (weights read once,
   inputs read, outputs written; an embedding reads only the rows it gathers);
-* peaks = blade.peaks.measure in the same run: the best 2 n^3 / t over n = 1024, 2048, 3072 and
+* peaks = blade.perf.peaks.measure in the same run: the best 2 n^3 / t over n = 1024, 2048, 3072 and
   5 repeats of torch.matmul and of ONNX Runtime's MatMul (MLAS beats torch's fp32 GEMM on this CPU),
   and the better of a 256 MB copy and a 256 MB read for bandwidth;
 * MFU = FLOPs / median time / fp32 peak, MBU = bytes / median time / memory bandwidth.
@@ -87,10 +87,10 @@ from torch import nn
 import blade
 import blade.models as zoo
 import blade.target
-import blade.timing
-from blade.guards import check_inputs
-from blade.peaks import Peaks, measure
-from blade.profile import model_work
+import blade.perf.timing
+from blade.runtime.guards import check_inputs
+from blade.perf.peaks import Peaks, measure
+from blade.runtime.profile import model_work
 
 CASES = [("bert", 128), ("bert", 256), ("gpt", 128), ("gpt", 256), ("gpt", 1024)]
 BATCH = 1
@@ -133,7 +133,7 @@ def machine_info() -> dict:
 # --------------------------------------------------------------------------- timing
 
 def time_contenders(contenders: dict, warmup: int, repeat: int, gap_s: float) -> tuple[dict, dict]:
-    """blade.timing.time_interleaved over the contenders, an untimed idle gap after each one.
+    """blade.perf.timing.time_interleaved over the contenders, an untimed idle gap after each one.
 
     The gaps are dummy contenders (time.sleep) whose times are dropped. Without them, the worker
     threads of one ONNX Runtime session keep spinning for tens of ms after its run and take a core
@@ -160,7 +160,7 @@ def time_contenders(contenders: dict, warmup: int, repeat: int, gap_s: float) ->
         timed[name] = recorded(name, fn)
         if gap_s > 0:
             timed[f"_idle{i}"] = lambda: time.sleep(gap_s)
-    medians = blade.timing.time_interleaved(timed, warmup=warmup, repeat=repeat, device="cpu")
+    medians = blade.perf.timing.time_interleaved(timed, warmup=warmup, repeat=repeat, device="cpu")
     stats = {}
     for name, values in samples.items():
         values = sorted(values[-repeat:])  # the timed rounds (warm-up calls come first)
@@ -515,14 +515,14 @@ def render_markdown(machine: dict, peaks: Peaks, cases: list[dict], args, total_
         f"- flags: {flags}",
         f"- versions: python {machine['python']}, torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, "
         f"blade {machine['blade']}" + (f"; env {machine['malloc_env']}" if machine["malloc_env"] else ""),
-        f"- peaks, measured this run by blade.peaks.measure (best of n x n matmuls, n in {peaks.detail['sizes']}, "
+        f"- peaks, measured this run by blade.perf.peaks.measure (best of n x n matmuls, n in {peaks.detail['sizes']}, "
         f"5 repeats): **fp32 {peaks.matmul['fp32'] / 1e9:.0f} GFLOP/s**, memory **{peaks.bandwidth / 1e9:.0f} GB/s** "
         f"(copy {peaks.detail['bandwidth']['copy'] / 1e9:.0f}, read {peaks.detail['bandwidth']['read'] / 1e9:.0f}) "
         f"(GFLOP/s by library: {_rates(peaks)})",
-        f"- timing: blade.timing.time_interleaved, median of {args.repeat} rounds after {args.warmup} warm-up "
+        f"- timing: blade.perf.timing.time_interleaved, median of {args.repeat} rounds after {args.warmup} warm-up "
         f"rounds, {args.gap_ms:g} ms untimed idle gap after each contender; batch {BATCH}; "
         f"whole run {total_s / 60:.1f} min",
-        "- FLOPs and bytes per call from blade's IR of the model (blade.profile.model_work): every matmul, "
+        "- FLOPs and bytes per call from blade's IR of the model (blade.runtime.profile.model_work): every matmul, "
         "attention (causal: the half computed), elementwise op and reduction; bytes = the least any execution "
         "moves (weights, inputs, outputs)",
         "- MFU = FLOPs / median time / fp32 peak; MBU = bytes / median time / memory bandwidth (the better of a large copy and a large read)",

@@ -34,7 +34,7 @@ import ort_cpu  # noqa: E402  (the benchmark's session options, inputs and helpe
 
 import blade  # noqa: E402
 import blade.models as zoo  # noqa: E402
-import blade.timing  # noqa: E402
+import blade.perf.timing  # noqa: E402
 
 
 def op_histogram(path: Path) -> collections.Counter:

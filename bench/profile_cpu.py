@@ -3,7 +3,7 @@
 For BERT-base and GPT-base (prefill, batch 1, seq 128) and one gpt_decode base step (batch 1 and 16,
 128 cached positions), each compiled once per backend: the model's time, MFU and MBU, how much of
 the end-to-end time the backend's profiler attributes to regions, and the regions that lose most
-time against their roof. Peaks are measured in this run (blade.peaks.measure).
+time against their roof. Peaks are measured in this run (blade.perf.peaks.measure).
 
     python bench/profile_cpu.py      # a few minutes on 2 cores; writes bench/results/profile_cpu.md and .json
 """
@@ -21,8 +21,8 @@ import torch
 import blade
 import blade.backends  # noqa: F401  (ONNX Runtime's matmul competes for the peak)
 import blade.models as zoo
-from blade.peaks import measure
-from blade.profile import profile
+from blade.perf.peaks import measure
+from blade.runtime.profile import profile
 from blade.target import detect
 
 CASES = [("bert", {"batch": 1, "seq": 128}), ("gpt", {"batch": 1, "seq": 128}),

@@ -13,7 +13,7 @@ Zoo bert base, batch 1, sequence 128 (the quantization issue's case), all timed 
 7. blade_int8s  -- blade.compile(backend="onnxruntime", quantize="int8_static", calibration: 8 fresh inputs).
 
 Relative error ‖out − ref‖/‖ref‖ is measured against eager fp32 on inputs none of them saw (seed 1),
-with the cosine. Timing: blade.timing.time_interleaved via bench/ort_cpu.py's time_contenders
+with the cosine. Timing: blade.perf.timing.time_interleaved via bench/ort_cpu.py's time_contenders
 (idle gaps against ONNX Runtime's spinning threads), median after warm-up. Utilization: FLOPs from
 blade's IR ÷ median ÷ the peak of the dtype the matmuls run in (fp32: best of torch and ORT MatMul;
 int8: best of torch._int_mm and ORT's DynamicQuantizeMatMul), measured in the same run.
@@ -38,7 +38,7 @@ import torch
 import blade
 import blade.models as zoo
 import blade.target
-from blade.peaks import measure
+from blade.perf.peaks import measure
 from ort_cpu import (Contender, blade_contender, first_tensor, ir_work, machine_info, ort_contender,
                      ort_session, session_runner, time_contenders)
 

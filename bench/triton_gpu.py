@@ -11,7 +11,7 @@ GPU, this times (interleaved, device-synchronized, median after warm-up):
               int8_dynamic and fp8): the qgemm kernels (int8 with int32 accumulation, fp8 on sm_89+) with
               their dequantization fused; a mode that fails to compile or run is reported, not fatal.
 
-FLOPs and least bytes come from blade's IR, the peaks from blade.peaks measured in the same run.
+FLOPs and least bytes come from blade's IR, the peaks from blade.perf.peaks measured in the same run.
 It prints and writes a Markdown table (bench/results/triton_gpu_<gpu>.md) with each contender's time,
 MFU, MBU, the speedups, their geomeans (target: blade >= 2x eager, >= 1.0x torch.compile), relative
 error vs eager, and blade's kernel counts.
@@ -34,10 +34,10 @@ import torch
 
 import blade
 import blade.models as zoo
-from blade.guards import check_inputs
-from blade.peaks import DTYPE_NAMES, machine_peaks
-from blade.profile import model_work, utilization
-from blade.timing import time_interleaved
+from blade.runtime.guards import check_inputs
+from blade.perf.peaks import DTYPE_NAMES, machine_peaks
+from blade.runtime.profile import model_work, utilization
+from blade.perf.timing import time_interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # batch (and seq) at base size that keep an H100/H200 busy without running for minutes
@@ -109,7 +109,7 @@ def run_case(name: str, dims: dict, dtype, device: str, args, peaks) -> dict:
     flat = cm.flat_inputs(*inputs)
     bound = check_inputs(cm.graph.inputs, cm.graph.dims, flat)
     flops, least, compute = model_work(cm.graph, bound, device=device)
-    # torch's int8 matmul, which blade.peaks measures int8 with, is far from the GPU's int8 roof (the kernels
+    # torch's int8 matmul, which blade.perf.peaks measures int8 with, is far from the GPU's int8 roof (the kernels
     # here beat it): quantized contenders are held to the datasheet's int8/fp8 peak where there is one
     sheet = (peaks.datasheet or {}).get("matmul", {})
     roofs = dataclasses.replace(peaks, matmul={**peaks.matmul, **{d: sheet[d] for d in ("int8", "fp8_e4m3") if d in sheet}})

@@ -1,6 +1,6 @@
 """`python -m blade` runs the command line."""
 import sys
 
-from blade.cli import main
+from blade.tools.cli import main
 
 sys.exit(main())

@@ -9,21 +9,21 @@ import torch
 import torch.utils._pytree as pytree
 
 from blade import backends
-from blade import selection as backend_selection
+from blade.driver import selection as backend_selection
 from blade import passes as pipelines
-from blade.accuracy import Judge, exact_outputs
-from blade.bisect import bisect
-from blade import cache as compile_cache
-from blade.capture import bind_example, capture
-from blade.compiled import CompiledModel
+from blade.perf.accuracy import Judge, exact_outputs
+from blade.driver.bisect import bisect
+from blade.runtime import cache as compile_cache
+from blade.frontend.capture import bind_example, capture
+from blade.runtime.compiled import CompiledModel
 from blade.config import DEFAULT_OPTIMIZE, CompileConfig
 from blade.errors import ConfigError
-from blade.fingerprint import Unstable
-from blade.guard import tolerance_for
-from blade.lowering import Lowering, check_lowering_options, with_lowering
-from blade.report import CompileReport
-from blade.shapes import free_dims
-from blade.signature import Signature
+from blade.runtime.fingerprint import Unstable
+from blade.driver.layer_guard import tolerance_for
+from blade.driver.lowering import Lowering, check_lowering_options, with_lowering
+from blade.perf.report import CompileReport
+from blade.ir.shapes import free_dims
+from blade.frontend.signature import Signature
 from blade.target import detect
 
 
@@ -224,9 +224,9 @@ class _CacheLookup:
 
 def matmul_precision(graph) -> dict[str, str]:
     """Every matmul, convolution and attention node (inside fused regions too) -> what it computes in."""
-    from blade.cost import ATTENTIONS, CONVOLUTIONS, MATMULS
-    from blade.fused import calls_within
-    from blade.ir import dtype_name
+    from blade.perf.cost import ATTENTIONS, CONVOLUTIONS, MATMULS
+    from blade.ir.fused import calls_within
+    from blade.ir.graph import dtype_name
 
     found = {}
     for node in calls_within(graph):

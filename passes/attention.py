@@ -32,11 +32,11 @@ from typing import Any
 import networkx as nx
 import torch
 
-from blade.ir import Graph, Node, ScalarMeta, TensorMeta, iter_refs, map_refs
-from blade.ops import FLASH_ATTENTION
+from blade.ir.graph import Graph, Node, ScalarMeta, TensorMeta, iter_refs, map_refs
+from blade.ops.attention import FLASH_ATTENTION
 from blade.passes.cleanup import eliminate_dead_code
 from blade.passes.manager import PassContext
-from blade.shapes import evaluate, is_static, same_shape, same_size
+from blade.ir.shapes import evaluate, is_static, same_shape, same_size
 
 aten = torch.ops.aten
 

@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 import torch.fx
 
-from blade.ir import Graph, Node, TensorMeta, format_target
+from blade.ir.graph import Graph, Node, TensorMeta, format_target
 from blade.passes.manager import PassContext
-from blade.shapes import same_shape
+from blade.ir.shapes import same_shape
 
 aten = torch.ops.aten
 

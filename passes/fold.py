@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from blade.ir import Graph, Node, TensorMeta, iter_refs, map_refs
+from blade.ir.graph import Graph, Node, TensorMeta, iter_refs, map_refs
 from blade.passes.cleanup import _is_impure, _is_random, eliminate_dead_code
 from blade.passes.manager import PassContext
 

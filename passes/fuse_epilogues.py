@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from blade.fused import fusable, fuse
-from blade.ir import Graph, Node
+from blade.ir.fused import fusable, fuse
+from blade.ir.graph import Graph, Node
 from blade.passes.fuse_norms import only_user, plain_add
 from blade.passes.manager import PassContext
 

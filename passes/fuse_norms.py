@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from blade.fused import fusable, fuse
-from blade.ir import Graph, Node, TensorMeta
+from blade.ir.fused import fusable, fuse
+from blade.ir.graph import Graph, Node, TensorMeta
 from blade.passes.cleanup import _arg
 from blade.passes.manager import PassContext
-from blade.shapes import same_shape
+from blade.ir.shapes import same_shape
 
 aten = torch.ops.aten
 RSQRT = aten.rsqrt.default

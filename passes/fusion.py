@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from blade.cost import ELEMENTWISE
-from blade.fused import fusable, fuse, is_fused, topological
-from blade.ir import Graph, Node, TensorMeta
+from blade.perf.cost import ELEMENTWISE
+from blade.ir.fused import fusable, fuse, is_fused, topological
+from blade.ir.graph import Graph, Node, TensorMeta
 from blade.passes import fuse_epilogues, fuse_norms
 from blade.passes.cleanup import _arg, eliminate_dead_code
 from blade.passes.fuse_norms import only_user

@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import torch
 
-from blade.ir import Graph, Node, TensorMeta
+from blade.ir.graph import Graph, Node, TensorMeta
 from blade.passes.cleanup import eliminate_dead_code, is_view_op
 from blade.passes.manager import PassContext
 

@@ -8,8 +8,8 @@ from typing import Callable
 
 from blade.config import CompileConfig
 from blade.errors import ConfigError, GraphError
-from blade.fused import verify_regions
-from blade.ir import Graph, map_graphs
+from blade.ir.fused import verify_regions
+from blade.ir.graph import Graph, map_graphs
 
 Pass = Callable[[Graph, "PassContext"], Graph]
 SKIP = "*"  # the site that names a whole pass in CompileConfig.held_back

@@ -26,8 +26,8 @@ import operator
 import torch
 
 from blade.errors import ConfigError
-from blade.ir import Graph, Node, TensorMeta, map_refs
-from blade.ops import FLASH_ATTENTION
+from blade.ir.graph import Graph, Node, TensorMeta, map_refs
+from blade.ops.attention import FLASH_ATTENTION
 from blade.passes.cleanup import eliminate_dead_code
 from blade.passes.manager import PassContext
 

@@ -23,10 +23,10 @@ import math
 import torch
 
 from blade.errors import ConfigError
-from blade.ir import Graph, Node, ScalarMeta, TensorMeta
+from blade.ir.graph import Graph, Node, ScalarMeta, TensorMeta
 from blade.passes.cleanup import eliminate_dead_code
 from blade.passes.manager import PassContext
-from blade.qops import INT8_MAX, QEMBEDDING, QLINEAR, quantize_table, quantize_weight
+from blade.ops.quantized import INT8_MAX, QEMBEDDING, QLINEAR, quantize_table, quantize_weight
 
 aten = torch.ops.aten
 QUANTIZE_MODES = ("int8_weight_only", "int8_dynamic", "int8_static", "fp8")

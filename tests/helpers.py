@@ -6,7 +6,7 @@ import math
 import torch
 import torch.utils._pytree as pytree
 
-from blade.accuracy import relative_error
+from blade.perf.accuracy import relative_error
 
 
 def assert_matches(out, ref, tol: float = 1e-6) -> None:

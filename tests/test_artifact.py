@@ -15,7 +15,7 @@ from torch.export import Dim
 import blade
 from blade.target import detect
 import blade.models as zoo
-from blade.artifact import _canonical
+from blade.runtime.artifact import _canonical
 from blade.errors import ArtifactError
 
 from helpers import assert_matches
@@ -290,7 +290,7 @@ def test_bitwise_mask_ops_round_trip(tmp_path):
     assert any("__and__" in op for op in cm.graph.count_targets())
     cm.save(tmp_path / "masked.blade")
     torch.testing.assert_close(blade.load(tmp_path / "masked.blade")(a, b), Masked()(a, b))
-    from blade.serialize import target_from_json
+    from blade.ir.serialize import target_from_json
     for name in ("aten.__class__.default", "aten.__getattr__.default", "aten.__dict__.default"):
         with pytest.raises(ArtifactError, match="not a torch operator blade may load"):
             target_from_json(name)

@@ -12,9 +12,9 @@ import torch
 
 import blade
 from blade import backends
-from blade.accuracy import relative_error
+from blade.perf.accuracy import relative_error
 from blade.backends.eager import EagerBackend, EagerExecutable
-from blade.fused import is_fused
+from blade.ir.fused import is_fused
 from blade.passes import cleanup, fusion
 
 aten = torch.ops.aten

@@ -11,7 +11,7 @@ import torch
 
 import blade
 import blade.models as zoo
-from blade import cache
+from blade.runtime import cache
 
 
 @pytest.fixture
@@ -130,12 +130,12 @@ def test_a_damaged_entry_is_compiled_again(cache_dir):
 
 
 def test_failed_accuracy_is_not_cached(cache_dir, monkeypatch):
-    import blade.accuracy
+    import blade.perf.accuracy
     import blade.api
 
     model, example, dynamic = zoo.get("mlp")
 
-    class Failing(blade.accuracy.Judge):  # as if every backend, eager included, computed something else
+    class Failing(blade.perf.accuracy.Judge):  # as if every backend, eager included, computed something else
         def __call__(self, outputs):
             return super().__call__([o + 1.0 for o in outputs])
 
@@ -224,7 +224,7 @@ class _Scaler:
 def test_attribute_values_that_differ_never_share_a_key():
     import functools
 
-    from blade.fingerprint import Unstable, stable_value
+    from blade.runtime.fingerprint import Unstable, stable_value
 
     different = [
         (functools.partial(_scale, s=2.0), functools.partial(_scale, s=3.0)),
@@ -306,18 +306,18 @@ def test_concurrent_writers_and_a_reader_never_see_half_an_entry(cache_dir, monk
     """Two writers of one key overlap inside save(); a reader during the writes sees a miss, never a partial."""
     import threading
 
-    import blade.artifact
+    import blade.runtime.artifact
 
     model, example, dynamic = zoo.get("mlp")
     compiled = blade.compile(model, example, dynamic_shapes=dynamic, backend="eager", cache=False)
-    real_save, inside, release = blade.artifact.save, threading.Barrier(2), threading.Event()
+    real_save, inside, release = blade.runtime.artifact.save, threading.Barrier(2), threading.Event()
 
     def slow_save(cm, path):
         real_save(cm, path)
         inside.wait(timeout=30)  # both writers have written their private folder
         release.wait(timeout=30)
 
-    monkeypatch.setattr(blade.artifact, "save", slow_save)
+    monkeypatch.setattr(blade.runtime.artifact, "save", slow_save)
     results = []
     writers = [threading.Thread(target=lambda: results.append(cache.store(compiled, "k" * 40))) for _ in range(2)]
     for w in writers:
@@ -338,7 +338,7 @@ def test_concurrent_writers_and_a_reader_never_see_half_an_entry(cache_dir, monk
 
 
 def test_a_vanishing_entry_is_a_miss_and_store_failures_keep_the_compile(cache_dir, monkeypatch):
-    import blade.artifact
+    import blade.runtime.artifact
 
     model, example, dynamic = zoo.get("mlp")
     key = blade.compile(model, example, dynamic_shapes=dynamic, backend="eager").report.cache["key"]
@@ -346,7 +346,7 @@ def test_a_vanishing_entry_is_a_miss_and_store_failures_keep_the_compile(cache_d
     def vanished(path, **kwargs):
         raise FileNotFoundError(f"{path}/weights.safetensors")
 
-    monkeypatch.setattr(blade.artifact, "load", vanished)
+    monkeypatch.setattr(blade.runtime.artifact, "load", vanished)
     assert cache.load(key)[0] is None and (cache_dir / key).is_dir(), "a miss, and nothing removed"
     monkeypatch.undo()
     monkeypatch.setenv("BLADE_CACHE_DIR", str(cache_dir.parent))
@@ -356,7 +356,7 @@ def test_a_vanishing_entry_is_a_miss_and_store_failures_keep_the_compile(cache_d
         (path / "partial").mkdir(parents=True)
         raise RuntimeError("No space left on device")
 
-    monkeypatch.setattr(blade.artifact, "save", full_disk)
+    monkeypatch.setattr(blade.runtime.artifact, "save", full_disk)
     other = torch.nn.Linear(4, 4)
     cm = blade.compile(other, (torch.randn(2, 4),), backend="eager")
     assert cm.report.cache["stored"].startswith("not cached: RuntimeError: No space left")

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import blade
-from blade import cache
-from blade.accuracy import relative_error
+from blade.runtime import cache
+from blade.perf.accuracy import relative_error
 
 transformers = pytest.importorskip("transformers")
 from transformers import activations as hf  # noqa: E402
@@ -112,7 +112,7 @@ def test_a_new_process_hits_each_entry_with_its_own_outputs(fresh_cache, tmp_pat
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import torch, blade
         from test_cache_identity import CATALOGUE, X
-        from blade.accuracy import relative_error
+        from blade.perf.accuracy import relative_error
         results = {{}}
         labels = list(CATALOGUE)[::int(sys.argv[1])]
         for label in labels:

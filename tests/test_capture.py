@@ -200,7 +200,7 @@ def test_infinite_outputs_are_accurate_when_they_match():
 
 
 def test_a_low_precision_output_is_compared_by_value_and_other_dtype_changes_fail():
-    from blade.accuracy import compare_tensor
+    from blade.perf.accuracy import compare_tensor
 
     ref, bf16 = torch.randn(64), torch.bfloat16
     lowered = compare_tensor(0, ref.to(bf16), ref, tolerance=1e-2, declared=bf16)

@@ -8,10 +8,10 @@ from torch.export import Dim
 
 import blade
 import blade.models as zoo
-from blade.capture import capture
-from blade.cost import graph_cost, node_cost, node_kind, region_cost
-from blade.ir import Graph, ScalarMeta, TensorMeta
-from blade.ops import FLASH_ATTENTION
+from blade.frontend.capture import capture
+from blade.perf.cost import graph_cost, node_cost, node_kind, region_cost
+from blade.ir.graph import Graph, ScalarMeta, TensorMeta
+from blade.ops.attention import FLASH_ATTENTION
 from helpers import Apply
 
 b = sympy.Symbol("batch", integer=True, positive=True)

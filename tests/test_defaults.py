@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     import torch.utils._pytree as pytree
     import blade
     import blade.models as zoo
-    from blade.accuracy import relative_error
+    from blade.perf.accuracy import relative_error
     from blade.models import hf
 
     def worst(compiled, model, inputs):

@@ -9,10 +9,10 @@ from torch.export import Dim
 from torch.utils._pytree import tree_leaves
 
 import blade
-from blade.accuracy import relative_error
+from blade.perf.accuracy import relative_error
 from blade.errors import ShapeError
-from blade.fused import is_fused
-from blade.ir import Node
+from blade.ir.fused import is_fused
+from blade.ir.graph import Node
 
 from helpers import forbid_recompiling
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import blade
-from blade.accuracy import relative_error
+from blade.perf.accuracy import relative_error
 
 transformers = pytest.importorskip("transformers")
 

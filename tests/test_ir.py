@@ -8,10 +8,10 @@ import sympy
 import torch
 from torch.export import Dim
 
-from blade.capture import capture
+from blade.frontend.capture import capture
 from blade.errors import GraphError
-from blade.ir import Graph, Node, ScalarMeta, TensorMeta
-from blade.serialize import graph_from_json, graph_to_json
+from blade.ir.graph import Graph, Node, ScalarMeta, TensorMeta
+from blade.ir.serialize import graph_from_json, graph_to_json
 
 
 class Small(torch.nn.Module):

@@ -10,7 +10,7 @@ from torch.export import Dim
 
 import blade
 from blade.errors import CaptureError, ShapeError
-from blade.fused import is_fused
+from blade.ir.fused import is_fused
 
 BACKENDS = ["eager", "onnxruntime"]
 

@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 import blade
 from blade import models
 from blade.errors import AccuracyError
-from blade.qops import QLINEAR
+from blade.ops.quantized import QLINEAR
 
 MODES = [{"precision": "fp16"}, {"precision": "bf16"}, {"quantize": "int8_weight_only"},
          {"quantize": "int8_dynamic"}, {"quantize": "int8_static"}, {"quantize": "fp8"}]
@@ -124,7 +124,7 @@ def test_an_impossible_budget_raises_with_the_per_layer_errors():
 
 def test_the_guard_rechecks_on_the_backend_and_keeps_more_when_it_misses(monkeypatch):
     """A backend whose numbers are worse than the eager reference (here: forced) makes the guard keep more."""
-    from blade import lowering
+    from blade.driver import lowering
 
     calls = []
     real = lowering.Lowering._backend_error
@@ -169,7 +169,7 @@ def test_report_lists_every_lowered_layer_and_the_check_uses_the_mode_tolerance(
 def test_review_regressions_dtypes_pipelines_and_calibration_keys():
     """fp16 models keep fp16 outputs (fp16 tables stay unquantized), fp64 layers are left alone, a custom
     pipeline with fusion gets the lowering before it, calibration keyed by which input each tensor is."""
-    from blade import cache
+    from blade.runtime import cache
     from blade.passes import cleanup, fusion
 
     class Emb(torch.nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import blade.backends  # noqa: F401  (registers ONNX Runtime's probe)
-import blade.peaks as peaks
+import blade.perf.peaks as peaks
 from blade.target import Target, detect
 
 

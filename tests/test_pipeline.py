@@ -13,7 +13,7 @@ import torch
 
 import blade
 import blade.models as zoo
-from blade.dynamic import apply_ranges, parse_ranges
+from blade.frontend.dynamic import apply_ranges, parse_ranges
 from blade.errors import ConfigError
 
 
@@ -23,7 +23,7 @@ def _python(code: str, *args, cwd=None):
 
 
 def _blade(*args):
-    return _python("import sys; from blade.cli import main; sys.exit(main(sys.argv[1:]))", *args)
+    return _python("import sys; from blade.tools.cli import main; sys.exit(main(sys.argv[1:]))", *args)
 
 
 def _ok(result):
@@ -64,7 +64,7 @@ def test_pt2_to_served_repository_end_to_end(tmp_path):
     # the serving process: blade and the artifact, never the model's code
     served = _ok(_python("""
         import sys
-        from blade.cli import main
+        from blade.tools.cli import main
         code = main(["run", sys.argv[1], "--inputs", sys.argv[2], "-o", sys.argv[3], "--json"])
         zoo = sorted(m for m in sys.modules if m == "blade.models" or m.startswith("blade.models."))
         assert not zoo, f"the serving process imported the zoo: {zoo}"

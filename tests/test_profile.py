@@ -9,10 +9,10 @@ import torch
 
 import blade
 import blade.models as zoo
-from blade.cli import main
-from blade.fused import is_fused
-from blade.peaks import Peaks
-from blade.profile import model_work, profile, utilization
+from blade.tools.cli import main
+from blade.ir.fused import is_fused
+from blade.perf.peaks import Peaks
+from blade.runtime.profile import model_work, profile, utilization
 from helpers import Apply
 
 FAKE_PEAKS = Peaks("test machine", {"fp32": 100e9, "bf16": 400e9}, 20e9)

@@ -5,8 +5,8 @@ import math
 import torch
 
 import blade
-from blade.accuracy import Judge, OutputError, exact_outputs, relative_error
-from blade.capture import capture
+from blade.perf.accuracy import Judge, OutputError, exact_outputs, relative_error
+from blade.frontend.capture import capture
 
 aten = torch.ops.aten
 X = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))

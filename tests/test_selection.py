@@ -83,7 +83,7 @@ def test_bf16_graphs_skip_onnxruntime_on_cpu():
 
 
 def test_the_report_says_where_every_node_runs():
-    from blade.fused import calls_within
+    from blade.ir.fused import calls_within
     from blade.models import get
 
     model, example, dynamic = get("gpt", "tiny")
@@ -113,7 +113,7 @@ def test_bf16_on_a_cpu_without_it_compiles_fp32_with_one_warning(monkeypatch):
 
 
 def test_the_choice_is_saved_and_cached(slow_first, tmp_path, monkeypatch):
-    from blade import selection
+    from blade.driver import selection
 
     monkeypatch.setenv("BLADE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("BLADE_CACHE", "1")

@@ -15,7 +15,7 @@ from torch.export import Dim
 import blade
 import blade.models as zoo
 from blade.errors import InputError
-from blade.serving import export_triton_repo
+from blade.tools.serving import export_triton_repo
 
 
 def _parse_config(path):

@@ -8,8 +8,8 @@ from torch.export import Dim
 
 import blade
 import blade.models as zoo
-from blade.cli import main
-from blade.verify import fresh_inputs
+from blade.tools.cli import main
+from blade.tools.verify import fresh_inputs
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

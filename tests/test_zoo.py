@@ -9,8 +9,8 @@ import torch.utils._pytree as pytree
 
 import blade
 import blade.models as zoo
-from blade.capture import capture
-from blade.fused import is_fused
+from blade.frontend.capture import capture
+from blade.ir.fused import is_fused
 
 from helpers import assert_matches, forbid_recompiling, fresh_dims, gqa_capture_may_fail
 

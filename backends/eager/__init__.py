@@ -5,7 +5,7 @@ import torch
 
 from blade.backends.base import RegionTiming, placement
 from blade.backends.eager.profiler import profile_module
-from blade.ir import Graph, Node
+from blade.ir.graph import Graph, Node
 from blade.target import Target
 
 

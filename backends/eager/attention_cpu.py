@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from blade.backends.eager import attention_native
-from blade.ops import attention_reference, check_attention_args, in_output_layout, register_attention_kernel
+from blade.ops.attention import attention_reference, check_attention_args, in_output_layout, register_attention_kernel
 
 BLOCK_ROWS = 128  # queries per block (64 and 256 were slower at seq 256-2048)
 MIN_KEYS = 128  # below this many keys SDPA is as fast or faster (bench/results/attention_cpu.md)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from blade.config import cache_root
-from blade.shapes import is_static
+from blade.ir.shapes import is_static
 from blade.target import detect
 
 SOURCE = Path(__file__).with_name("attention_bf16.cpp")

@@ -9,7 +9,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, record_function
 
 from blade.backends.base import RegionTiming
-from blade.ir import format_target
+from blade.ir.graph import format_target
 
 _PREFIX = "blade::node::"
 

@@ -28,9 +28,9 @@ import torch
 from blade.backends.base import placement
 from blade.backends.inductor import short_attention
 from blade.errors import BackendError
-from blade.fused import is_fused
-from blade.ir import Graph, Node
-from blade.ops import FLASH_ATTENTION, attention_kernel_description, registered_attention_kernel
+from blade.ir.fused import is_fused
+from blade.ir.graph import Graph, Node
+from blade.ops.attention import FLASH_ATTENTION, attention_kernel_description, registered_attention_kernel
 from blade.target import Target
 
 

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from blade.ops import FLASH_ATTENTION, causal_allowed
+from blade.ops.attention import FLASH_ATTENTION, causal_allowed
 
 # The blocked kernel's single block. At 128 keys this took zoo bert base in bf16 from parity with torch.compile of
 # the bf16-cast model to ahead of it (bench/results/bf16_cpu.md); the same ops in two causal blocks of 128 queries

@@ -20,8 +20,8 @@ from blade.backends.onnxruntime.session import OrtRunner, cuda_available
 from blade.backends.onnxruntime.translations import TRANSLATIONS
 from blade.backends.partition import Region, build_region, partition
 from blade.errors import ArtifactError, BackendError
-from blade.fused import FusedRegion
-from blade.ir import Graph, Node, format_target, iter_graphs
+from blade.ir.fused import FusedRegion
+from blade.ir.graph import Graph, Node, format_target, iter_graphs
 from blade.target import Target
 
 PLAN = "plan.json"

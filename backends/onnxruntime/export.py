@@ -19,7 +19,7 @@ from torch.export import Dim
 from blade.backends.onnxruntime.fused import lower_fused_nodes
 from blade.backends.onnxruntime.onnx_rules import SIMPLIFY_RULES
 from blade.backends.onnxruntime.translations import TRANSLATIONS
-from blade.ir import Graph, Node
+from blade.ir.graph import Graph, Node
 
 OPSET = 20  # ONNX opset blade emits, recorded with every saved model (20 keeps Gelu one op)
 

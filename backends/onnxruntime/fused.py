@@ -31,9 +31,9 @@ import onnxscript
 import torch
 import torch.nn.functional as F
 
-from blade.fused import FusedRegion
-from blade.ir import Node, map_refs
-from blade.shapes import same_shape
+from blade.ir.fused import FusedRegion
+from blade.ir.graph import Node, map_refs
+from blade.ir.shapes import same_shape
 
 msft = onnxscript.values.Opset("com.microsoft", 1)
 onnx_ort = onnxscript.values.Opset("", 20)  # ONNX Runtime's own ops in the ONNX domain

@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from blade.peaks import register_matmul_probe
+from blade.perf.peaks import register_matmul_probe
 from blade.target import detect
 
 DTYPES = ("fp32", "int8")

@@ -20,8 +20,8 @@ import onnx
 from blade.backends.base import RegionTiming
 from blade.backends.onnxruntime.export import IR_NODE_KEY
 from blade.backends.onnxruntime.session import OPTIMIZED_MODEL, OrtRunner
-from blade.cost import node_kind
-from blade.ir import Graph
+from blade.perf.cost import node_kind
+from blade.ir.graph import Graph
 from blade.target import Target
 
 _KERNEL_SUFFIX = "_kernel_time"

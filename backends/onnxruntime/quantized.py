@@ -25,7 +25,7 @@ import onnx
 import onnxscript
 from onnxscript import opset20 as op
 
-from blade.qops import FP8_MAX, INT8_MAX, QEMBEDDING, QLINEAR
+from blade.ops.quantized import FP8_MAX, INT8_MAX, QEMBEDDING, QLINEAR
 
 msft = onnxscript.values.Opset("com.microsoft", 1)
 

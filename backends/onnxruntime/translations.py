@@ -15,7 +15,7 @@ from onnxscript import opset20 as op
 
 from blade.backends.onnxruntime.fused import register_schemas
 from blade.backends.onnxruntime.quantized import translations as quantized_translations
-from blade.ops import FLASH_ATTENTION
+from blade.ops.attention import FLASH_ATTENTION
 
 msft = onnxscript.values.Opset("com.microsoft", 1)
 

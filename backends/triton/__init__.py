@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from blade.errors import BackendError
-from blade.ir import Graph, Node
+from blade.ir.graph import Graph, Node
 from blade.target import Target
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from blade.fused import FusedRegion
-from blade.ir import Node, TensorMeta
+from blade.ir.fused import FusedRegion
+from blade.ir.graph import Node, TensorMeta
 
 MAX_ROW = 16384  # longest row a persistent row kernel holds in one block; longer rows are walked in blocks
 LOOP_BLOCK_N = 4096  # the block a looped row kernel walks a long row in

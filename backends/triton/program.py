@@ -14,9 +14,9 @@ import torch
 from blade.backends.triton.codegen import KernelSource, Unsupported, generate
 from blade.backends.triton.launcher import LOOP_BLOCK, RegionKernel, autotune_enabled
 from blade.config import cache_root
-from blade.fused import is_fused
-from blade.ir import Graph, Node, TensorMeta
-from blade.qops import QLINEAR
+from blade.ir.fused import is_fused
+from blade.ir.graph import Graph, Node, TensorMeta
+from blade.ops.quantized import QLINEAR
 
 PLAN = "plan.json"
 KERNELS = "kernels"
@@ -117,7 +117,7 @@ class BufferPlan:
 
 
 def _refs(node: Node):
-    from blade.ir import map_refs
+    from blade.ir.graph import map_refs
 
     found = []
     map_refs((node.args, node.kwargs), lambda ref: found.append(ref) or ref)

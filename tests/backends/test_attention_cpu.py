@@ -4,7 +4,7 @@ import torch
 
 from blade.backends.eager import attention_cpu
 from blade.backends.eager.attention_cpu import blocked_attention, blocked_or_reference, prefers_blocked
-from blade.ops import FLASH_ATTENTION, attention_reference
+from blade.ops.attention import FLASH_ATTENTION, attention_reference
 from helpers import attention_inputs, finite_relative_error
 
 BF16 = torch.bfloat16

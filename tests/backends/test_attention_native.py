@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from blade.backends.eager import attention_cpu, attention_native
-from blade.ops import FLASH_ATTENTION, attention_reference
+from blade.ops.attention import FLASH_ATTENTION, attention_reference
 from helpers import attention_inputs, finite_relative_error
 
 BF16 = torch.bfloat16

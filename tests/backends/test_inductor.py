@@ -79,7 +79,8 @@ def test_fused_regions_do_not_break_the_compiled_graph():
 
 def test_inductor_generated_modules_are_not_user_code():
     """Inductor loads its kernels as Python modules; they must not change the compile cache's key."""
-    from blade import cache, fingerprint
+    from blade.runtime import cache
+    from blade.runtime import fingerprint
 
     skip = tuple(cache._blade_dirs())
     before = fingerprint.user_code_digest(skip=skip)

@@ -145,7 +145,7 @@ def test_artifact_loads_in_a_fresh_process(fallback, tmp_path):
 
 def _resign(path, relpath: str) -> None:
     """Recompute a file's hash in the manifest (and the manifest's own), so only the content is wrong."""
-    from blade.artifact import _canonical
+    from blade.runtime.artifact import _canonical
 
     manifest = json.loads((path / "manifest.json").read_text())
     manifest.pop("manifest_sha256")
@@ -180,7 +180,7 @@ def test_truncated_onnx_and_missing_external_data_are_refused(saved):
 
 
 def test_incompatible_blade_version_is_refused(saved):
-    from blade.artifact import _canonical
+    from blade.runtime.artifact import _canonical
 
     manifest = json.loads((saved / "manifest.json").read_text())
     manifest.pop("manifest_sha256")

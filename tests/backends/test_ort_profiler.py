@@ -7,7 +7,7 @@ from onnx import helper
 
 from blade.backends.onnxruntime.export import IR_NODE_KEY
 from blade.backends.onnxruntime.profiler import join_to_ir, kernel_times
-from blade.ir import Graph, ScalarMeta, TensorMeta
+from blade.ir.graph import Graph, ScalarMeta, TensorMeta
 
 aten = torch.ops.aten
 

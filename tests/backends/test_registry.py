@@ -7,7 +7,7 @@ import torch
 from blade import backends
 from blade.backends.eager import EagerBackend
 from blade.errors import ConfigError
-from blade.ir import Graph, TensorMeta
+from blade.ir.graph import Graph, TensorMeta
 from blade.target import Target, detect
 
 CPU = Target("cpu", "test cpu", "x86_64")

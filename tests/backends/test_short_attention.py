@@ -5,7 +5,7 @@ import torch
 import blade
 from blade import models
 from blade.backends.inductor import short_attention as short
-from blade.ops import attention_reference
+from blade.ops.attention import attention_reference
 from blade.target import detect
 
 from helpers import assert_matches, attention_inputs
@@ -86,7 +86,7 @@ def test_inductor_runs_short_attention_as_ops_and_long_as_the_op(monkeypatch):
     within the bf16 bound. A kernel registered for the CPU keeps every call."""
     from blade.api import supports_bf16
     from blade.backends import inductor
-    from blade.ops import attention_kernel
+    from blade.ops.attention import attention_kernel
 
     if not supports_bf16(detect("cpu")):
         pytest.skip("this CPU has no bf16 dot products: bf16 compiles fp32")

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from blade.errors import InputError, ShapeError  # noqa: E402
-from blade.ops import (FLASH_ATTENTION, attention_kernel, attention_reference, empty_output,  # noqa: E402
+from blade.ops.attention import (FLASH_ATTENTION, attention_kernel, attention_reference, empty_output,  # noqa: E402
                        register_attention_kernel)
 from blade.backends.triton.kernels import attention  # noqa: E402
 from blade.backends.triton.kernels.attention import flash_attention  # noqa: E402

@@ -15,7 +15,7 @@ import blade.models as zoo
 from blade.backends.triton import program as triton_program
 from blade.backends.triton.codegen import Unsupported, generate
 from blade.backends.triton.program import TritonProgram
-from blade.fused import is_fused
+from blade.ir.fused import is_fused
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="runs the kernels on CPU tensors under TRITON_INTERPRET=1 (set without a GPU)")
@@ -122,7 +122,7 @@ def test_reduction_kernels_layer_norm_rms_norm_softmax():
     env = {n: t for n, t in zip(cm.graph.inputs, (x, skip))}
     env.update({n: cm.graph.constants[n.name] for n in cm.graph.constant_nodes})
     for node in cm.graph.call_nodes:  # run the graph node by node; every reduction region through its kernel
-        args = [env[a] if isinstance(a, blade.ir.Node) else a for a in node.args]
+        args = [env[a] if isinstance(a, blade.ir.graph.Node) else a for a in node.args]
         if node in regions:
             _check_kernel(node.target, args)
         env[node] = node.target(*args, **node.kwargs)

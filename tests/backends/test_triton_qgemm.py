@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 import blade  # noqa: E402
 from blade.errors import ShapeError  # noqa: E402
-from blade.qops import (FP8_MAX, INT8_MAX, QLINEAR, qlinear_reference, quantize_rows, quantize_weight,  # noqa: E402
+from blade.ops.quantized import (FP8_MAX, INT8_MAX, QLINEAR, qlinear_reference, quantize_rows, quantize_weight,  # noqa: E402
                         register_qlinear_kernel)
 from blade.backends.triton.kernels import qgemm  # noqa: E402
 from blade.backends.triton.kernels.qgemm import qlinear  # noqa: E402

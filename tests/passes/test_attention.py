@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.export import Dim
 
 import blade
-from blade.ops import FLASH_ATTENTION
+from blade.ops.attention import FLASH_ATTENTION
 
 from helpers import assert_matches, forbid_recompiling, gqa_capture_may_fail
 
@@ -338,7 +338,7 @@ def test_saved_artifact_with_the_op_loads_and_matches(tmp_path):
 def test_interpreted_triton_path_runs_the_compiled_graph(name, kv_heads, extra):
     pytest.importorskip("triton")
     from blade.backends.triton.kernels import attention as triton_attention
-    from blade.ops import attention_kernel
+    from blade.ops.attention import attention_kernel
 
     body = BODIES.get(name) or MASKED_BODIES[name]
     if kv_heads != H:
@@ -389,7 +389,7 @@ def test_onnxruntime_runs_its_own_fused_attention(tmp_path, name, kv_heads, extr
                                             ("sdpa", H), ("plain", H)])
 def test_gpu_model_runs_the_triton_kernel(name, kv_heads):
     from blade.backends.triton.kernels import attention as triton_attention
-    from blade.ops import attention_kernel
+    from blade.ops.attention import attention_kernel
 
     body = BODIES[name]
     if kv_heads != H:

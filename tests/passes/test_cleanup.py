@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import blade
-from blade.capture import capture
+from blade.frontend.capture import capture
 from blade.config import CompileConfig
 from blade.passes import cleanup, run_pipeline
 

@@ -12,7 +12,7 @@ from torch.export import Dim
 
 import blade
 from blade.errors import GraphError
-from blade.fused import FusedRegion, creates_cycle, fuse, is_fused
+from blade.ir.fused import FusedRegion, creates_cycle, fuse, is_fused
 from blade.passes import activations, cleanup, fusion
 
 from helpers import Apply, assert_matches

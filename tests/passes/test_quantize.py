@@ -6,7 +6,7 @@ import torch
 
 import blade
 from blade.passes import cleanup, precision, quantize
-from blade.qops import QEMBEDDING, QLINEAR, qlinear_reference, quantize_weight
+from blade.ops.quantized import QEMBEDDING, QLINEAR, qlinear_reference, quantize_weight
 
 aten = torch.ops.aten
 
@@ -154,7 +154,7 @@ def test_precision_passes_low_values_between_matmuls_directly():
 def test_precision_passes_low_values_through_views_and_splits():
     """A fused QKV projection feeds attention, and attention the output projection, through splits, reshapes and
     transposes: no fp32 round trip between them (bf16 -> fp32 -> bf16 is exact, so the values are the same)."""
-    from blade.ops import FLASH_ATTENTION
+    from blade.ops.attention import FLASH_ATTENTION
     from blade.passes import attention as attention_pass, horizontal
 
     from blade.models import get

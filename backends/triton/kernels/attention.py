@@ -5,7 +5,7 @@ BLOCK_N, keeps the running row max m and row sum l of the softmax in fp32 (onlin
 the scale is folded into log2 space, scores * scale * log2(e), so every exponential is one exp2),
 rescales its fp32 accumulator by exp2(m_old - m_new) and adds P @ V. The [Sq, Sk] scores never leave
 the chip. Query head h reads key/value head h // (Hq // Hkv) (grouped-query attention, no repeat).
-The output is allocated in the op's layout (blade.ops.empty_output) and written through its strides.
+The output is allocated in the op's layout (blade.ops.attention.empty_output) and written through its strides.
 
 The key loop runs in two parts: blocks that need no element masking (every key exists and, when
 causal, lies at or before the block's first query row), then the rest -- the ragged tail and the
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from blade.errors import InputError, ShapeError
-from blade.ops import (attention_reference, check_attention_args, empty_output, in_output_layout,
+from blade.ops.attention import (attention_reference, check_attention_args, empty_output, in_output_layout,
                        register_attention_kernel)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -243,7 +243,7 @@ _attn_fwd_tuned = triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "HEAD_DIM_V
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
                     scale: Optional[float] = None, causal: bool = False) -> torch.Tensor:
-    """blade::flash_attention through the Triton kernel (the op's spec: blade.ops)."""
+    """blade::flash_attention through the Triton kernel (the op's spec: blade.ops.attention)."""
     check_attention_args(q, k, v, mask)
     return _forward(q, k, v, mask, scale, causal)
 

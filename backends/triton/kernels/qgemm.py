@@ -1,6 +1,6 @@
 """blade::qlinear on CUDA: quantized GEMMs in Triton (int8 x int8 -> int32, fp8 x fp8 -> fp32, int8 weight-only).
 
-The op's spec and reference are in blade.qops. y[..., N] = x[..., K] @ dequant(weight[N, K])ᵀ (+ bias), in
+The op's spec and reference are in blade.ops.quantized. y[..., N] = x[..., K] @ dequant(weight[N, K])ᵀ (+ bias), in
 x's dtype; x is viewed as M = prod(x.shape[:-1]) rows (any M, 1 included) and K, N need not be multiples of
 anything: every tail is masked.
 
@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from blade.errors import InputError
-from blade.qops import check_qlinear_args, qlinear_reference, register_qlinear_kernel
+from blade.ops.quantized import check_qlinear_args, qlinear_reference, register_qlinear_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -238,7 +238,7 @@ _qgemm_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "M_BUCKET", "MOD
 
 def qlinear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
             mode: str = "dynamic", input_scale: Optional[float] = None) -> torch.Tensor:
-    """blade::qlinear through the Triton kernels (the op's spec: blade.qops)."""
+    """blade::qlinear through the Triton kernels (the op's spec: blade.ops.quantized)."""
     check_qlinear_args(x, weight, weight_scale, bias, mode, input_scale)  # dtype of x, static's scale, shapes
     devices = {t.device for t in (x, weight, weight_scale) + (() if bias is None else (bias,))}
     if len(devices) != 1:
@@ -323,7 +323,7 @@ def install() -> bool:
 
 def installed() -> bool:
     """Whether blade::qlinear on CUDA runs these kernels (install() registered them and nothing replaced them)."""
-    from blade import qops
+    from blade.ops import quantized as qops
 
     return qops._QLINEAR_KERNELS.get("cuda") is qlinear_or_reference
 

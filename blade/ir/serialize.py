@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from blade.errors import ArtifactError
-from blade.fused import KINDS as FUSED_KINDS, FusedRegion
-from blade.fx_bridge import HIGHER_ORDER_OPS
-from blade.ir import Graph, Node, ScalarMeta, TensorMeta, format_target
-from blade.shapes import DimRange, size_from_json, size_to_json
+from blade.ir.fused import KINDS as FUSED_KINDS, FusedRegion
+from blade.ir.fx_bridge import HIGHER_ORDER_OPS
+from blade.ir.graph import Graph, Node, ScalarMeta, TensorMeta, format_target
+from blade.ir.shapes import DimRange, size_from_json, size_to_json
 
 FORMAT_VERSION = 2  # 2: mutations, state inputs, nested graphs; a graph without them is written as 1
 READABLE_FORMATS = (1, 2)

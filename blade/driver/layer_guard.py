@@ -15,11 +15,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from blade.accuracy import compare
+from blade.perf.accuracy import compare
 from blade.config import CompileConfig
 from blade.errors import AccuracyError
-from blade.fused import calls_within
-from blade.ir import Graph
+from blade.ir.fused import calls_within
+from blade.ir.graph import Graph
 from blade.passes import PassRecord, run_pipeline
 
 # default tolerance of the compile-time accuracy check, per mode, when no budget is given

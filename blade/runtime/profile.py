@@ -17,15 +17,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from blade.backends import Profiled
-from blade.cost import GraphCost, graph_cost, region_cost, region_kind, unfused_bytes
+from blade.perf.cost import GraphCost, graph_cost, region_cost, region_kind, unfused_bytes
 from blade.errors import BackendError
-from blade.guards import check_inputs
-from blade.ir import Graph, Node
-from blade.peaks import DTYPE_NAMES, Peaks, machine_peaks
-from blade.qops import QLINEAR
-from blade.report import json_safe
-from blade.shapes import evaluate
-from blade.timing import sample_interleaved
+from blade.runtime.guards import check_inputs
+from blade.ir.graph import Graph, Node
+from blade.perf.peaks import DTYPE_NAMES, Peaks, machine_peaks
+from blade.ops.quantized import QLINEAR
+from blade.perf.report import json_safe
+from blade.ir.shapes import evaluate
+from blade.perf.timing import sample_interleaved
 
 
 @dataclass
@@ -78,8 +78,8 @@ class Profile:
         return sorted(self.regions, key=lambda r: -r.lost_ms)[:top]
 
     def plot(self, path) -> None:
-        """A roofline SVG (or PNG/PDF by the suffix): see blade.roofline."""
-        from blade.roofline import plot
+        """A roofline SVG (or PNG/PDF by the suffix): see blade.perf.roofline."""
+        from blade.perf.roofline import plot
 
         plot(self, path)
 

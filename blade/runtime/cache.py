@@ -16,7 +16,7 @@ from pathlib import Path
 from blade import __version__
 from blade.config import cache_root
 from blade.errors import BladeError, ConfigError
-from blade.fingerprint import (Unstable, inputs_digest, module_digest, package_digest, path_digest,
+from blade.runtime.fingerprint import (Unstable, inputs_digest, module_digest, package_digest, path_digest,
                                user_code_digest, weights_digest, stable_value)
 
 DEFAULT_LIMIT_GB = 20.0
@@ -74,7 +74,7 @@ def source_digest(model, example_args, example_kwargs, dynamic_shapes) -> tuple[
     """The model's digest before capture, or None (and why) when only the captured graph can key it."""
     import torch
 
-    from blade.capture import normalize_example
+    from blade.frontend.capture import normalize_example
 
     example_args, example_kwargs = normalize_example(example_args, example_kwargs)
     try:
@@ -91,7 +91,7 @@ def source_digest(model, example_args, example_kwargs, dynamic_shapes) -> tuple[
 def graph_digest(graph, signature: dict, example_args, example_kwargs) -> str | None:
     """The captured graph, its weights, its call signature (input/output structure and names) and the example
     inputs' specs, when the graph can be saved at all."""
-    from blade.serialize import graph_to_json
+    from blade.ir.serialize import graph_to_json
 
     try:
         data = graph_to_json(graph)
@@ -109,7 +109,7 @@ def tensors_digest(data) -> str | None:
     import torch
     import torch.utils._pytree as pytree
 
-    from blade.fingerprint import tensor_digests
+    from blade.runtime.fingerprint import tensor_digests
 
     leaves, structure = pytree.tree_flatten(data)  # the structure names which input each tensor is
     digests = iter(tensor_digests([leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]))
@@ -128,7 +128,7 @@ def options_digest(options: dict) -> dict:
 
 def load(key: str):
     """(the cached CompiledModel for `key` or None, what went wrong): an unreadable entry is removed."""
-    from blade.artifact import load as load_artifact
+    from blade.runtime.artifact import load as load_artifact
 
     entry = directory() / key
     if not (entry / "manifest.json").is_file():
@@ -153,7 +153,7 @@ def store(compiled, key: str) -> tuple[Path | None, str]:
     Concurrent writers of one key each write their own directory; the first rename wins and the
     others discard theirs, so readers only ever see complete entries.
     """
-    from blade.artifact import save
+    from blade.runtime.artifact import save
 
     root = directory()
     root.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ def store(compiled, key: str) -> tuple[Path | None, str]:
     return entry, "stored"
 
 
-# operator namespaces blade.load runs without being told to trust them (blade.serialize's whitelist)
+# operator namespaces blade.load runs without being told to trust them (blade.ir.serialize's whitelist)
 _LOADABLE_NAMESPACES = {"aten", "prims", "blade", "operator", "torch", "fused"}
 
 

@@ -7,8 +7,8 @@ import torch.fx
 from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 
 from blade.errors import CaptureError
-from blade.ir import Graph, Node, ScalarMeta, TensorMeta, map_graphs, map_refs
-from blade.shapes import DimRange, as_size, dim_symbol, substitute
+from blade.ir.graph import Graph, Node, ScalarMeta, TensorMeta, map_graphs, map_refs
+from blade.ir.shapes import DimRange, as_size, dim_symbol, substitute
 
 _CONSTANT_KINDS = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
 

@@ -48,7 +48,7 @@ def _new_dim(name: str, bounds: tuple[int, int | None]):
 def apply_ranges(ranges: dict, example_inputs: tuple, dynamic_shapes):
     """The source's dynamic_shapes with each named Dim given the asked range (one new Dim per name, so
     inputs that shared a dim still share it); CONVENTIONS when the source declares none."""
-    from blade.capture import normalize_example
+    from blade.frontend.capture import normalize_example
 
     example_inputs, _ = normalize_example(example_inputs, None)
     dims = {name: _new_dim(name, bounds) for name, bounds in ranges.items()}

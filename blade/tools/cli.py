@@ -50,7 +50,7 @@ def _compile(spec: str, args, progress):
 
     model, example_inputs, dynamic_shapes = load_source(spec)
     if getattr(args, "dynamic", None):
-        from blade.dynamic import apply_ranges, parse_ranges
+        from blade.frontend.dynamic import apply_ranges, parse_ranges
 
         if isinstance(model, str):
             raise InputError(f"--dynamic applies to a module:factory source; {spec} carries the dynamic dims it was "
@@ -106,10 +106,10 @@ def read_calibration(path: str) -> list[dict]:
 
 
 def _bench(model, example_inputs, compiled, args, progress) -> dict:
-    from blade.guards import check_inputs
-    from blade.peaks import machine_peaks
-    from blade.profile import model_work, utilization
-    from blade.timing import time_interleaved
+    from blade.runtime.guards import check_inputs
+    from blade.perf.peaks import machine_peaks
+    from blade.runtime.profile import model_work, utilization
+    from blade.perf.timing import time_interleaved
 
     if isinstance(model, str):
         model = torch.export.load(model).module()
@@ -124,7 +124,7 @@ def _bench(model, example_inputs, compiled, args, progress) -> dict:
     progress("utilization against this machine's peaks (measured once, about 10 s, then cached)")
     peaks = machine_peaks(compiled.target, refresh=args.remeasure_peaks)
     # eager runs the model as written: a quantized or low-precision compile's dtype is not eager's
-    from blade.peaks import DTYPE_NAMES
+    from blade.perf.peaks import DTYPE_NAMES
 
     weights = [w for w in model.parameters() if w.is_floating_point()] if isinstance(model, torch.nn.Module) else []
     eager_dtype = DTYPE_NAMES.get(weights[0].dtype, "fp32") if compiled.report.quantization and weights else dtype
@@ -190,7 +190,7 @@ def cmd_run(args, progress) -> int:
 
 def cmd_verify(args, progress) -> int:
     import blade
-    from blade.verify import fresh_inputs, verify
+    from blade.tools.verify import fresh_inputs, verify
 
     progress(f"loading {args.artifact}")
     compiled = blade.load(args.artifact)
@@ -209,7 +209,7 @@ def cmd_verify(args, progress) -> int:
                        for i in range(args.samples)]
     progress(f"running the artifact and {args.against} on {len(input_sets)} input set(s)")
     if args.tol is None:
-        from blade.guard import tolerance_of
+        from blade.driver.layer_guard import tolerance_of
 
         args.tol = tolerance_of(compiled.report.quantization) or 1e-4
     result = verify(compiled, model, input_sets, args.tol)
@@ -225,9 +225,9 @@ def cmd_verify(args, progress) -> int:
             print(f"{'ok  ' if sample['ok'] else 'FAIL'} {sample['inputs']} {sample['shapes']}: {errs}")
         print(f"{'passed' if result['ok'] else 'FAILED'}: tolerance {args.tol:g} (relative error per output)")
         if "bisection" in result:
-            from blade.bisect import describe
+            from blade.perf.report import describe_bisection
 
-            print(f"bisection: {describe(result['bisection'])}")
+            print(f"bisection: {describe_bisection(result['bisection'])}")
             if args.output:
                 print(f"saved the repaired compile {args.output}")
     return 0 if result["ok"] else 1
@@ -235,7 +235,7 @@ def cmd_verify(args, progress) -> int:
 
 def _bisect_artifact(compiled, source, input_sets, result, args, progress) -> dict:
     """verify --bisect: compile the source again with the rewrites at fault held back, on the worst failing inputs."""
-    from blade.verify import bisect_artifact
+    from blade.tools.verify import bisect_artifact
 
     worst = max((i for i, s in enumerate(result["samples"]) if not s["ok"]),
                 key=lambda i: result["samples"][i]["worst_rel_err"])
@@ -268,9 +268,9 @@ def cmd_bench(args, progress) -> int:
 
 
 def cmd_profile(args, progress) -> int:
-    from blade.peaks import machine_peaks
-    from blade.profile import profile, render
-    from blade.roofline import check_plot_path
+    from blade.perf.peaks import machine_peaks
+    from blade.runtime.profile import profile, render
+    from blade.perf.roofline import check_plot_path
 
     if args.plot:
         check_plot_path(args.plot)  # before minutes of profiling, not after
@@ -321,7 +321,7 @@ def _profile_target(args, progress):
 
 
 def cmd_inspect(args, progress) -> int:
-    from blade.artifact import read_manifest, verify_files
+    from blade.runtime.artifact import read_manifest, verify_files
 
     manifest = read_manifest(args.artifact)
     verify_files(Path(args.artifact), manifest)
@@ -348,7 +348,7 @@ def cmd_inspect(args, progress) -> int:
         print(f"  output  {i}: {text}{writes}")
     for relpath, digest in sorted(manifest["files"].items()):
         print(f"  file    {relpath}  sha256 {digest[:16]}…")
-    from blade.report import CompileReport
+    from blade.perf.report import CompileReport
 
     print(CompileReport.from_dict(manifest["report"]))
     if args.graph or args.source:
@@ -364,7 +364,7 @@ def cmd_inspect(args, progress) -> int:
 
 
 def cmd_cache(args, progress) -> int:
-    from blade import cache
+    from blade.runtime import cache
 
     if args.action == "clear":
         removed = cache.clear()
@@ -384,7 +384,7 @@ def cmd_cache(args, progress) -> int:
 
 
 def cmd_export(args, progress) -> int:
-    from blade.serving import export_triton_repo
+    from blade.tools.serving import export_triton_repo
 
     progress(f"writing a Triton Inference Server model for {args.artifact} into {args.triton_repo}")
     result = export_triton_repo(args.artifact, args.triton_repo, name=args.name, max_batch=args.max_batch,
@@ -399,7 +399,7 @@ def cmd_export(args, progress) -> int:
 
 
 def _shape_text(shape) -> str:
-    from blade.shapes import size_from_json, dim_symbol
+    from blade.ir.shapes import size_from_json, dim_symbol
 
     def show(size):
         if isinstance(size, int):

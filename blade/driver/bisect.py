@@ -22,9 +22,9 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from blade import backends
-from blade.accuracy import Accuracy
+from blade.perf.accuracy import Accuracy
 from blade.config import CompileConfig
-from blade.ir import Graph
+from blade.ir.graph import Graph
 from blade.passes import run_pipeline
 from blade.passes.manager import SKIP, PassRecord, pass_name
 
@@ -174,16 +174,3 @@ def _done(result: Bisection, outcome: str, graph: Graph, records: list, executab
     result.outcome, result.graph, result.records, result.executable = outcome, graph, records, executable
     result.error_after, result.trials, result.seconds = error, search.trials, time.perf_counter() - began
     return result
-
-
-def describe(bisection: dict) -> str:
-    """The report's one line for a bisection (as_dict form)."""
-    culprits = ", ".join(f"{c['pass']} at {c['site'] if c['site'] != SKIP else '(the whole pass)'}"
-                         for c in bisection.get("culprits", []))
-    after = f"rel_err {bisection['error_before']:.3g} -> {bisection['error_after']:.3g}"
-    where = {"held back": f"held back {culprits}", "unoptimized graph": "no held-back rewrite passed: the "
-             f"unoptimized graph on {bisection['backend']}", "eager backend": "no pass at fault on this backend: "
-             "the unoptimized graph on the eager backend", "nothing passes": "even the unoptimized graph on the "
-             "eager backend misses"}[bisection["outcome"]]
-    return (f"{where} ({after}; {bisection['trials']} trials on {bisection['searched_on']} in "
-            f"{bisection['seconds']:.1f} s)")

@@ -7,7 +7,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from blade.errors import BackendError, InputError, ShapeError
-from blade.structure import count_leaves, describe, spec_to_json, unflatten
+from blade.ir.structure import count_leaves, describe, spec_to_json, unflatten
 
 
 CONSTANT_TYPES = (bool, int, float, str)  # non-tensor inputs torch.export specialises to the example's value

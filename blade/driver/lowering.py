@@ -7,12 +7,12 @@ from dataclasses import replace
 import torch
 import torch.utils._pytree as pytree
 
-from blade.accuracy import compare
+from blade.perf.accuracy import compare
 from blade.config import CompileConfig
 from blade.errors import ConfigError, InputError
-from blade.fused import calls_within
-from blade.guard import Guard, GuardResult, lowered_layers
-from blade.guards import check_inputs
+from blade.ir.fused import calls_within
+from blade.driver.layer_guard import Guard, GuardResult, lowered_layers
+from blade.runtime.guards import check_inputs
 from blade.passes import precision, quantize, run_pipeline
 
 LOWERING_PASSES = (quantize.run, precision.run)

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 
-from blade.fused import FusedRegion
-from blade.ir import Graph, Node, ScalarMeta, TensorMeta
-from blade.ops import FLASH_ATTENTION
-from blade.qops import QEMBEDDING, QLINEAR
-from blade.shapes import Size, evaluate
+from blade.ir.fused import FusedRegion
+from blade.ir.graph import Graph, Node, ScalarMeta, TensorMeta
+from blade.ops.attention import FLASH_ATTENTION
+from blade.ops.quantized import QEMBEDDING, QLINEAR
+from blade.ir.shapes import Size, evaluate
 
 aten = torch.ops.aten
 

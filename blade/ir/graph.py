@@ -9,7 +9,7 @@ import networkx as nx
 import torch
 
 from blade.errors import GraphError
-from blade.shapes import DimRange, Shape, Size, dim_symbol, format_shape
+from blade.ir.shapes import DimRange, Shape, Size, dim_symbol, format_shape
 
 
 @dataclass(frozen=True)
@@ -458,13 +458,13 @@ class Graph:
     @classmethod
     def from_exported(cls, ep: torch.export.ExportedProgram, dim_names=None, name: str = "graph") -> "Graph":
         """Import an ExportedProgram; `dim_names` maps torch's shape symbols to the user's Dim names."""
-        from blade.fx_bridge import graph_from_exported
+        from blade.ir.fx_bridge import graph_from_exported
 
         return graph_from_exported(ep, dim_names or {}, name)
 
     def to_fx(self) -> torch.fx.GraphModule:
         """A GraphModule taking the flat inputs and returning the tuple of flat outputs."""
-        from blade.fx_bridge import graph_to_fx
+        from blade.ir.fx_bridge import graph_to_fx
 
         return graph_to_fx(self)
 

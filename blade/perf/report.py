@@ -5,7 +5,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from blade.accuracy import Accuracy
+from blade.perf.accuracy import Accuracy
 
 
 @dataclass
@@ -87,9 +87,8 @@ class CompileReport:
         if self.seconds:
             lines.append("  seconds   " + ", ".join(f"{k} {v:.3f}" for k, v in self.seconds.items()))
         if self.bisection:
-            from blade.bisect import describe
 
-            lines.append(f"  bisection {describe(self.bisection)}")
+            lines.append(f"  bisection {describe_bisection(self.bisection)}")
         if self.accuracy is not None:
             acc = self.accuracy
             verdict = "ok" if acc.ok else "OUT OF TOLERANCE"
@@ -110,3 +109,16 @@ def json_safe(value):
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def describe_bisection(bisection: dict) -> str:
+    """The report's one line for a bisection (as_dict form)."""
+    culprits = ", ".join(f"{c['pass']} at {c['site'] if c['site'] != '*' else '(the whole pass)'}"
+                         for c in bisection.get("culprits", []))
+    after = f"rel_err {bisection['error_before']:.3g} -> {bisection['error_after']:.3g}"
+    where = {"held back": f"held back {culprits}", "unoptimized graph": "no held-back rewrite passed: the "
+             f"unoptimized graph on {bisection['backend']}", "eager backend": "no pass at fault on this backend: "
+             "the unoptimized graph on the eager backend", "nothing passes": "even the unoptimized graph on the "
+             "eager backend misses"}[bisection["outcome"]]
+    return (f"{where} ({after}; {bisection['trials']} trials on {bisection['searched_on']} in "
+            f"{bisection['seconds']:.1f} s)")

@@ -5,8 +5,8 @@ import sympy
 import torch
 
 from blade.errors import ShapeError
-from blade.ir import Node, dtype_name
-from blade.shapes import DimRange, evaluate, format_shape, is_static
+from blade.ir.graph import Node, dtype_name
+from blade.ir.shapes import DimRange, evaluate, format_shape, is_static
 
 
 def check_inputs(inputs: list[Node], dims: dict[str, DimRange], tensors: list[torch.Tensor]) -> dict[str, int]:

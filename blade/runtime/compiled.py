@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from blade.errors import InputError
-from blade.guards import check_inputs
-from blade.ir import Graph
-from blade.report import CompileReport
-from blade.signature import Signature, check_tensor_leaves
+from blade.runtime.guards import check_inputs
+from blade.ir.graph import Graph
+from blade.perf.report import CompileReport
+from blade.frontend.signature import Signature, check_tensor_leaves
 from blade.target import Target
 
 
@@ -77,15 +77,15 @@ class CompiledModel:
         return self.signature.unflatten(self.run_flat(self._checked(given), write_to=given))
 
     def profile(self, *args, warmup: int = 3, repeat: int = 10, **kwargs):
-        """Time every region on these inputs with the backend's profiler; a blade.profile.Profile with
+        """Time every region on these inputs with the backend's profiler; a blade.runtime.profile.Profile with
         MFU and MBU per region and for the whole model (print it, .to_json(), .plot('roofline.svg'))."""
-        from blade.profile import profile
+        from blade.runtime.profile import profile
 
         return profile(self, self.flat_inputs(*args, **kwargs), warmup=warmup, repeat=repeat)
 
     def save(self, path) -> None:
         """Write a self-contained artifact directory (manifest, IR, weights); see blade.load."""
-        from blade.artifact import save
+        from blade.runtime.artifact import save
 
         save(self, path)
 

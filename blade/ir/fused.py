@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import networkx as nx
 
 from blade.errors import GraphError
-from blade.ir import Graph, Node, ScalarMeta, TensorMeta, map_refs
+from blade.ir.graph import Graph, Node, ScalarMeta, TensorMeta, map_refs
 
 KINDS = ("loop", "reduction", "matmul_epilogue")
 
@@ -24,7 +24,7 @@ KINDS = ("loop", "reduction", "matmul_epilogue")
 class FusedRegion:
     """The target of a fused node: kind, pattern, attrs and the body subgraph."""
 
-    __module__ = "blade.fused"
+    __module__ = "blade.ir.fused"
 
     def __init__(self, kind: str, pattern: str, body: Graph, attrs: dict[str, Any] | None = None):
         if kind not in KINDS:

@@ -6,7 +6,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blade.artifact import read_manifest, verify_files
+from blade.runtime.artifact import read_manifest, verify_files
 from blade.errors import BackendError, InputError
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",

@@ -7,9 +7,9 @@ from dataclasses import asdict
 import torch
 import torch.utils._pytree as pytree
 
-from blade.accuracy import compare_tensor
-from blade.ir import Graph
-from blade.shapes import evaluate
+from blade.perf.accuracy import compare_tensor
+from blade.ir.graph import Graph
+from blade.ir.shapes import evaluate
 
 FRESH_MAX_GROWTH = 2  # fresh dynamic sizes stay within 2x the example's, to keep a gate quick
 
@@ -45,7 +45,7 @@ def fresh_inputs(graph: Graph, examples: list[torch.Tensor], generator: torch.Ge
 
 
 def compare(compiled, reference, inputs: list[torch.Tensor]) -> list[dict]:
-    """Per output: blade.accuracy's figures (relative error, max abs, cosine) of compiled vs reference."""
+    """Per output: blade.perf.accuracy's figures (relative error, max abs, cosine) of compiled vs reference."""
     args, kwargs = compiled.signature.unflatten_inputs(inputs)
     with torch.no_grad():
         expected = pytree.tree_leaves(reference(*args, **kwargs))
@@ -73,17 +73,17 @@ def bisect_artifact(compiled, source, inputs: list[torch.Tensor], tol: float, pa
     """The accuracy bisection for an artifact that fails its gate on `inputs`: the source (a module:factory triple
     or a .pt2 path) is captured and compiled again as the artifact was (backend, level, precision, quantization,
     the layers its guard kept), with rewrites held back until `inputs` pass within `tol`. Returns the
-    blade.bisect.Bisection and a CompiledModel of the repaired compile (the artifact's signature and examples)."""
+    blade.driver.bisect.Bisection and a CompiledModel of the repaired compile (the artifact's signature and examples)."""
     from blade import backends
     from blade import passes as pipelines
-    from blade.accuracy import Judge
-    from blade.bisect import bisect
-    from blade.capture import capture
-    from blade.compiled import CompiledModel
+    from blade.perf.accuracy import Judge
+    from blade.driver.bisect import bisect
+    from blade.frontend.capture import capture
+    from blade.runtime.compiled import CompiledModel
     from blade.config import CompileConfig
     from blade.errors import ConfigError
-    from blade.lowering import with_lowering
-    from blade.report import CompileReport
+    from blade.driver.lowering import with_lowering
+    from blade.perf.report import CompileReport
 
     report = compiled.report
     lowered = report.quantization or {}

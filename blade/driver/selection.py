@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from blade import backends
-from blade.accuracy import Accuracy
+from blade.perf.accuracy import Accuracy
 from blade.backends import base
 from blade.errors import BackendError
-from blade.ir import Graph
+from blade.ir.graph import Graph
 from blade.target import Target
-from blade.timing import sample_interleaved
+from blade.perf.timing import sample_interleaved
 
 DEFAULT_BUDGET_S = 120.0  # compile time the candidates after the first may take together
 GAP_S = 0.1  # ONNX Runtime's worker threads spin for tens of ms after a run (bench/ort_cpu.py measured it)

@@ -15,10 +15,10 @@ import torch
 import torch.utils._pytree as pytree
 
 from blade.errors import CaptureError, ConfigError, InputError
-from blade.ir import Graph
-from blade.serialize import is_size_arithmetic
-from blade.signature import check_tensor_leaves
-from blade.structure import spec_to_json
+from blade.ir.graph import Graph
+from blade.ir.serialize import is_size_arithmetic
+from blade.frontend.signature import check_tensor_leaves
+from blade.ir.structure import spec_to_json
 
 
 @dataclass

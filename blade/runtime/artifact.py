@@ -14,13 +14,13 @@ import safetensors.torch
 import torch
 
 from blade import __version__, backends
-from blade.compiled import CompiledModel
+from blade.runtime.compiled import CompiledModel
 from blade.errors import ArtifactError, BladeError
-from blade.fingerprint import path_digest
-from blade.ir import Graph
-from blade.report import CompileReport
-from blade.serialize import format_of, graph_from_json, graph_to_json, meta_to_json
-from blade.signature import Signature
+from blade.runtime.fingerprint import path_digest
+from blade.ir.graph import Graph
+from blade.perf.report import CompileReport
+from blade.ir.serialize import format_of, graph_from_json, graph_to_json, meta_to_json
+from blade.frontend.signature import Signature
 from blade.target import Target, detect
 
 FORMAT = "blade-artifact"

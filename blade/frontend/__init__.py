@@ -1,0 +1,1 @@
+"""The frontend floor: capture with torch.export, the call signature, dynamic dims."""

@@ -1,0 +1,1 @@
+"""The measurement floor: cost model, machine peaks, timing, accuracy metrics, the compile report, rooflines."""
