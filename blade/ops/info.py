@@ -1,0 +1,249 @@
+"""The op-info table: op groups, argument access by schema name, and output meta from an op's meta function.
+
+Every floor above reads op knowledge here instead of keeping its own sets. The groups (frozensets of
+OpOverloads, blade's own ops included):
+
+- dtype and memory: CASTS (dtype conversions), TO_COPIES (the `.to` family), CLONES (clone, contiguous),
+  COPIES (ops that return new memory holding the same values: clones and `.to` conversions)
+- shape: VIEW_RESHAPES (view, _unsafe_view: never copy), RESHAPES (those and reshape), PERMUTES,
+  SQUEEZES, SPLITS, REARRANGES (ops that only rearrange their first argument's elements)
+- elementwise: BINARY_ARITHMETIC, UNARY_MATH, ACTIVATIONS, COMPARISONS, LOGICAL, WHERES, MASKED_FILLS,
+  ELEMENTWISE (all of them, plus pow, clamp, maximum, minimum)
+- reductions and rows: SOFTMAXES, LOG_SOFTMAXES, REDUCTIONS (sum, mean, amax, amin, var), NORMS, POOLS,
+  EMBEDDING_BAGS
+- data: GATHERS (lookups that read only the rows they return), FACTORIES (tensors made from sizes)
+- compute: MATMULS, BATCH_MATMULS (matmul, bmm: attention's QKᵀ and PV), CONVOLUTIONS, ATTENTIONS, QUANTIZED
+- bookkeeping: SIZE_QUERIES (sym_size, sym_numel), ASSERTS
+
+`arg(node, name)` reads an argument by its schema name, given by position or keyword, else its default;
+`infer_meta(target, args, kwargs)` runs the op's meta function on fake tensors and returns the output's
+TensorMeta (a tuple of them for several outputs), symbolic dims included.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import sympy
+import torch
+
+from blade.ir.graph import Node, ScalarMeta, TensorMeta, iter_refs, map_refs
+from blade.ir.shapes import as_size
+from blade.ops.attention import FLASH_ATTENTION
+from blade.ops.quantized import QEMBEDDING, QLINEAR
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# -- dtype and memory ----------------------------------------------------------------------------------
+CASTS = frozenset({aten._to_copy.default, aten.to.dtype, prims.convert_element_type.default})
+TO_COPIES = frozenset({aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device})
+# contiguous returns its input itself when it already is contiguous, so it is a clone but not a COPY
+CLONES = frozenset({aten.clone.default, aten.contiguous.default})
+COPIES = TO_COPIES | {aten.clone.default, aten.lift_fresh_copy.default}
+
+# -- shape -----------------------------------------------------------------------------------------------
+VIEW_RESHAPES = frozenset({aten.view.default, aten._unsafe_view.default})
+RESHAPES = VIEW_RESHAPES | {aten.reshape.default}
+PERMUTES = frozenset({aten.permute.default, aten.transpose.int, aten.t.default})
+SQUEEZES = frozenset({aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default})
+SPLITS = frozenset({aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default})
+REARRANGES = RESHAPES | PERMUTES | SQUEEZES | {aten.expand.default, aten.alias.default}
+
+# -- elementwise -----------------------------------------------------------------------------------------
+BINARY_ARITHMETIC = frozenset({
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor,
+    aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
+})
+UNARY_MATH = frozenset({
+    aten.neg.default, aten.sqrt.default, aten.rsqrt.default, aten.exp.default, aten.log.default, aten.sin.default,
+    aten.cos.default, aten.abs.default, aten.erf.default,
+})
+ACTIVATIONS = frozenset({
+    aten.tanh.default, aten.sigmoid.default, aten.relu.default, aten.gelu.default, aten.silu.default,
+    aten.hardtanh.default, aten.leaky_relu.default,
+})
+COMPARISONS = frozenset({
+    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Scalar, aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor,
+    aten.lt.Scalar, aten.gt.Scalar,
+})
+LOGICAL = frozenset({aten.logical_not.default, aten.logical_and.default, aten.logical_or.default,
+                     aten.bitwise_not.default, aten.bitwise_and.Tensor})
+WHERES = frozenset({aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar})
+MASKED_FILLS = frozenset({aten.masked_fill.Scalar, aten.masked_fill.Tensor})
+ELEMENTWISE = BINARY_ARITHMETIC | UNARY_MATH | ACTIVATIONS | COMPARISONS | LOGICAL | WHERES | MASKED_FILLS | {
+    aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.clamp.default, aten.maximum.default, aten.minimum.default}
+
+# -- reductions and rows ---------------------------------------------------------------------------------
+SOFTMAXES = frozenset({aten.softmax.int, aten._softmax.default, aten._safe_softmax.default})
+LOG_SOFTMAXES = frozenset({aten.log_softmax.int, aten._log_softmax.default})
+REDUCTIONS = frozenset({
+    aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default, aten.amin.default,
+    aten.var_mean.correction, aten.var.correction, aten.var.dim,
+})
+NORMS = frozenset({aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default,
+                   aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default})
+POOLS = frozenset({aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default})
+EMBEDDING_BAGS = frozenset({aten.embedding_bag.padding_idx, aten.embedding_bag.default})
+
+# -- data ------------------------------------------------------------------------------------------------
+GATHERS = frozenset({aten.embedding.default, aten.index_select.default, aten.gather.default, aten.index.Tensor})
+FACTORIES = frozenset({
+    aten.ones.default, aten.zeros.default, aten.full.default, aten.arange.default, aten.arange.start_step,
+    aten.ones_like.default, aten.zeros_like.default, aten.full_like.default,
+})
+
+# -- compute ---------------------------------------------------------------------------------------------
+MATMULS = frozenset({aten.linear.default, aten.addmm.default, aten.baddbmm.default, aten.mm.default,
+                     aten.bmm.default, aten.matmul.default})
+BATCH_MATMULS = frozenset({aten.matmul.default, aten.bmm.default})
+CONVOLUTIONS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default})
+ATTENTIONS = frozenset({FLASH_ATTENTION, aten.scaled_dot_product_attention.default})
+QUANTIZED = frozenset({QLINEAR, QEMBEDDING})
+
+# -- bookkeeping -----------------------------------------------------------------------------------------
+SIZE_QUERIES = frozenset({aten.sym_size.int, aten.sym_numel.default})
+ASSERTS = frozenset({aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+                     aten.sym_constrain_range_for_size.default})
+
+
+# -- arguments by schema name ----------------------------------------------------------------------------
+
+_NO_DEFAULT = object()
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(target) -> dict[str, tuple[int | None, object]]:
+    """name -> (position, or None when keyword-only; the schema's default, or _NO_DEFAULT)."""
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        raise TypeError(f"{target} has no schema to read arguments by name from")
+    return {a.name: (None if a.kwarg_only else i, a.default_value if a.has_default_value() else _NO_DEFAULT)
+            for i, a in enumerate(schema.arguments)}
+
+
+def argument(target, args: tuple, kwargs: dict, name: str, default=_NO_DEFAULT):
+    """The argument `name` of a call of `target` (an OpOverload): given by position or by keyword, else
+    `default` when one is passed, else the schema's default (None when it has none).
+    A name the schema does not have is a KeyError: a misspelt name is a bug, not an absent argument."""
+    parameters = _parameters(target)
+    if name not in parameters:
+        raise KeyError(f"{target} has no argument {name!r} (it has {', '.join(parameters)})")
+    position, schema_default = parameters[name]
+    if position is not None and position < len(args):
+        return args[position]
+    if name in kwargs:
+        return kwargs[name]
+    if default is not _NO_DEFAULT:
+        return default
+    return None if schema_default is _NO_DEFAULT else schema_default
+
+
+def arg(node: Node, name: str, default=_NO_DEFAULT):
+    """The argument `name` of a call node, by its target's schema (see `argument`)."""
+    return argument(node.target, node.args, node.kwargs, name, default)
+
+
+# -- output meta from the op's meta function -------------------------------------------------------------
+
+class _FakeSpace:
+    """Fake tensors for TensorMetas: blade's dim symbols become one ShapeEnv's symbols, and back."""
+
+    def __init__(self):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        self.env = ShapeEnv()
+        self.mode = FakeTensorMode(shape_env=self.env)
+        self.to_env: dict[sympy.Symbol, sympy.Symbol] = {}
+        self.from_env: dict[sympy.Symbol, sympy.Symbol] = {}
+        self.hints: dict[sympy.Symbol, int] = {}
+        self.next_hints = itertools.count(1009, 2)  # odd, distinct, large: no meta function takes one for 0 or 1
+
+    def size(self, size):
+        if isinstance(size, int) or not isinstance(size, sympy.Expr):
+            return size
+        if size.is_Integer:
+            return int(size)
+        from torch._dynamo.source import ConstantSource
+        from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+        for symbol in sorted(size.free_symbols, key=str):
+            if symbol not in self.to_env:
+                hint = next(self.next_hints)
+                ours = self.env.create_symbol(hint, source=ConstantSource(f"blade_{symbol}"),
+                                              dynamic_dim=DimDynamic.DYNAMIC)
+                self.to_env[symbol], self.from_env[ours], self.hints[symbol] = ours, symbol, hint
+        expr = size.xreplace(self.to_env)
+        return self.env.create_symintnode(expr, hint=int(size.xreplace(self.hints)))
+
+    def tensor(self, meta: TensorMeta) -> torch.Tensor:
+        with self.mode:
+            return torch.empty(tuple(self.size(s) for s in meta.shape), dtype=meta.dtype)
+
+    def value(self, val):
+        """A node's value as the op sees it: a fake tensor, a (symbolic) int, or a nest of them."""
+        if isinstance(val, TensorMeta):
+            return self.tensor(val)
+        if isinstance(val, ScalarMeta):
+            if val.value is None:
+                raise ValueError("a scalar whose value is unknown")
+            return self.size(val.value)
+        if isinstance(val, (tuple, list)):
+            return type(val)(self.value(v) for v in val)
+        raise ValueError(f"a value of no known meta ({val!r})")
+
+    def back(self, out, device: str):
+        """The meta of what the op returned."""
+        if isinstance(out, torch.Tensor):
+            return TensorMeta(tuple(self.unsize(s) for s in out.shape), out.dtype, device)
+        if isinstance(out, (tuple, list)):
+            return tuple(self.back(o, device) for o in out)
+        if isinstance(out, (torch.SymInt, int)) and not isinstance(out, bool):
+            return ScalarMeta(int, self.unsize(out))
+        if isinstance(out, (float, bool)):
+            return ScalarMeta(type(out), out)
+        raise ValueError(f"an output of no known meta ({out!r})")
+
+    def unsize(self, size):
+        if isinstance(size, torch.SymInt):
+            return as_size(size.node.expr.xreplace(self.from_env))
+        return int(size)
+
+
+def _device_of(args, kwargs) -> str:
+    device = kwargs.get("device")
+    if device is not None:
+        return torch.device(device).type
+    tensors = (ref.val for ref in iter_refs((args, kwargs)) if isinstance(ref.val, TensorMeta))
+    return next(tensors, TensorMeta((), torch.float32)).device
+
+
+def infer_meta(target, args: tuple, kwargs: dict | None = None):
+    """The meta of `target(*args, **kwargs)`, where args hold Nodes (read through their meta) and literals:
+    the op's meta function run on fake tensors, on the CPU (the device of the first tensor argument, or the
+    `device` keyword, is written into the result). Symbolic dims stay symbolic: each of blade's symbols is
+    given to the fake mode as a symbol of its own, so `view(x, [b * 4])` infers [b*4] from x: [b, 4]."""
+    kwargs = dict(kwargs or {})
+    space = _FakeSpace()
+    device = _device_of(args, kwargs)
+    if "device" in kwargs:
+        kwargs["device"] = "cpu"
+    fake_args = map_refs(args, lambda ref: space.value(ref.val))
+    fake_kwargs = map_refs(kwargs, lambda ref: space.value(ref.val))
+    fake_args = _sizes(space, fake_args)
+    fake_kwargs = _sizes(space, fake_kwargs)
+    with space.mode:
+        out = target(*fake_args, **fake_kwargs)
+    return space.back(out, device)
+
+
+def _sizes(space: _FakeSpace, value):
+    """Literal sympy sizes inside the arguments (a view's shape [b, 4]) as the fake mode's SymInts."""
+    if isinstance(value, sympy.Expr):
+        return space.size(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_sizes(space, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _sizes(space, v) for k, v in value.items()}
+    return value
