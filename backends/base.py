@@ -55,16 +55,17 @@ class Backend(Protocol):
 
 def placement(graph: Graph, engine: str, device: str, attention_runs: str | None = None) -> dict:
     """Where the nodes run when `engine` runs the whole graph (no partition): every node on it, except
-    blade::flash_attention, which calls the attention kernel registered for the device (or as `attention_runs`
+    blade::flash_attention, which runs the kernel the kernel registry picks on the device (or as `attention_runs`
     says, for an engine that lowers some of those calls itself)."""
+    from blade.backends.kernels import registry
     from blade.ir.fused import calls_within
-    from blade.ops.attention import FLASH_ATTENTION, attention_kernel_description
+    from blade.ops.attention import FLASH_ATTENTION
 
     calls = calls_within(graph)
     attention = sum(1 for n in calls if n.target == FLASH_ATTENTION)
     nodes = {engine: len(calls) - attention}
     if attention:
-        nodes[f"attention: {attention_runs or attention_kernel_description(device)}"] = attention
+        nodes[f"attention: {attention_runs or registry.describe('flash_attention', device)}"] = attention
     return {"nodes": nodes}
 
 

@@ -5,14 +5,14 @@ strided views a fused QKV projection gives; forms: causal (GPT) and non-causal w
 mask (BERT), seq 64 to 2048. Contenders, timed interleaved (blade.perf.timing.time_interleaved), median:
 
 - sdpa: the op's reference, torch's scaled_dot_product_attention (its fused CPU flash kernel);
-- blocked: backends/eager/attention_cpu.blocked_attention (BLOCK_ROWS queries at a time, Python);
-- native: backends/eager/attention_native.attention (attention_bf16.cpp, fused per 32-query tile);
-- auto: what blade::flash_attention runs on CPU (native where it runs, else blocked where `prefers_blocked` says
-  so, else sdpa).
+- blocked: backends/kernels/attention_blocked.blocked_attention (BLOCK_ROWS queries at a time, Python);
+- native: backends/kernels/attention_native.attention (attention_bf16.cpp, fused per 32-query tile);
+- auto: what blade::flash_attention runs on CPU, as backends/kernels/registry.py chooses (native where it runs, else
+  blocked where `prefers_blocked` says so, else sdpa).
 
 Errors are relative to fp32 SDPA on the same inputs. MFU: attention FLOPs (blade.perf.cost.attention_flops,
 the causal half for causal) / median / the bf16 matmul peak measured in the same run. This chose
-`prefers_blocked` in backends/eager/attention_cpu.py, and the native kernel over both.
+`prefers_blocked` in backends/kernels/attention_blocked.py, and the native kernel over both.
 
     python bench/attention_cpu.py    # writes bench/results/attention_cpu.md
 """
@@ -26,7 +26,7 @@ import _repo_path  # noqa: F401  (blade from this checkout when it is not instal
 import torch
 
 import blade.target
-from blade.backends.eager import attention_cpu, attention_native
+from blade.backends.kernels import attention_blocked, attention_native, registry
 from blade.perf.cost import attention_flops
 from blade.ops.attention import attention_reference
 from blade.perf.peaks import measure
@@ -53,17 +53,17 @@ def run_case(seq: int, causal: bool, repeat: int) -> dict:
     q, k, v, mask = layer_inputs(seq, causal)
     ref = attention_reference(q.float(), k.float(), v.float(), mask, None, causal)
     fns = {"sdpa": lambda: attention_reference(q, k, v, mask, None, causal),
-           "blocked": lambda: attention_cpu.blocked_attention(q, k, v, mask, None, causal),
+           "blocked": lambda: attention_blocked.blocked_attention(q, k, v, mask, None, causal),
            "native": lambda: attention_native.attention(q, k, v, mask, None, causal),
-           "auto": lambda: attention_cpu.blocked_or_reference(q, k, v, mask, None, causal)}
+           "auto": lambda: registry.flash_attention(q, k, v, mask, None, causal)}
     with torch.no_grad():
         errors = {n: float((f().float() - ref).norm() / ref.norm()) for n, f in fns.items()}
         timings = time_interleaved(fns, warmup=3, repeat=repeat)
     flops = float(attention_flops(1, HEADS, seq, seq, HEAD_DIM, HEAD_DIM, causal))
     return {"seq": seq, "causal": causal, "flops": flops, "errors": errors,
             "ms": {n: t * 1e3 for n, t in timings.items()},
-            "auto_runs": "native" if attention_native.supports(q, k, v, mask)
-            else "blocked" if attention_cpu.prefers_blocked(q, k, mask, causal) else "sdpa"}
+            "auto_runs": getattr(registry.choose("flash_attention", "cpu", q, k, v, mask, None, causal), "name",
+                                 "sdpa")}
 
 
 def render(machine, peak_bf16, cases, seconds) -> str:

@@ -4,7 +4,7 @@ Forward attention, fp16, head dim 64 and 128, sequence 1024 ... 16384, causal an
 the FlashAttention paper: 16k tokens per batch (batch = max(1, 16384 // seq)) and hidden 2048
 (heads = 2048 // head_dim). Contenders, on the same inputs:
 
-1. blade   -- blade.backends.triton.kernels.attention.flash_attention (autotuned once per head dim
+1. blade   -- blade.backends.kernels.attention_triton.flash_attention (autotuned once per head dim
               and causal flag, at the first shape it sees: the tuning is inside the first call);
 2. sdpa    -- torch.nn.functional.scaled_dot_product_attention under
               torch.nn.attention.sdpa_kernel(SDPBackend.FLASH_ATTENTION) (FlashAttention-2 in torch);
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from blade.backends.triton.kernels import attention
+    from blade.backends.kernels import attention_triton as attention
 
     if args.cpu_smoke:
         device, dtype = "cpu", torch.float32

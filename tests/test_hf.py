@@ -168,7 +168,7 @@ def test_bf16_is_no_less_accurate_than_casting_the_model_at_base_dims(name):
     native one where it runs here, else the blocked one."""
     import copy
 
-    from blade.backends.eager import attention_cpu, attention_native
+    from blade.backends.kernels import attention_blocked, attention_native
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -189,7 +189,7 @@ def test_bf16_is_no_less_accurate_than_casting_the_model_at_base_dims(name):
         cast = tree_leaves(copy.deepcopy(model).to(torch.bfloat16)(input_ids=fresh, attention_mask=mask))[0].float()
     kernels = []
     with pytest.MonkeyPatch.context() as patch:
-        for module, name in ((attention_cpu, "blocked_attention"), (attention_native, "attention")):
+        for module, name in ((attention_blocked, "blocked_attention"), (attention_native, "attention")):
             real = getattr(module, name)
             patch.setattr(module, name, lambda *a, real=real, name=name: kernels.append((name, a[0].dtype)) or real(*a))
         ours = relative_error(tree_leaves(cm(input_ids=fresh, attention_mask=mask))[0], ref)

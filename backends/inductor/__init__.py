@@ -30,7 +30,8 @@ from blade.backends.inductor import short_attention
 from blade.errors import BackendError
 from blade.ir.fused import is_fused
 from blade.ir.graph import Graph, Node
-from blade.ops.attention import FLASH_ATTENTION, attention_kernel_description, registered_attention_kernel
+from blade.backends.kernels import registry
+from blade.ops.attention import FLASH_ATTENTION
 from blade.target import Target
 
 
@@ -43,26 +44,24 @@ def inductor_with_freezing(gm: torch.fx.GraphModule, example_inputs):
 
 
 def _short_attention_nodes(graph: Graph, device: str) -> set[str]:
-    """The attention nodes short_attention lowers: bf16 on the CPU, whose kernel is blade's own (a kernel a user
-    registered for "cpu" keeps every call), that blade's fused native kernel does not take (it runs every length
-    with no guard on it)."""
-    from blade.backends.eager import attention_native
-    from blade.backends.eager.attention_cpu import blocked_or_reference
-
-    if device != "cpu" or registered_attention_kernel("cpu") is not blocked_or_reference:
+    """The attention nodes short_attention lowers: bf16 on the CPU, where the kernel registry runs the op (an override
+    for "cpu" keeps every call), that blade's fused native kernel does not take (it runs every length with no guard
+    on it)."""
+    if device != "cpu" or registry.overridden("flash_attention", "cpu"):
         return set()
+    native = registry.kernel("flash_attention", "cpu", "native").load()
     names = set()
     for node in graph.call_nodes:
         if node.target == FLASH_ATTENTION and getattr(node.val, "dtype", None) == torch.bfloat16:
             q, k, v = (arg.val.shape for arg in node.args[:3])
-            if not attention_native.takes_shapes(torch.bfloat16, q[-1], v[-1], q[1], k[1]):
+            if native is None or not native.takes_shapes(torch.bfloat16, q[-1], v[-1], q[1], k[1]):
                 names.add(node.name)
     return names
 
 
 def _attention_runs(device: str) -> str:
-    return (f"{attention_kernel_description(device)}; in bf16 where blade's fused kernel does not take the call, "
-            f"over 1 to {short_attention.SHORT_KEYS} keys as plain ops in Inductor's kernels")
+    return (f"{registry.describe('flash_attention', device)}; in bf16 where blade's fused kernel does not take the "
+            f"call, over 1 to {short_attention.SHORT_KEYS} keys as plain ops in Inductor's kernels")
 
 
 def _with_short_attention_as_ops(module: torch.fx.GraphModule, names: set[str]) -> torch.fx.GraphModule:

@@ -1,19 +1,19 @@
 """blade::flash_attention over few keys, for Inductor on CPU in bf16: plain ops it fuses, not the Python kernel.
 
-Only for the calls blade's fused native kernel (backends/eager/attention_native.py) does not take, decided per node
+Only for the calls blade's fused native kernel (backends/kernels/attention_native.py) does not take, decided per node
 when the graph is handed to Inductor (InductorExecutable): no AVX512-BF16, AMX, or no C++ compiler here, an odd
-head dim, a value dim off a multiple of 16. blade's other bf16 CPU kernel (backends/eager/attention_cpu.py) is a
+head dim, a value dim off a multiple of 16. blade's other bf16 CPU kernel (backends/kernels/attention_blocked.py) is a
 Python op of about 25 PyTorch calls per layer. Over at most SHORT_KEYS keys it computes a single block, and that
 overhead is a large part of the call; written as plain ops instead — a bf16 GEMM for the scores, one fused
 Inductor kernel for scale, mask, causal triangle and the fp32 softmax, a bf16 GEMM for the output — it leaves
 nothing to run in Python.
-Only where blade's own kernel is the CPU one: a kernel registered for "cpu" with register_attention_kernel
-keeps every call (InductorExecutable checks when it compiles).
+Only where the kernel registry (backends/kernels/registry.py) picks the CPU kernel: a kernel of one's own set with
+registry.override("flash_attention", "cpu", ...) keeps every call (InductorExecutable asks when it compiles).
 More keys keep the op (the blocked kernel reads under `causal` only the keys each block needs and never
 holds Sq × Sk scores). The length is checked when dynamo traces: a graph compiled for one side of
 SHORT_KEYS compiles once more on the first call from the other side (a guard on the symbolic length).
 
-Same meaning as the op (blade/ops.py): top-left causal, bool or additive masks broadcast to
+Same meaning as the op (blade/ops/attention.py): top-left causal, bool or additive masks broadcast to
 [B, Hq, Sq, Sk], grouped-query heads read their shared key/value head without a copy, rows with no key
 left give zeros (decided from the mask and the triangle alone, as the blocked kernel does), output memory
 [B, Sq, Hq, Dv]. The mask is added to the scores in fp32, so BERT's -10000 does not round them away. Each

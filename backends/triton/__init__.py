@@ -1,33 +1,13 @@
-"""The Triton backend: generated kernels for fused regions in a host program (blade.backends.triton.kernels
-holds the hand-written ones, FlashAttention and the quantized GEMMs, which blade's ops use on CUDA)."""
+"""The Triton backend: generated kernels for fused regions in a host program (blade.backends.kernels holds the
+hand-written Triton kernels, FlashAttention and the quantized GEMMs, which blade's ops use on CUDA)."""
 from __future__ import annotations
 
 import importlib.util
 import os
-import warnings
-
-import torch
 
 from blade.errors import BackendError
 from blade.ir.graph import Graph, Node
 from blade.target import Target
-
-
-def install_kernels() -> bool:
-    """On a machine with a CUDA GPU and Triton, make blade's ops run their Triton kernels on CUDA.
-
-    Imports triton only then, so CPU-only imports of blade stay light.
-    """
-    if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
-        return False
-    try:
-        from blade.backends.triton.kernels import attention, qgemm
-    except Exception as exc:  # noqa: BLE001 - a broken Triton install must not break `import blade`
-        warnings.warn(f"blade: Triton kernels not installed ({type(exc).__name__}: {exc}); "
-                      "blade::flash_attention and blade::qlinear run their PyTorch references on CUDA", stacklevel=2)
-        return False
-    installed = [attention.install(), qgemm.install()]  # both, whatever the first returns
-    return all(installed)
 
 
 def interpreting() -> bool:

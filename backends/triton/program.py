@@ -184,18 +184,18 @@ class TritonProgram:
     @staticmethod
     def _route_qlinear(program: Graph, interpret: bool) -> list[str]:
         """The blade::qlinear nodes that run the Triton qgemm kernels. Under the interpreter (CPU tests) the nodes
-        call qgemm.qlinear directly, as the op would dispatch on CPU to its reference; on CUDA the op itself runs
-        the kernel install_kernels() registered for it (when nothing has replaced that registration)."""
+        call qgemm_triton.qlinear directly, as the op would dispatch on CPU to its reference; on CUDA the op itself
+        runs them, where the kernel registry has them for it (a GPU with Triton, no override)."""
         nodes = [n for n in program.call_nodes if n.target == QLINEAR]
         if not nodes:
             return []
-        from blade.backends.triton.kernels import qgemm
+        from blade.backends.kernels import qgemm_triton, registry
 
         if interpret:
             for node in nodes:
-                node.target = qgemm.qlinear
+                node.target = qgemm_triton.qlinear
             return [n.name for n in nodes]
-        if not qgemm.installed():
+        if not registry.runs("qlinear", "cuda", "triton"):
             return []
         return [n.name for n in nodes if isinstance(n.val, TensorMeta) and n.val.device == "cuda"]
 

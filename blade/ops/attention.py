@@ -13,24 +13,18 @@
     out's memory is laid out [B, Sq, Hq, Dv] (as SDPA's), so out.transpose(1, 2) is contiguous:
     graphs captured around SDPA `view` that transpose, and hand-written ones copy it for free.
 
-Kernels for a device register through `register_attention_kernel`; without one the op runs the
-reference, PyTorch's scaled_dot_product_attention, which on CPU and CUDA never materializes the
-[Sq, Sk] scores for the common cases.
+The op's implementation here is the reference, PyTorch's scaled_dot_product_attention, which on CPU and CUDA
+never materializes the [Sq, Sk] scores for the common cases. blade's own kernels (CPU and CUDA) are chosen per call
+by blade.backends.kernels.registry, which blade.backends registers as the op's CPU and CUDA implementation.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from blade.errors import ShapeError
-
-AttentionKernel = Callable[..., torch.Tensor]
-
-# device type -> kernel with the op's signature; consulted before the reference.
-_ATTENTION_KERNELS: dict[str, AttentionKernel] = {}
 
 
 def check_attention_args(q, k, v, mask=None) -> None:
@@ -96,8 +90,7 @@ def causal_allowed(q_len: int, k_len: int, device) -> torch.Tensor:
 @torch.library.custom_op("blade::flash_attention", mutates_args=())
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
                     scale: Optional[float] = None, causal: bool = False) -> torch.Tensor:
-    kernel = _ATTENTION_KERNELS.get(q.device.type) or attention_reference
-    return in_output_layout(kernel(q, k, v, mask, scale, causal))
+    return in_output_layout(attention_reference(q, k, v, mask, scale, causal))
 
 
 @flash_attention.register_fake
@@ -116,37 +109,6 @@ def in_output_layout(out: torch.Tensor) -> torch.Tensor:
     if out.transpose(1, 2).is_contiguous():
         return out
     return out.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def register_attention_kernel(device_type: str, kernel: AttentionKernel | None) -> AttentionKernel | None:
-    """Run blade::flash_attention on `device_type` through `kernel` (None: the reference); returns the old one."""
-    old = _ATTENTION_KERNELS.pop(device_type, None)
-    if kernel is not None:
-        _ATTENTION_KERNELS[device_type] = kernel
-    return old
-
-
-def registered_attention_kernel(device_type: str) -> AttentionKernel | None:
-    """The kernel registered for `device_type` (None: the op runs the reference there)."""
-    return _ATTENTION_KERNELS.get(device_type)
-
-
-def attention_kernel_description(device_type: str) -> str:
-    """What runs blade::flash_attention on `device_type`: the registered kernel's `description`, else its name."""
-    kernel = registered_attention_kernel(device_type)
-    if kernel is None:
-        return "the reference (PyTorch's scaled_dot_product_attention)"
-    return getattr(kernel, "description", None) or getattr(kernel, "__qualname__", None) or repr(kernel)
-
-
-@contextlib.contextmanager
-def attention_kernel(device_type: str, kernel: AttentionKernel | None) -> Iterator[None]:
-    """Within the block, blade::flash_attention on `device_type` runs `kernel`."""
-    old = register_attention_kernel(device_type, kernel)
-    try:
-        yield
-    finally:
-        register_attention_kernel(device_type, old)
 
 
 FLASH_ATTENTION = torch.ops.blade.flash_attention.default

@@ -19,6 +19,9 @@
     table: [V, D] int8    row_scale: [V] fp32    indices: any shape, int64/int32    rows: [*indices.shape, D] fp32
     rows = table[indices] * row_scale[indices, None]: only the rows read are dequantized (the table
     stays int8 in memory, ~0.27x of fp32 for D = 64).
+
+blade::qlinear's implementation here is the reference; its CUDA kernels (Triton) are chosen per call by
+blade.backends.kernels.registry, which blade.backends registers as the op's CPU and CUDA implementation.
 """
 from __future__ import annotations
 
@@ -86,25 +89,12 @@ def qlinear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 @torch.library.custom_op("blade::qlinear", mutates_args=())
 def qlinear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
             mode: str = "dynamic", input_scale: Optional[float] = None) -> torch.Tensor:
-    kernel = _QLINEAR_KERNELS.get(x.device.type) or qlinear_reference
-    return kernel(x, weight, weight_scale, bias, mode, input_scale)
+    return qlinear_reference(x, weight, weight_scale, bias, mode, input_scale)
 
 
 @qlinear.register_fake
 def _qlinear_fake(x, weight, weight_scale, bias=None, mode="dynamic", input_scale=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-# device type -> kernel with the op's signature; consulted before the reference
-_QLINEAR_KERNELS: dict = {}
-
-
-def register_qlinear_kernel(device_type: str, kernel) -> object:
-    """Run blade::qlinear on `device_type` through `kernel` (None: the reference); returns the old one."""
-    old = _QLINEAR_KERNELS.pop(device_type, None)
-    if kernel is not None:
-        _QLINEAR_KERNELS[device_type] = kernel
-    return old
 
 
 def qembedding_reference(table: torch.Tensor, row_scale: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

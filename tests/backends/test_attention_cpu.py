@@ -1,9 +1,9 @@
-"""blade::flash_attention's bf16 CPU kernel (backends/eager/attention_cpu.py) against the op's fp32 reference."""
+"""blade::flash_attention's blocked bf16 CPU kernel (backends/kernels/attention_blocked.py) against the op's fp32 reference."""
 import pytest
 import torch
 
-from blade.backends.eager import attention_cpu
-from blade.backends.eager.attention_cpu import blocked_attention, blocked_or_reference, prefers_blocked
+from blade.backends.kernels import attention_blocked, registry
+from blade.backends.kernels.attention_blocked import blocked_attention, prefers_blocked
 from blade.ops.attention import FLASH_ATTENTION, attention_reference
 from helpers import attention_inputs, finite_relative_error
 
@@ -13,7 +13,7 @@ BF16 = torch.bfloat16
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Blocks of 16 queries, so that small shapes cross several blocks (and the diagonal one)."""
-    monkeypatch.setattr(attention_cpu, "BLOCK_ROWS", 16)
+    monkeypatch.setattr(attention_blocked, "BLOCK_ROWS", 16)
 
 
 def qkv(**sizes):
@@ -188,14 +188,14 @@ def test_dispatch_on_cpu(monkeypatch):
     otherwise (and for fp32)."""
     monkeypatch.setenv("BLADE_NATIVE_ATTENTION", "0")
     calls = []
-    real = attention_cpu.blocked_attention
-    monkeypatch.setattr(attention_cpu, "blocked_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = attention_blocked.blocked_attention
+    monkeypatch.setattr(attention_blocked, "blocked_attention", lambda *a: calls.append(a[0].shape) or real(*a))
     long_q, long_k, long_v = (t.to(BF16) for t in qkv(q_len=200, k_len=200))
     FLASH_ATTENTION(long_q, long_k, long_v, None, None, True)
     assert calls == [long_q.shape]
     short = [t.to(BF16) for t in qkv(q_len=64, k_len=64)]
     assert not prefers_blocked(short[0], short[1], None, True)
-    assert torch.equal(FLASH_ATTENTION(*short, None, None, True), blocked_or_reference(*short, None, None, True))
+    assert torch.equal(FLASH_ATTENTION(*short, None, None, True), registry.flash_attention(*short, None, None, True))
     fp32 = qkv(q_len=200, k_len=200)
     assert torch.equal(FLASH_ATTENTION(*fp32, None, None, True), attention_reference(*fp32, None, None, True))
     assert len(calls) == 1

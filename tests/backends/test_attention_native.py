@@ -1,10 +1,10 @@
-"""blade's fused bf16 CPU attention kernel (backends/eager/attention_native.py, attention_bf16.cpp) against the op."""
+"""blade's fused bf16 CPU attention kernel (backends/kernels/attention_native.py, attention_bf16.cpp) against the op."""
 import threading
 
 import pytest
 import torch
 
-from blade.backends.eager import attention_cpu, attention_native
+from blade.backends.kernels import attention_blocked, attention_native
 from blade.ops.attention import FLASH_ATTENTION, attention_reference
 from helpers import attention_inputs, finite_relative_error
 
@@ -160,7 +160,7 @@ def test_what_it_does_not_take_goes_elsewhere(monkeypatch):
     assert not attention_native.supports(q, k, v, None)
     monkeypatch.delenv("BLADE_NATIVE_ATTENTION")
     calls = []
-    for module, name in ((attention_cpu, "blocked_attention"), (attention_native, "attention")):
+    for module, name in ((attention_blocked, "blocked_attention"), (attention_native, "attention")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     fp32 = [t.float() for t in (q, k, v)]

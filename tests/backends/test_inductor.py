@@ -119,15 +119,15 @@ def test_tanh_gelu_reaches_inductor_as_the_op_and_fuses_into_the_gemm(precision)
 def test_bf16_attention_runs_blades_cpu_kernel_inside_inductor(monkeypatch):
     """Without the native kernel, past SHORT_KEYS keys Inductor keeps blade::flash_attention as the op, whose CPU kernel
     for bf16 is then the blocked one."""
-    from blade.backends.eager import attention_cpu
+    from blade.backends.kernels import attention_blocked
     from blade.backends.inductor import short_attention
 
     monkeypatch.setenv("BLADE_NATIVE_ATTENTION", "0")
     calls = []
-    real = attention_cpu.blocked_attention
-    monkeypatch.setattr(attention_cpu, "blocked_attention", lambda *a: calls.append(a[0].shape) or real(*a))
-    monkeypatch.setattr(attention_cpu, "MIN_KEYS", 16)  # the tiny model's lengths; blocks of 16 queries
-    monkeypatch.setattr(attention_cpu, "BLOCK_ROWS", 16)
+    real = attention_blocked.blocked_attention
+    monkeypatch.setattr(attention_blocked, "blocked_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(attention_blocked, "MIN_KEYS", 16)  # the tiny model's lengths; blocks of 16 queries
+    monkeypatch.setattr(attention_blocked, "BLOCK_ROWS", 16)
     monkeypatch.setattr(short_attention, "SHORT_KEYS", 16)
     model, example, dims = models.get("gpt")
     cm = blade.compile(model, models.sample_inputs("gpt", seed=1, seq=40), dynamic_shapes=dims, backend="inductor",

@@ -86,7 +86,7 @@ def test_inductor_runs_short_attention_as_ops_and_long_as_the_op(monkeypatch):
     within the bf16 bound. A kernel registered for the CPU keeps every call."""
     from blade.api import supports_bf16
     from blade.backends import inductor
-    from blade.ops.attention import attention_kernel
+    from blade.backends.kernels import registry
 
     if not supports_bf16(detect("cpu")):
         pytest.skip("this CPU has no bf16 dot products: bf16 compiles fp32")
@@ -106,7 +106,7 @@ def test_inductor_runs_short_attention_as_ops_and_long_as_the_op(monkeypatch):
             assert_matches(cm(*fresh), model(*fresh), tol=2e-2)
             assert graphs == compiled, (seq, graphs)
     graphs.clear()
-    with attention_kernel("cpu", lambda *a: attention_reference(*a)):
+    with registry.override("flash_attention", "cpu", lambda *a: attention_reference(*a)):
         own = blade.compile(model, models.sample_inputs("gpt", seed=1, batch=2, seq=12), dynamic_shapes=dims,
                             backend="inductor", precision="bf16", cache=False, check_accuracy=False)
         with torch.no_grad():

@@ -18,10 +18,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from blade.errors import InputError, ShapeError  # noqa: E402
-from blade.ops.attention import (FLASH_ATTENTION, attention_kernel, attention_reference, empty_output,  # noqa: E402
-                       register_attention_kernel)
-from blade.backends.triton.kernels import attention  # noqa: E402
-from blade.backends.triton.kernels.attention import flash_attention  # noqa: E402
+from blade.ops.attention import FLASH_ATTENTION, attention_reference, empty_output  # noqa: E402
+from blade.backends.kernels import attention_triton as attention, registry  # noqa: E402
+from blade.backends.kernels.attention_triton import flash_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -242,7 +241,7 @@ def test_empty_sequences(gen):
 
 
 def test_through_the_op(gen):
-    """Registered for the device, blade::flash_attention runs the kernel."""
+    """Set as the device's override in the kernel registry, blade::flash_attention runs the kernel."""
     q, k, v = qkv(gen, 1, 4, 2, 18, 18, 32)
     mask = torch.rand(18, 18, generator=gen).to(DEVICE) > 0.2
     calls = []
@@ -251,20 +250,17 @@ def test_through_the_op(gen):
         calls.append(len(args))
         return flash_attention(*args)
 
-    with attention_kernel(DEVICE, kernel):
+    with registry.override("flash_attention", DEVICE, kernel):
         out = FLASH_ATTENTION(q, k, v, mask, None, True)
     assert calls == [6]
     check(out, q, k, v, mask, causal=True)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour of install()")
-def test_install_without_cuda_registers_nothing():
-    old = register_attention_kernel("cuda", None)
-    try:
-        assert attention.install() is False
-        assert register_attention_kernel("cuda", None) is None
-    finally:
-        register_attention_kernel("cuda", old)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour of the registry")
+def test_without_cuda_the_registry_offers_no_cuda_kernel():
+    assert registry.candidates("flash_attention", "cuda") == []
+    assert not registry.runs("flash_attention", "cuda", "triton")
+    assert registry.describe("flash_attention", "cuda") == "the reference (PyTorch's scaled_dot_product_attention)"
 
 
 def _t(*shape, dtype=torch.float32):
@@ -357,34 +353,20 @@ def test_gpu_one_compile_serves_two_lengths(gen):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_install(gen):
-    old = register_attention_kernel("cuda", None)
-    try:
-        assert attention.install() is True
-        q, k, v = qkv(gen, 1, 8, 2, 300, 300, 64, dtype=torch.float16, device="cuda")
-        check(FLASH_ATTENTION(q, k, v, None, None, True), q, k, v, causal=True, ref_dtype=torch.float32)
-    finally:
-        register_attention_kernel("cuda", old)
+def test_gpu_the_op_runs_the_kernel(gen):
+    assert registry.runs("flash_attention", "cuda", "triton")
+    q, k, v = qkv(gen, 1, 8, 2, 300, 300, 64, dtype=torch.float16, device="cuda")
+    assert registry.choose("flash_attention", "cuda", q, k, v, None, None, True).name == "triton"
+    check(FLASH_ATTENTION(q, k, v, None, None, True), q, k, v, causal=True, ref_dtype=torch.float32)
 
 
 
 def test_what_the_kernel_does_not_take_runs_the_reference(gen):
-    """install() registers flash_attention_or_reference: float64 or huge head dims go to SDPA."""
+    """The registry's condition for the kernel is its supports(): float64 or huge head dims go to SDPA."""
     q, k, v = qkv(gen, 1, 2, 2, 5, 7, 8, dtype=torch.float64, device="cpu")
     assert not attention.supports(q, k, v)
-    out = attention.flash_attention_or_reference(q, k, v, None, None, False)
+    assert not registry.kernel("flash_attention", "cuda", "triton").when(attention, q, k, v, None, None, False)
+    out = registry.flash_attention(q, k, v, None, None, False)
     check(out, q, k, v, tol=1e-12)
     q32, k32, v32 = (t.float().to(DEVICE) for t in (q, k, v))
     assert attention.supports(q32, k32, v32)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour")
-def test_install_kernels_is_a_no_op_without_cuda():
-    from blade.backends.triton import install_kernels
-
-    old = register_attention_kernel("cuda", None)
-    try:
-        assert install_kernels() is False
-        assert register_attention_kernel("cuda", None) is None
-    finally:
-        register_attention_kernel("cuda", old)

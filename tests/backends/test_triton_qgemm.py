@@ -1,4 +1,4 @@
-"""The Triton quantized GEMMs (blade.backends.triton.kernels.qgemm) against blade::qlinear's reference.
+"""The Triton quantized GEMMs (blade.backends.kernels.qgemm_triton) against blade::qlinear's reference.
 
 Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported) on CPU tensors; with CUDA the same tests run on the GPU, plus the `gpu`-marked ones at real
@@ -19,10 +19,10 @@ pytest.importorskip("triton")
 
 import blade  # noqa: E402
 from blade.errors import ShapeError  # noqa: E402
-from blade.ops.quantized import (FP8_MAX, INT8_MAX, QLINEAR, qlinear_reference, quantize_rows, quantize_weight,  # noqa: E402
-                        register_qlinear_kernel)
-from blade.backends.triton.kernels import qgemm  # noqa: E402
-from blade.backends.triton.kernels.qgemm import qlinear  # noqa: E402
+from blade.ops.quantized import (FP8_MAX, INT8_MAX, QLINEAR, qlinear_reference, quantize_rows,  # noqa: E402
+                                 quantize_weight)
+from blade.backends.kernels import qgemm_triton as qgemm, registry  # noqa: E402
+from blade.backends.kernels.qgemm_triton import qlinear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -203,42 +203,32 @@ def test_what_the_op_does_not_take_is_refused_by_kernel_and_reference(gen):
     w_q, w_scale, b = layer(gen, 24, 40, "dynamic")
     x = torch.randn(3, 40, generator=gen, dtype=torch.float64).to(DEVICE)
     assert not qgemm.supports(x, w_q, w_scale, b)
-    for run in (qgemm.qlinear_or_reference, qlinear_reference):
+    for run in (registry.qlinear, qlinear_reference):
         with pytest.raises(ShapeError, match="float64"):
             run(x, w_q, w_scale, b)
     assert qgemm.supports(x.float(), w_q, w_scale, b)
 
 
 def test_the_op_runs_a_registered_kernel(gen):
-    """blade::qlinear hands its arguments (positionally) to the kernel registered for the device."""
+    """blade::qlinear hands its arguments (positionally) to the device's override in the kernel registry."""
     w_q, w_scale, b = layer(gen, 24, 40, "static")
     x = torch.randn(4, 40, generator=gen).to(DEVICE)
     calls = []
 
     def kernel(*args):
         calls.append(len(args))
-        return qgemm.qlinear_or_reference(*args)
+        return qgemm.qlinear(*args)
 
-    old = register_qlinear_kernel(DEVICE, kernel)
-    try:
+    with registry.override("qlinear", DEVICE, kernel):
         out = QLINEAR(x, w_q, w_scale, b, mode="static", input_scale=0.01)
-    finally:
-        register_qlinear_kernel(DEVICE, old)
     assert calls == [6]
     assert rel_err(out, qlinear_reference(x, w_q, w_scale, b, "static", 0.01)) <= 1e-5
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour of install()")
-def test_install_without_cuda_registers_nothing():
-    from blade.backends.triton import install_kernels
-
-    old = register_qlinear_kernel("cuda", None)
-    try:
-        assert qgemm.install() is False and install_kernels() is False
-        assert register_qlinear_kernel("cuda", None) is None
-        assert not qgemm.installed()
-    finally:
-        register_qlinear_kernel("cuda", old)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour of the registry")
+def test_without_cuda_the_registry_offers_no_cuda_kernel():
+    assert registry.candidates("qlinear", "cuda") == []
+    assert not registry.runs("qlinear", "cuda", "triton")
 
 
 # ----------------------------------------------------------------------------------------- end to end
@@ -314,16 +304,13 @@ def test_gpu_matches_reference(gen, mode, dtype):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_install_routes_the_op(gen):
-    old = register_qlinear_kernel("cuda", None)
-    try:
-        assert qgemm.install() is True and qgemm.installed()
-        w_q, w_scale, b = layer(gen, 512, 768, "dynamic", device="cuda")
-        x = torch.randn(3, 9, 768, generator=gen).to("cuda", torch.float16)
-        out = QLINEAR(x, w_q, w_scale, b, mode="dynamic")
-        assert rel_err(out, qlinear_reference(x, w_q, w_scale, b)) <= 2e-3
-    finally:
-        register_qlinear_kernel("cuda", old)
+def test_gpu_the_registry_routes_the_op(gen):
+    assert registry.runs("qlinear", "cuda", "triton")
+    w_q, w_scale, b = layer(gen, 512, 768, "dynamic", device="cuda")
+    x = torch.randn(3, 9, 768, generator=gen).to("cuda", torch.float16)
+    assert registry.choose("qlinear", "cuda", x, w_q, w_scale, b, "dynamic", None).name == "triton"
+    out = QLINEAR(x, w_q, w_scale, b, mode="dynamic")
+    assert rel_err(out, qlinear_reference(x, w_q, w_scale, b)) <= 2e-3
 
 
 @pytest.mark.gpu
@@ -332,9 +319,7 @@ def test_gpu_install_routes_the_op(gen):
 def test_gpu_compiled_model(gen, quantize):
     if quantize == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 dots need sm_89+")
-    from blade.backends.triton import install_kernels
-
-    assert install_kernels()
+    assert registry.runs("qlinear", "cuda", "triton")
     model = _mlp(gen).cuda()
     x = torch.randn(5, 40, generator=gen).cuda()
     extra = {"calibration_data": [(torch.randn(5, 40, generator=gen).cuda(),) for _ in range(3)]} \

@@ -337,8 +337,8 @@ def test_saved_artifact_with_the_op_loads_and_matches(tmp_path):
     ("additive", H, "float"), ("bool", H, "bool")])
 def test_interpreted_triton_path_runs_the_compiled_graph(name, kv_heads, extra):
     pytest.importorskip("triton")
-    from blade.backends.triton.kernels import attention as triton_attention
-    from blade.ops.attention import attention_kernel
+    from blade.backends.kernels import attention_triton as triton_attention
+    from blade.backends.kernels import registry
 
     body = BODIES.get(name) or MASKED_BODIES[name]
     if kv_heads != H:
@@ -351,7 +351,7 @@ def test_interpreted_triton_path_runs_the_compiled_graph(name, kv_heads, extra):
         calls.append(1)
         return triton_attention.flash_attention(*args)
 
-    with attention_kernel("cpu", counted):
+    with registry.override("flash_attention", "cpu", counted):
         check_fresh(model, cm, *padding_masks(extra, 11))
     assert calls == [1]
 
@@ -388,8 +388,8 @@ def test_onnxruntime_runs_its_own_fused_attention(tmp_path, name, kv_heads, extr
 @pytest.mark.parametrize("name, kv_heads", [("causal_tril", H), pytest.param("causal_tril", 2, marks=gqa_capture_may_fail()),
                                             ("sdpa", H), ("plain", H)])
 def test_gpu_model_runs_the_triton_kernel(name, kv_heads):
-    from blade.backends.triton.kernels import attention as triton_attention
-    from blade.ops.attention import attention_kernel
+    from blade.backends.kernels import attention_triton as triton_attention
+    from blade.backends.kernels import registry
 
     body = BODIES[name]
     if kv_heads != H:
@@ -403,7 +403,7 @@ def test_gpu_model_runs_the_triton_kernel(name, kv_heads):
         calls.append(1)
         return triton_attention.flash_attention(*args)
 
-    with attention_kernel("cuda", counted):
+    with registry.override("flash_attention", "cuda", counted):
         cm = blade.compile(model, (x,), dynamic_shapes=({1: Dim("seq", min=2, max=512)},), backend="eager",
                            check_accuracy=False)
         assert cm.graph.count_targets().get(FLASH) == 1

@@ -29,7 +29,7 @@ Two kernels:
     promotes the partial sums into the fp32 accumulator once per K block (as cuBLAS does every 128).
     Triton's interpreter runs fp8 dots too (it upcasts the tiles to fp16 and multiplies in fp32,
     exact for e4m3 products), so the same kernel runs under TRITON_INTERPRET=1. GPUs below sm_89
-    cannot hold fp8 in Triton at all: there the op's reference runs (qlinear_or_reference);
+    cannot hold fp8 in Triton at all: there the op's reference runs (supports() says no);
   * "weight_only": x tiles as they are (fp32/fp16/bf16), int8 weight tiles converted to x's dtype
     (exact: |w| <= 127), fp32 accumulation; for fp32 x the dot uses TF32 exactly when
     torch.backends.cuda.matmul.allow_tf32 is set (torch's rule), else full fp32.
@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from blade.errors import InputError
-from blade.ops.quantized import check_qlinear_args, qlinear_reference, register_qlinear_kernel
+from blade.ops.quantized import check_qlinear_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -305,27 +305,4 @@ def supports(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     return True
 
 
-def qlinear_or_reference(x, weight, weight_scale, bias=None, mode="dynamic", input_scale=None) -> torch.Tensor:
-    """The kernels where they apply, the op's reference elsewhere: what install() registers."""
-    if supports(x, weight, weight_scale, bias, mode, input_scale):
-        check_qlinear_args(x, weight, weight_scale, bias, mode, input_scale)
-        return _forward(x, weight, weight_scale, bias, mode, input_scale)
-    return qlinear_reference(x, weight, weight_scale, bias, mode, input_scale)
-
-
-def install() -> bool:
-    """Make these kernels blade::qlinear's on CUDA; False (nothing registered) without a CUDA device."""
-    if not torch.cuda.is_available():
-        return False
-    register_qlinear_kernel("cuda", qlinear_or_reference)
-    return True
-
-
-def installed() -> bool:
-    """Whether blade::qlinear on CUDA runs these kernels (install() registered them and nothing replaced them)."""
-    from blade.ops import quantized as qops
-
-    return qops._QLINEAR_KERNELS.get("cuda") is qlinear_or_reference
-
-
-__all__ = ["qlinear", "qlinear_or_reference", "install", "installed", "supports"]
+__all__ = ["qlinear", "supports"]

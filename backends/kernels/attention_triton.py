@@ -37,8 +37,7 @@ import triton
 import triton.language as tl
 
 from blade.errors import InputError, ShapeError
-from blade.ops.attention import (attention_reference, check_attention_args, empty_output, in_output_layout,
-                       register_attention_kernel)
+from blade.ops.attention import check_attention_args, empty_output
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 256
@@ -315,19 +314,4 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
             and len({t.device for t in (q, k, v) + (() if mask is None else (mask,))}) == 1)
 
 
-def flash_attention_or_reference(q, k, v, mask=None, scale=None, causal=False) -> torch.Tensor:
-    """The kernel where it applies, the op's reference (SDPA) elsewhere: what install() registers."""
-    if supports(q, k, v, mask):
-        return flash_attention(q, k, v, mask, scale, causal)
-    return in_output_layout(attention_reference(q, k, v, mask, scale, causal))
-
-
-def install() -> bool:
-    """Make this kernel blade::flash_attention's on CUDA; False (nothing registered) without a CUDA device."""
-    if not torch.cuda.is_available():
-        return False
-    register_attention_kernel("cuda", flash_attention_or_reference)
-    return True
-
-
-__all__ = ["flash_attention", "flash_attention_or_reference", "install", "supports", "MAX_HEAD_DIM"]
+__all__ = ["flash_attention", "supports", "MAX_HEAD_DIM"]

@@ -1,4 +1,4 @@
-"""blade::flash_attention's CPU kernel for bf16: query blocks through PyTorch's bf16 GEMM and softmax kernels.
+"""blade::flash_attention's blocked CPU kernel for bf16: query blocks through PyTorch's bf16 GEMM and softmax kernels.
 
 PyTorch's fused CPU attention (SDPA flash) runs bf16 no faster than fp32 on AVX512-BF16 CPUs without
 AMX (bench/results/attention_cpu.md); its per-block GEMMs do not reach the bf16 matmul peak. This
@@ -16,7 +16,8 @@ op-level error against fp32 is about 3e-3 where SDPA's is 2e-3 (tests/backends/t
 Grouped-query heads share their key/value head without copying it (the group's queries are stacked
 as rows of one GEMM). Rows whose keys are all masked give zeros, as the op's spec says.
 
-Other dtypes (fp32, and fp16, which these CPUs have no fast GEMM for) run the reference.
+Other dtypes (fp32, and fp16, which these CPUs have no fast GEMM for) run the reference. Where this kernel runs among
+the op's CPU kernels (after the fused native one, at MIN_KEYS keys or more): registry.py.
 """
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ from typing import Optional
 
 import torch
 
-from blade.backends.eager import attention_native
-from blade.ops.attention import attention_reference, check_attention_args, in_output_layout, register_attention_kernel
+from blade.ops.attention import check_attention_args
 
 BLOCK_ROWS = 128  # queries per block (64 and 256 were slower at seq 256-2048)
 MIN_KEYS = 128  # below this many keys SDPA is as fast or faster (bench/results/attention_cpu.md)
@@ -147,24 +147,3 @@ def _any_allowed(allowed: torch.Tensor, causal: bool, start: int, rows: int, k_e
 def prefers_blocked(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], causal: bool) -> bool:
     """Where bench/results/attention_cpu.md measured this kernel faster than SDPA's: at MIN_KEYS keys or more."""
     return k.shape[2] >= MIN_KEYS
-
-
-def blocked_or_reference(q, k, v, mask=None, scale=None, causal=False) -> torch.Tensor:
-    """The fused native kernel where it takes the inputs, else this kernel where it `supports` them and is the faster,
-    else the op's reference; in the op's layout."""
-    check_attention_args(q, k, v, mask)
-    if attention_native.supports(q, k, v, mask):
-        return attention_native.attention(q, k, v, mask, scale, causal)
-    if supports(q, k, v, mask) and prefers_blocked(q, k, mask, causal):
-        return blocked_attention(q, k, v, mask, scale, causal)
-    return in_output_layout(attention_reference(q, k, v, mask, scale, causal))
-
-
-blocked_or_reference.description = ("blade's fused bf16 CPU kernel (attention_bf16.cpp, AVX512-BF16) where it runs; "
-                                    f"else its blocked bf16 CPU kernel at {MIN_KEYS}+ keys (faster than SDPA there, "
-                                    "bench/results/attention_cpu.md); else PyTorch's SDPA")
-
-
-def install() -> None:
-    """Make this kernel blade::flash_attention's on the CPU."""
-    register_attention_kernel("cpu", blocked_or_reference)

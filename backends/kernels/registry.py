@@ -1,0 +1,254 @@
+"""The one table of blade's hand-written kernels: which kernel runs a blade op on a device, tried in what order.
+
+The choice order, per (op, device); the first kernel whose condition holds runs the call, else the op's reference
+(tests/backends/test_kernel_registry.py checks these lines against KERNELS):
+
+    flash_attention  cpu   native → blocked → reference
+    flash_attention  cuda  triton → reference
+    qlinear          cuda  triton → reference
+
+    native   attention_native.py + attention_bf16.cpp: the fused bf16 kernel (AVX512-BF16, no AMX), where it builds
+             here and takes the call (bf16, contiguous rows, an even head dim, a value dim a multiple of 16)
+    blocked  attention_blocked.py: bf16 query blocks through PyTorch's bf16 GEMMs, at MIN_KEYS keys or more (where
+             it measured faster than SDPA, bench/results/attention_cpu.md)
+    triton   attention_triton.py / qgemm_triton.py: Triton kernels, on a CUDA GPU with Triton installed, for the
+             dtypes and head sizes they take
+    reference  the op's meaning in PyTorch (blade.ops): SDPA for attention, fp32 PyTorch for qlinear
+
+How the op finds this table without blade.ops importing a floor above it: `route_ops()` registers `flash_attention`
+and `qlinear` below as the ops' CPU and CUDA implementations with torch.library.register_kernel (their default,
+CompositeExplicitAutograd implementation stays the reference, for every other device). blade.backends calls it when
+it is imported; that is a registration only. Nothing is loaded then: a kernel's module is imported on the first call
+it could take (the native kernel is compiled then, the Triton modules import triton then), and a module that fails
+to import is warned about once and skipped. Each call looks the kernel function up on its module, so a test may
+monkeypatch it. `override(op, device, kernel)` runs a kernel of one's own instead of the whole chain (tests, users);
+`describe(op, device)` says in words what runs, for reports.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import threading
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from blade.ops.attention import attention_reference, check_attention_args, in_output_layout
+from blade.ops.quantized import qlinear_reference
+
+OpKernel = Callable[..., torch.Tensor]
+DEVICES = ("cpu", "cuda")  # the devices route_ops() sends through this table
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_with_triton() -> bool:
+    """A CUDA GPU and an installed Triton (asked without importing triton)."""
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def always() -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One hand-written kernel of an op on a device: `function` of `module` (in blade.backends.kernels) runs the
+    call when `when(module, *op_args)` holds; `available()` is asked first, without loading the module."""
+
+    op: str
+    device: str
+    name: str
+    module: str
+    function: str
+    when: Callable[..., bool]
+    description: str  # a format string over the module's globals
+    available: Callable[[], bool] = always
+
+    def load(self) -> Optional[ModuleType]:
+        """The kernel's module, imported on first use; None where it fails to import (warned once)."""
+        return _load(self.module)
+
+    def applies(self, *args) -> bool:
+        """Whether this kernel runs a call with these (the op's positional) arguments; loads it."""
+        module = self.available() and self.load()
+        return bool(module) and self.when(module, *args)
+
+    def __call__(self, *args) -> torch.Tensor:
+        return getattr(self.load(), self.function)(*args)
+
+    def describe(self) -> str:
+        module = self.load()
+        return self.description.format_map(vars(module)) if module else self.description
+
+
+KERNELS = (
+    Kernel("flash_attention", "cpu", "native", "attention_native", "attention",
+           lambda m, q, k, v, mask, scale, causal: m.supports(q, k, v, mask),
+           "blade's fused bf16 CPU kernel (attention_bf16.cpp, AVX512-BF16) where it runs"),
+    Kernel("flash_attention", "cpu", "blocked", "attention_blocked", "blocked_attention",
+           lambda m, q, k, v, mask, scale, causal: m.supports(q, k, v, mask) and m.prefers_blocked(q, k, mask, causal),
+           "its blocked bf16 CPU kernel at {MIN_KEYS}+ keys (faster than SDPA there, bench/results/attention_cpu.md)"),
+    Kernel("flash_attention", "cuda", "triton", "attention_triton", "flash_attention",
+           lambda m, q, k, v, mask, scale, causal: m.supports(q, k, v, mask),
+           "blade's Triton FlashAttention kernel (attention_triton.py) where it takes the call",
+           available=cuda_with_triton),
+    Kernel("qlinear", "cuda", "triton", "qgemm_triton", "qlinear",
+           lambda m, x, weight, weight_scale, bias, mode, input_scale: m.supports(x, weight, weight_scale, bias, mode,
+                                                                                 input_scale),
+           "blade's Triton quantized GEMMs (qgemm_triton.py) where they take the call", available=cuda_with_triton),
+)
+
+# op -> (its reference, how a chain of kernels names it, how it is named alone)
+REFERENCES: dict[str, tuple[OpKernel, str, str]] = {
+    "flash_attention": (attention_reference, "PyTorch's SDPA",
+                        "the reference (PyTorch's scaled_dot_product_attention)"),
+    "qlinear": (qlinear_reference, "the reference", "the reference (fp32 PyTorch)"),
+}
+
+_CHAINS: dict[tuple[str, str], tuple[Kernel, ...]] = {}
+for _kernel in KERNELS:
+    _CHAINS[(_kernel.op, _kernel.device)] = _CHAINS.get((_kernel.op, _kernel.device), ()) + (_kernel,)
+_OVERRIDES: dict[tuple[str, str], OpKernel] = {}
+_MODULES: dict[str, Optional[ModuleType]] = {}
+_LOCK = threading.Lock()
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    module = _MODULES.get(name, False)
+    if module is not False:
+        return module
+    with _LOCK:
+        if name not in _MODULES:
+            try:
+                _MODULES[name] = importlib.import_module(f"blade.backends.kernels.{name}")
+            except Exception as exc:  # noqa: BLE001 - a broken kernel (a Triton install, say) must not break the op
+                warnings.warn(f"blade: the kernel module {name} does not load ({type(exc).__name__}: {exc}); "
+                              "blade's ops run their next kernel or their PyTorch reference instead", RuntimeWarning,
+                              stacklevel=4)
+                _MODULES[name] = None
+    return _MODULES[name]
+
+
+def declared(op: str, device: str) -> tuple[Kernel, ...]:
+    """The kernels declared for `op` on `device`, in the order they are tried."""
+    return _CHAINS.get((op, device), ())
+
+
+def kernel(op: str, device: str, name: str) -> Kernel:
+    """The kernel declared as `name` for `op` on `device` (KeyError when there is none)."""
+    found = [k for k in declared(op, device) if k.name == name]
+    if not found:
+        raise KeyError(f"no kernel {name!r} declared for {op} on {device}")
+    return found[0]
+
+
+def order(op: str, device: str) -> list[str]:
+    """The names tried for `op` on `device`, the reference last (as the module docstring lists them)."""
+    return [k.name for k in declared(op, device)] + ["reference"]
+
+
+def choose(op: str, device: str, *args) -> OpKernel:
+    """What runs `op` with these positional arguments on `device`: an override, else the first kernel that applies,
+    else the reference."""
+    kernel = _OVERRIDES.get((op, device))
+    if kernel is not None:
+        return kernel
+    return next((k for k in declared(op, device) if k.applies(*args)), REFERENCES[op][0])
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                    scale: Optional[float] = None, causal: bool = False) -> torch.Tensor:
+    """blade::flash_attention on a routed device: the arguments checked (an override gets them as they are), then
+    the chosen kernel, its result in the op's output layout."""
+    device = q.device.type
+    kernel = _OVERRIDES.get(("flash_attention", device))
+    if kernel is None:
+        check_attention_args(q, k, v, mask)
+        kernel = choose("flash_attention", device, q, k, v, mask, scale, causal)
+    return in_output_layout(kernel(q, k, v, mask, scale, causal))
+
+
+def qlinear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+            mode: str = "dynamic", input_scale: Optional[float] = None) -> torch.Tensor:
+    """blade::qlinear on a routed device: the chosen kernel (each checks the arguments itself)."""
+    args = (x, weight, weight_scale, bias, mode, input_scale)
+    return choose("qlinear", x.device.type, *args)(*args)
+
+
+_ROUTES = {"flash_attention": ("blade::flash_attention", flash_attention), "qlinear": ("blade::qlinear", qlinear)}
+_ROUTED: set[tuple[str, str]] = set()
+
+
+def route(op: str, device: str) -> None:
+    """Make this table `op`'s implementation on `device` (torch.library.register_kernel; once per pair)."""
+    with _LOCK:
+        if (op, device) not in _ROUTED:
+            qualname, implementation = _ROUTES[op]
+            torch.library.register_kernel(qualname, device, implementation)
+            _ROUTED.add((op, device))
+
+
+def route_ops() -> None:
+    """Every op of the table routed through it on DEVICES: a registration, nothing loaded or built."""
+    for op in _ROUTES:
+        for device in DEVICES:
+            route(op, device)
+
+
+def set_override(op: str, device: str, kernel: OpKernel | None) -> OpKernel | None:
+    """Run `op` on `device` through `kernel` (the op's positional arguments) instead of the table, or the table again
+    for None; returns the override it replaces."""
+    route(op, device)
+    old = _OVERRIDES.pop((op, device), None)
+    if kernel is not None:
+        _OVERRIDES[(op, device)] = kernel
+    return old
+
+
+@contextlib.contextmanager
+def override(op: str, device: str, kernel: OpKernel | None) -> Iterator[None]:
+    """Within the block, `op` on `device` runs `kernel` (None: the table)."""
+    old = set_override(op, device, kernel)
+    try:
+        yield
+    finally:
+        set_override(op, device, old)
+
+
+def overridden(op: str, device: str) -> bool:
+    """Whether a kernel of one's own runs `op` on `device` in place of the table."""
+    return (op, device) in _OVERRIDES
+
+
+def candidates(op: str, device: str) -> list[Kernel]:
+    """The declared kernels that may run `op` on `device` here (no override; available, asked without loading)."""
+    if overridden(op, device):
+        return []
+    return [k for k in declared(op, device) if k.available()]
+
+
+def runs(op: str, device: str, name: str) -> bool:
+    """Whether the kernel `name` is among what may run `op` on `device` here."""
+    return any(k.name == name for k in candidates(op, device))
+
+
+def describe(op: str, device: str) -> str:
+    """In words, what runs `op` on `device`: the override's `description` or name, else the chain (loads the kernels'
+    Python modules to name their settings, builds nothing), else the reference."""
+    kernel = _OVERRIDES.get((op, device))
+    if kernel is not None:
+        return getattr(kernel, "description", None) or getattr(kernel, "__qualname__", None) or repr(kernel)
+    _, in_chain, alone = REFERENCES[op]
+    chain = candidates(op, device)
+    if not chain:
+        return alone
+    return "; else ".join([k.describe() for k in chain] + [in_chain])
+
+
+def loaded() -> list[str]:
+    """The kernel modules imported so far (their names in this package; those that failed included)."""
+    return sorted(_MODULES)
