@@ -60,3 +60,11 @@ def detect(device: str = "cpu") -> Target:
         return Target("cuda", torch.cuda.get_device_name(), f"sm_{major}{minor}", ())
     name, flags = _cpu_info()
     return Target("cpu", name, platform.machine(), flags, os.cpu_count() or 0)
+
+
+def supports_bf16(target) -> bool:
+    """Whether bf16 matmuls run natively: a CPU with AVX512-BF16, AMX or Arm's BF16, a CUDA GPU of sm_80+."""
+    if target.device == "cuda":
+        digits = "".join(c for c in target.arch.removeprefix("sm_") if c.isdigit())
+        return not digits or int(digits[:-1] or 0) >= 8
+    return bool(set(target.features) & {"avx512_bf16", "amx_bf16", "bf16", "svebf16"})

@@ -139,7 +139,7 @@ def test_failed_accuracy_is_not_cached(cache_dir, monkeypatch):
         def __call__(self, outputs):
             return super().__call__([o + 1.0 for o in outputs])
 
-    monkeypatch.setattr(blade.api, "Judge", Failing)
+    monkeypatch.setattr(blade.driver.pipeline, "Judge", Failing)
     report = blade.compile(model, example, dynamic_shapes=dynamic, backend="eager").report
     assert report.cache["stored"] == "not cached: outputs differ from eager" and not cache.entries()
 

@@ -101,8 +101,8 @@ def test_bf16_on_a_cpu_without_it_compiles_fp32_with_one_warning(monkeypatch):
     from blade.target import Target
 
     plain = Target("cpu", "old cpu", "x86_64", ("avx2", "fma"), 2)
-    monkeypatch.setattr(blade.api, "detect", lambda device: plain)
-    monkeypatch.setattr(blade.api, "_WARNED", set())
+    monkeypatch.setattr(blade.driver.pipeline, "detect", lambda device: plain)
+    monkeypatch.setattr(blade.driver.pipeline, "_WARNED", set())
     with pytest.warns(UserWarning, match="no bf16 matmul instructions"):
         cm = blade.compile(mlp(), (torch.randn(4, 32),), backend="eager", precision="bf16")
     assert all(n.val.dtype == torch.float32 for n in cm.graph.call_nodes if hasattr(n.val, "dtype"))

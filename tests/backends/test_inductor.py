@@ -96,7 +96,7 @@ def test_tanh_gelu_reaches_inductor_as_the_op_and_fuses_into_the_gemm(precision)
     kernel), which Inductor does only for its own decomposition of aten.gelu; the output matches eager."""
     from torch._inductor.utils import run_and_get_code
 
-    from blade.api import supports_bf16
+    from blade.target import supports_bf16
     from blade.target import detect
 
     if precision == "bf16" and not supports_bf16(detect("cpu")):

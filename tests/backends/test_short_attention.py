@@ -84,7 +84,7 @@ def test_inductor_runs_short_attention_as_ops_and_long_as_the_op(monkeypatch):
     """gpt tiny in bf16 through Inductor, one executable: a length within SHORT_KEYS compiles a graph with no attention
     op; a longer one compiles once more, with the op; the short length again compiles nothing. All match eager fp32
     within the bf16 bound. A kernel registered for the CPU keeps every call."""
-    from blade.api import supports_bf16
+    from blade.target import supports_bf16
     from blade.backends import inductor
     from blade.backends.kernels import registry
 

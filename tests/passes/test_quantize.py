@@ -264,8 +264,8 @@ def test_low_precision_outputs_on_a_cpu_without_bf16_stay_fp32(monkeypatch):
     import blade.api
     from blade.target import Target
 
-    monkeypatch.setattr(blade.api, "detect", lambda device: Target("cpu", "old cpu", "x86_64", ("avx2",), 2))
-    monkeypatch.setattr(blade.api, "_WARNED", set())
+    monkeypatch.setattr(blade.driver.pipeline, "detect", lambda device: Target("cpu", "old cpu", "x86_64", ("avx2",), 2))
+    monkeypatch.setattr(blade.driver.pipeline, "_WARNED", set())
     with pytest.warns(UserWarning, match="compiling in fp32"):  # no ConfigError: nothing is lowered to return
         cm = blade.compile(Heads().eval(), (torch.randn(2, 6, 16),), backend="eager", precision="bf16",
                            keep_output_dtype=False, cache=False)
