@@ -35,7 +35,7 @@ import torch
 import blade
 import blade.models as zoo
 from blade.runtime.guards import check_inputs
-from blade.perf.peaks import DTYPE_NAMES, machine_peaks
+from blade.perf.peaks import machine_peaks, peak_dtype
 from blade.runtime.profile import model_work, utilization
 from blade.perf.timing import time_interleaved
 
@@ -134,8 +134,8 @@ def render(rows: list[dict], args, device_name: str, peaks, dtype) -> str:
              f"triton {__import__('triton').__version__}, blade {blade.__version__}",
              f"- dtype {str(dtype).removeprefix('torch.')}, zoo base models, interleaved median of {args.repeat} after "
              f"{args.warmup} warm-up, device-synchronized; FLOPs and bytes from blade's IR",
-             f"- measured peaks this run: {peaks.flops_peak(DTYPE_NAMES[dtype])[0] / 1e12:.0f} TFLOP/s "
-             f"{DTYPE_NAMES[dtype]}, {peaks.bandwidth / 1e9:.0f} GB/s",
+             f"- measured peaks this run: {peaks.flops_peak(peak_dtype(dtype))[0] / 1e12:.0f} TFLOP/s "
+             f"{peak_dtype(dtype)}, {peaks.bandwidth / 1e9:.0f} GB/s",
              f"- command: `python bench/triton_gpu.py {' '.join(sys.argv[1:])}`", "",
              "| model | sizes | " + " | ".join(f"{n} ms" for n in names) + " | blade vs eager | blade vs inductor | "
              + " | ".join(f"{n} MFU / MBU" for n in names) + " | blade rel err | kernels (fallback regions) |",

@@ -40,7 +40,7 @@ def test_shape_errors(cm, tokens, mask, message):
 
 
 def test_dtype_error_says_what_to_do(cm):
-    with pytest.raises(ShapeError, match=r"input 'mask': expected dtype f32 \(torch.float32\), got torch.float64"):
+    with pytest.raises(ShapeError, match=r"input 'mask': expected dtype fp32 \(torch.float32\), got torch.float64"):
         cm(torch.zeros(2, 4, 3, dtype=torch.int64), torch.ones(2, 4, dtype=torch.float64))
 
 
@@ -69,7 +69,7 @@ class Head(torch.nn.Module):
 def test_derived_dims_are_solved_and_range_checked():
     d = Dim("d", min=1, max=8)
     cm = blade.compile(Head(), (torch.randn(6),), dynamic_shapes=({0: 2 * d},), backend="eager")
-    assert "d" in cm.graph.dims and str(cm.graph.inputs[0].val) == "f32[2*d]"
+    assert "d" in cm.graph.dims and str(cm.graph.inputs[0].val) == "fp32[2*d]"
     x = torch.randn(10)
     assert torch.equal(cm(x), Head()(x))
     with pytest.raises(ShapeError, match=r"size 40 means d = 20, outside \d+\.\.\d+"):

@@ -60,7 +60,7 @@ def test_dims_are_named_symbols_with_ranges(small):
 def test_str_lists_every_node_with_shapes(small):
     text = str(small.graph)
     assert "dims: batch in [1, 32], seq in [2, 64]" in text
-    assert "f32[batch, seq, 8] = aten.linear.default(%x, %p_proj_weight, %p_proj_bias)" in text
+    assert "fp32[batch, seq, 8] = aten.linear.default(%x, %p_proj_weight, %p_proj_bias)" in text
     assert len(text.splitlines()) == len(small.graph) + 3
 
 

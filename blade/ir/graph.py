@@ -40,15 +40,23 @@ class ScalarMeta:
         return f"{self.type.__name__}({shown})"
 
 
-_DTYPE_NAMES = {
-    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
-    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
-    torch.uint8: "u8", torch.bool: "b8", torch.complex64: "c64",
+# The one spelling of dtypes in blade: the IR's text, precision options, reports and peak tables.
+DTYPE_NAMES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.int8: "int8",
+    torch.uint8: "uint8", torch.bool: "bool", torch.complex64: "complex64", torch.float8_e4m3fn: "fp8_e4m3",
 }
+_DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+    """fp32, bf16, int8, …; torch's own name for a dtype the table does not list."""
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """The dtype dtype_name spells `name` (KeyError for a name it does not give)."""
+    return _DTYPES_BY_NAME[name]
 
 
 def format_meta(val) -> str:

@@ -21,8 +21,10 @@ TensorMeta (a tuple of them for several outputs), symbolic dims included.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import threading
 
 import sympy
 import torch
@@ -146,8 +148,67 @@ def arg(node: Node, name: str, default=_NO_DEFAULT):
 
 # -- output meta from the op's meta function -------------------------------------------------------------
 
-class _FakeSpace:
-    """Fake tensors for TensorMetas: blade's dim symbols become one ShapeEnv's symbols, and back."""
+class _Space:
+    """Stand-ins for TensorMetas that the op's meta function runs on, and the metas of what it returns."""
+
+    device = "cpu"  # where the stand-ins are made
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def size(self, size):
+        return size
+
+    def unsize(self, size):
+        return int(size)
+
+    def tensor(self, meta: TensorMeta) -> torch.Tensor:
+        with self.context():
+            return torch.empty(tuple(self.size(s) for s in meta.shape), dtype=meta.dtype, device=self.device)
+
+    def value(self, val):
+        """A node's value as the op sees it: a tensor, a (symbolic) int, or a nest of them."""
+        if isinstance(val, TensorMeta):
+            return self.tensor(val)
+        if isinstance(val, ScalarMeta):
+            if val.value is None:
+                raise ValueError("a scalar whose value is unknown")
+            return self.size(val.value)
+        if isinstance(val, (tuple, list)):
+            return type(val)(self.value(v) for v in val)
+        raise ValueError(f"a value of no known meta ({val!r})")
+
+    def literal(self, value):
+        """Sizes written into the arguments (a view's shape [b, 4]) as the op takes them."""
+        if isinstance(value, sympy.Expr):
+            return self.size(value)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.literal(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.literal(v) for k, v in value.items()}
+        return value
+
+    def back(self, out, device: str):
+        """The meta of what the op returned, on `device`."""
+        if isinstance(out, torch.Tensor):
+            return TensorMeta(tuple(self.unsize(s) for s in out.shape), out.dtype, device)
+        if isinstance(out, (tuple, list)):
+            return tuple(self.back(o, device) for o in out)
+        if isinstance(out, (torch.SymInt, int)) and not isinstance(out, bool):
+            return ScalarMeta(int, self.unsize(out))
+        if isinstance(out, (float, bool)):
+            return ScalarMeta(type(out), out)
+        raise ValueError(f"an output of no known meta ({out!r})")
+
+
+class _MetaSpace(_Space):
+    """Static shapes: tensors on the meta device (microseconds an op)."""
+
+    device = "meta"
+
+
+class _FakeSpace(_Space):
+    """Symbolic shapes: fake tensors whose dims are one ShapeEnv's symbols, one for each of blade's, and back."""
 
     def __init__(self):
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -160,8 +221,11 @@ class _FakeSpace:
         self.hints: dict[sympy.Symbol, int] = {}
         self.next_hints = itertools.count(1009, 2)  # odd, distinct, large: no meta function takes one for 0 or 1
 
+    def context(self):
+        return self.mode
+
     def size(self, size):
-        if isinstance(size, int) or not isinstance(size, sympy.Expr):
+        if not isinstance(size, sympy.Expr):
             return size
         if size.is_Integer:
             return int(size)
@@ -174,41 +238,43 @@ class _FakeSpace:
                 ours = self.env.create_symbol(hint, source=ConstantSource(f"blade_{symbol}"),
                                               dynamic_dim=DimDynamic.DYNAMIC)
                 self.to_env[symbol], self.from_env[ours], self.hints[symbol] = ours, symbol, hint
-        expr = size.xreplace(self.to_env)
-        return self.env.create_symintnode(expr, hint=int(size.xreplace(self.hints)))
-
-    def tensor(self, meta: TensorMeta) -> torch.Tensor:
-        with self.mode:
-            return torch.empty(tuple(self.size(s) for s in meta.shape), dtype=meta.dtype)
-
-    def value(self, val):
-        """A node's value as the op sees it: a fake tensor, a (symbolic) int, or a nest of them."""
-        if isinstance(val, TensorMeta):
-            return self.tensor(val)
-        if isinstance(val, ScalarMeta):
-            if val.value is None:
-                raise ValueError("a scalar whose value is unknown")
-            return self.size(val.value)
-        if isinstance(val, (tuple, list)):
-            return type(val)(self.value(v) for v in val)
-        raise ValueError(f"a value of no known meta ({val!r})")
-
-    def back(self, out, device: str):
-        """The meta of what the op returned."""
-        if isinstance(out, torch.Tensor):
-            return TensorMeta(tuple(self.unsize(s) for s in out.shape), out.dtype, device)
-        if isinstance(out, (tuple, list)):
-            return tuple(self.back(o, device) for o in out)
-        if isinstance(out, (torch.SymInt, int)) and not isinstance(out, bool):
-            return ScalarMeta(int, self.unsize(out))
-        if isinstance(out, (float, bool)):
-            return ScalarMeta(type(out), out)
-        raise ValueError(f"an output of no known meta ({out!r})")
+        return self.env.create_symintnode(size.xreplace(self.to_env), hint=int(size.xreplace(self.hints)))
 
     def unsize(self, size):
         if isinstance(size, torch.SymInt):
             return as_size(size.node.expr.xreplace(self.from_env))
         return int(size)
+
+
+_META_SPACE = _MetaSpace()
+_FAKE_SPACES = threading.local()
+_FAKE_SPACE_USES = 4096  # calls one fake space serves (its caches make repeats cheaper) before a fresh one
+
+
+def _fake_space() -> _FakeSpace:
+    """This thread's fake space, renewed now and then so that the guards its ShapeEnv records stay few."""
+    uses = getattr(_FAKE_SPACES, "uses", _FAKE_SPACE_USES)
+    if uses >= _FAKE_SPACE_USES:
+        _FAKE_SPACES.space, uses = _FakeSpace(), 0
+    _FAKE_SPACES.uses = uses + 1
+    return _FAKE_SPACES.space
+
+
+def _symbolic(value) -> bool:
+    """Whether a nest of arguments (Nodes read through their meta) holds a symbolic size."""
+    if isinstance(value, Node):
+        return _symbolic(value.val)
+    if isinstance(value, TensorMeta):
+        return _symbolic(value.shape)
+    if isinstance(value, ScalarMeta):
+        return _symbolic(value.value)
+    if isinstance(value, sympy.Expr):
+        return not value.is_Integer
+    if isinstance(value, (tuple, list)):
+        return any(_symbolic(v) for v in value)
+    if isinstance(value, dict):
+        return any(_symbolic(v) for v in value.values())
+    return False
 
 
 def _device_of(args, kwargs) -> str:
@@ -221,29 +287,15 @@ def _device_of(args, kwargs) -> str:
 
 def infer_meta(target, args: tuple, kwargs: dict | None = None):
     """The meta of `target(*args, **kwargs)`, where args hold Nodes (read through their meta) and literals:
-    the op's meta function run on fake tensors, on the CPU (the device of the first tensor argument, or the
-    `device` keyword, is written into the result). Symbolic dims stay symbolic: each of blade's symbols is
-    given to the fake mode as a symbol of its own, so `view(x, [b * 4])` infers [b*4] from x: [b, 4]."""
+    the op's meta function run on meta-device tensors, or, where a size is symbolic, on fake tensors whose
+    dims are symbols of their own, so that `view(x, [b * 4])` of x: [b, 4] infers [4*b]. The result is on the
+    device of the first tensor argument (or of the `device` keyword). A TensorMeta, a ScalarMeta, or a tuple."""
     kwargs = dict(kwargs or {})
-    space = _FakeSpace()
+    space = _fake_space() if _symbolic((args, kwargs)) else _META_SPACE
     device = _device_of(args, kwargs)
     if "device" in kwargs:
-        kwargs["device"] = "cpu"
-    fake_args = map_refs(args, lambda ref: space.value(ref.val))
-    fake_kwargs = map_refs(kwargs, lambda ref: space.value(ref.val))
-    fake_args = _sizes(space, fake_args)
-    fake_kwargs = _sizes(space, fake_kwargs)
-    with space.mode:
-        out = target(*fake_args, **fake_kwargs)
+        kwargs["device"] = space.device
+    stand_ins = space.literal(map_refs((tuple(args), kwargs), lambda ref: space.value(ref.val)))
+    with space.context():
+        out = target(*stand_ins[0], **stand_ins[1])
     return space.back(out, device)
-
-
-def _sizes(space: _FakeSpace, value):
-    """Literal sympy sizes inside the arguments (a view's shape [b, 4]) as the fake mode's SymInts."""
-    if isinstance(value, sympy.Expr):
-        return space.size(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_sizes(space, v) for v in value)
-    if isinstance(value, dict):
-        return {k: _sizes(space, v) for k, v in value.items()}
-    return value

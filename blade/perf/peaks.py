@@ -21,6 +21,7 @@ import torch
 
 from blade.config import cache_root
 from blade.errors import BackendError
+from blade.ir.graph import dtype_name, dtype_named
 from blade.target import Target
 
 FORMAT = 3  # bump when what is measured changes: old cache entries are then measured again
@@ -29,10 +30,15 @@ FORMAT = 3  # bump when what is measured changes: old cache entries are then mea
 MatmulProbe = Callable[[str, str, int], "Callable[[], object] | None"]
 _PROBES: dict[str, tuple[MatmulProbe, str]] = {}  # library -> (probe, version)
 
-TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                "int8": torch.int8, "fp8_e4m3": getattr(torch, "float8_e4m3fn", None)}
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8",
-               torch.uint8: "int8"}
+def torch_dtype(name: str) -> torch.dtype:
+    """The tensors' dtype for a peak row (tf32 is fp32 with TF32 tensor cores switched on)."""
+    return torch.float32 if name == "tf32" else dtype_named(name)
+
+
+def peak_dtype(dtype: torch.dtype) -> str:
+    """The peak row a matmul on `dtype` tensors runs at: fp32, bf16, fp16 or int8 (uint8 too); fp32 for any other."""
+    name = "int8" if dtype == torch.uint8 else dtype_name(dtype)
+    return name if name in ("fp32", "bf16", "fp16", "int8") else "fp32"
 
 # Dense (no sparsity) datasheet peaks, FLOP/s and bytes/s, by a substring of torch's device name.
 _T = 1e12
@@ -192,7 +198,7 @@ def supported_dtypes(target: Target) -> list[str]:
         dtypes = ["fp32", "tf32", "bf16", "fp16", "int8"]
         digits = re.fullmatch(r"sm_(\d+)(\d)[a-z]?", target.arch)
         major, minor = (int(digits.group(1)), int(digits.group(2))) if digits else (0, 0)
-        if (major, minor) >= (8, 9) and TORCH_DTYPES["fp8_e4m3"] is not None:
+        if (major, minor) >= (8, 9):
             dtypes.append("fp8_e4m3")
         return dtypes
     features = set(target.features)
@@ -245,12 +251,12 @@ def _torch_probe(device: str, dtype: str, n: int):
         b = torch.randint(-64, 64, (n, n), dtype=torch.int8, device=device)
         return lambda: torch._int_mm(a, b)
     if dtype == "fp8_e4m3":
-        a = torch.randn(n, n, device=device).to(TORCH_DTYPES[dtype])
-        b = torch.randn(n, n, device=device).to(TORCH_DTYPES[dtype]).t()  # _scaled_mm wants column-major b
+        a = torch.randn(n, n, device=device).to(torch_dtype(dtype))
+        b = torch.randn(n, n, device=device).to(torch_dtype(dtype)).t()  # _scaled_mm wants column-major b
         one = torch.ones((), device=device)
         return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True)
-    a = torch.randn(n, n, device=device, dtype=TORCH_DTYPES[dtype])
-    b = torch.randn(n, n, device=device, dtype=TORCH_DTYPES[dtype])
+    a = torch.randn(n, n, device=device, dtype=torch_dtype(dtype))
+    b = torch.randn(n, n, device=device, dtype=torch_dtype(dtype))
     if device != "cuda":
         return lambda: torch.matmul(a, b)
 

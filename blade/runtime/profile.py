@@ -21,7 +21,7 @@ from blade.perf.cost import GraphCost, graph_cost, region_cost, region_kind, unf
 from blade.errors import BackendError
 from blade.runtime.guards import check_inputs
 from blade.ir.graph import Graph, Node
-from blade.perf.peaks import DTYPE_NAMES, Peaks, machine_peaks
+from blade.perf.peaks import Peaks, machine_peaks, peak_dtype
 from blade.ops.quantized import QLINEAR
 from blade.perf.report import json_safe
 from blade.ir.shapes import evaluate
@@ -190,7 +190,7 @@ def compute_dtype(nodes, costs: GraphCost, dims: dict, device: str = "cpu") -> s
     if mode in ("dynamic", "static", "fp8"):  # the matmul runs on the quantized operands
         return "fp8_e4m3" if mode == "fp8" else "int8"
     tensor_args = [r for r in best.refs() if hasattr(r.val, "dtype")]
-    dtype = DTYPE_NAMES.get(tensor_args[0].val.dtype, "fp32") if tensor_args else "fp32"
+    dtype = peak_dtype(tensor_args[0].val.dtype) if tensor_args else "fp32"
     if dtype == "fp32" and device == "cuda" and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return dtype

@@ -124,10 +124,10 @@ def _bench(model, example_inputs, compiled, args, progress) -> dict:
     progress("utilization against this machine's peaks (measured once, about 10 s, then cached)")
     peaks = machine_peaks(compiled.target, refresh=args.remeasure_peaks)
     # eager runs the model as written: a quantized or low-precision compile's dtype is not eager's
-    from blade.perf.peaks import DTYPE_NAMES
+    from blade.perf.peaks import peak_dtype
 
     weights = [w for w in model.parameters() if w.is_floating_point()] if isinstance(model, torch.nn.Module) else []
-    eager_dtype = DTYPE_NAMES.get(weights[0].dtype, "fp32") if compiled.report.quantization and weights else dtype
+    eager_dtype = peak_dtype(weights[0].dtype) if compiled.report.quantization and weights else dtype
     figures = {name: utilization(flops, least, seconds, peaks, eager_dtype if name == "eager" else dtype)
                for name, seconds in medians.items()}
     return {"eager_ms": medians["eager"] * 1e3, "blade_ms": medians["blade"] * 1e3,

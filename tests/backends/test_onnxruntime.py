@@ -199,7 +199,7 @@ def test_custom_ops_need_trust(saved):
 def test_bad_inputs_stop_before_onnxruntime(fallback, monkeypatch):
     _, cm = fallback
     monkeypatch.setattr(ort.InferenceSession, "run", None)  # reaching ONNX Runtime would fail differently
-    with pytest.raises(ShapeError, match="expected dtype f32"):
+    with pytest.raises(ShapeError, match="expected dtype fp32"):
         cm(torch.randn(2, 5, 64, dtype=torch.float64))
     with pytest.raises(ShapeError, match="'seq'"):
         cm(torch.randn(2, 50, 64))
