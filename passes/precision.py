@@ -26,22 +26,16 @@ import operator
 import torch
 
 from blade.errors import ConfigError
-from blade.ir.graph import Graph, Node, TensorMeta, map_refs
+from blade.ir.graph import Graph, Node, TensorMeta, dtype_name, dtype_named, map_refs
 from blade.ops.attention import FLASH_ATTENTION
+from blade.ops.info import CONVOLUTIONS, MATMULS, REARRANGES, SPLITS, infer_meta
 from blade.passes.cleanup import eliminate_dead_code
 from blade.passes.manager import PassContext
 
 aten = torch.ops.aten
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LOW_PRECISION_OPS = {aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default,
-                     aten.baddbmm.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-                     aten.convolution.default, FLASH_ATTENTION}
+PRECISIONS = ("fp32", "fp16", "bf16")
+LOW_PRECISION_OPS = MATMULS | CONVOLUTIONS | {FLASH_ATTENTION}
 CAST = aten._to_copy.default
-# ops that only rearrange their first argument: an output reached through them can be rebuilt on the low value
-SHAPE_ONLY_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
-                  aten.transpose.int, aten.t.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
-                  aten.expand.default, aten.alias.default}
-SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default}
 
 
 def low_dtype(precision: str | None) -> torch.dtype | None:
@@ -50,7 +44,7 @@ def low_dtype(precision: str | None) -> torch.dtype | None:
         return None
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
-    return None if precision == "fp32" else PRECISIONS[precision]
+    return None if precision == "fp32" else dtype_named(precision)
 
 
 def is_cast(node: Node) -> bool:
@@ -79,24 +73,20 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if ref not in casts:
             if ref.op == "constant":
                 tensor = graph.constants[ref.name].to(low)
-                casts[ref] = graph.add_constant(f"{ref.name}_{_short(low)}", tensor, f"{ref.target} ({_short(low)})")
+                casts[ref] = graph.add_constant(f"{ref.name}_{dtype_name(low)}", tensor, f"{ref.target} ({dtype_name(low)})")
             else:
-                casts[ref] = _in_low(graph, ref, low, rebuilt) or graph.add_node(
-                    CAST, (ref,), {"dtype": low}, {"val": TensorMeta(ref.val.shape, low, ref.val.device)},
-                    name=f"{ref.name}_{_short(low)}")
+                casts[ref] = _in_low(graph, ref, low, rebuilt) or _cast(graph, ref, low, f"{ref.name}_{dtype_name(low)}")
         return casts[ref]
 
     for node in graph.call_nodes:
         if not _eligible(node, keep) or not ctx.allows(node.name):
             continue
         graph.set_args(node, map_refs(node.args, lowered), map_refs(node.kwargs, lowered))
-        node.meta = dict(node.meta, val=TensorMeta(node.val.shape, low, node.val.device), precision=_short(low),
+        node.meta = dict(node.meta, val=infer_meta(node.target, node.args, node.kwargs), precision=dtype_name(low),
                          layer=node.name)
-        back = graph.add_node(CAST, (node,), {"dtype": torch.float32},
-                              {"val": TensorMeta(node.val.shape, torch.float32, node.val.device)},
-                              name=f"{node.name}_f32")
+        back = _cast(graph, node, torch.float32, f"{node.name}_f32")
         graph.replace_all_uses(node, back)
-        ctx.count(f"{_short(low)}_{_op_name(node)}")
+        ctx.count(f"{dtype_name(low)}_{_op_name(node)}")
     if not ctx.config.keep_output_dtype:
         _lower_outputs(graph, low, rebuilt, casts, ctx)
     eliminate_dead_code(graph, ctx)
@@ -106,14 +96,16 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
 run.top_level_only = True  # calibration and the accuracy guard see the whole model; nested graphs stay fp32
 
 
-def _low_meta(val, low: torch.dtype):
-    """`val` (a TensorMeta or a tuple of them, all fp32) in `low`; None when anything in it is not fp32."""
+def _cast(graph: Graph, node: Node, dtype: torch.dtype, name: str) -> Node:
+    return graph.add_node(CAST, (node,), {"dtype": dtype}, {"val": infer_meta(CAST, (node,), {"dtype": dtype})},
+                          name=name)
+
+
+def _all_fp32(val) -> bool:
+    """Whether `val` is an fp32 TensorMeta or a non-empty tuple of them."""
     if isinstance(val, TensorMeta):
-        return TensorMeta(val.shape, low, val.device) if val.dtype == torch.float32 else None
-    if isinstance(val, (tuple, list)) and val:
-        parts = [_low_meta(v, low) for v in val]
-        return None if any(p is None for p in parts) else type(val)(parts)
-    return None
+        return val.dtype == torch.float32
+    return isinstance(val, (tuple, list)) and bool(val) and all(_all_fp32(v) for v in val)
 
 
 def _in_low(graph: Graph, node: Node, low: torch.dtype, memo: dict) -> Node | None:
@@ -125,12 +117,13 @@ def _in_low(graph: Graph, node: Node, low: torch.dtype, memo: dict) -> Node | No
     if is_cast(node) and isinstance(node.args[0], Node) and isinstance(node.args[0].val, TensorMeta) \
             and node.args[0].val.dtype == low:
         found = node.args[0]
-    elif _rearranges(node):
-        meta = _low_meta(node.val, low)
-        inner = _in_low(graph, node.args[0], low, memo) if meta is not None else None
+    elif _rearranges(node) and _all_fp32(node.val):
+        inner = _in_low(graph, node.args[0], low, memo)
         if inner is not None:
-            found = graph.add_node(node.target, (inner, *node.args[1:]), node.kwargs, dict(node.meta, val=meta),
-                                   name=f"{node.name}_{_short(low)}")
+            args = (inner, *node.args[1:])
+            found = graph.add_node(node.target, args, node.kwargs,
+                                   dict(node.meta, val=infer_meta(node.target, args, node.kwargs)),
+                                   name=f"{node.name}_{dtype_name(low)}")
     memo[node] = found
     return found
 
@@ -148,8 +141,7 @@ def _lower_outputs(graph: Graph, low: torch.dtype, memo: dict, casts: dict, ctx:
         if lowered is None and out in casts and _viewed(casts[out]).op == "call":
             lowered = casts[out]
         if lowered is None:
-            lowered = graph.add_node(CAST, (out,), {"dtype": low}, {"val": TensorMeta(out.val.shape, low, out.val.device)},
-                                     name=f"{out.name}_out_{_short(low)}")
+            lowered = _cast(graph, out, low, f"{out.name}_out_{dtype_name(low)}")
             ctx.count("output_casts")
         else:
             ctx.count("outputs_read_low")
@@ -160,8 +152,8 @@ def _rearranges(node: Node) -> bool:
     """Whether `node` only rearranges its first argument: a shape-only op, a split, or an item of a split."""
     if node.op != "call" or not node.args or not isinstance(node.args[0], Node):
         return False
-    return node.target in SHAPE_ONLY_OPS or node.target in SPLIT_OPS or (
-        node.target is operator.getitem and node.args[0].target in SPLIT_OPS)
+    return node.target in REARRANGES or node.target in SPLITS or (
+        node.target is operator.getitem and node.args[0].target in SPLITS)
 
 
 def _viewed(node: Node) -> Node:
@@ -169,10 +161,6 @@ def _viewed(node: Node) -> Node:
     while _rearranges(node):
         node = node.args[0]
     return node
-
-
-def _short(dtype: torch.dtype) -> str:
-    return {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
 def _op_name(node: Node) -> str:
