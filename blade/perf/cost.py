@@ -23,6 +23,9 @@ import torch
 from blade.ir.fused import FusedRegion
 from blade.ir.graph import Graph, Node, ScalarMeta, TensorMeta
 from blade.ops.attention import FLASH_ATTENTION
+from blade.ops.info import (ASSERTS, ATTENTIONS, CASTS, CLONES, CONVOLUTIONS, ELEMENTWISE, EMBEDDING_BAGS, FACTORIES,
+                            GATHERS, LOG_SOFTMAXES, MATMULS, NORMS, POOLS, REARRANGES, REDUCTIONS, SIZE_QUERIES,
+                            SOFTMAXES, SPLITS, arg)
 from blade.ops.quantized import QEMBEDDING, QLINEAR
 from blade.ir.shapes import Size, evaluate
 
@@ -73,12 +76,12 @@ def _tensor_metas(val) -> list[TensorMeta]:
 
 
 # Lookups read from their table (first argument) only the elements they write, not all of it.
-GATHERS = {aten.embedding.default, aten.index_select.default, aten.gather.default, aten.index.Tensor, QEMBEDDING}
+LOOKUPS = GATHERS | {QEMBEDDING}
 
 
 def read_bytes(node: Node, ref: Node) -> Size:
     """The bytes `node` reads of `ref`: all of it, or as much as it writes when it gathers from it."""
-    if node.target in GATHERS and node.args and node.args[0] is ref and isinstance(node.val, TensorMeta):
+    if node.target in LOOKUPS and node.args and node.args[0] is ref and isinstance(node.val, TensorMeta):
         return numel(node.val) * ref.val.dtype.itemsize  # the elements gathered, at the table's dtype
     return sum((tensor_bytes(m) for m in _tensor_metas(ref.val)), 0)
 
@@ -96,20 +99,13 @@ def _shape(node_arg) -> tuple:
 # -- FLOP rules ------------------------------------------------------------------------------
 
 def _linear(node: Node) -> Size:
-    x, weight = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    """linear, and blade::qlinear (its scales are not counted): the matmul and the bias."""
     out = numel(node.val)
-    return 2 * out * _shape(weight)[-1] + (out if bias is not None else 0)
-
-
-def _qlinear(node: Node) -> Size:
-    """blade::qlinear(x, weight, weight_scale, bias, ...): the matmul and the bias (scales are not counted)."""
-    bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
-    out = numel(node.val)
-    return 2 * out * _shape(node.args[1])[-1] + (out if bias is not None else 0)
+    return 2 * out * _shape(arg(node, "weight"))[-1] + (out if arg(node, "bias") is not None else 0)
 
 
 def _addmm(node: Node) -> Size:
+    """addmm and baddbmm: the matmul and the added input."""
     return 2 * numel(node.val) * _shape(node.args[1])[-1] + numel(node.val)
 
 
@@ -120,11 +116,9 @@ def _matmul(node: Node) -> Size:
 
 
 def _convolution(node: Node) -> Size:
-    x, weight = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    per_output = math.prod(_shape(weight)[1:])  # input channels per group x kernel window
+    per_output = math.prod(_shape(arg(node, "weight"))[1:])  # input channels per group x kernel window
     out = numel(node.val)
-    return 2 * out * per_output + (out if bias is not None else 0)
+    return 2 * out * per_output + (out if arg(node, "bias") is not None else 0)
 
 
 def attention_flops(batch, heads, q_len, k_len, head_dim, v_dim, causal: bool) -> Size:
@@ -139,14 +133,14 @@ def attention_flops(batch, heads, q_len, k_len, head_dim, v_dim, causal: bool) -
 
 def _flash_attention(node: Node) -> Size:
     q, k, v = node.args[:3]
-    causal = bool(node.args[5]) if len(node.args) > 5 else bool(node.kwargs.get("causal", False))
+    causal = bool(arg(node, "causal"))
     batch, heads, q_len, head_dim = _shape(q)
     return attention_flops(batch, heads, q_len, _shape(k)[2], head_dim, _shape(v)[-1], causal)
 
 
 def _sdpa(node: Node) -> Size:
     q, k, v = node.args[:3]
-    causal = bool(node.args[5]) if len(node.args) > 5 else bool(node.kwargs.get("is_causal", False))
+    causal = bool(arg(node, "is_causal"))
     *batch, q_len, head_dim = _shape(q)
     return attention_flops(math.prod(batch), 1, q_len, _shape(k)[-2], head_dim, _shape(v)[-1], causal)
 
@@ -163,58 +157,29 @@ def _nothing(node: Node) -> Size:
     return 0
 
 
-ELEMENTWISE = {
-    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor,
-    aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default, aten.pow.Tensor_Scalar,
-    aten.pow.Tensor_Tensor, aten.sqrt.default, aten.rsqrt.default, aten.exp.default, aten.log.default,
-    aten.tanh.default, aten.sigmoid.default, aten.relu.default, aten.gelu.default, aten.silu.default,
-    aten.sin.default, aten.cos.default, aten.abs.default, aten.erf.default, aten.clamp.default,
-    aten.maximum.default, aten.minimum.default, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
-    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.eq.Tensor, aten.eq.Scalar, aten.ne.Scalar,
-    aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor, aten.lt.Scalar, aten.gt.Scalar,
-    aten.logical_not.default, aten.logical_and.default, aten.logical_or.default, aten.bitwise_not.default,
-    aten.bitwise_and.Tensor, aten.hardtanh.default, aten.leaky_relu.default,
-}
-REDUCTIONS = {
-    aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default, aten.amax.default,
-    aten.amin.default, aten.var_mean.correction, aten.var.correction, aten.var.dim, aten.softmax.int, aten._softmax.default,
-    aten._safe_softmax.default, aten.log_softmax.int, aten._log_softmax.default, aten.layer_norm.default,
-    aten.native_layer_norm.default, aten.group_norm.default, aten._native_batch_norm_legit_no_training.default,
-    aten.batch_norm.default,
-    aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default,
-    aten.embedding_bag.padding_idx, aten.embedding_bag.default,
-}
+# Reductions, normalizations, pools and bags: one FLOP per input element.
+ROW_OPS = REDUCTIONS | SOFTMAXES | LOG_SOFTMAXES | NORMS | POOLS | EMBEDDING_BAGS
 # Data movement: no arithmetic, but the bytes count (a copy reads and writes every element).
-MOVES = {
-    aten.clone.default, aten.contiguous.default, aten._to_copy.default, aten.to.dtype, aten.cat.default, aten.stack.default,
-    aten.embedding.default, aten.index_select.default, aten.gather.default, aten.index.Tensor,
-    aten.repeat_interleave.self_int, aten.repeat.default, aten.tril.default, aten.triu.default,
-    aten.ones.default, aten.zeros.default, aten.full.default, aten.arange.default, aten.arange.start_step,
-    aten.ones_like.default, aten.zeros_like.default, aten.full_like.default, aten.constant_pad_nd.default,
-    torch.ops.prims.convert_element_type.default,
+MOVES = CASTS | CLONES | GATHERS | FACTORIES | {
+    aten.cat.default, aten.stack.default, aten.repeat_interleave.self_int, aten.repeat.default, aten.tril.default,
+    aten.triu.default, aten.constant_pad_nd.default,
 }
-MATMULS = {aten.linear.default: _linear, aten.addmm.default: _addmm, aten.mm.default: _matmul,
-           aten.bmm.default: _matmul, aten.matmul.default: _matmul, QLINEAR: _qlinear}
-CONVOLUTIONS = {aten.conv1d.default: _convolution, aten.conv2d.default: _convolution,
-                aten.convolution.default: _convolution}
-ATTENTIONS = {FLASH_ATTENTION: _flash_attention, aten.scaled_dot_product_attention.default: _sdpa}
+MATMUL_RULES = {**{op: _matmul for op in MATMULS}, aten.linear.default: _linear, QLINEAR: _linear,
+                aten.addmm.default: _addmm, aten.baddbmm.default: _addmm}
+ATTENTION_RULES = {FLASH_ATTENTION: _flash_attention, aten.scaled_dot_product_attention.default: _sdpa}
 FLOP_RULES = {
-    **MATMULS, **CONVOLUTIONS, **ATTENTIONS,
+    **MATMUL_RULES, **ATTENTION_RULES,
+    **{op: _convolution for op in CONVOLUTIONS},
     **{op: _per_output_element for op in ELEMENTWISE},
-    **{op: _per_input_element for op in REDUCTIONS},
+    **{op: _per_input_element for op in ROW_OPS},
     **{op: _nothing for op in MOVES},
     QEMBEDDING: _per_output_element,  # the scale multiply
 }
 # Views, size arithmetic and checks: no FLOPs and no bytes.
-FREE = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
-    aten.t.default, aten.dropout.default, aten.flatten.using_ints, aten.unflatten.int, aten.unsqueeze.default,
-    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
-    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.split.Tensor, aten.split_with_sizes.default,
-    aten.chunk.default, aten.unbind.int, aten.alias.default, aten.detach.default, aten.sym_size.int,
-    aten.sym_numel.default, aten._assert_tensor_metadata.default, aten._assert_scalar.default,
-    aten.sym_constrain_range_for_size.default, operator.getitem, operator.mul, operator.add, operator.sub,
-    operator.floordiv, operator.mod, operator.truediv, operator.neg,
+FREE = REARRANGES | SPLITS | SIZE_QUERIES | ASSERTS | {
+    aten.dropout.default, aten.flatten.using_ints, aten.unflatten.int, aten.slice.Tensor, aten.select.int,
+    aten.detach.default, operator.getitem, operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod,
+    operator.truediv, operator.neg,
 }
 
 
@@ -253,7 +218,7 @@ def op_name(node: Node) -> str:
 
 
 KINDS = {**{op: "attention" for op in ATTENTIONS}, **{op: "conv" for op in CONVOLUTIONS},
-         **{op: "matmul" for op in MATMULS}, **{op: "reduction" for op in REDUCTIONS},
+         **{op: "matmul" for op in MATMUL_RULES}, **{op: "reduction" for op in ROW_OPS},
          **{op: "elementwise" for op in ELEMENTWISE}, **{op: "move" for op in MOVES}, **{op: "view" for op in FREE}}
 # A region's kind is its most telling member's: attention over matmul over … over views.
 KIND_ORDER = ("attention", "conv", "matmul", "reduction", "elementwise", "move", "unknown", "view")
