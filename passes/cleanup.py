@@ -21,6 +21,7 @@ import torch
 import torch.fx
 
 from blade.ir.graph import Graph, Node, TensorMeta, format_target
+from blade.ops.info import COPIES, RESHAPES, TO_COPIES, arg, is_impure, is_random, is_view
 from blade.passes.manager import PassContext
 from blade.ir.shapes import same_shape
 
@@ -39,21 +40,12 @@ def _arg(node: Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-def is_view_op(target) -> bool:
-    """An op whose result shares memory with its first argument (schema `Tensor(a) -> Tensor(a)`)."""
-    schema = getattr(target, "_schema", None)
-    if schema is None or not schema.returns:
-        return False
-    alias = schema.returns[0].alias_info
-    return alias is not None and not alias.is_write
-
-
 def _always(node: Node) -> bool:
     return True
 
 
 def _eval_dropout(node: Node) -> bool:
-    return _arg(node, 2, "train") is False or _arg(node, 1, "p") == 0
+    return arg(node, "train") is False or arg(node, "p") == 0
 
 
 def _same_layout_and_device(node: Node) -> bool:
@@ -66,7 +58,7 @@ def _same_layout_and_device(node: Node) -> bool:
 def _is_literal(value, *, exact_for_floats: bool = True) -> Callable[[Node], bool]:
     """The other operand is the literal `value` (never a bool; int 0 + -0.0 would give +0.0)."""
     def check(node: Node) -> bool:
-        other = _arg(node, 1, "other")
+        other = arg(node, "other")
         if isinstance(other, (Node, bool)) or other != value:
             return False
         return exact_for_floats or not node.dtype.is_floating_point
@@ -74,38 +66,28 @@ def _is_literal(value, *, exact_for_floats: bool = True) -> Callable[[Node], boo
 
 
 def _identity_permutation(node: Node) -> bool:
-    dims = _arg(node, 1, "dims")
+    dims = arg(node, "dims")
     return list(dims) == list(range(len(dims)))
 
 
 def _same_axes(node: Node) -> bool:
     rank = max(len(node.shape), 1)
-    return _arg(node, 1, "dim0") % rank == _arg(node, 2, "dim1") % rank
+    return arg(node, "dim0") % rank == arg(node, "dim1") % rank
 
 
 def _unit_step(node: Node) -> bool:
-    return _arg(node, 4, "step", 1) == 1
+    return arg(node, "step") == 1
 
-
-# Copies: they make new memory, so removing one is only safe where nobody could tell.
-COPY_OPS = {aten.clone.default, aten._to_copy.default, aten.lift_fresh_copy.default, aten.to.dtype,
-            aten.to.dtype_layout, aten.to.device}
 
 # target -> extra condition; every rule also requires the output meta to equal the input's.
 NOOP_RULES: dict[object, Callable[[Node], bool]] = {
-    aten.clone.default: _same_layout_and_device,
+    **{op: _same_layout_and_device for op in TO_COPIES | {aten.clone.default}},
+    **{op: _always for op in RESHAPES},
     aten.lift_fresh_copy.default: _always,
-    aten._to_copy.default: _same_layout_and_device,
-    aten.to.dtype: _same_layout_and_device,
-    aten.to.dtype_layout: _same_layout_and_device,
-    aten.to.device: _same_layout_and_device,
     aten.alias.default: _always,
     aten.detach.default: _always,
     aten.dropout.default: _eval_dropout,
     aten.type_as.default: _always,
-    aten.view.default: _always,
-    aten.reshape.default: _always,
-    aten._unsafe_view.default: _always,
     aten.expand.default: _always,
     aten.squeeze.dim: _always,
     aten.squeeze.dims: _always,
@@ -129,18 +111,6 @@ def _same_meta(a, b) -> bool:
             and a.device == b.device and same_shape(a.shape, b.shape))
 
 
-def _is_impure(target) -> bool:
-    side_effects = getattr(torch.fx.node, "_side_effectful_functions", set())
-    if target in side_effects:
-        return True
-    schema = getattr(target, "_schema", None)
-    return bool(schema is not None and schema.is_mutable)
-
-
-def _is_random(target) -> bool:
-    return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
-
-
 def _reaches_output(graph: Graph, node: Node) -> bool:
     """True if `node`, or a view of it, is returned to the caller."""
     stack, seen = [node], {node}
@@ -149,7 +119,7 @@ def _reaches_output(graph: Graph, node: Node) -> bool:
         if graph.is_output(current):
             return True
         for user in graph.users(current):
-            if user not in seen and (is_view_op(user.target) or user.target is operator.getitem) \
+            if user not in seen and (is_view(user.target) or user.target is operator.getitem) \
                     and _source(user) is current:
                 seen.add(user)
                 stack.append(user)
@@ -158,9 +128,9 @@ def _reaches_output(graph: Graph, node: Node) -> bool:
 
 def _copy_is_needed(graph: Graph, node: Node, src: Node) -> bool:
     """A copy must stay if it feeds an output, or if it copies a view (it may densify the data)."""
-    if node.target not in COPY_OPS:
+    if node.target not in COPIES:  # a copy makes new memory: removing one is safe only where nobody could tell
         return False
-    return _reaches_output(graph, node) or (src.op == "call" and is_view_op(src.target))
+    return _reaches_output(graph, node) or (src.op == "call" and is_view(src.target))
 
 
 def _assert_holds(node: Node) -> bool:
@@ -169,13 +139,13 @@ def _assert_holds(node: Node) -> bool:
     meta = src.val if src is not None else None
     if not isinstance(meta, TensorMeta):
         return False
-    dtype, size = _arg(node, 3, "dtype"), _arg(node, 1, "size")
-    device, layout = node.kwargs.get("device"), node.kwargs.get("layout")
+    dtype, size = arg(node, "dtype"), arg(node, "size")
+    device, layout = arg(node, "device"), arg(node, "layout")
     return ((dtype is None or dtype == meta.dtype)
             and (device is None or (torch.device(device).type == meta.device and torch.device(device).index is None))
             and (layout is None or layout == torch.strided)
             and (size is None or (not any(isinstance(s, Node) for s in size) and same_shape(tuple(size), meta.shape)))
-            and _arg(node, 2, "stride") is None)
+            and arg(node, "stride") is None)
 
 
 def remove_proven_asserts(graph: Graph, ctx: PassContext) -> None:
@@ -218,7 +188,7 @@ def _freeze(value):
 def eliminate_common_subexpressions(graph: Graph, ctx: PassContext) -> None:
     seen: dict = {}
     for node in graph.call_nodes:
-        if _is_impure(node.target) or _is_random(node.target):
+        if is_impure(node.target) or is_random(node.target):
             continue
         key = (node.target, _freeze(node.args), _freeze(node.kwargs))
         first = seen.setdefault(key, node)
@@ -232,7 +202,7 @@ def eliminate_common_subexpressions(graph: Graph, ctx: PassContext) -> None:
 
 
 def eliminate_dead_code(graph: Graph, ctx: PassContext) -> None:
-    roots = graph.output_nodes + [n for n in graph.call_nodes if _is_impure(n.target)]
+    roots = graph.output_nodes + [n for n in graph.call_nodes if is_impure(n.target)]
     live, stack = set(roots), list(roots)
     while stack:
         for pred in graph.nx.predecessors(stack.pop()):

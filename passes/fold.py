@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from blade.ir.graph import Graph, Node, TensorMeta, iter_refs, map_refs
-from blade.passes.cleanup import _is_impure, _is_random, eliminate_dead_code
+from blade.ops.info import is_impure, is_random
+from blade.passes.cleanup import eliminate_dead_code
 from blade.passes.manager import PassContext
 
 FOLD_GROWTH = 2
@@ -27,7 +28,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _foldable(node: Node, values: dict[Node, torch.Tensor]) -> bool:
-    if _is_impure(node.target) or _is_random(node.target) or not isinstance(node.val, TensorMeta):
+    if is_impure(node.target) or is_random(node.target) or not isinstance(node.val, TensorMeta):
         return False
     refs = list(iter_refs((node.args, node.kwargs)))
     return bool(refs) and all(ref in values for ref in refs)

@@ -18,12 +18,12 @@ from collections import defaultdict
 
 import torch
 
-from blade.ir.graph import Graph, Node, TensorMeta
-from blade.passes.cleanup import eliminate_dead_code, is_view_op
+from blade.ir.graph import Graph, Node
+from blade.ops.info import VIEW_RESHAPES, infer_meta, is_view
+from blade.passes.cleanup import eliminate_dead_code
 from blade.passes.manager import PassContext
 
 aten = torch.ops.aten
-VIEW_OPS = {aten.view.default, aten._unsafe_view.default}
 
 
 def _weights(graph: Graph, node: Node) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -53,7 +53,7 @@ def _groups(graph: Graph) -> list[list[Node]]:
 
 def _aliases(node: Node) -> bool:
     """An op whose output shares memory with its first argument (reshape: sometimes), or a getitem."""
-    return is_view_op(node.target) or node.target in (aten.reshape.default, operator.getitem)
+    return is_view(node.target) or node.target in (aten.reshape.default, operator.getitem)
 
 
 def _reshape_downstream(graph: Graph, node: Node) -> int:
@@ -63,7 +63,7 @@ def _reshape_downstream(graph: Graph, node: Node) -> int:
         current = stack.pop()
         for user in graph.users(current):
             if _aliases(user) and user.args and user.args[0] is current:
-                if user.target in VIEW_OPS:
+                if user.target in VIEW_RESHAPES:
                     user.target = aten.reshape.default
                     changed += 1
                 stack.append(user)
@@ -80,9 +80,8 @@ def fuse_group(graph: Graph, group: list[Node]) -> None:
         bias = graph.add_constant(f"{group[0].name}_hfused_bias", torch.cat([b for _, b in parts]).contiguous(),
                                   "+".join(n.meta.get("source") or n.name for n in group) + " (biases concatenated)")
     sizes = [w.shape[0] for w, _ in parts]
-    meta = group[0].val
-    wide_meta = TensorMeta(tuple(meta.shape[:-1]) + (sum(sizes),), meta.dtype, meta.device)
-    wide = graph.add_node(aten.linear.default, (x, weight, bias), {}, {"val": wide_meta}, name=f"{group[0].name}_wide")
+    wide = graph.add_node(aten.linear.default, (x, weight, bias), {},
+                          {"val": infer_meta(aten.linear.default, (x, weight, bias))}, name=f"{group[0].name}_wide")
     split = graph.add_node(aten.split_with_sizes.default, (wide, sizes, -1), {},
                            {"val": tuple(n.val for n in group)}, name=f"{group[0].name}_split")
     for i, node in enumerate(group):

@@ -16,6 +16,7 @@ OpOverloads, blade's own ops included):
 - bookkeeping: SIZE_QUERIES (sym_size, sym_numel), ASSERTS
 
 `arg(node, name)` reads an argument by its schema name, given by position or keyword, else its default;
+`is_view`, `is_impure` and `is_random` read an op's schema and tags;
 `infer_meta(target, args, kwargs)` runs the op's meta function on fake tensors and returns the output's
 TensorMeta (a tuple of them for several outputs), symbolic dims included.
 """
@@ -144,6 +145,30 @@ def argument(target, args: tuple, kwargs: dict, name: str, default=_NO_DEFAULT):
 def arg(node: Node, name: str, default=_NO_DEFAULT):
     """The argument `name` of a call node, by its target's schema (see `argument`)."""
     return argument(node.target, node.args, node.kwargs, name, default)
+
+
+# -- what an op's schema and tags say -------------------------------------------------------------------
+
+def is_view(target) -> bool:
+    """An op whose result shares memory with its first argument (schema `Tensor(a) -> Tensor(a)`)."""
+    schema = getattr(target, "_schema", None)
+    if schema is None or not schema.returns:
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
+
+
+def is_impure(target) -> bool:
+    """An op with side effects (torch.fx's list) or one that mutates an argument."""
+    if target in getattr(torch.fx.node, "_side_effectful_functions", set()):
+        return True
+    schema = getattr(target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def is_random(target) -> bool:
+    """An op that draws from the random generator: two calls differ."""
+    return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
 
 
 # -- output meta from the op's meta function -------------------------------------------------------------
