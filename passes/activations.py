@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blade.perf.cost import ELEMENTWISE
 from blade.ir.fused import topological
 from blade.ir.graph import Graph, Node, TensorMeta, iter_refs, map_refs
+from blade.ops.info import ELEMENTWISE
 from blade.passes.manager import PassContext
 
 aten = torch.ops.aten

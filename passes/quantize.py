@@ -23,7 +23,8 @@ import math
 import torch
 
 from blade.errors import ConfigError
-from blade.ir.graph import Graph, Node, ScalarMeta, TensorMeta
+from blade.ir.graph import Graph, Node, TensorMeta
+from blade.ops.info import arg, infer_meta
 from blade.passes.cleanup import eliminate_dead_code
 from blade.passes.manager import PassContext
 from blade.ops.quantized import INT8_MAX, QEMBEDDING, QLINEAR, quantize_table, quantize_weight
@@ -54,8 +55,7 @@ def embedding_table(node: Node) -> Node | None:
     if node.target == aten.embedding.default:
         table = node.args[0]
     elif node.target == aten.embedding_bag.padding_idx:
-        padding = node.args[8] if len(node.args) > 8 else node.kwargs.get("padding_idx")
-        table = node.args[0] if padding in (None, -1) else None
+        table = node.args[0] if arg(node, "padding_idx") in (None, -1) else None
     else:
         return None
     if isinstance(table, Node) and table.op == "constant" and table.dtype == torch.float32 and len(table.val.shape) == 2:
@@ -142,16 +142,16 @@ def _rewrite_embedding(graph: Graph, node: Node, weights: _Weights) -> None:
     table = embedding_table(node)
     q, scale = weights.get(table, "dynamic")
     indices = node.args[1]
-    dim = table.val.shape[1]
-    meta = {"val": TensorMeta((*indices.val.shape, dim), torch.float32, table.val.device), "quantized": "int8_rows",
+    meta = {"val": infer_meta(QEMBEDDING, (q, scale, indices)), "quantized": "int8_rows",
             "layer": node.name, **({"source": node.meta["source"]} if node.meta.get("source") else {})}
     rows = graph.add_node(QEMBEDDING, (q, scale, indices), {}, meta, name=f"q{node.name}_rows")
     if node.target == aten.embedding.default:
         graph.replace_all_uses(node, rows)
     else:  # the bag pools the rows it read, in order: positions 0..L-1 of `rows`
         length = indices.val.shape[0]
-        size = graph.add_node(aten.sym_size.int, (indices, 0), {}, {"val": ScalarMeta(int, length)},
+        size = graph.add_node(aten.sym_size.int, (indices, 0), {}, {"val": infer_meta(aten.sym_size.int, (indices, 0))},
                               name=f"{node.name}_count")
+        # written out, not inferred: an arange that names no device infers as cpu, where these sit with the indices
         positions = graph.add_node(aten.arange.default, (size,), {"dtype": indices.dtype},
                                    {"val": TensorMeta((length,), indices.dtype, indices.val.device)},
                                    name=f"{node.name}_positions")
