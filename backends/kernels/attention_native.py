@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from blade.config import cache_root
+from blade import config
 from blade.ir.shapes import is_static
 from blade.target import detect
 
@@ -35,8 +35,8 @@ _reason: Optional[str] = None
 
 
 def enabled() -> bool:
-    """$BLADE_NATIVE_ATTENTION ('0' turns the native kernel off); on by default."""
-    return os.environ.get("BLADE_NATIVE_ATTENTION", "1") != "0"
+    """config.native_attention() ($BLADE_NATIVE_ATTENTION)."""
+    return config.native_attention()
 
 
 def available() -> bool:
@@ -90,12 +90,12 @@ def _load() -> ctypes.CDLL:
 
 def _built() -> Path:
     """The shared library for this source, flags and compiler, compiled into the cache when not there yet."""
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    compiler = shutil.which(config.cxx())
     if compiler is None:
-        raise OSError(f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on PATH")
+        raise OSError(f"no C++ compiler: {config.cxx()!r} is not on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, timeout=60).stdout
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version).hexdigest()[:20]
-    target = cache_root() / "native" / f"attention_bf16_{digest}.so"
+    target = config.cache_root() / "native" / f"attention_bf16_{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

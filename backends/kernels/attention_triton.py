@@ -29,17 +29,18 @@ config is used.
 
 import contextlib
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from blade.config import triton_autotune, triton_interpret
 from blade.errors import InputError, ShapeError
 from blade.ops.attention import check_attention_args, empty_output
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# read once, on first use of the kernels: triton.jit fixed them as interpreted or compiled as this module loaded
+INTERPRET = triton_interpret()
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
@@ -221,7 +222,7 @@ def gpu_configs() -> list:
 
 if INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-elif os.environ.get("BLADE_TRITON_AUTOTUNE") == "0":  # each head-dim bucket's first config, untimed (quick tests)
+elif not triton_autotune():  # each head-dim bucket's first config, untimed (quick tests)
     _CONFIGS = list({c.blade_bucket: c for c in reversed(gpu_configs())}.values())
 else:
     _CONFIGS = gpu_configs()

@@ -47,17 +47,18 @@ a GPU; fp32 and fp16 are right in both.
 """
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from blade.config import triton_autotune, triton_interpret
 from blade.errors import InputError
 from blade.ops.quantized import check_qlinear_args
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# read once, on first use of the kernels: triton.jit fixed them as interpreted or compiled as this module loaded
+INTERPRET = triton_interpret()
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # kernel modes (constexpr)
 WEIGHT_ONLY, INT8, FP8 = 0, 1, 2
@@ -215,7 +216,7 @@ def gpu_configs() -> list:
 if INTERPRET:
     _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)]
     QUANT_BLOCK_K = 16
-elif os.environ.get("BLADE_TRITON_AUTOTUNE") == "0":  # each bucket's first config, untimed (quick tests)
+elif not triton_autotune():  # each bucket's first config, untimed (quick tests)
     _CONFIGS = list({c.blade_bucket: c for c in reversed(gpu_configs())}.values())
     QUANT_BLOCK_K = 2048
 else:

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-import os
 import threading
 
 import torch
 
+from blade import config
 from blade.backends.triton.codegen import KernelSource
 from blade.backends.triton import codegen
 
@@ -16,8 +16,8 @@ MATMUL_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
 def autotune_enabled() -> bool:
-    """Autotuning (CUDA only) unless BLADE_TRITON_AUTOTUNE=0; the interpreter always uses one config."""
-    return os.environ.get("BLADE_TRITON_AUTOTUNE", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+    """Autotuning (CUDA only) unless config.triton_autotune() is off; the interpreter always uses one config."""
+    return config.triton_autotune() and not config.triton_interpret()
 
 
 def _next_pow2(n: int) -> int:
@@ -43,7 +43,7 @@ class RegionKernel:
 
     def __call__(self, *tensors):
         launch = {"loop": self._loop, "reduction": self._rows, "matmul_epilogue": self._matmul}[self.source.kind]
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if config.triton_interpret():
             with _INTERPRETER:  # the interpreter keeps the launch grid in global state: one launch at a time
                 outputs = launch(list(tensors))
         elif self.tuned:

@@ -14,36 +14,28 @@ import uuid
 from pathlib import Path
 
 from blade import __version__
-from blade.config import cache_root
-from blade.errors import BladeError, ConfigError
+from blade import config
+from blade.errors import BladeError
 from blade.runtime.fingerprint import (Unstable, inputs_digest, module_digest, package_digest, path_digest,
                                user_code_digest, weights_digest, stable_value)
 
-DEFAULT_LIMIT_GB = 20.0
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 3600  # a writer that died mid-write leaves its temporary directory; swept after this
 _DEPENDENCIES = ("torch", "onnx", "onnxruntime", "onnxscript", "triton", "safetensors", "numpy", "sympy", "networkx")
 
 
 def enabled(asked: bool | None) -> bool:
-    """blade.compile's `cache` argument, else $BLADE_CACHE ('0' turns it off); on by default."""
-    return asked if asked is not None else os.environ.get("BLADE_CACHE", "1") != "0"
+    """blade.compile's `cache` argument, else config.compile_cache() ($BLADE_CACHE)."""
+    return asked if asked is not None else config.compile_cache()
 
 
 def directory() -> Path:
-    return cache_root() / "compiled"
+    return config.cache_root() / "compiled"
 
 
 def limit_bytes() -> int:
-    """$BLADE_CACHE_MAX_GB (default 20): least recently used entries go beyond it."""
-    text = os.environ.get("BLADE_CACHE_MAX_GB", str(DEFAULT_LIMIT_GB))
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < 1e9:  # also refuses nan and inf
-        raise ConfigError(f"BLADE_CACHE_MAX_GB={text!r} is not a size in gigabytes (a number, 0 or more)")
-    return int(value * 1e9)
+    """config.cache_max_gb() ($BLADE_CACHE_MAX_GB) in bytes: least recently used entries go beyond it."""
+    return int(config.cache_max_gb() * 1e9)
 
 
 def _blade_dirs() -> list[str]:
