@@ -102,16 +102,24 @@ KERNELS = (
            "blade's Triton quantized GEMMs (qgemm_triton.py) where they take the call", available=cuda_with_triton),
 )
 
-# op -> (its reference, how a chain of kernels names it, how it is named alone)
-REFERENCES: dict[str, tuple[OpKernel, str, str]] = {
-    "flash_attention": (attention_reference, "PyTorch's SDPA",
-                        "the reference (PyTorch's scaled_dot_product_attention)"),
-    "qlinear": (qlinear_reference, "the reference", "the reference (fp32 PyTorch)"),
+
+@dataclass(frozen=True)
+class Reference:
+    """An op's reference (blade.ops), run where no kernel applies; named last in a chain, or alone."""
+
+    run: OpKernel
+    last: str
+    alone: str
+
+
+REFERENCES = {
+    "flash_attention": Reference(attention_reference, "PyTorch's SDPA",
+                                 "the reference (PyTorch's scaled_dot_product_attention)"),
+    "qlinear": Reference(qlinear_reference, "the reference", "the reference (fp32 PyTorch)"),
 }
 
-_CHAINS: dict[tuple[str, str], tuple[Kernel, ...]] = {}
-for _kernel in KERNELS:
-    _CHAINS[(_kernel.op, _kernel.device)] = _CHAINS.get((_kernel.op, _kernel.device), ()) + (_kernel,)
+_CHAINS = {(op, device): tuple(k for k in KERNELS if (k.op, k.device) == (op, device))
+           for op, device in {(k.op, k.device) for k in KERNELS}}
 _OVERRIDES: dict[tuple[str, str], OpKernel] = {}
 _MODULES: dict[str, Optional[ModuleType]] = {}
 _LOCK = threading.Lock()
@@ -154,10 +162,10 @@ def order(op: str, device: str) -> list[str]:
 def choose(op: str, device: str, *args) -> OpKernel:
     """What runs `op` with these positional arguments on `device`: an override, else the first kernel that applies,
     else the reference."""
-    kernel = _OVERRIDES.get((op, device))
-    if kernel is not None:
-        return kernel
-    return next((k for k in declared(op, device) if k.applies(*args)), REFERENCES[op][0])
+    mine = _OVERRIDES.get((op, device))
+    if mine is not None:
+        return mine
+    return next((k for k in declared(op, device) if k.applies(*args)), REFERENCES[op].run)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -165,11 +173,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     """blade::flash_attention on a routed device: the arguments checked (an override gets them as they are), then
     the chosen kernel, its result in the op's output layout."""
     device = q.device.type
-    kernel = _OVERRIDES.get(("flash_attention", device))
-    if kernel is None:
+    chosen = _OVERRIDES.get(("flash_attention", device))
+    if chosen is None:
         check_attention_args(q, k, v, mask)
-        kernel = choose("flash_attention", device, q, k, v, mask, scale, causal)
-    return in_output_layout(kernel(q, k, v, mask, scale, causal))
+        chosen = choose("flash_attention", device, q, k, v, mask, scale, causal)
+    return in_output_layout(chosen(q, k, v, mask, scale, causal))
 
 
 def qlinear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -239,14 +247,13 @@ def runs(op: str, device: str, name: str) -> bool:
 def describe(op: str, device: str) -> str:
     """In words, what runs `op` on `device`: the override's `description` or name, else the chain (loads the kernels'
     Python modules to name their settings, builds nothing), else the reference."""
-    kernel = _OVERRIDES.get((op, device))
-    if kernel is not None:
-        return getattr(kernel, "description", None) or getattr(kernel, "__qualname__", None) or repr(kernel)
-    _, in_chain, alone = REFERENCES[op]
+    mine = _OVERRIDES.get((op, device))
+    if mine is not None:
+        return getattr(mine, "description", None) or getattr(mine, "__qualname__", None) or repr(mine)
     chain = candidates(op, device)
     if not chain:
-        return alone
-    return "; else ".join([k.describe() for k in chain] + [in_chain])
+        return REFERENCES[op].alone
+    return "; else ".join([k.describe() for k in chain] + [REFERENCES[op].last])
 
 
 def loaded() -> list[str]:
