@@ -1,6 +1,6 @@
 """Backends: the registry, and each backend that turns the IR into something that runs."""
-from blade.backends.base import (AUTO_PREFERENCE, MEASURED_CANDIDATES, Backend, Executable, Profiled, RegionTiming, get, names, register,
-                                 resolve, unregister)
+from blade.backends.base import (AUTO_PREFERENCE, MEASURED_CANDIDATES, Backend, Executable, RegionTiming, get, names,
+                                 register, resolve, unregister)
 from blade.backends.eager import EagerBackend
 from blade.backends.inductor import InductorBackend
 from blade.backends.kernels import registry as kernel_registry
@@ -15,5 +15,5 @@ register(InductorBackend())
 peak_probe.install()  # ONNX Runtime's MLAS matmul competes for the machine's measured peak
 kernel_registry.route_ops()  # blade's ops on CPU and CUDA ask the kernel registry per call (nothing loads until then)
 
-__all__ = ["AUTO_PREFERENCE", "MEASURED_CANDIDATES", "Backend", "Executable", "Profiled", "RegionTiming", "get", "names", "register",
-           "resolve", "unregister"]
+__all__ = ["AUTO_PREFERENCE", "MEASURED_CANDIDATES", "Backend", "Executable", "RegionTiming", "get", "names",
+           "register", "resolve", "unregister"]

@@ -1,22 +1,13 @@
 """The backend interface every backend implements, and the registry that finds them."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import ClassVar
 
-from blade.errors import ConfigError
+from blade.errors import BackendError, ConfigError
 from blade.ir.graph import Graph, Node
 from blade.target import Target
-
-
-@runtime_checkable
-class Executable(Protocol):
-    """A compiled graph: called with the flat input tensors, returns the flat outputs."""
-
-    def __call__(self, *tensors) -> list: ...
-
-    def save(self, directory: str) -> None:
-        """Write the backend's own files (the IR and weights are saved by the artifact)."""
 
 
 @dataclass(frozen=True)
@@ -30,27 +21,89 @@ class RegionTiming:
     seconds: float  # median per call
 
 
-@runtime_checkable
-class Profiled(Protocol):
-    """An executable that can time its own regions: profile(tensors, warmup, repeat) -> [RegionTiming]."""
+class Executable(ABC):
+    """A compiled graph: called with the flat input tensors, returns the flat outputs.
 
-    def profile(self, tensors: list, warmup: int, repeat: int) -> list[RegionTiming]: ...
+    Beyond running and saving, an executable may describe where its nodes run, name the target properties its
+    code depends on, show its generated source, time its own regions and write itself as one ONNX model. Each of
+    those has a default here (nothing to say, or a BackendError naming the backend); a backend overrides what it
+    has, and says so with has_profiler() / exports_onnx() where a caller must know before it starts.
+    """
+
+    backend: ClassVar[str] = ""  # the name of the backend that compiles it, for messages
+
+    @abstractmethod
+    def __call__(self, *tensors) -> list: ...
+
+    @abstractmethod
+    def save(self, directory: str) -> None:
+        """Write the backend's own files (the IR and weights are saved by the artifact)."""
+
+    def describe(self) -> dict:
+        """Where the nodes run and anything else the compile report and the manifest show about it."""
+        return {}
+
+    def requires(self) -> dict:
+        """The target properties its code depends on ({"arch": ..., "features": [...]}); {} when portable."""
+        return {}
+
+    def sources(self) -> str | None:
+        """The code it generated, for reading (blade inspect --source); None when it generates none."""
+        return None
+
+    def has_profiler(self) -> bool:
+        """Whether profile() can time its regions."""
+        return False
+
+    def profile(self, tensors: list, warmup: int, repeat: int) -> list[RegionTiming]:
+        """Each region's median time over `repeat` calls after `warmup` on the flat `tensors`."""
+        raise BackendError(f"backend {self.backend!r} has no profiler; profile with backend='eager' or 'onnxruntime'")
+
+    def exports_onnx(self) -> bool:
+        """Whether to_onnx() can write the whole graph as one plain .onnx."""
+        return False
+
+    def to_onnx(self, path) -> None:
+        """Write the whole graph as one plain .onnx at `path` (weights in `<path>.data`)."""
+        raise BackendError(f"backend {self.backend!r} does not lower to ONNX; compile with backend='onnxruntime'")
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """name, supports(node), compile(graph, target, example_inputs) -> Executable, load(directory, graph, target)."""
+class Backend(ABC):
+    """Turns the IR into an Executable for a target, and loads one back from an artifact.
 
-    name: str
+    available, supports, compile and load are what every backend implements. auto_available, unavailable_reason
+    and refuses have defaults (auto may use it wherever it is available; no reason to add; it refuses no graph).
+    """
 
-    def available(self, target: Target) -> bool: ...
+    name: ClassVar[str]
 
-    def supports(self, node: Node) -> bool: ...
+    @abstractmethod
+    def available(self, target: Target) -> bool:
+        """Whether it can run on `target` at all."""
 
+    @abstractmethod
+    def supports(self, node: Node) -> bool:
+        """Whether it runs `node` itself (a partitioning backend sends the others to PyTorch)."""
+
+    @abstractmethod
     def compile(self, graph: Graph, target: Target, example_inputs=None) -> Executable:
         """example_inputs: flat tensors for backends that trace or export (they must not be needed to run)."""
 
-    def load(self, directory: str, graph: Graph, target: Target) -> Executable: ...
+    @abstractmethod
+    def load(self, directory: str, graph: Graph, target: Target) -> Executable:
+        """The executable an artifact saved in `directory` (its backend folder) for `graph`."""
+
+    def auto_available(self, target: Target) -> bool:
+        """Whether backend="auto" may pick it on `target` (by the fixed rule or by measurement)."""
+        return self.available(target)
+
+    def unavailable_reason(self, target: Target) -> str:
+        """Why it is not available on `target`, for the error; "" when there is nothing to add."""
+        return ""
+
+    def refuses(self, graph: Graph, target: Target) -> str | None:
+        """Why measured selection should not try it on `graph` (None: it may)."""
+        return None
 
 
 def placement(graph: Graph, engine: str, device: str, attention_runs: str | None = None) -> dict:
@@ -69,14 +122,14 @@ def placement(graph: Graph, engine: str, device: str, attention_runs: str | None
     return {"nodes": nodes}
 
 
-_REGISTRY: dict[str, Any] = {}
+_REGISTRY: dict[str, Backend] = {}
 # backend="auto" prefers these in order (DESIGN.md: triton on CUDA, else onnxruntime), then eager.
 AUTO_PREFERENCE = ("triton", "onnxruntime", "eager")
 # backend="auto" with measurement compiles and times these (those available and able to run the graph)
 MEASURED_CANDIDATES = ("triton", "onnxruntime", "inductor", "eager")
 
 
-def register(backend) -> None:
+def register(backend: Backend) -> None:
     if not isinstance(backend, Backend):
         raise TypeError(f"{backend!r} does not implement the Backend interface")
     _REGISTRY[backend.name] = backend
@@ -91,28 +144,28 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str):
+def get(name: str) -> Backend:
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"unknown backend {name!r}; registered backends: {names()} (or 'auto')") from None
 
 
-def resolve(name: str, target: Target) -> tuple[Any, str]:
+def resolve(name: str, target: Target) -> tuple[Backend, str]:
     """The backend to use for `name` on `target`, and why it was chosen."""
     if name != "auto":
         backend = get(name)
         if not backend.available(target):
-            reason = backend.unavailable_reason(target) + "; " if hasattr(backend, "unavailable_reason") else ""
-            raise ConfigError(f"backend {name!r} cannot run on {target.describe()}: {reason}choose one of "
-                              f"{[b for b in names() if _REGISTRY[b].available(target)]}")
+            reason = backend.unavailable_reason(target)
+            raise ConfigError(f"backend {name!r} cannot run on {target.describe()}: {f'{reason}; ' if reason else ''}"
+                              f"choose one of {[b for b in names() if _REGISTRY[b].available(target)]}")
         return backend, f"{name}: requested"
     skipped = []
     for candidate in AUTO_PREFERENCE:
         backend = _REGISTRY.get(candidate)
         if backend is None:
             skipped.append(f"{candidate} not registered")
-        elif not getattr(backend, "auto_available", backend.available)(target):
+        elif not backend.auto_available(target):
             skipped.append(f"{candidate} unavailable on {target.device}")
         else:
             why = f"auto: {candidate}" + (f" ({'; '.join(skipped)})" if skipped else "")

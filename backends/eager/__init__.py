@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from blade.backends.base import RegionTiming, placement
+from blade.backends.base import Backend, Executable, RegionTiming, placement
 from blade.backends.eager.profiler import profile_module
 from blade.ir.graph import Graph, Node
 from blade.target import Target
 
 
-class EagerExecutable:
+class EagerExecutable(Executable):
     """Runs the graph's fx module under no_grad."""
+
+    backend = "eager"
 
     def __init__(self, graph: Graph, device: str = "cpu"):
         self.module = graph.to_fx()
@@ -23,6 +25,9 @@ class EagerExecutable:
         with torch.no_grad():
             return list(self.module(*tensors))
 
+    def has_profiler(self) -> bool:
+        return True
+
     def profile(self, tensors: list, warmup: int, repeat: int) -> list[RegionTiming]:
         """Every IR node timed by torch.profiler."""
         return profile_module(self.module, tensors, warmup, repeat)
@@ -31,7 +36,7 @@ class EagerExecutable:
         """Nothing beyond the IR and weights, which the artifact saves."""
 
 
-class EagerBackend:
+class EagerBackend(Backend):
     name = "eager"
 
     def available(self, target: Target) -> bool:

@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from blade.backends.base import placement
+from blade.backends.base import Backend, Executable, placement
 from blade.backends.inductor import short_attention
 from blade.errors import BackendError
 from blade.ir.fused import is_fused
@@ -101,8 +101,10 @@ def _freezing():
                 inductor_config.freezing = _FREEZING_USERS[1]
 
 
-class InductorExecutable:
+class InductorExecutable(Executable):
     """torch.compile of the graph's fx module (freezing on), called under no_grad."""
+
+    backend = "inductor"
 
     def __init__(self, graph: Graph, device: str = "cpu"):
         self.name = graph.name
@@ -136,7 +138,7 @@ class InductorExecutable:
         """Nothing beyond the IR and weights: loading compiles again."""
 
 
-class InductorBackend:
+class InductorBackend(Backend):
     name = "inductor"
 
     def available(self, target: Target) -> bool:

@@ -13,7 +13,7 @@ import onnx
 import torch
 
 from blade.backends.eager import EagerExecutable
-from blade.backends.base import RegionTiming
+from blade.backends.base import Backend, Executable, RegionTiming
 from blade.backends.onnxruntime.export import OPSET, export_region, save_model
 from blade.backends.onnxruntime.profiler import profile_session
 from blade.backends.onnxruntime.session import OrtRunner, cuda_available
@@ -55,8 +55,10 @@ class Step:
     file: str | None = None
 
 
-class OrtExecutable:
+class OrtExecutable(Executable):
     """Runs the regions in order; tensors pass between them by node name."""
+
+    backend = "onnxruntime"
 
     def __init__(self, graph: Graph, steps: list[Step], workdir: Path, keep: object = None):
         self.graph, self.steps, self.workdir = graph, steps, workdir
@@ -68,6 +70,9 @@ class OrtExecutable:
             outs = step.runner([env[name] for name in step.region.inputs])
             env.update(zip(step.region.outputs, outs))
         return [self._value(o, env) for o in self.graph.outputs]
+
+    def has_profiler(self) -> bool:
+        return True
 
     def profile(self, tensors: list, warmup: int, repeat: int) -> list[RegionTiming]:
         """ONNX Runtime regions from a profiling twin of each session, PyTorch regions from torch.profiler."""
@@ -111,16 +116,20 @@ class OrtExecutable:
                                     "nodes": [n.name for n in step.region.nodes], "outputs": step.region.outputs})
         (out / PLAN).write_text(json.dumps(plan, indent=1))
 
+    def exports_onnx(self) -> bool:
+        """One region, run by ONNX Runtime: no PyTorch fallback."""
+        return len(self.steps) == 1 and self.steps[0].engine == "onnxruntime"
+
     def to_onnx(self, path) -> None:
         """A plain .onnx (weights in `<path>.data`) (blade ops as ONNX Runtime contrib ops); needs a graph with no fallback."""
-        if len(self.steps) != 1 or self.steps[0].engine != "onnxruntime":
+        if not self.exports_onnx():
             fallbacks = [s.region.reason for s in self.steps if s.engine == "torch"]
             raise BackendError(f"the graph does not run in ONNX Runtime alone ({len(self.steps)} regions; "
                                f"PyTorch fallbacks: {fallbacks}); a single .onnx cannot hold it")
         save_model(onnx.load(str(self.workdir / self.steps[0].file)), Path(path))
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def available(self, target: Target) -> bool:

@@ -3,18 +3,15 @@ hand-written Triton kernels, FlashAttention and the quantized GEMMs, which blade
 from __future__ import annotations
 
 import importlib.util
-import os
 
+from blade import config
+from blade.backends.base import Backend
 from blade.errors import BackendError
 from blade.ir.graph import Graph, Node
 from blade.target import Target
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-class TritonBackend:
+class TritonBackend(Backend):
     """backend="triton": the default on a CUDA GPU with Triton; on CPU only under TRITON_INTERPRET=1 (tests)."""
 
     name = "triton"
@@ -22,7 +19,7 @@ class TritonBackend:
     def available(self, target: Target) -> bool:
         if importlib.util.find_spec("triton") is None:
             return False
-        return target.device == "cuda" or interpreting()
+        return target.device == "cuda" or config.triton_interpret()
 
     def auto_available(self, target: Target) -> bool:
         """`auto` picks Triton only on a CUDA GPU: the interpreter is for tests, far slower than ONNX Runtime."""
@@ -43,7 +40,7 @@ class TritonBackend:
             raise BackendError(self.unavailable_reason(target))
         from blade.backends.triton.program import TritonProgram
 
-        return TritonProgram(graph, interpret=interpreting())
+        return TritonProgram(graph, interpret=config.triton_interpret())
 
     def load(self, directory: str, graph: Graph, target: Target):
         """Regenerates the kernels from the IR: the saved sources are for reading, never executed."""
@@ -51,4 +48,4 @@ class TritonBackend:
             raise BackendError(self.unavailable_reason(target))
         from blade.backends.triton.program import TritonProgram
 
-        return TritonProgram(graph, interpret=interpreting())
+        return TritonProgram(graph, interpret=config.triton_interpret())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from blade.backends.base import Executable
 from blade.backends.triton.codegen import KernelSource, Unsupported, generate
 from blade.backends.triton.launcher import LOOP_BLOCK, RegionKernel, autotune_enabled
 from blade.config import cache_root
@@ -142,9 +143,11 @@ def _aliases(node: Node) -> bool:
     return any(r.alias_info is not None for r in schema.returns)
 
 
-class TritonProgram:
+class TritonProgram(Executable):
     """Runs the graph: fused regions as generated kernels, blade::qlinear through the Triton qgemm kernels, every
     other node as its PyTorch op."""
+
+    backend = "triton"
 
     def __init__(self, graph: Graph, interpret: bool):
         self.graph = graph

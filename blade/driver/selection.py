@@ -11,15 +11,15 @@ compile or run is recorded with its error and left out. The report keeps every c
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from blade import backends
+from blade import backends, config
 from blade.perf.accuracy import Accuracy
 from blade.backends import base
+from blade.backends.base import Backend, Executable
 from blade.errors import BackendError
 from blade.ir.graph import Graph
 from blade.target import Target
@@ -31,16 +31,16 @@ WARMUP, MOST_REPEATS, TIMED_SECONDS, BURST_S = 2, 9, 3.0, 0.01
 
 
 def enabled(asked: bool | None) -> bool:
-    """autotune=None follows $BLADE_AUTOTUNE (on unless "0")."""
-    return asked if asked is not None else os.environ.get("BLADE_AUTOTUNE", "1") != "0"
+    """blade.compile's `autotune` argument, else config.autotune() ($BLADE_AUTOTUNE)."""
+    return asked if asked is not None else config.autotune()
 
 
 @dataclass
 class Selection:
     """The chosen backend and executable, and what every candidate measured."""
 
-    backend: object
-    executable: object
+    backend: Backend
+    executable: Executable
     reason: str
     candidates: dict = field(default_factory=dict)  # name -> {"ms", "compile_s"} or {"error"} or {"skipped"}
     accurate: bool = True  # False: every candidate missed the accuracy check; this one was compiled first
@@ -54,10 +54,10 @@ def candidates_for(graph: Graph, target: Target) -> tuple[list, dict]:
             backend = backends.get(name)
         except Exception:  # noqa: BLE001 - not registered here
             continue
-        if not getattr(backend, "auto_available", backend.available)(target):
+        if not backend.auto_available(target):
             skipped[name] = f"unavailable on {target.device}"
             continue
-        refusal = getattr(backend, "refuses", lambda g, t: None)(graph, target)
+        refusal = backend.refuses(graph, target)
         if refusal:
             skipped[name] = refusal
             continue

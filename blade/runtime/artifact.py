@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 
 from blade import __version__, backends
+from blade.backends.base import Executable
 from blade.runtime.compiled import CompiledModel
 from blade.errors import ArtifactError, BladeError
 from blade.runtime.fingerprint import path_digest
@@ -178,10 +179,10 @@ def _check_versions(manifest: dict) -> None:
                       "every operator is checked as the graph loads", stacklevel=3)
 
 
-def _requirements(executable) -> dict:
-    """The target properties an executable's code depends on (its `requires()`): {} when portable."""
-    requires = executable.requires() if hasattr(executable, "requires") else {}
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in requires.items() if value}
+def _requirements(executable: Executable) -> dict:
+    """The target properties an executable's code depends on (its `requires()`), as JSON: {} when portable."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in executable.requires().items()
+            if value}
 
 
 def _check_target(saved: Target, requires: dict) -> Target:

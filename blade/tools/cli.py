@@ -150,7 +150,7 @@ def cmd_compile(args, progress) -> int:
     if args.onnx and args.backend == "auto":
         args.backend = "onnxruntime"  # a plain .onnx needs the ONNX Runtime backend, whatever auto would measure
     _, _, compiled = _compile(args.source, args, progress)
-    if args.onnx and not hasattr(compiled.executable, "to_onnx"):
+    if args.onnx and compiled.backend != "onnxruntime":
         raise InputError(f"--onnx needs --backend onnxruntime (this compile used {compiled.backend})")
     progress(f"saving {args.output}")
     compiled.save(args.output)
@@ -358,8 +358,9 @@ def cmd_inspect(args, progress) -> int:
         if args.graph:
             print(loaded.graph)
         if args.source:
-            sources = getattr(loaded.executable, "sources", None)
-            print(sources() if sources else f"the {loaded.backend} backend generates no source; --graph shows the IR")
+            sources = loaded.executable.sources()
+            print(sources if sources is not None else
+                  f"the {loaded.backend} backend generates no source; --graph shows the IR")
     return 0
 
 

@@ -71,7 +71,7 @@ def export_triton_repo(artifact, repo, *, name: str | None = None, max_batch: in
     _check_outputs(compiled.graph)
     batch_dim, notes = _batch_dim(compiled.graph, batch_dim)
     max_batch_size = _max_batch_size(batch_dim, compiled.graph, max_batch)
-    single_onnx = compiled.backend == "onnxruntime" and _runs_in_onnxruntime_alone(compiled)
+    single_onnx = compiled.executable.exports_onnx()
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True)
     try:
@@ -106,11 +106,6 @@ def export_triton_repo(artifact, repo, *, name: str | None = None, max_batch: in
 def _model_name(graph_name: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "_-" else "_" for c in graph_name)
     return cleaned or "model"
-
-
-def _runs_in_onnxruntime_alone(compiled) -> bool:
-    steps = getattr(compiled.executable, "steps", [])
-    return len(steps) == 1 and steps[0].engine == "onnxruntime"
 
 
 def _check_outputs(graph) -> None:

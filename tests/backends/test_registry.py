@@ -5,15 +5,16 @@ import pytest
 import torch
 
 from blade import backends
+from blade.backends.base import Backend, Executable
 from blade.backends.eager import EagerBackend
-from blade.errors import ConfigError
+from blade.errors import BackendError, ConfigError
 from blade.ir.graph import Graph, TensorMeta
 from blade.target import Target, detect
 
 CPU = Target("cpu", "test cpu", "x86_64")
 
 
-class FakeGpuOnly:
+class FakeGpuOnly(Backend):
     """A backend that exists but cannot run on a CPU target."""
 
     name = "onnxruntime"
@@ -54,6 +55,38 @@ def test_unknown_backend():
         backends.get("nope")
     with pytest.raises(TypeError, match="does not implement the Backend interface"):
         backends.register(object())
+
+
+def test_every_registered_backend_implements_the_interface():
+    for name in backends.names():
+        backend = backends.get(name)
+        assert isinstance(backend, Backend) and backend.name == name
+        assert backend.refuses(Graph("empty"), CPU) is None or isinstance(backend.refuses(Graph("empty"), CPU), str)
+
+
+def test_an_executables_missing_capabilities_say_which_backend():
+    graph = Graph("g")
+    meta = TensorMeta((3,), torch.float32)
+    graph.outputs = [graph.add_input("x", meta)]
+
+    class Bare(Executable):
+        backend = "bare"
+
+        def __call__(self, *tensors):
+            return list(tensors)
+
+        def save(self, directory):
+            pass
+
+    bare = Bare()
+    assert bare.describe() == {} and bare.requires() == {} and bare.sources() is None
+    assert not bare.has_profiler() and not bare.exports_onnx()
+    with pytest.raises(BackendError, match="backend 'bare' has no profiler"):
+        bare.profile([torch.randn(3)], 0, 1)
+    with pytest.raises(BackendError, match="backend 'bare' does not lower to ONNX"):
+        bare.to_onnx("x.onnx")
+    eager = EagerBackend().compile(graph, detect())
+    assert isinstance(eager, Executable) and eager.has_profiler() and not eager.exports_onnx()
 
 
 def test_eager_runs_a_hand_built_graph():
