@@ -184,6 +184,25 @@ def test_profile_of_an_artifact_and_bad_targets(capsys, tmp_path):
     assert code == 1 and "unknown dim(s) ['seq']" in err
 
 
+def test_a_backend_without_a_profiler_is_refused_before_any_call():
+    from blade.backends.eager import EagerExecutable
+
+    class Unprofiled(EagerExecutable):
+        backend = "unprofiled"
+
+        def has_profiler(self) -> bool:
+            return False
+
+        def __call__(self, *tensors):
+            raise AssertionError("called before the refusal")
+
+    model, example, dims = zoo.get("mlp")
+    cm = blade.compile(model, example, dynamic_shapes=dims, backend="eager")
+    cm.executable = Unprofiled(cm.graph)
+    with pytest.raises(blade.errors.BackendError, match="cannot profile its regions"):
+        profile(cm, cm.flat_inputs(*example), repeat=2, peaks=FAKE_PEAKS)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_eager_profile_on_cuda_times_the_kernels():
