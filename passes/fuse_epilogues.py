@@ -4,8 +4,8 @@ Matches: `linear(x, W, b)` or `addmm(b, x, W)` (or a bias-less matmul of a weigh
 an optional reshape/view, then an activation (GELU exact or tanh, ReLU, SiLU, sigmoid, tanh) read
 only by the next step, then optionally a residual `+ r` of the same shape. Produces: a fused region
 of kind "matmul_epilogue", pattern `<matmul>_<activation>[_residual]` (e.g. linear_gelu), attrs
-with the activation, whether the weight is stored [out, in] (linear) or [in, out] (addmm), and the
-roles of the input, weight and bias arguments.
+with the matmul's form, the activation, and whether the weight is stored [out, in] (linear) or
+[in, out] (addmm).
 
 Leaves alone: a matmul read by more than one node (the activation would be computed twice or the
 raw product kept too), an activation that is not elementwise on the product alone, a matmul with
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from blade.ir.fused import fusable, fuse
+from blade.ir.fused import fusable
 from blade.ir.graph import Graph, Node
 from blade.passes.fuse_norms import only_user, plain_add
 from blade.passes.manager import PassContext
+from blade.passes.rewrite import Plan, Region
 
 aten = torch.ops.aten
 ACTIVATIONS = {aten.gelu.default: "gelu", aten.relu.default: "relu", aten.silu.default: "silu",
@@ -26,17 +27,16 @@ ACTIVATIONS = {aten.gelu.default: "gelu", aten.relu.default: "relu", aten.silu.d
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
-def _matmul_roles(node: Node) -> tuple[str, dict] | None:
-    """("linear" | "addmm", roles) for a matmul of a constant weight, else None."""
+def _matmul_form(node: Node) -> str | None:
+    """"linear" | "addmm" for a matmul of a constant weight, else None."""
     if node.target == aten.linear.default and not node.kwargs:
-        x, w = node.args[:2]
-        bias = node.args[2] if len(node.args) > 2 else None
+        w = node.args[1]
         if isinstance(w, Node) and w.op == "constant":
-            return "linear", {"input": x, "weight": w, "bias": bias}
+            return "linear"
     if node.target == aten.addmm.default and not node.kwargs:
-        bias, x, w = node.args[:3]
+        bias, _, w = node.args[:3]
         if isinstance(w, Node) and w.op == "constant" and isinstance(bias, Node) and bias.val.rank == 1:
-            return "addmm", {"input": x, "weight": w, "bias": bias}
+            return "addmm"
     return None
 
 
@@ -49,11 +49,11 @@ def _activation_name(node: Node) -> str | None:
     return name
 
 
-def fuse_epilogue(graph: Graph, matmul: Node, ctx: PassContext) -> bool:
-    found = _matmul_roles(matmul)
-    if found is None:
-        return False
-    form, roles = found
+def match_epilogue(graph: Graph, matmul: Node) -> Plan | None:
+    """The matmul with the reshape, activation and residual add that read it, one after the other."""
+    form = _matmul_form(matmul)
+    if form is None:
+        return None
     members, current = [matmul], matmul
     step = only_user(graph, current)
     if step is not None and step.target in RESHAPES and step.args[0] is current:
@@ -65,23 +65,28 @@ def fuse_epilogue(graph: Graph, matmul: Node, ctx: PassContext) -> bool:
     if step is not None and _activation_name(step) and step.args[0] is current:
         activation = _activation_name(step)
         members, current = members + [step], step
-    residual = None
+    residual = False
     step = only_user(graph, current)
     if step is not None and plain_add(step) and step.args[0] is not step.args[1]:
-        residual = step.args[1] if step.args[0] is current else step.args[0]
+        residual = True
         members, current = members + [step], step
-    if len(members) == 1 or members[-1].target in RESHAPES or fusable(graph, members) or not ctx.allows(matmul.name):
-        return False
-    pattern = "_".join([form] + ([activation] if activation else []) + (["residual"] if residual is not None else []))
-    fuse(graph, members, "matmul_epilogue", pattern,
-         {"matmul": form, "activation": activation or "none", "weight_layout": "out_in" if form == "linear" else "in_out"},
-         roles={**roles, "residual": residual})
-    ctx.count(f"matmul_epilogue:{pattern}")
-    return True
+    if len(members) == 1 or members[-1].target in RESHAPES or fusable(graph, members):
+        return None
+    pattern = "_".join([form] + ([activation] if activation else []) + (["residual"] if residual else []))
+    attrs = {"matmul": form, "activation": activation or "none",
+             "weight_layout": "out_in" if form == "linear" else "in_out"}
+    return Plan(matmul.name, region=Region(members, "matmul_epilogue", pattern, attrs))
 
 
-def run(graph: Graph, ctx: PassContext) -> None:
+def run(graph: Graph, ctx: PassContext) -> Graph:
     """Fuse every matmul epilogue the graph has."""
     for node in graph.call_nodes:
-        if node in graph and node.target in (aten.linear.default, aten.addmm.default):
-            fuse_epilogue(graph, node, ctx)
+        if node not in graph or node.target not in (aten.linear.default, aten.addmm.default):
+            continue
+        plan = match_epilogue(graph, node)
+        if plan is not None and ctx.allows(plan.site):
+            plan.commit(graph)
+            ctx.count(f"matmul_epilogue:{plan.region.pattern}")
+            ctx.count("regions")
+            ctx.count("ops_in_regions", len(plan.region.members))
+    return graph

@@ -4,25 +4,28 @@ Matches:
 - skip_layer_norm: `layer_norm(a + b)` over the last axis, a and b of the same dtype and shape
   (or b broadcast over leading dims: a position embedding [1, S, H] added to [B, S, H]);
   when a (or b) is a `linear` with a constant bias read only by this add, the bias add moves into
-  the region (the linear keeps just its matmul), as ONNX Runtime's SkipLayerNormalization takes it.
+  the region (the linear keeps just its matmul: one pass over the rows adds bias, skip and norms).
 - rms_norm: `x * rsqrt(mean(x², -1, keepdim) + eps)` (x² as pow(x, 2) or x * x), optionally times
   a weight; skip_rms_norm when x itself is `a + b` of equal shapes.
 A sum (a + b) that is also read elsewhere (the residual stream of a pre-norm transformer) becomes a
-second output of the region. Produces: fused regions of kind "reduction" whose attrs hold eps and
-the roles of their inputs (input, skip, gamma, beta, bias) and outputs (out, sum).
+second output of the region. Produces: fused regions of kind "reduction" whose attrs hold eps (a
+backend that has a fused op for one of these reads the operands' roles off the body itself).
 
 Leaves alone: norms over more than the last axis, adds that broadcast, intermediate values read
 outside the pattern (a variance returned to the caller), norms whose input another region took.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from blade.ir.fused import fusable, fuse
+from blade.ir.fused import fusable
 from blade.ir.graph import Graph, Node, TensorMeta
+from blade.ir.shapes import same_shape
 from blade.passes.cleanup import _arg
 from blade.passes.manager import PassContext
-from blade.ir.shapes import same_shape
+from blade.passes.rewrite import New, Plan, Region
 
 aten = torch.ops.aten
 RSQRT = aten.rsqrt.default
@@ -71,8 +74,8 @@ def only_user(graph: Graph, node: Node) -> Node | None:
     return users[0] if len(users) == 1 and not graph.is_output(node) else None
 
 
-def split_bias(graph: Graph, linear: Node, reader: Node) -> Node | None:
-    """linear(x, W, b) read only by `reader` → linear(x, W) then add(·, b); returns the add."""
+def bias_split(graph: Graph, linear: Node, reader: Node) -> tuple[Plan, New] | None:
+    """The plan linear(x, W, b) → linear(x, W) then add(·, b) when only `reader` reads the linear, and the add."""
     if linear.target != aten.linear.default or len(linear.args) < 3 or linear.kwargs:
         return None
     bias = linear.args[2]
@@ -80,41 +83,27 @@ def split_bias(graph: Graph, linear: Node, reader: Node) -> Node | None:
         return None
     if only_user(graph, linear) is not reader:
         return None
-    graph.set_args(linear, linear.args[:2])
-    add = graph.add_node(aten.add.Tensor, (linear, bias), {}, dict(linear.meta), name=f"{linear.name}_bias")
-    graph.replace_all_uses(linear, add)
-    return add
+    add = New(aten.add.Tensor, (linear, bias), name=f"{linear.name}_bias")
+    return Plan(linear.name, rewire=[(linear, linear.args[:2])], reroute=[(linear, add)]), add
 
 
-def _sum_role(graph: Graph, total: Node, members: list[Node]) -> dict:
-    inside = set(members)
-    escapes = graph.is_output(total) or any(u not in inside for u in graph.users(total))
-    return {total: "sum"} if escapes else {}
-
-
-def fuse_skip_layer_norm(graph: Graph, ln: Node, ctx: PassContext) -> bool:
+def match_skip_layer_norm(graph: Graph, ln: Node) -> Plan | None:
+    """`layer_norm(a + b)` over the last axis, with a linear's bias moved in when one operand is that linear."""
     x, shape = ln.args[0], _arg(ln, 1, "normalized_shape")
     operands = skip_add(x) if isinstance(x, Node) else None
-    if operands is None or len(shape) != 1 or shape[0] != x.val.shape[-1] or not ctx.allows(ln.name):
-        return False
-    weight, beta, eps = _arg(ln, 2, "weight"), _arg(ln, 3, "bias"), _arg(ln, 4, "eps", 1e-5)
+    if operands is None or len(shape) != 1 or shape[0] != x.val.shape[-1]:
+        return None
+    if fusable(graph, [x, ln]):  # a moved bias adds a constant input only: [x, ln] decides for both
+        return None
     a, b = operands
-    members, bias = [x, ln], None
     # no split for h + h: the bias would be added once where the sum holds it twice
     candidates = () if a is b else ((a, b), (b, a)) if plain_add(x) else ((a, b),)
-    for first, second in candidates:
-        bias_add = split_bias(graph, first, x)
-        if bias_add is not None:
-            members, bias = [bias_add, x, ln], bias_add.args[1]
-            a, b = bias_add.args[0], second
-            break
-    if fusable(graph, members):
-        return False
-    fuse(graph, members, "reduction", "skip_layer_norm", {"eps": float(eps)},
-         roles={"input": a, "skip": b, "gamma": weight, "beta": beta, "bias": bias},
-         output_roles={ln: "out", **_sum_role(graph, x, members)})
-    ctx.count("reduction:skip_layer_norm")
-    return True
+    split = next((found for first, _ in candidates if (found := bias_split(graph, first, x))), None)
+    eps = float(_arg(ln, 4, "eps", 1e-5))
+    region = Region([x, ln] if split is None else [split[1], x, ln], "reduction", "skip_layer_norm", {"eps": eps})
+    if split is None:
+        return Plan(ln.name, region=region)
+    return replace(split[0], site=ln.name, region=region)
 
 
 def _square_of(node: Node) -> Node | None:
@@ -131,50 +120,52 @@ def _other(node: Node, one: Node):
     return b if a is one else a if b is one else None
 
 
-def fuse_rms_norm(graph: Graph, mean: Node, ctx: PassContext) -> bool:
+def match_rms_norm(graph: Graph, mean: Node) -> Plan | None:
+    """`x * rsqrt(mean(x², -1, keepdim) + eps)` [* weight], with x's residual add when x = a + b."""
     if mean.target != aten.mean.dim or not _arg(mean, 2, "keepdim", False):
-        return False
+        return None
     square = mean.args[0]
     x = _square_of(square) if isinstance(square, Node) else None
     if x is None or list(_arg(mean, 1, "dim")) not in ([-1], [x.val.rank - 1]) or only_user(graph, square) is not mean:
-        return False
+        return None
     add = only_user(graph, mean)
     if add is None or add.target not in (aten.add.Tensor, aten.add.Scalar) or add.args[0] is not mean \
             or not isinstance(add.args[1], (int, float)):
-        return False
+        return None
     rsqrt = only_user(graph, add)
     scaled = only_user(graph, rsqrt) if rsqrt is not None and rsqrt.target == RSQRT else None
     if scaled is None or scaled.target != aten.mul.Tensor or _other(scaled, rsqrt) is not x:
-        return False
-    members, out, weight = [square, mean, add, rsqrt, scaled], scaled, None
+        return None
+    members, out = [square, mean, add, rsqrt, scaled], scaled
     weigher = only_user(graph, scaled)
     if weigher is not None and weigher.target == aten.mul.Tensor:
         w = _other(weigher, scaled)
-        if isinstance(w, Node) and w.op == "constant" and w.val.rank == 1 and same_shape(weigher.val.shape, x.val.shape):
-            members, out, weight = members + [weigher], weigher, w
+        if isinstance(w, Node) and w.op == "constant" and w.val.rank == 1 \
+                and same_shape(weigher.val.shape, x.val.shape):
+            members, out = members + [weigher], weigher
     if out.val.dtype != x.val.dtype:
-        return False
-    roles = {"input": x, "gamma": weight}
+        return None
     pattern = "rms_norm"
     if skip_add(x):
-        members = [x] + members
-        first, second = skip_add(x)
-        roles = {"input": first, "skip": second, "gamma": weight}
-        pattern = "skip_rms_norm"
-    if fusable(graph, members) or not ctx.allows(mean.name):
-        return False
-    output_roles = {out: "out", **(_sum_role(graph, x, members) if pattern == "skip_rms_norm" else {})}
-    fuse(graph, members, "reduction", pattern, {"eps": float(add.args[1])}, roles=roles, output_roles=output_roles)
-    ctx.count(f"reduction:{pattern}")
-    return True
+        members, pattern = [x] + members, "skip_rms_norm"
+    if fusable(graph, members):
+        return None
+    return Plan(mean.name, region=Region(members, "reduction", pattern, {"eps": float(add.args[1])}))
 
 
-def run(graph: Graph, ctx: PassContext) -> None:
+MATCHERS = {aten.layer_norm.default: match_skip_layer_norm, aten.mean.dim: match_rms_norm}
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
     """Fuse every skip-layer-norm and RMSNorm the graph has."""
     for node in graph.call_nodes:
-        if node not in graph:
+        match = MATCHERS.get(node.target)
+        if match is None or node not in graph:
             continue
-        if node.target == aten.layer_norm.default:
-            fuse_skip_layer_norm(graph, node, ctx)
-        elif node.target == aten.mean.dim:
-            fuse_rms_norm(graph, node, ctx)
+        plan = match(graph, node)
+        if plan is not None and ctx.allows(plan.site):
+            plan.commit(graph)
+            ctx.count(f"reduction:{plan.region.pattern}")
+            ctx.count("regions")
+            ctx.count("ops_in_regions", len(plan.region.members))
+    return graph

@@ -15,7 +15,7 @@ from blade import backends
 from blade.perf.accuracy import relative_error
 from blade.backends.eager import EagerBackend, EagerExecutable
 from blade.ir.fused import is_fused
-from blade.passes import cleanup, fusion
+from blade.passes import FUSION, cleanup
 
 aten = torch.ops.aten
 
@@ -59,7 +59,7 @@ def _matches(compiled, model) -> bool:
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 def test_a_wrong_rewrite_is_found_held_back_and_named(backend):
     model = mlp()
-    compiled = blade.compile(model, (X,), backend=backend, passes=[cleanup.run, clamp_relus(), fusion.run])
+    compiled = blade.compile(model, (X,), backend=backend, passes=[cleanup.run, clamp_relus(), *FUSION])
     report = compiled.report
     assert report.accuracy.ok and _matches(compiled, model)
     assert report.bisection["outcome"] == "held back"
@@ -76,7 +76,7 @@ def test_a_wrong_rewrite_is_found_held_back_and_named(backend):
 
 def test_measured_auto_bisects_and_measures_the_repaired_graph_again():
     model = mlp()
-    compiled = blade.compile(model, (X,), passes=[cleanup.run, clamp_relus(), fusion.run], autotune=True)
+    compiled = blade.compile(model, (X,), passes=[cleanup.run, clamp_relus(), *FUSION], autotune=True)
     assert _matches(compiled, model) and compiled.report.bisection["culprits"][0]["site"] == "relu_1"
     measured = {name: c for name, c in compiled.report.backend_candidates.items() if "ms" in c}
     assert {"onnxruntime", "eager"} <= set(measured), "both candidates timed on the repaired graph"
@@ -91,11 +91,12 @@ def test_two_wrong_rewrites_are_both_held_back():
 
 def test_a_pass_wrong_outside_its_rewrites_is_skipped_whole():
     model = mlp()
-    compiled = blade.compile(model, (X,), backend="eager", passes=[cleanup.run, ungated_corruption, fusion.run])
+    compiled = blade.compile(model, (X,), backend="eager", passes=[cleanup.run, ungated_corruption, *FUSION])
     assert _matches(compiled, model)
     assert [(c["pass"], c["site"]) for c in compiled.report.bisection["culprits"]] == [("ungated_corruption", "*")]
     assert "ungated_corruption at (the whole pass)" in str(compiled.report)
-    assert any(r["name"] == "fusion" and r["counts"] for r in compiled.report.passes), "the other passes still run"
+    assert any(r["name"].startswith("fuse_") and r["counts"] for r in compiled.report.passes), \
+        "the other passes still run"
 
 
 def test_beyond_the_culprit_limit_the_unoptimized_graph_runs():
@@ -107,19 +108,15 @@ def test_beyond_the_culprit_limit_the_unoptimized_graph_runs():
     assert "aten.clamp_min.default" not in compiled.graph.count_targets()
 
 
-class _OffByOne(EagerExecutable):
-    def __call__(self, *tensors):
-        return [o + 1 for o in super().__call__(*tensors)]
-
-
 class _MiscompilingBackend(EagerBackend):
     """The eager backend, except that it computes the fused region anchored at `relu_2` wrong (x + 1)."""
 
     name = "miscompiling"
 
     def compile(self, graph, target, example_inputs=None):
+        executable = EagerExecutable(graph, target.device)
         bad = any(is_fused(n) and any(m.name == "relu_2" for m in n.target.body.call_nodes) for n in graph.call_nodes)
-        return (_OffByOne if bad else EagerExecutable)(graph, target.device)
+        return (lambda *tensors: [o + 1 for o in executable(*tensors)]) if bad else executable
 
 
 @pytest.fixture
@@ -136,7 +133,7 @@ def test_a_backends_own_wrong_lowering_is_searched_on_that_backend(miscompiling)
     assert _matches(compiled, model) and bisection["outcome"] == "held back"
     assert bisection["searched_on"] == "miscompiling", "eager runs the optimized graph right: searched on the backend"
     (culprit,) = bisection["culprits"]
-    assert culprit["pass"] == "fusion"
+    assert culprit["pass"] == "fuse_epilogues"
     assert sum(1 for n in compiled.graph.call_nodes if is_fused(n)) == 3, "only the one region is held back"
 
 
@@ -151,13 +148,13 @@ def broken_factory(tmp_path):
         import sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import torch
-        from blade.passes import cleanup, fusion
+        from blade.passes import FUSION, cleanup
         from test_bisect import X, clamp_relus, mlp
 
         def model():
             return mlp(), (X,)
 
-        PIPELINE = [cleanup.run, clamp_relus(), fusion.run]
+        PIPELINE = [cleanup.run, clamp_relus(), *FUSION]
     """))
     return {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
@@ -175,7 +172,7 @@ def test_cli_compile_with_a_broken_pipeline_bisects(broken_factory, tmp_path):
 
 
 def test_cli_verify_bisects_a_bad_artifact_and_writes_the_repair(broken_factory, tmp_path):
-    bad = blade.compile(mlp(), (X,), backend="eager", passes=[cleanup.run, clamp_relus(), fusion.run],
+    bad = blade.compile(mlp(), (X,), backend="eager", passes=[cleanup.run, clamp_relus(), *FUSION],
                         check_accuracy=False)
     bad.save(tmp_path / "bad.blade")
     run = _cli("verify", str(tmp_path / "bad.blade"), "--against", "broken_mlp:model", "--bisect", "--passes",

@@ -170,7 +170,7 @@ def test_review_regressions_dtypes_pipelines_and_calibration_keys():
     """fp16 models keep fp16 outputs (fp16 tables stay unquantized), fp64 layers are left alone, a custom
     pipeline with fusion gets the lowering before it, calibration keyed by which input each tensor is."""
     from blade.runtime import cache
-    from blade.passes import cleanup, fusion
+    from blade.passes import FUSION, cleanup
 
     class Emb(torch.nn.Module):
         def __init__(self):
@@ -188,7 +188,7 @@ def test_review_regressions_dtypes_pipelines_and_calibration_keys():
                            backend="eager", quantize="int8_dynamic")
     assert not double.report.quantization["lowered"]
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
-    custom = blade.compile(mlp, (torch.randn(3, 8),), backend="eager", passes=[cleanup.run, fusion.run],
+    custom = blade.compile(mlp, (torch.randn(3, 8),), backend="eager", passes=[cleanup.run, *FUSION],
                            quantize="int8_dynamic")
     assert len(custom.report.quantization["lowered"]) == 2
     a, b = torch.ones(2), torch.zeros(2)

@@ -1,9 +1,10 @@
 """Fused regions → ONNX Runtime's fused `com.microsoft` ops, where one exists and is faster.
 
-At export, each fused node whose pattern ONNX Runtime has an op for calls a `blade_ort::` custom
-op instead of its body; torch.onnx.export then translates that op through TRANSLATIONS:
+At export, each fused node whose body is a shape ONNX Runtime has an op for (recognised in
+backends/onnxruntime/patterns.py) calls a `blade_ort::` custom op instead of its body;
+torch.onnx.export then translates that op through TRANSLATIONS:
 
-| region pattern                 | ONNX Runtime op                                        |
+| region body                    | ONNX Runtime op                                        |
 |--------------------------------|--------------------------------------------------------|
 | skip_layer_norm (CUDA only)    | com.microsoft SkipLayerNormalization (bias, sum output)|
 | skip_rms_norm                  | com.microsoft SkipSimplifiedLayerNormalization         |
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from blade.ir.fused import FusedRegion
 from blade.ir.graph import Node, map_refs
 from blade.ir.shapes import same_shape
+from blade.backends.onnxruntime.patterns import Match, recognise
 
 msft = onnxscript.values.Opset("com.microsoft", 1)
 onnx_ort = onnxscript.values.Opset("", 20)  # ONNX Runtime's own ops in the ONNX domain
@@ -113,34 +115,29 @@ class Lowered:
 
     __module__ = __name__
 
-    def __init__(self, region: FusedRegion, fn: Callable):
-        self.region, self.fn = region, fn
-        self.__name__ = f"ort_{region.pattern}"
+    def __init__(self, region: FusedRegion, match: Match, fn: Callable):
+        self.region, self.match, self.fn = region, match, fn
+        self.__name__ = f"ort_{match.op}"
 
     def __call__(self, *args):
-        return self.fn(self.region, *args)
+        return self.fn(self.region, self.match, *args)
 
 
-def _role(region: FusedRegion, args, role: str):
-    index = region.attrs.get("inputs", {}).get(role)
-    return None if index is None else args[index]
-
-
-def _by_output_role(region: FusedRegion, values: dict):
-    outs = tuple(values[role] for role in region.attrs["outputs"])
+def _outputs(match: Match, values: dict):
+    outs = tuple(values[role] for role in match.outputs)
     return outs if len(outs) > 1 else outs[0]
 
 
-def _meta(region: FusedRegion, role: str):
-    index = region.attrs.get("inputs", {}).get(role)
-    return None if index is None else region.body.inputs[index].val
+def _meta(region: FusedRegion, match: Match, role: str):
+    node = match.inputs.get(role)
+    return None if node is None else node.val
 
 
-def _skip_fits(region: FusedRegion) -> bool:
+def _skip_fits(region: FusedRegion, match: Match) -> bool:
     """ONNX Runtime's skip norms take a 2-D or 3-D input and a skip of its shape, or for a 3-D
     [B, S, H] input [1, S, H] or [S, H]; gamma (and beta, bias) must be [H]."""
-    x, skip = _meta(region, "input"), _meta(region, "skip")
-    if x is None or skip is None or x.rank not in (2, 3) or not _per_channel(region, x):
+    x, skip = _meta(region, match, "input"), _meta(region, match, "skip")
+    if x is None or skip is None or x.rank not in (2, 3) or not _per_channel(region, match, x):
         return False
     if x.rank == 2:
         return same_shape(skip.shape, x.shape)
@@ -150,38 +147,39 @@ def _skip_fits(region: FusedRegion) -> bool:
     return skip.rank == 2 and same_shape(skip.shape, x.shape[1:])
 
 
-def _per_channel(region: FusedRegion, x) -> bool:
+def _per_channel(region: FusedRegion, match: Match, x) -> bool:
     """gamma, beta and bias, where given, are [H] (ONNX Runtime's norms take nothing else)."""
     return all(meta is None or same_shape(meta.shape, x.shape[-1:])
-               for meta in (_meta(region, r) for r in ("gamma", "beta", "bias")))
+               for meta in (_meta(region, match, r) for r in ("gamma", "beta", "bias")))
 
 
-def _lower_skip_norm(region: FusedRegion, *args):
+def _lower_skip_norm(region: FusedRegion, match: Match, *args):
+    operand = lambda role: match.operand(region.body, args, role)  # noqa: E731
     out, total = torch.ops.blade_ort.skip_norm(
-        _role(region, args, "input"), _role(region, args, "skip"), _role(region, args, "gamma"),
-        _role(region, args, "beta"), _role(region, args, "bias"), region.attrs["eps"],
-        region.pattern == "skip_rms_norm")
-    return _by_output_role(region, {"out": out, "sum": total})
+        operand("input"), operand("skip"), operand("gamma"), operand("beta"), operand("bias"),
+        match.attrs["eps"], match.op == "skip_rms_norm")
+    return _outputs(match, {"out": out, "sum": total})
 
 
-def _lower_rms_norm(region: FusedRegion, *args):
-    out = torch.ops.blade_ort.rms_norm(_role(region, args, "input"), _role(region, args, "gamma"), region.attrs["eps"])
-    return _by_output_role(region, {"out": out})
+def _lower_rms_norm(region: FusedRegion, match: Match, *args):
+    operand = lambda role: match.operand(region.body, args, role)  # noqa: E731
+    return _outputs(match, {"out": torch.ops.blade_ort.rms_norm(operand("input"), operand("gamma"),
+                                                                match.attrs["eps"])})
 
 
-def _lower_matmul_gelu(region: FusedRegion, *args):
+def _lower_matmul_gelu(region: FusedRegion, match: Match, *args):
     """The body, with its matmul + bias + GELU as one MatMul + BiasGelu/FastGelu (views commute)."""
     body = region.body
     env: dict[Node, object] = dict(zip(body.inputs, args))
     matmul = body.call_nodes[0]
-    weight = _role(region, args, "weight")
+    weight = match.operand(body, args, "weight")
     if region.attrs["weight_layout"] == "out_in":
         weight = weight.t()
     approximate = "tanh" if region.attrs["activation"] == "gelu_tanh" else "none"
     for node in body.call_nodes:
         if node is matmul:
-            env[node] = torch.ops.blade_ort.matmul_bias_gelu(_role(region, args, "input"), weight,
-                                                             _role(region, args, "bias"), approximate)
+            env[node] = torch.ops.blade_ort.matmul_bias_gelu(match.operand(body, args, "input"), weight,
+                                                             match.operand(body, args, "bias"), approximate)
         elif node.target == torch.ops.aten.gelu.default:
             env[node] = env[node.args[0]]
         else:
@@ -202,19 +200,18 @@ DISABLED_OPTIMIZERS = {"cpu": ["SkipLayerNormFusion"], "cuda": []}
 
 def lowering(region: FusedRegion, device: str = "cpu") -> Lowered | None:
     """The ONNX Runtime form of the region on `device`, or None to export its body as it is."""
-    attrs = region.attrs
-    roles = attrs.get("inputs", {})
+    match = recognise(region)
     wanted = CONTRIB_PATTERNS.get(device, CONTRIB_PATTERNS["cpu"])
-    if region.kind == "matmul_epilogue":
-        if "matmul_gelu" in wanted and attrs.get("activation") in ("gelu", "gelu_tanh") and "bias" in roles:
-            return Lowered(region, _lower_matmul_gelu)
+    if match is None or match.op not in wanted:
         return None
-    if region.pattern not in wanted:
+    if match.op == "matmul_gelu":
+        return Lowered(region, match, _lower_matmul_gelu)
+    if match.inputs.get("gamma") is None:
         return None
-    if region.pattern in ("skip_layer_norm", "skip_rms_norm") and "gamma" in roles and _skip_fits(region):
-        return Lowered(region, _lower_skip_norm)
-    if region.pattern == "rms_norm" and "gamma" in roles and _per_channel(region, _meta(region, "input")):
-        return Lowered(region, _lower_rms_norm)
+    if match.op in ("skip_layer_norm", "skip_rms_norm") and _skip_fits(region, match):
+        return Lowered(region, match, _lower_skip_norm)
+    if match.op == "rms_norm" and _per_channel(region, match, _meta(region, match, "input")):
+        return Lowered(region, match, _lower_rms_norm)
     return None
 
 

@@ -50,11 +50,11 @@ def check_lowering_options(config: CompileConfig, calibration_data) -> list | No
 def with_lowering(passes: list, config: CompileConfig) -> list:
     """A user's pipeline, with the lowering passes added when asked for and absent: before fusion when
     the list has it (a linear inside a fused region is no longer lowered), else at the end."""
-    from blade.passes import fusion
+    from blade.passes import before_fusion
 
     if config.lowers_precision:
         missing = [p for p in LOWERING_PASSES if p not in passes]
-        at = passes.index(fusion.run) if fusion.run in passes else len(passes)
+        at = before_fusion(passes)
         passes[at:at] = missing
     return passes
 

@@ -140,24 +140,15 @@ def fusable(graph: Graph, members: Iterable[Node]) -> str | None:
     return None
 
 
-def fuse(graph: Graph, members: list[Node], kind: str, pattern: str, attrs: dict | None = None,
-         roles: dict[str, Node] | None = None, output_roles: dict[Node, str] | None = None) -> Node:
-    """Replace `members` (call nodes, in topological order) by one fused node and return it.
-
-    `roles` names some outside inputs (e.g. {"gamma": w}) and `output_roles` some outputs, so that
-    a backend lowering the pattern finds them: they land in attrs["inputs"] (role -> argument
-    index) and attrs["outputs"] (one role or None per output). Raise GraphError when not fusable.
-    """
+def fuse(graph: Graph, members: list[Node], kind: str, pattern: str, attrs: dict | None = None) -> Node:
+    """Replace `members` (call nodes, in topological order) by one fused node and return it; raise
+    GraphError when they are not fusable."""
     why = fusable(graph, members)
     if why:
         raise GraphError(f"cannot fuse {[m.name for m in members]} as {pattern}: {why}")
     inputs = external_inputs(members)
     outputs = region_outputs(graph, members)
     attrs = dict(attrs or {})
-    if roles:
-        attrs["inputs"] = {role: inputs.index(node) for role, node in roles.items() if node is not None}
-    if output_roles:
-        attrs["outputs"] = [output_roles.get(o) for o in outputs]
     body = Graph(pattern)
     body.dims = dict(graph.dims)
     mapping: dict[Node, Node] = {}

@@ -1,4 +1,5 @@
-"""fusion: each fused kind (structure), numbers against eager on both backends, graphs it leaves alone."""
+"""fusion (fuse_norms, fuse_epilogues, fuse_loops): each fused kind (structure), numbers against eager on both
+backends, graphs it leaves alone."""
 from __future__ import annotations
 
 import math
@@ -13,7 +14,8 @@ from torch.export import Dim
 import blade
 from blade.errors import GraphError
 from blade.ir.fused import FusedRegion, creates_cycle, fuse, is_fused
-from blade.passes import activations, cleanup, fusion
+from blade.backends.onnxruntime.patterns import recognise
+from blade.passes import FUSION, activations, cleanup
 
 from helpers import Apply, assert_matches
 
@@ -118,7 +120,8 @@ def test_kinds_and_attrs_say_what_a_code_generator_needs():
     by_pattern = {n.target.pattern: n for n in cm.graph.call_nodes if is_fused(n)}
     norm, epilogue = by_pattern["skip_layer_norm"].target, by_pattern["linear_gelu"].target
     assert norm.kind == "reduction" and norm.attrs["eps"] == 1e-5
-    assert set(norm.attrs["inputs"]) == {"input", "skip", "gamma", "beta", "bias"}  # the bias moved in
+    roles = recognise(norm).inputs  # as ONNX Runtime's SkipLayerNormalization reads them
+    assert {r for r, node in roles.items() if node is not None} == {"input", "skip", "gamma", "beta", "bias"}
     assert [n.target for n in norm.body.call_nodes] == [aten.add.Tensor, aten.add.Tensor, aten.layer_norm.default]
     assert epilogue.kind == "matmul_epilogue" and epilogue.attrs["activation"] == "gelu"
     assert [n.target for n in epilogue.body.call_nodes] == [aten.linear.default, aten.gelu.default]
@@ -129,7 +132,7 @@ def test_kinds_and_attrs_say_what_a_code_generator_needs():
 def test_a_sum_read_on_becomes_a_second_output():
     _, cm = compile_body("skip_layer_norm_sum")
     (node,) = [n for n in cm.graph.call_nodes if is_fused(n)]
-    assert node.target.attrs["outputs"] == ["sum", "out"] and isinstance(node.val, tuple)
+    assert recognise(node.target).outputs == ["sum", "out"] and isinstance(node.val, tuple)
 
 
 def test_onnxruntime_gets_its_fused_contrib_ops(tmp_path):
@@ -170,9 +173,9 @@ def test_a_value_read_twice_is_not_computed_twice():
 
 def test_graphs_without_a_pattern_are_unchanged():
     model = Apply(lambda x, y: x @ y).eval()
-    cm = blade.compile(model, (torch.randn(4, 8), torch.randn(8, 3)), passes=[cleanup.run, fusion.run])
-    assert [r for r in cm.report.passes if r["name"] == "fusion"][0]["nodes_after"] == \
-        [r for r in cm.report.passes if r["name"] == "fusion"][0]["nodes_before"]
+    cm = blade.compile(model, (torch.randn(4, 8), torch.randn(8, 3)), passes=[cleanup.run, *FUSION])
+    fusion = [r for r in cm.report.passes if r["name"].startswith("fuse_")]
+    assert len(fusion) == 3 and all(r["nodes_after"] == r["nodes_before"] and not r["counts"] for r in fusion)
     assert not any(is_fused(n) for n in cm.graph.call_nodes)
 
 
@@ -201,9 +204,12 @@ def test_fused_graph_saves_and_loads(tmp_path):
 
 def test_report_counts_what_was_fused():
     _, cm = compile_body("skip_layer_norm")
-    (record,) = [r for r in cm.report.passes if r["name"] == "fusion"]
-    assert record["counts"]["reduction:skip_layer_norm"] == 1 and record["counts"]["matmul_epilogue:linear_gelu"] == 1
-    assert record["counts"]["regions"] == 2 and record["nodes_after"] < record["nodes_before"]
+    records = {r["name"]: r for r in cm.report.passes}
+    norms, epilogues = records["fuse_norms"], records["fuse_epilogues"]
+    assert norms["counts"] == {"reduction:skip_layer_norm": 1, "regions": 1, "ops_in_regions": 3}
+    assert epilogues["counts"] == {"matmul_epilogue:linear_gelu": 1, "regions": 1, "ops_in_regions": 2}
+    assert not records["fuse_loops"]["counts"]
+    assert all(r["nodes_after"] < r["nodes_before"] for r in (norms, epilogues))
 
 
 @pytest.mark.parametrize("spelling", [
@@ -262,7 +268,7 @@ def test_debug_mode_checks_every_region_body():
 
     model = Block(BODIES["loop"]).eval()
     with pytest.raises(GraphError, match="after pass break_a_region: fused node fused_loop: 0 arguments"):
-        blade.compile(model, inputs("loop"), passes=[cleanup.run, fusion.run, break_a_region], debug=True)
+        blade.compile(model, inputs("loop"), passes=[cleanup.run, *FUSION, break_a_region], debug=True)
 
 
 # -- found in review ------------------------------------------------------------------------------
@@ -312,7 +318,7 @@ def test_a_residual_of_a_value_with_itself_keeps_its_bias_twice():
     for backend in ("eager", "onnxruntime"):
         cm = blade.compile(model, (x,), backend=backend)
         (node,) = [n for n in cm.graph.call_nodes if is_fused(n)]
-        assert "bias" not in node.target.attrs["inputs"]
+        assert recognise(node.target).inputs["bias"] is None
         assert_matches(cm(x), model(x), tol=1e-5)
 
 

@@ -1,17 +1,14 @@
-"""Operator fusion: group the graph's nodes into fused regions (blade/fused.py), each run as one unit.
+"""Loop and reduction fusion: chains of elementwise ops and row reductions into fused regions.
 
-The pass record counts each region as `kind:pattern` (e.g. reduction:skip_layer_norm,
-matmul_epilogue:linear_gelu, loop:loop), plus `regions` and `ops_in_regions` in all.
+The last of the three fusion passes (after passes/fuse_norms.py and passes/fuse_epilogues.py,
+which take the named norm and matmul shapes first). Matches every chain of elementwise ops and row
+reductions (softmax, layer norm, mean/sum/max over the last axis, var_mean) in which each producer
+is read only by the next op. Produces one region per chain — kind "reduction" when it holds a
+reduction (pattern: the reduction's name, e.g. "softmax"; a mean/var layer norm written by hand is
+one such region), else "loop". Elementwise producers fuse into a reduction (its prologue) and
+elementwise consumers of a reduction into it (its epilogue). The record counts each region as
+`kind:pattern`, plus `regions` and `ops_in_regions`.
 
-In order:
-1. norms (passes/fuse_norms.py): residual add + layer norm, RMSNorm written by hand;
-2. matmul epilogues (passes/fuse_epilogues.py): linear/addmm + bias + activation + residual;
-3. loop and reduction fusion, here: every chain of elementwise ops and row reductions (softmax,
-   layer norm, mean/sum/max over the last axis, var_mean) in which each producer is read only by
-   the next op becomes one region — kind "reduction" when it holds a reduction (pattern: the
-   reduction's name, e.g. "softmax"; a mean/var layer norm written by hand is one such region),
-   else "loop". Elementwise producers fuse into a reduction (its prologue) and elementwise
-   consumers of a reduction into it (its epilogue).
 Legality: a region never creates a cycle (checked with the graph's reachability), never computes
 a value twice (a producer read by two nodes stays outside), and runs exactly the ops it replaces,
 so results differ from the unfused graph only by a backend's rounding.
@@ -23,13 +20,13 @@ from __future__ import annotations
 
 import torch
 
-from blade.perf.cost import ELEMENTWISE
-from blade.ir.fused import fusable, fuse, is_fused, topological
+from blade.ir.fused import fusable, is_fused, topological
 from blade.ir.graph import Graph, Node, TensorMeta
-from blade.passes import fuse_epilogues, fuse_norms
-from blade.passes.cleanup import _arg, eliminate_dead_code
+from blade.passes.cleanup import _arg
 from blade.passes.fuse_norms import only_user
 from blade.passes.manager import PassContext
+from blade.passes.rewrite import Plan, Region
+from blade.perf.cost import ELEMENTWISE
 
 aten = torch.ops.aten
 CASTS = {aten._to_copy.default, aten.to.dtype, torch.ops.prims.convert_element_type.default}
@@ -97,25 +94,17 @@ def _pattern(members: list[Node]) -> tuple[str, str]:
     return "reduction", "_".join(sorted(set(reductions)))
 
 
-def fuse_loops(graph: Graph, ctx: PassContext) -> None:
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    """Fuse every chain of fusible nodes that can become one region."""
     for members in clusters(graph):
-        if fusable(graph, members):
-            ctx.note(f"not fused {[m.name for m in members]}: {fusable(graph, members)}")
-            continue
-        if not ctx.allows(members[-1].name):
+        why = fusable(graph, members)
+        if why:
+            ctx.note(f"not fused {[m.name for m in members]}: {why}")
             continue
         kind, pattern = _pattern(members)
-        fuse(graph, members, kind, pattern)
-        ctx.count(f"{kind}:{pattern}")
-
-
-def run(graph: Graph, ctx: PassContext) -> Graph:
-    fuse_norms.run(graph, ctx)
-    fuse_epilogues.run(graph, ctx)
-    fuse_loops(graph, ctx)
-    eliminate_dead_code(graph, ctx)
-    fused = [n for n in graph.call_nodes if is_fused(n)]
-    ctx.count("regions", len(fused))
-    ctx.count("ops_in_regions", sum(len(n.target.body.call_nodes) for n in fused))
+        if ctx.allows(members[-1].name):
+            Plan(members[-1].name, region=Region(members, kind, pattern)).commit(graph)
+            ctx.count(f"{kind}:{pattern}")
+            ctx.count("regions")
+            ctx.count("ops_in_regions", len(members))
     return graph
-
