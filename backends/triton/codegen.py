@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from blade.ir.fused import FusedRegion
 from blade.ir.graph import Node, TensorMeta
+from blade.ops.info import RESHAPES, WHERES, arg
 
+aten = torch.ops.aten
 MAX_ROW = 16384  # longest row a persistent row kernel holds in one block; longer rows are walked in blocks
 LOOP_BLOCK_N = 4096  # the block a looped row kernel walks a long row in
 
@@ -91,112 +94,18 @@ class _Writer:
             raise Unsupported(f"{node.name} reduces over dims {dims}, not the last one")
 
     def op(self, node: Node) -> None:
-        name = str(node.target)
-        a = [self.value(x) if isinstance(x, (Node, int, float, bool)) else x for x in node.args]
-        kw = node.kwargs
+        """The statement for one body node, written by the node's op's emitter; Unsupported for an op with none."""
+        operands = [self.value(x) if isinstance(x, (Node, int, float, bool)) else x for x in node.args]
         if self.stats is not None and reduction_kind(node):
-            return self.emit(node, self._from_stats(node, a))
-        binary = {"aten.add": "+", "aten.sub": "-", "aten.mul": "*", "aten.div": "/"}
-        base = name.rsplit(".", 1)[0]
-        if base in binary:
-            if kw.get("rounding_mode") is not None:
-                raise Unsupported(f"{name} with rounding_mode")
-            alpha = kw.get("alpha", node.args[2] if len(node.args) > 2 and base in ("aten.add", "aten.sub") else 1)
-            other = a[1] if alpha == 1 else f"({_literal(alpha)} * {a[1]})"
-            return self.emit(node, f"({a[0]} {binary[base]} {other})")
-        if base == "aten.rsub":
-            alpha = node.args[2] if len(node.args) > 2 else kw.get("alpha", 1)
-            return self.emit(node, f"({a[1]} - {_literal(alpha)} * {a[0]})" if alpha != 1 else f"({a[1]} - {a[0]})")
-        unary = {"aten.neg": "(-{0})", "aten.exp": "tl.exp({0})", "aten.log": "tl.log({0})",
-                 "aten.sqrt": "tl.sqrt({0})", "aten.rsqrt": "tl.rsqrt({0})", "aten.abs": "tl.abs({0})",
-                 "aten.sin": "tl.sin({0})", "aten.cos": "tl.cos({0})", "aten.erf": "tl.erf({0})",
-                 "aten.sigmoid": "tl.sigmoid({0})", "aten.relu": "tl.maximum({0}, 0.0)",
-                 "aten.silu": "({0} * tl.sigmoid({0}))", "aten.alias": "{0}", "aten.clone": "{0}",
-                 "aten.reciprocal": "(1.0 / {0})"}
-        if base in unary:
-            return self.emit(node, unary[base].format(a[0]))
-        if base == "aten.tanh":
-            return self.emit(node, _tanh(a[0]))
-        if base == "aten.gelu":
-            x = a[0]
-            if kw.get("approximate", "none") == "tanh":
-                inner = f"(0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x}))"
-                return self.emit(node, f"(0.5 * {x} * (1.0 + {_tanh(inner)}))")
-            return self.emit(node, f"(0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476)))")
-        if base == "aten.pow" and name.endswith("Tensor_Scalar"):
-            exponent = node.args[1]
-            forms = {2: "({0} * {0})", 3: "({0} * {0} * {0})", 1: "{0}", 0.5: "tl.sqrt({0})", -0.5: "tl.rsqrt({0})",
-                     -1: "(1.0 / {0})"}
-            if exponent not in forms:
-                raise Unsupported(f"{name} with exponent {exponent}")
-            return self.emit(node, forms[exponent].format(a[0]))
-        compare = {"aten.eq": "==", "aten.ne": "!=", "aten.lt": "<", "aten.le": "<=", "aten.gt": ">", "aten.ge": ">="}
-        if base in compare:
-            return self.emit(node, f"({a[0]} {compare[base]} {a[1]})")
-        logical = {"aten.logical_not": "({0} == 0)", "aten.logical_and": "(({0} != 0) & ({1} != 0))",
-                   "aten.logical_or": "(({0} != 0) | ({1} != 0))", "aten.bitwise_and": "({0} & {1})"}
-        if base in logical:
-            return self.emit(node, logical[base].format(*a[:2]) if len(a) > 1 else logical[base].format(a[0]))
-        if base == "aten.masked_fill":
-            return self.emit(node, f"tl.where({a[1]} != 0, {a[2]}, {a[0]})")
-        if base == "aten.hardtanh":
-            low, high = (list(node.args[1:]) + [-1.0, 1.0])[:2]
-            return self.emit(node, f"tl.minimum(tl.maximum({a[0]}, {_literal(low)}), {_literal(high)})")
-        if base == "aten.leaky_relu":
-            slope = node.args[1] if len(node.args) > 1 else 0.01
-            return self.emit(node, f"tl.where({a[0]} > 0, {a[0]}, {a[0]} * {_literal(slope)})")
-        if base in ("aten.maximum", "aten.minimum"):
-            return self.emit(node, f"tl.{base[5:]}({a[0]}, {a[1]})")
-        if base == "aten.where":
-            return self.emit(node, f"tl.where({a[0]} != 0, {a[1]}, {a[2]})")
-        if base == "aten.clamp":
-            low, high = (list(node.args[1:]) + [None, None])[:2]
-            low, high = kw.get("min", low), kw.get("max", high)
-            expr = a[0]
-            if low is not None:
-                expr = f"tl.maximum({expr}, {_literal(low)})"
-            if high is not None:
-                expr = f"tl.minimum({expr}, {_literal(high)})"
-            return self.emit(node, expr)
-        if base in ("aten.to", "aten._to_copy"):
-            dtype = kw.get("dtype", node.args[1] if len(node.args) > 1 else None)
-            if not isinstance(dtype, torch.dtype) or dtype not in _TL_DTYPES:
-                raise Unsupported(f"{name} to {dtype}")
-            return self.emit(node, f"_to_dtype({a[0]}, {_TL_DTYPES[dtype]})")
-        if name in ("aten.sum.dim_IntList", "aten.mean.dim"):
-            self.last_axis(node, node.args[1])
-            total = self.reduce(a[0], "sum")
-            return self.emit(node, total if base == "aten.sum" else f"({total} / N)")
-        if base == "aten.amax":
-            self.last_axis(node, node.args[1])
-            return self.emit(node, self.reduce(a[0], "max"))
-        if base == "aten.var" and name.endswith("correction"):
-            self.last_axis(node, node.args[1])
-            correction = kw.get("correction", 1)
-            mean = self.reduce(a[0], "sum") + " / N"
-            self.lines.append(f"m{self.count} = {mean}")
-            centered = f"({a[0]} - m{self.count})"
-            return self.emit(node, f"({self.reduce(f'{centered} * {centered}', 'sum')} / (N - {_literal(correction)}))")
-        if base == "aten.layer_norm":
-            x, shape = a[0], node.args[1]
-            if len(shape) != 1:
-                raise Unsupported("layer_norm over more than the last dim")
-            eps = _norm_args(node)[2]
-            k = self.count
-            self.lines.append(f"m{k} = {self.reduce(x, 'sum')} / N")
-            self.lines.append(f"d{k} = tl.where(mask, {x} - m{k}, 0.0)")
-            self.lines.append(f"r{k} = tl.rsqrt(tl.sum(d{k} * d{k}, axis=0) / N + {_literal(eps)})")
-            return self.emit(node, self._affine(f"(d{k} * r{k})", node))
-        if base in ("aten._softmax", "aten.softmax"):
-            self.last_axis(node, node.args[1])
-            k = self.count
-            self.lines.append(f"e{k} = tl.exp({a[0]} - {self.reduce(a[0], 'max')})")
-            return self.emit(node, f"(e{k} / {self.reduce(f'e{k}', 'sum')})")
-        raise Unsupported(f"no Triton translation for {name}")
+            return self.emit(node, self._from_stats(node, operands))
+        emitter = EMITTERS.get(node.target)
+        if emitter is None:
+            raise Unsupported(f"no Triton translation for {node.target}")
+        self.emit(node, emitter(self, node, operands))
 
     def _affine(self, normalized: str, node: Node) -> str:
         """layer_norm's weight and bias applied to the normalized row."""
-        weight, bias, _ = _norm_args(node)
+        weight, bias = arg(node, "weight"), arg(node, "bias")
         expr = f"({normalized} * {self.value(weight)})" if weight is not None else normalized
         return f"({expr} + {self.value(bias)})" if bias is not None else expr
 
@@ -211,21 +120,168 @@ class _Writer:
         return stats["value"]
 
 
+# Emitters: (writer, node, operands as Triton expressions or literals) -> the node's value as a Triton expression.
+# An emitter may write statements first (writer.lines) and raises Unsupported for a form it does not cover.
+Emitter = Callable[[_Writer, Node, list], str]
+
+
+def _formatted(template: str) -> Emitter:
+    """An op written as one expression of its positional operands ({0}, {1}, …)."""
+    return lambda writer, node, a: template.format(*a)
+
+
+def _binary(symbol: str, alpha: bool = False) -> Emitter:
+    """a <symbol> b, with add's and sub's `alpha` scaling b."""
+    def emit(writer: _Writer, node: Node, a: list) -> str:
+        scale = arg(node, "alpha") if alpha else 1
+        other = a[1] if scale == 1 else f"({_literal(scale)} * {a[1]})"
+        return f"({a[0]} {symbol} {other})"
+    return emit
+
+
+def _divide_with_mode(writer: _Writer, node: Node, a: list) -> str:
+    if arg(node, "rounding_mode") is not None:
+        raise Unsupported(f"{node.target} with rounding_mode")
+    return _binary("/")(writer, node, a)
+
+
+def _reverse_subtract(writer: _Writer, node: Node, a: list) -> str:
+    alpha = arg(node, "alpha")
+    return f"({a[1]} - {_literal(alpha)} * {a[0]})" if alpha != 1 else f"({a[1]} - {a[0]})"
+
+
+def _gelu(writer: _Writer, node: Node, a: list) -> str:
+    x = a[0]
+    if arg(node, "approximate") == "tanh":
+        inner = f"(0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x}))"
+        return f"(0.5 * {x} * (1.0 + {_tanh(inner)}))"
+    return f"(0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476)))"
+
+
+_POWERS = {2: "({0} * {0})", 3: "({0} * {0} * {0})", 1: "{0}", 0.5: "tl.sqrt({0})", -0.5: "tl.rsqrt({0})",
+           -1: "(1.0 / {0})"}
+
+
+def _power(writer: _Writer, node: Node, a: list) -> str:
+    exponent = arg(node, "exponent")
+    if exponent not in _POWERS:
+        raise Unsupported(f"{node.target} with exponent {exponent}")
+    return _POWERS[exponent].format(a[0])
+
+
+def _hardtanh(writer: _Writer, node: Node, a: list) -> str:
+    low, high = arg(node, "min_val", -1.0), arg(node, "max_val", 1.0)
+    return f"tl.minimum(tl.maximum({a[0]}, {_literal(low)}), {_literal(high)})"
+
+
+def _leaky_relu(writer: _Writer, node: Node, a: list) -> str:
+    return f"tl.where({a[0]} > 0, {a[0]}, {a[0]} * {_literal(arg(node, 'negative_slope', 0.01))})"
+
+
+def _clamp(writer: _Writer, node: Node, a: list) -> str:
+    low, high, expr = arg(node, "min"), arg(node, "max"), a[0]
+    if low is not None:
+        expr = f"tl.maximum({expr}, {_literal(low)})"
+    if high is not None:
+        expr = f"tl.minimum({expr}, {_literal(high)})"
+    return expr
+
+
+def _cast(writer: _Writer, node: Node, a: list) -> str:
+    dtype = arg(node, "dtype")
+    if not isinstance(dtype, torch.dtype) or dtype not in _TL_DTYPES:
+        raise Unsupported(f"{node.target} to {dtype}")
+    return f"_to_dtype({a[0]}, {_TL_DTYPES[dtype]})"
+
+
+def _sum_or_mean(writer: _Writer, node: Node, a: list) -> str:
+    writer.last_axis(node, arg(node, "dim"))
+    total = writer.reduce(a[0], "sum")
+    return total if node.target == aten.sum.dim_IntList else f"({total} / N)"
+
+
+def _amax(writer: _Writer, node: Node, a: list) -> str:
+    writer.last_axis(node, arg(node, "dim"))
+    return writer.reduce(a[0], "max")
+
+
+def _var(writer: _Writer, node: Node, a: list) -> str:
+    writer.last_axis(node, arg(node, "dim"))
+    correction = arg(node, "correction", 1)
+    writer.lines.append(f"m{writer.count} = {writer.reduce(a[0], 'sum')} / N")
+    centered = f"({a[0]} - m{writer.count})"
+    return f"({writer.reduce(f'{centered} * {centered}', 'sum')} / (N - {_literal(correction)}))"
+
+
+def _layer_norm(writer: _Writer, node: Node, a: list) -> str:
+    x = a[0]
+    if len(arg(node, "normalized_shape")) != 1:
+        raise Unsupported("layer_norm over more than the last dim")
+    k = writer.count
+    writer.lines.append(f"m{k} = {writer.reduce(x, 'sum')} / N")
+    writer.lines.append(f"d{k} = tl.where(mask, {x} - m{k}, 0.0)")
+    writer.lines.append(f"r{k} = tl.rsqrt(tl.sum(d{k} * d{k}, axis=0) / N + {_literal(arg(node, 'eps'))})")
+    return writer._affine(f"(d{k} * r{k})", node)
+
+
+def _softmax(writer: _Writer, node: Node, a: list) -> str:
+    writer.last_axis(node, arg(node, "dim"))
+    k = writer.count
+    writer.lines.append(f"e{k} = tl.exp({a[0]} - {writer.reduce(a[0], 'max')})")
+    return f"(e{k} / {writer.reduce(f'e{k}', 'sum')})"
+
+
+_UNARY = {
+    aten.neg.default: "(-{0})", aten.exp.default: "tl.exp({0})", aten.log.default: "tl.log({0})",
+    aten.sqrt.default: "tl.sqrt({0})", aten.rsqrt.default: "tl.rsqrt({0})", aten.abs.default: "tl.abs({0})",
+    aten.sin.default: "tl.sin({0})", aten.cos.default: "tl.cos({0})", aten.erf.default: "tl.erf({0})",
+    aten.sigmoid.default: "tl.sigmoid({0})", aten.relu.default: "tl.maximum({0}, 0.0)",
+    aten.silu.default: "({0} * tl.sigmoid({0}))", aten.alias.default: "{0}", aten.clone.default: "{0}",
+    aten.reciprocal.default: "(1.0 / {0})", aten.logical_not.default: "({0} == 0)",
+}
+_COMPARISONS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+_TWO_OPERANDS = {
+    aten.logical_and.default: "(({0} != 0) & ({1} != 0))", aten.logical_or.default: "(({0} != 0) | ({1} != 0))",
+    aten.bitwise_and.Tensor: "({0} & {1})", aten.bitwise_and.Scalar: "({0} & {1})",
+    aten.maximum.default: "tl.maximum({0}, {1})", aten.minimum.default: "tl.minimum({0}, {1})",
+    aten.masked_fill.Scalar: "tl.where({1} != 0, {2}, {0})", aten.masked_fill.Tensor: "tl.where({1} != 0, {2}, {0})",
+    **{op: "tl.where({0} != 0, {1}, {2})" for op in WHERES},
+    **{getattr(getattr(aten, name), kind): f"({{0}} {symbol} {{1}})"
+       for name, symbol in _COMPARISONS.items() for kind in ("Tensor", "Scalar")},
+}
+
+# The one table of what the generator writes: op overload -> emitter. An op not here runs as PyTorch.
+EMITTERS: dict = {
+    **{op: _formatted(template) for op, template in (_UNARY | _TWO_OPERANDS).items()},
+    aten.add.Tensor: _binary("+", alpha=True), aten.add.Scalar: _binary("+", alpha=True),
+    aten.sub.Tensor: _binary("-", alpha=True), aten.sub.Scalar: _binary("-", alpha=True),
+    aten.mul.Tensor: _binary("*"), aten.mul.Scalar: _binary("*"),
+    aten.div.Tensor: _binary("/"), aten.div.Scalar: _binary("/"),
+    aten.div.Tensor_mode: _divide_with_mode, aten.div.Scalar_mode: _divide_with_mode,
+    aten.rsub.Tensor: _reverse_subtract, aten.rsub.Scalar: _reverse_subtract,
+    aten.tanh.default: lambda writer, node, a: _tanh(a[0]),
+    aten.gelu.default: _gelu,
+    aten.pow.Tensor_Scalar: _power,
+    aten.hardtanh.default: _hardtanh,
+    aten.leaky_relu.default: _leaky_relu,
+    aten.clamp.default: _clamp,
+    aten._to_copy.default: _cast, aten.to.dtype: _cast, aten.to.dtype_layout: _cast,
+    aten.sum.dim_IntList: _sum_or_mean, aten.mean.dim: _sum_or_mean,
+    aten.amax.default: _amax,
+    aten.var.correction: _var,
+    aten.layer_norm.default: _layer_norm,
+    aten.softmax.int: _softmax, aten._softmax.default: _softmax,
+}
+
+# The row reductions the writer knows, by kind (a looped row kernel computes each kind's statistics).
+REDUCTION_KINDS = {aten.sum.dim_IntList: "sum", aten.mean.dim: "mean", aten.amax.default: "amax",
+                   aten.var.correction: "var", aten.layer_norm.default: "layer_norm", aten.softmax.int: "softmax",
+                   aten._softmax.default: "softmax"}
+
+
 def reduction_kind(node: Node) -> str | None:
     """sum, mean, amax, var, layer_norm or softmax for the row reductions the writer knows; else None."""
-    name = str(node.target)
-    base = name.rsplit(".", 1)[0]
-    if name in ("aten.sum.dim_IntList", "aten.mean.dim"):
-        return base[5:]
-    if base == "aten.amax":
-        return "amax"
-    if base == "aten.var" and name.endswith("correction"):
-        return "var"
-    if base == "aten.layer_norm":
-        return "layer_norm"
-    if base in ("aten._softmax", "aten.softmax"):
-        return "softmax"
-    return None
+    return REDUCTION_KINDS.get(node.target)
 
 
 def _operand_lines(index: int, rank: int, lead_only: bool, idx_prefix: str = "i") -> str:
@@ -366,7 +422,7 @@ def _check_rows(region: FusedRegion, rank: int, last: int) -> None:
                 raise Unsupported(f"{node.name} reduces {operand.dtype} values (the kernels accumulate in float32)")
             if operand.shape[-1] != last:
                 raise Unsupported(f"{node.name} reduces a dim of {operand.shape[-1]}, not the row of {last}")
-            if kind == "layer_norm" and len(node.args[1]) != 1:
+            if kind == "layer_norm" and len(arg(node, "normalized_shape")) != 1:
                 raise Unsupported("layer_norm over more than the last dim")
             if isinstance(meta, TensorMeta) and meta.rank < operand.rank:
                 if id(node) in read:
@@ -374,12 +430,6 @@ def _check_rows(region: FusedRegion, rank: int, last: int) -> None:
                 continue
         if isinstance(meta, TensorMeta) and meta.rank and meta.shape[-1] not in (1, last):
             raise Unsupported(f"{node.name} changes the row length")
-
-
-def _norm_args(node: Node) -> tuple:
-    """layer_norm's weight, bias and eps, given by position or by name."""
-    weight, bias, eps = (list(node.args[2:5]) + [None, None, 1e-5])[:3]
-    return (node.kwargs.get("weight", weight), node.kwargs.get("bias", bias), node.kwargs.get("eps", eps))
 
 
 def _ancestors(node: Node, calls: list[Node]) -> list[Node]:
@@ -432,7 +482,7 @@ def looped_row_kernel(region: FusedRegion, name: str) -> KernelSource:
         kind = reduction_kind(node)
         if kind is None:
             continue
-        _Writer(row_mode=True).last_axis(node, -1 if kind == "layer_norm" else node.args[1])
+        _Writer(row_mode=True).last_axis(node, -1 if kind == "layer_norm" else arg(node, "dim"))
         operand = node.args[0]
         needed = _ancestors(operand, calls) if isinstance(operand, Node) and operand in calls else []
         if kind in ("sum", "mean"):
@@ -453,10 +503,10 @@ def looped_row_kernel(region: FusedRegion, name: str) -> KernelSource:
             deviations = accumulate(f"{k}v", needed, operand, "{acc} + tl.sum(tl.where(mask, ({x} - " + mean +
                                     ") * ({x} - " + mean + "), 0.0), axis=0)", "0.0")
             if kind == "var":
-                correction = node.kwargs.get("correction", 1)
+                correction = arg(node, "correction", 1)
                 stats[id(node)] = {"value": f"({deviations} / (N - {_literal(correction)}))"}
             else:
-                eps = _norm_args(node)[2]
+                eps = arg(node, "eps")
                 stats[id(node)] = {"mean": mean, "rstd": f"tl.rsqrt({deviations} / N + {_literal(eps)})"}
     writer, body = block("o_", calls)
     lines.append("    for c0 in range(0, N, BLOCK_N):")
@@ -473,7 +523,7 @@ def matmul_kernel(region: FusedRegion, name: str) -> KernelSource:
         raise Unsupported("a matmul epilogue with several outputs")
     calls = region.body.call_nodes
     matmul = calls[0]
-    if str(matmul.target) != "aten.linear.default":
+    if matmul.target != aten.linear.default:
         raise Unsupported(f"matmul {matmul.target}")
     x, weight = matmul.args[0], matmul.args[1]
     bias = matmul.args[2] if len(matmul.args) > 2 else None
@@ -482,7 +532,7 @@ def matmul_kernel(region: FusedRegion, name: str) -> KernelSource:
         raise Unsupported("matmul operands computed inside the region")
     out_meta = outputs[0].val
     rank = out_meta.rank
-    if rank < 2 or any(str(n.target).split(".")[-2:-1] in (["view"], ["reshape"], ["_unsafe_view"]) for n in calls[1:]):
+    if rank < 2 or any(n.target in RESHAPES for n in calls[1:]):
         raise Unsupported("a view inside the epilogue")
     roles = {"a": inputs.index(x), "b": inputs.index(weight), "bias": inputs.index(bias) if bias is not None else -1}
     read_later = {id(ref) for node in calls[1:] for ref in node.refs()}
@@ -556,7 +606,7 @@ def generate(region: FusedRegion, name: str) -> KernelSource:
     metas = [n.val for n in region.body.inputs] + [getattr(o, "val", None) for o in region.body.outputs]
     if any(isinstance(m, TensorMeta) and m.dtype in (torch.float64, torch.complex64, torch.complex128) for m in metas):
         raise Unsupported("float64 or complex tensors (the kernels compute in float32)")
-    try:
-        return GENERATORS[region.kind](region, name)
-    except (KeyError, IndexError, AttributeError, TypeError) as exc:  # a body shape the templates do not cover
-        raise Unsupported(f"{type(exc).__name__} while writing the kernel: {exc}") from None
+    generator = GENERATORS.get(region.kind)
+    if generator is None:
+        raise Unsupported(f"no kernel template for {region.kind} regions")
+    return generator(region, name)  # an error other than Unsupported is a bug in the generator: it propagates
