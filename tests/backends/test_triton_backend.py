@@ -12,6 +12,7 @@ from torch.export import Dim
 
 import blade
 import blade.models as zoo
+from blade.backends.triton import codegen
 from blade.backends.triton import program as triton_program
 from blade.backends.triton.codegen import Unsupported, generate
 from blade.backends.triton.program import TritonProgram
@@ -179,6 +180,23 @@ def test_unsupported_region_falls_back_to_pytorch_and_is_counted():
     region_cm = blade.compile(Odd(), (x, y), backend="eager")
     with pytest.raises(Unsupported, match="no Triton translation"):
         generate([n.target for n in region_cm.graph.call_nodes if is_fused(n)][0], "k_odd")
+
+
+def test_a_bug_in_an_emitter_raises_instead_of_falling_back(monkeypatch):
+    class Plain(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x) * 2.0 + 1.0
+
+    cm = blade.compile(Plain(), (torch.randn(4, 6),), backend="eager")
+    region = next(n.target for n in cm.graph.call_nodes if is_fused(n))
+    assert "tl.maximum" in generate(region, "k_plain").source
+
+    def broken(writer, node, operands):
+        return {}["a generator bug"]
+
+    monkeypatch.setitem(codegen.EMITTERS, torch.ops.aten.relu.default, broken)
+    with pytest.raises(KeyError, match="a generator bug"):
+        generate(region, "k_plain")
 
 
 @interpreted
