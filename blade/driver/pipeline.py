@@ -1,7 +1,6 @@
 """The compile pipeline as named stages: configure, look up the cache, capture, passes, backend, accuracy, report."""
 from __future__ import annotations
 
-import os
 import time
 import warnings
 
@@ -10,6 +9,7 @@ import torch.utils._pytree as pytree
 
 from blade import backends
 from blade import passes as pipelines
+from blade import config as knobs
 from blade.config import CompileConfig
 from blade.driver import selection as backend_selection
 from blade.driver.bisect import bisect
@@ -23,7 +23,7 @@ from blade.ir.fused import calls_within
 from blade.ir.graph import dtype_name
 from blade.ir.shapes import free_dims
 from blade.perf.accuracy import Judge, exact_outputs
-from blade.perf.cost import ATTENTIONS, CONVOLUTIONS, MATMULS
+from blade.perf.cost import KINDS
 from blade.perf.report import CompileReport
 from blade.runtime import cache as compile_cache
 from blade.runtime.compiled import CompiledModel
@@ -39,7 +39,7 @@ class Compilation:
         self.model, self.example_inputs, self.example_kwargs = model, example_inputs, example_kwargs
         self.dynamic_shapes, self.name, self.passes = dynamic_shapes, name, passes
         self.asked = {"backend": backend, "optimize": optimize, "check_accuracy": check_accuracy,
-                      "debug": debug or os.environ.get("BLADE_DEBUG") == "1", "precision": precision,
+                      "debug": debug or knobs.debug(), "precision": precision,
                       "quantize": quantize, "calibration_data": calibration_data, "accuracy_budget": accuracy_budget,
                       "keep_output_dtype": keep_output_dtype, "cache": cache, "autotune": autotune}
         self.start = time.perf_counter()
@@ -180,7 +180,7 @@ class Compilation:
             ops_before=captured.graph.count_targets(), ops_after=graph.count_targets(),
             seconds={"capture": captured.seconds, "passes": self.seconds["passes"],
                      "backend": self.seconds["backend"]},
-            backend_details=self.executable.describe() if hasattr(self.executable, "describe") else {},
+            backend_details=self.executable.describe(),
             backend_candidates=self.candidates, matmul_precision=matmul_precision(graph),
             quantization=self.lowering.summary(graph))
         compiled = CompiledModel(graph, self.executable, self.backend.name, self.target, self.signature, report)
@@ -219,7 +219,7 @@ def matmul_precision(graph) -> dict[str, str]:
     """Every matmul, convolution and attention node (inside fused regions too) -> what it computes in."""
     found = {}
     for node in calls_within(graph):
-        if node.target not in MATMULS and node.target not in CONVOLUTIONS and node.target not in ATTENTIONS:
+        if KINDS.get(node.target) not in ("matmul", "conv", "attention"):
             continue
         mode = node.meta.get("quantized")
         tensor = next((r for r in node.refs() if hasattr(r.val, "dtype")), None)
