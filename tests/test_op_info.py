@@ -99,3 +99,10 @@ def test_infer_meta_keeps_symbolic_dims_and_the_device():
     assert infer_meta(aten.sym_size.int, (x, 1)) == ScalarMeta(int, seq)
     assert infer_meta(aten.arange.default, (size,), {"dtype": torch.int64, "device": "cpu"}) == \
         TensorMeta((seq,), torch.int64, "cpu")
+
+
+def test_infer_meta_remembers_answers_by_value_and_type():
+    x = _input("x", (3,), torch.int64)
+    assert infer_meta(aten.add.Tensor, (x, 1)).dtype == torch.int64
+    assert infer_meta(aten.add.Tensor, (x, 1.0)).dtype == torch.float32  # not the answer for 1
+    assert infer_meta(aten.add.Tensor, (x, True)).dtype == torch.int64

@@ -314,8 +314,37 @@ def infer_meta(target, args: tuple, kwargs: dict | None = None):
     """The meta of `target(*args, **kwargs)`, where args hold Nodes (read through their meta) and literals:
     the op's meta function run on meta-device tensors, or, where a size is symbolic, on fake tensors whose
     dims are symbols of their own, so that `view(x, [b * 4])` of x: [b, 4] infers [4*b]. The result is on the
-    device of the first tensor argument (or of the `device` keyword). A TensorMeta, a ScalarMeta, or a tuple."""
+    device of the first tensor argument (or of the `device` keyword). A TensorMeta, a ScalarMeta, or a tuple.
+    Answers are remembered by the op and its arguments' metas: the layers of a model ask the same questions."""
     kwargs = dict(kwargs or {})
+    try:
+        key = (target, _signature(args), _signature(kwargs))
+        hash(key)
+    except TypeError:  # an argument that cannot be a key (a nested graph, an unhashable literal)
+        return _infer(target, args, kwargs)
+    if key not in _ANSWERS:
+        if len(_ANSWERS) >= _MAX_ANSWERS:
+            _ANSWERS.clear()
+        _ANSWERS[key] = _infer(target, args, kwargs)
+    return _ANSWERS[key]
+
+
+_ANSWERS: dict = {}
+_MAX_ANSWERS = 1 << 14
+
+
+def _signature(value):
+    """A nest of arguments as a key: Nodes by their meta, literals by type and value (1, 1.0 and True differ)."""
+    if isinstance(value, Node):
+        return ("node", value.val)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, *(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _signature(v)) for k, v in sorted(value.items())))
+    return (type(value), value)
+
+
+def _infer(target, args: tuple, kwargs: dict):
     space = _fake_space() if _symbolic((args, kwargs)) else _META_SPACE
     device = _device_of(args, kwargs)
     if "device" in kwargs:
