@@ -322,11 +322,12 @@ def infer_meta(target, args: tuple, kwargs: dict | None = None):
         hash(key)
     except TypeError:  # an argument that cannot be a key (a nested graph, an unhashable literal)
         return _infer(target, args, kwargs)
-    if key not in _ANSWERS:
+    answer = _ANSWERS.get(key)
+    if answer is None:
         if len(_ANSWERS) >= _MAX_ANSWERS:
             _ANSWERS.clear()
-        _ANSWERS[key] = _infer(target, args, kwargs)
-    return _ANSWERS[key]
+        answer = _ANSWERS[key] = _infer(target, args, kwargs)
+    return answer
 
 
 _ANSWERS: dict = {}
