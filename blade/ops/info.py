@@ -16,9 +16,15 @@ OpOverloads, blade's own ops included):
 - bookkeeping: SIZE_QUERIES (sym_size, sym_numel), ASSERTS
 
 `arg(node, name)` reads an argument by its schema name, given by position or keyword, else its default;
-`is_view`, `is_impure` and `is_random` read an op's schema and tags;
-`infer_meta(target, args, kwargs)` runs the op's meta function on fake tensors and returns the output's
-TensorMeta (a tuple of them for several outputs), symbolic dims included.
+`is_view`, `is_impure` and `is_random` read an op's schema and tags; `infer_meta(target, args, kwargs)` runs
+the op's meta function (on meta tensors, or fake ones where a dim is symbolic) and returns the output's
+TensorMeta (a tuple of them for several outputs), symbolic dims included. Dtype names are the IR's
+(`blade.ir.graph.dtype_name`: fp32, bf16, int8, …).
+
+What the old per-module sets are here: CAST_OPS, CASTS → CASTS; attention's COPY_OPS → CLONES; cleanup's
+COPY_OPS → COPIES; RESHAPE_OPS, RESHAPES → RESHAPES; VIEW_OPS, STRIDE_BOUND_VIEWS → VIEW_RESHAPES;
+SOFTMAX_OPS → SOFTMAXES; MATMUL_OPS → BATCH_MATMULS; WHERE_OPS → WHERES; precision's SHAPE_ONLY_OPS →
+REARRANGES; `_arg(node, index, name)` → `arg(node, name)`; cleanup's `is_view_op` → `is_view`.
 """
 from __future__ import annotations
 
