@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import networkx as nx
 import torch
 
 from blade.ir.graph import Graph, Node
@@ -104,7 +103,7 @@ def views_to_reshapes(graph: Graph, ctx: PassContext) -> None:
     possible; `reshape` is the same view where it is, a copy where it is not.
     """
     flash = [n for n in graph.call_nodes if n.target is FLASH_ATTENTION]
-    downstream = set().union(*(nx.descendants(graph.nx, n) for n in flash)) if flash else set()
+    downstream = graph.downstream(flash)
     for node in downstream:
         if node.target in info.VIEW_RESHAPES:
             node.target = aten.reshape.default

@@ -13,8 +13,6 @@ from __future__ import annotations
 import operator
 from typing import Any, Iterable
 
-import networkx as nx
-
 from blade.errors import GraphError
 from blade.ir.graph import Graph, Node, ScalarMeta, TensorMeta, map_refs
 
@@ -103,13 +101,13 @@ def verify_regions(graph: Graph) -> None:
 
 def creates_cycle(graph: Graph, members: set[Node]) -> bool:
     """Whether contracting `members` into one node would make a cycle: a path that leaves the set
-    comes back into it (some node the region feeds reaches a node the region reads)."""
+    comes back into it (some node the region feeds reaches a member; the last step before the first
+    member it meets leaves a node the region reads)."""
     feeds = {u for m in members for u in graph.nx.successors(m)} - members
     reads = {p for m in members for p in graph.nx.predecessors(m)} - members
     if not feeds or not reads:
         return False
-    outside = nx.subgraph_view(graph.nx, filter_node=lambda n: n not in members)
-    return any(u in reads or not reads.isdisjoint(nx.descendants(outside, u)) for u in feeds)
+    return graph.reaches(feeds, members)
 
 
 def external_inputs(members: list[Node]) -> list[Node]:
@@ -181,4 +179,4 @@ def topological(graph: Graph, members: Iterable[Node]) -> list[Node]:
     members = set(members)
     if len(members) < 2:
         return list(members)
-    return [n for n in graph.nodes if n in members]
+    return graph.in_order(members)

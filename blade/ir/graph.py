@@ -1,15 +1,20 @@
 """The blade IR: a networkx DiGraph of operations with explicit inputs, constants and outputs."""
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import networkx as nx
 import torch
 
 from blade.errors import GraphError
 from blade.ir.shapes import DimRange, Shape, Size, dim_symbol, format_shape
+
+
+_LIFT = 2.0 ** -20  # how far a mutation lifts a node's level above a new source's: exact in a float
 
 
 @dataclass(frozen=True)
@@ -209,14 +214,23 @@ class Graph:
         self._rank: dict[Node, int] = {}
         self._counter = itertools.count()
         self._order_cache: list[Node] | None = None
+        self._position: dict[Node, int] = {}  # index in self._order_cache
+        # A topological numbering kept up to date by every mutation (level[u] < level[v] along each edge),
+        # so that reachability questions look only between two levels instead of at the whole graph.
+        self._level: dict[Node, float] = {}
+        self._levels_hold = True  # False once a mutation made a cycle (verify() reports it)
 
     # -- reading -----------------------------------------------------------------------------
     @property
     def nodes(self) -> list[Node]:
         """All nodes in topological order (ties broken by insertion order)."""
+        return list(self._order())
+
+    def _order(self) -> list[Node]:
         if self._order_cache is None:
             self._order_cache = list(nx.lexicographical_topological_sort(self.nx, key=self._rank.__getitem__))
-        return list(self._order_cache)
+            self._position = {node: i for i, node in enumerate(self._order_cache)}
+        return self._order_cache
 
     @property
     def call_nodes(self) -> list[Node]:
@@ -275,6 +289,81 @@ class Graph:
     def is_output(self, node: Node) -> bool:
         return any(o is node for o in self.outputs)
 
+    def in_order(self, nodes: Iterable[Node]) -> list[Node]:
+        """Those of `nodes` that belong to this graph, in the order of `graph.nodes`."""
+        members = {n for n in nodes if n in self}
+        if self._order_cache is None:  # a rewrite since the last sort: sort only these if that is exact
+            local = self._local_order(members)
+            if local is not None:
+                return local
+        self._order()
+        return sorted(members, key=self._position.__getitem__)
+
+    def _local_order(self, members: set[Node]) -> list[Node] | None:
+        """`members` in the order `nodes` gives them, found from their own edges and ranks; None when a node
+        outside them could change it.
+
+        `nodes` takes, step by step, the lowest-ranked node whose inputs are all taken. Once every outside
+        input of the members is taken, the members' order follows from their own edges and ranks alone. An
+        outside input is surely taken before every member when it feeds every member that reads no other
+        member (they all wait for it), or when it reads nothing and ranks below every member (the walk
+        takes it before any of them)."""
+        if len(members) < 2:
+            return list(members)
+        pred, succ, rank = self.nx._pred, self.nx._succ, self._rank
+        inside = {m: sum(1 for p in pred[m] if p in members) for m in members}
+        roots = [m for m, n in inside.items() if n == 0]
+        feeds_roots: dict[Node, int] = {}
+        for root in roots:
+            for p in pred[root]:
+                feeds_roots[p] = feeds_roots.get(p, 0) + 1
+        lowest = min(rank[m] for m in members)
+        for m in members:
+            for p in pred[m]:
+                if p not in members and feeds_roots.get(p) != len(roots) and (pred[p] or rank[p] > lowest):
+                    return None
+        ready = [(rank[m], m) for m in roots]  # ranks are unique: the nodes are never compared
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            node = heapq.heappop(ready)[1]
+            order.append(node)
+            for user in succ[node]:
+                if user in inside:
+                    inside[user] -= 1
+                    if inside[user] == 0:
+                        heapq.heappush(ready, (rank[user], user))
+        return order
+
+    def reaches(self, sources: Iterable[Node], targets: Iterable[Node]) -> bool:
+        """Whether some node of `targets` is one of `sources` or downstream of one."""
+        targets = set(targets)
+        if not targets:
+            return False
+        # a node at or above the highest target's level reaches no target
+        horizon = max(self._level.get(t, math.inf) for t in targets) if self._levels_hold else math.inf
+        seen, stack = set(), list(sources)
+        while stack:
+            node = stack.pop()
+            if node in targets:
+                return True
+            if node in seen or self._level.get(node, -math.inf) >= horizon:
+                continue
+            seen.add(node)
+            stack.extend(self.nx.successors(node))
+        return False
+
+    def downstream(self, nodes: Iterable[Node]) -> set[Node]:
+        """Every node that reads one of `nodes`, directly or through others."""
+        seen: set[Node] = set()
+        stack = [user for node in nodes for user in self.nx.successors(node)]
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.add(node)
+                stack.extend(self.nx.successors(node))
+        return seen
+
     # -- building ----------------------------------------------------------------------------
     def _unique_name(self, hint: str) -> str:
         base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint) or "node"
@@ -301,6 +390,26 @@ class Graph:
             else:
                 self.nx.add_edge(src, node, slots=[slot])
         self._order_cache = None
+        sources = list(self.nx.predecessors(node))
+        floor = max((self._level[src] for src in sources if src in self._level), default=-1.0)
+        if node not in self._level:
+            self._level[node] = floor + 1.0
+        elif floor >= self._level[node]:
+            self._raise_level(node, floor, set(sources))
+
+    def _raise_level(self, node: Node, floor: float, sources: set[Node]) -> None:
+        """Lift `node` above `floor` and whatever it feeds above it, as little as needed: a small step,
+        so that the lift stops at the first reader whose level is already higher."""
+        stack = [(node, floor)]
+        while stack:
+            current, below = stack.pop()
+            if self._level.get(current, math.inf) > below:
+                continue
+            if current in sources:  # the new edges closed a cycle: no numbering is topological any more
+                self._levels_hold = False
+                return
+            self._level[current] = level = below + _LIFT
+            stack.extend((user, level) for user in self.nx.successors(current))
 
     def add_input(self, name: str, meta: TensorMeta) -> Node:
         node = self._insert(Node(self._unique_name(name), "input", None, meta={"val": meta}))
@@ -357,6 +466,7 @@ class Graph:
         self.nx.remove_node(node)
         del self._by_name[node.name]
         del self._rank[node]
+        del self._level[node]
         if node.op == "constant":
             del self.constants[node.name]
         self._order_cache = None
