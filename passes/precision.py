@@ -84,7 +84,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         graph.set_args(node, map_refs(node.args, lowered), map_refs(node.kwargs, lowered))
         node.meta = dict(node.meta, val=infer_meta(node.target, node.args, node.kwargs), precision=dtype_name(low),
                          layer=node.name)
-        back = _cast(graph, node, torch.float32, f"{node.name}_f32")
+        back = _cast(graph, node, torch.float32, f"{node.name}_{dtype_name(torch.float32)}")
         graph.replace_all_uses(node, back)
         ctx.count(f"{dtype_name(low)}_{_op_name(node)}")
     if not ctx.config.keep_output_dtype:
