@@ -246,7 +246,7 @@ def run_model(name):
     torch.set_num_threads(1)
     import blade
     from blade.models.hf import calibrate_batch_norm
-    from blade.passes import cleanup, attention, fold, activations, horizontal, fusion
+    from blade.passes import FUSION, cleanup, attention, fold, activations, horizontal
     res = {"model": name}
     t0 = time.perf_counter()
     try:
@@ -298,11 +298,11 @@ def run_model(name):
         res[backend + "_O0"] = rec0
         res[backend + "_O1"] = rec1
         bis = {}
-        for pname, p in [("attention", attention), ("fold", fold), ("activations", activations),
-                         ("horizontal", horizontal), ("fusion", fusion)]:
+        for pname, runs in [("attention", [attention.run]), ("fold", [fold.run]), ("activations", [activations.run]),
+                            ("horizontal", [horizontal.run]), ("fusion", FUSION)]:
             recp = {}
             cmp_ = raw_check(blade, model, make_input, ref, args, kwargs, recp, backend=backend,
-                             passes=[cleanup.run, p.run])
+                             passes=[cleanup.run, *runs])
             if cmp_ is not None:
                 recp["passes"] = [{"name": d["name"], "counts": d["counts"], "notes": d["notes"][:10]}
                                   for d in cmp_.report.passes]

@@ -79,29 +79,31 @@ def _describe_sdpa(sdpa: Node, flash: New) -> str:
     return f"{sdpa.name} -> flash_attention (scale={flash.args[4]:.6g}{', causal' if flash.args[5] else ''})"
 
 
+def _plan(graph: Graph, sizes: SizeOnly, node: Node) -> tuple[Plan, New]:
+    if node.target is aten.scaled_dot_product_attention.default:
+        plan, flash = sdpa_plan(node)
+        plan.description = _describe_sdpa(node, flash)
+        return plan, flash
+    return softmax_plan(graph, sizes, node)
+
+
 def run(graph: Graph, ctx: PassContext) -> Graph:
+    """Replace every attention the pass can match; note each one it leaves, with the reason."""
     sizes = SizeOnly(graph)
     for node in graph.call_nodes:
-        if node.target is aten.scaled_dot_product_attention.default:
-            left = "sdpa_left"
-        elif node.target in info.SOFTMAXES:
-            left = "softmax_left"
-        else:
+        sdpa = node.target is aten.scaled_dot_product_attention.default
+        if not sdpa and node.target not in info.SOFTMAXES:
             continue
         try:
-            if left == "sdpa_left":
-                plan, flash = sdpa_plan(node)
-                plan.description = _describe_sdpa(node, flash)
-            else:
-                plan, flash = softmax_plan(graph, sizes, node)
+            plan, flash = _plan(graph, sizes, node)
             if not ctx.allows(plan.site):
                 raise NoMatch(HELD_BACK)
         except NoMatch as miss:
-            ctx.count(left)
+            ctx.count("sdpa_left" if sdpa else "softmax_left")
             ctx.note(f"left {node.name}: {miss}")
             continue
         made = plan.commit(graph)
-        if left == "softmax_left":
+        if not sdpa:
             absorb_output_copy(graph, made[flash], ctx)
         ctx.note(plan.description)
         ctx.count("attention_replaced")

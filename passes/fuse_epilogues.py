@@ -17,14 +17,14 @@ import torch
 
 from blade.ir.fused import fusable
 from blade.ir.graph import Graph, Node
+from blade.ops import info
 from blade.passes.fuse_norms import only_user, plain_add
 from blade.passes.manager import PassContext
 from blade.passes.rewrite import Plan, Region
 
 aten = torch.ops.aten
-ACTIVATIONS = {aten.gelu.default: "gelu", aten.relu.default: "relu", aten.silu.default: "silu",
+EPILOGUE_ACTIVATIONS = {aten.gelu.default: "gelu", aten.relu.default: "relu", aten.silu.default: "silu",
                aten.sigmoid.default: "sigmoid", aten.tanh.default: "tanh"}
-RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 def _matmul_form(node: Node) -> str | None:
@@ -41,7 +41,7 @@ def _matmul_form(node: Node) -> str | None:
 
 
 def _activation_name(node: Node) -> str | None:
-    name = ACTIVATIONS.get(node.target)
+    name = EPILOGUE_ACTIVATIONS.get(node.target)
     if name is None or node.args[0] is None:
         return None
     if name == "gelu" and node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none") == "tanh":
@@ -56,7 +56,7 @@ def match_epilogue(graph: Graph, matmul: Node) -> Plan | None:
         return None
     members, current = [matmul], matmul
     step = only_user(graph, current)
-    if step is not None and step.target in RESHAPES and step.args[0] is current:
+    if step is not None and step.target in info.RESHAPES and step.args[0] is current:
         after = only_user(graph, step)
         if after is not None and _activation_name(after) and after.args[0] is step:
             members, current = members + [step], step
@@ -70,7 +70,7 @@ def match_epilogue(graph: Graph, matmul: Node) -> Plan | None:
     if step is not None and plain_add(step) and step.args[0] is not step.args[1]:
         residual = True
         members, current = members + [step], step
-    if len(members) == 1 or members[-1].target in RESHAPES or fusable(graph, members):
+    if len(members) == 1 or members[-1].target in info.RESHAPES or fusable(graph, members):
         return None
     pattern = "_".join([form] + ([activation] if activation else []) + (["residual"] if residual else []))
     attrs = {"matmul": form, "activation": activation or "none",

@@ -22,14 +22,13 @@ import torch
 
 from blade.ir.fused import fusable, is_fused, topological
 from blade.ir.graph import Graph, Node, TensorMeta
-from blade.passes.cleanup import _arg
+from blade.ops import info
+from blade.ops.info import arg
 from blade.passes.fuse_norms import only_user
 from blade.passes.manager import PassContext
 from blade.passes.rewrite import Plan, Region
-from blade.perf.cost import ELEMENTWISE
 
 aten = torch.ops.aten
-CASTS = {aten._to_copy.default, aten.to.dtype, torch.ops.prims.convert_element_type.default}
 ROW_REDUCTIONS = {
     aten.softmax.int: "softmax", aten._softmax.default: "softmax", aten._safe_softmax.default: "softmax",
     aten.log_softmax.int: "log_softmax", aten._log_softmax.default: "log_softmax",
@@ -46,10 +45,10 @@ def _last_axis_only(node: Node) -> bool:
         return False
     last = x.val.rank - 1
     if ROW_REDUCTIONS[node.target] in ("softmax", "log_softmax"):
-        return _arg(node, 1, "dim") in (-1, last)
+        return arg(node, "dim") in (-1, last)
     if node.target == aten.layer_norm.default:
-        return len(_arg(node, 1, "normalized_shape")) == 1
-    dims = _arg(node, 1, "dim")
+        return len(arg(node, "normalized_shape")) == 1
+    dims = arg(node, "dim")
     return dims is not None and list(dims) in ([-1], [last])
 
 
@@ -57,9 +56,9 @@ def fusible(node: Node) -> bool:
     """Whether the node may join a loop/reduction region."""
     if node.op != "call" or is_fused(node) or not isinstance(node.val, TensorMeta):
         return False
-    if node.target in ELEMENTWISE:
+    if node.target in info.ELEMENTWISE:
         return True
-    if node.target in CASTS:
+    if node.target in info.CASTS:
         return set(node.kwargs) <= {"dtype"}
     return node.target in ROW_REDUCTIONS and _last_axis_only(node)
 

@@ -23,12 +23,11 @@ import torch
 from blade.ir.fused import fusable
 from blade.ir.graph import Graph, Node, TensorMeta
 from blade.ir.shapes import same_shape
-from blade.passes.cleanup import _arg
+from blade.ops.info import arg
 from blade.passes.manager import PassContext
 from blade.passes.rewrite import New, Plan, Region
 
 aten = torch.ops.aten
-RSQRT = aten.rsqrt.default
 
 
 def _tensor(x) -> bool:
@@ -89,7 +88,7 @@ def bias_split(graph: Graph, linear: Node, reader: Node) -> tuple[Plan, New] | N
 
 def match_skip_layer_norm(graph: Graph, ln: Node) -> Plan | None:
     """`layer_norm(a + b)` over the last axis, with a linear's bias moved in when one operand is that linear."""
-    x, shape = ln.args[0], _arg(ln, 1, "normalized_shape")
+    x, shape = ln.args[0], arg(ln, "normalized_shape")
     operands = skip_add(x) if isinstance(x, Node) else None
     if operands is None or len(shape) != 1 or shape[0] != x.val.shape[-1]:
         return None
@@ -99,7 +98,7 @@ def match_skip_layer_norm(graph: Graph, ln: Node) -> Plan | None:
     # no split for h + h: the bias would be added once where the sum holds it twice
     candidates = () if a is b else ((a, b), (b, a)) if plain_add(x) else ((a, b),)
     split = next((found for first, _ in candidates if (found := bias_split(graph, first, x))), None)
-    eps = float(_arg(ln, 4, "eps", 1e-5))
+    eps = float(arg(ln, "eps"))
     region = Region([x, ln] if split is None else [split[1], x, ln], "reduction", "skip_layer_norm", {"eps": eps})
     if split is None:
         return Plan(ln.name, region=region)
@@ -122,18 +121,18 @@ def _other(node: Node, one: Node):
 
 def match_rms_norm(graph: Graph, mean: Node) -> Plan | None:
     """`x * rsqrt(mean(x², -1, keepdim) + eps)` [* weight], with x's residual add when x = a + b."""
-    if mean.target != aten.mean.dim or not _arg(mean, 2, "keepdim", False):
+    if mean.target != aten.mean.dim or not arg(mean, "keepdim"):
         return None
     square = mean.args[0]
     x = _square_of(square) if isinstance(square, Node) else None
-    if x is None or list(_arg(mean, 1, "dim")) not in ([-1], [x.val.rank - 1]) or only_user(graph, square) is not mean:
+    if x is None or list(arg(mean, "dim")) not in ([-1], [x.val.rank - 1]) or only_user(graph, square) is not mean:
         return None
     add = only_user(graph, mean)
     if add is None or add.target not in (aten.add.Tensor, aten.add.Scalar) or add.args[0] is not mean \
             or not isinstance(add.args[1], (int, float)):
         return None
     rsqrt = only_user(graph, add)
-    scaled = only_user(graph, rsqrt) if rsqrt is not None and rsqrt.target == RSQRT else None
+    scaled = only_user(graph, rsqrt) if rsqrt is not None and rsqrt.target == aten.rsqrt.default else None
     if scaled is None or scaled.target != aten.mul.Tensor or _other(scaled, rsqrt) is not x:
         return None
     members, out = [square, mean, add, rsqrt, scaled], scaled

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blade.ir.fused import fuse
-from blade.ir.graph import Graph, Node
+from blade.ir.graph import Graph, Node, map_refs
 from blade.ops.info import infer_meta
 
 
@@ -90,13 +90,22 @@ class Plan:
         for _, new in self.reroute:
             _materialize(graph, new, made)
         for old, new in self.reroute:
-            graph.replace_all_uses(old, _resolve(new, made))
+            _reroute(graph, old, _resolve(new, made), set(made.values()))
         if self.region is not None:
             for member in self.region.members:
                 _materialize(graph, member, made)
             members = [_resolve(m, made) for m in self.region.members]
             fuse(graph, members, self.region.kind, self.region.pattern, self.region.attrs)
         return made
+
+
+def _reroute(graph: Graph, old: Node, new: Node, added: set[Node]) -> None:
+    """Point old's readers and the graph's outputs at new, except the nodes this plan added (which may read old)."""
+    swap = lambda n: new if n is old else n  # noqa: E731
+    for user in graph.users(old):
+        if user is not new and user not in added:
+            graph.set_args(user, map_refs(user.args, swap), map_refs(user.kwargs, swap))
+    graph.outputs[:] = [swap(o) for o in graph.outputs]
 
 
 def _materialize(graph: Graph, value, made: dict[New, Node]) -> None:

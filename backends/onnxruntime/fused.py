@@ -128,16 +128,16 @@ def _outputs(match: Match, values: dict):
     return outs if len(outs) > 1 else outs[0]
 
 
-def _meta(region: FusedRegion, match: Match, role: str):
+def _meta(match: Match, role: str):
     node = match.inputs.get(role)
     return None if node is None else node.val
 
 
-def _skip_fits(region: FusedRegion, match: Match) -> bool:
+def _skip_fits(match: Match) -> bool:
     """ONNX Runtime's skip norms take a 2-D or 3-D input and a skip of its shape, or for a 3-D
     [B, S, H] input [1, S, H] or [S, H]; gamma (and beta, bias) must be [H]."""
-    x, skip = _meta(region, match, "input"), _meta(region, match, "skip")
-    if x is None or skip is None or x.rank not in (2, 3) or not _per_channel(region, match, x):
+    x, skip = _meta(match, "input"), _meta(match, "skip")
+    if x is None or skip is None or x.rank not in (2, 3) or not _per_channel(match, x):
         return False
     if x.rank == 2:
         return same_shape(skip.shape, x.shape)
@@ -147,10 +147,10 @@ def _skip_fits(region: FusedRegion, match: Match) -> bool:
     return skip.rank == 2 and same_shape(skip.shape, x.shape[1:])
 
 
-def _per_channel(region: FusedRegion, match: Match, x) -> bool:
+def _per_channel(match: Match, x) -> bool:
     """gamma, beta and bias, where given, are [H] (ONNX Runtime's norms take nothing else)."""
     return all(meta is None or same_shape(meta.shape, x.shape[-1:])
-               for meta in (_meta(region, match, r) for r in ("gamma", "beta", "bias")))
+               for meta in (_meta(match, r) for r in ("gamma", "beta", "bias")))
 
 
 def _lower_skip_norm(region: FusedRegion, match: Match, *args):
@@ -208,9 +208,9 @@ def lowering(region: FusedRegion, device: str = "cpu") -> Lowered | None:
         return Lowered(region, match, _lower_matmul_gelu)
     if match.inputs.get("gamma") is None:
         return None
-    if match.op in ("skip_layer_norm", "skip_rms_norm") and _skip_fits(region, match):
+    if match.op in ("skip_layer_norm", "skip_rms_norm") and _skip_fits(match):
         return Lowered(region, match, _lower_skip_norm)
-    if match.op == "rms_norm" and _per_channel(region, match, _meta(region, match, "input")):
+    if match.op == "rms_norm" and _per_channel(match, _meta(match, "input")):
         return Lowered(region, match, _lower_rms_norm)
     return None
 

@@ -13,7 +13,7 @@ from blade.config import CompileConfig
 from blade.ir.fused import is_fused
 from blade.ir.graph import Graph
 from blade.ops.attention import FLASH_ATTENTION
-from blade.passes import attention, cleanup, fuse_norms
+from blade.passes import attention, cleanup, fuse_epilogues, fuse_norms
 from blade.passes.manager import run_pipeline
 
 from helpers import assert_matches
@@ -212,3 +212,34 @@ def test_a_held_back_site_is_left_and_named():
     held_back = frozenset({("fuse_norms", site)})
     out, (record,) = run_pipeline(graph, [fuse_norms.run], CompileConfig(held_back=held_back))
     assert calls(out) == before and record.held_back == [site]
+
+
+# -- matmul epilogues ------------------------------------------------------------------------------
+
+EPILOGUES = {  # name -> (body, the pattern made)
+    "linear_gelu": (lambda m, x, r: F.gelu(m.lin(x)), "linear_gelu"),
+    "linear_gelu_tanh": (lambda m, x, r: F.gelu(m.lin(x), approximate="tanh"), "linear_gelu_tanh"),
+    "linear_relu_residual": (lambda m, x, r: torch.relu(m.lin(x)) + r, "linear_relu_residual"),
+    "residual_on_the_left": (lambda m, x, r: r + m.lin(x), "linear_residual"),
+    "linear_silu": (lambda m, x, r: F.silu(m.lin(x)), "linear_silu"),
+}
+
+
+@pytest.mark.parametrize("name", list(EPILOGUES))
+def test_each_epilogue_spelling_becomes_one_region(name):
+    fn, pattern = EPILOGUES[name]
+    model, graph = capture_clean(fn, norm_inputs(torch.Generator().manual_seed(0)))
+    out, record = run(graph, fuse_epilogues.run)
+    (node,) = [n for n in out.call_nodes if is_fused(n)]
+    assert (node.target.kind, node.target.pattern) == ("matmul_epilogue", pattern)
+    assert record.counts[f"matmul_epilogue:{pattern}"] == 1
+    check_numbers(model, out, norm_inputs)
+
+
+def test_a_product_read_twice_keeps_its_epilogue_out():
+    """gelu(h) + h: fusing the GELU would compute h twice or keep it too, so nothing fuses."""
+    model, graph = capture_clean(lambda m, x, r: (lambda h: F.gelu(h) + h)(m.lin(x)),
+                                 norm_inputs(torch.Generator().manual_seed(0)))
+    before = calls(graph)
+    out, record = run(graph, fuse_epilogues.run)
+    assert calls(out) == before and not record.counts
