@@ -34,12 +34,6 @@ def _source(node: Node) -> Node | None:
     return src if isinstance(src, Node) else None
 
 
-def _arg(node: Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def _always(node: Node) -> bool:
     return True
 
