@@ -16,6 +16,7 @@ import torch
 from blade.ir.fused import FusedRegion
 from blade.ir.graph import Graph, Node
 from blade.ir.shapes import same_shape
+from blade.ops.info import arg
 
 aten = torch.ops.aten
 
@@ -33,10 +34,6 @@ class Match:
         """The call argument playing `role`, or None."""
         node = self.inputs.get(role)
         return None if node is None else args[body.inputs.index(node)]
-
-
-def _arg(node: Node, index: int, name: str, default=None):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _only(body: Graph, target) -> Node | None:
@@ -72,7 +69,7 @@ def _with_bias(body: Graph, total: Node) -> tuple[Node, Node, Node | None] | Non
 def _skip_layer_norm(body: Graph) -> Match | None:
     ln = _only(body, aten.layer_norm.default)
     total = ln.args[0] if ln is not None else None
-    if not isinstance(total, Node) or total.op != "call" or len(_arg(ln, 1, "normalized_shape")) != 1:
+    if not isinstance(total, Node) or total.op != "call" or len(arg(ln, "normalized_shape")) != 1:
         return None
     found = _with_bias(body, total)
     if found is None:
@@ -81,9 +78,9 @@ def _skip_layer_norm(body: Graph) -> Match | None:
     inside = {ln, total} | {a for a in total.args if a.op == "call"}
     if set(body.call_nodes) != inside or not all(a.op == "input" for a in (x, skip)):
         return None
-    gamma, beta = _arg(ln, 2, "weight"), _arg(ln, 3, "bias")
+    gamma, beta = arg(ln, "weight"), arg(ln, "bias")
     return Match("skip_layer_norm", {"input": x, "skip": skip, "gamma": gamma, "beta": beta, "bias": bias},
-                 _output_roles(body, ln, total), {"eps": float(_arg(ln, 4, "eps", 1e-5))})
+                 _output_roles(body, ln, total), {"eps": float(arg(ln, "eps", 1e-5))})
 
 
 def _rms_norm(body: Graph) -> Match | None:
@@ -97,7 +94,7 @@ def _rms_norm(body: Graph) -> Match | None:
         return None
     square = mean.args[0]
     x = square.args[0] if square.op == "call" else None
-    if x is None or square.target not in (aten.pow.Tensor_Scalar, aten.mul.Tensor) or not _arg(mean, 2, "keepdim"):
+    if x is None or square.target not in (aten.pow.Tensor_Scalar, aten.mul.Tensor) or not arg(mean, "keepdim"):
         return None
     scaled = body.users(rsqrt)
     if len(scaled) != 1 or scaled[0].target != aten.mul.Tensor:
