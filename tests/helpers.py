@@ -1,7 +1,10 @@
-"""Shared test helpers: outputs against a reference, over whole output structures."""
+"""Shared test helpers: outputs against a reference, over whole output structures; the CLI in-process."""
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import subprocess
 
 import torch
 import torch.utils._pytree as pytree
@@ -21,6 +24,20 @@ def assert_matches(out, ref, tol: float = 1e-6) -> None:
             assert not math.isnan(err) and err <= tol, f"output {i}: relative error {err} > {tol}"
         else:
             assert o == r, f"output {i}: {o!r} != {r!r}"
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`blade ARGS` in this process: exit code, stdout and stderr as a subprocess would give them, without the
+    fresh interpreter and torch import (seconds) that each `python -m blade` costs."""
+    from blade.tools.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def forbid_recompiling(monkeypatch) -> None:

@@ -3,7 +3,6 @@ names it in the report, and still compiles — through the Python API, measured 
 the CLI (`compile --passes`, `verify --bisect`); only when no held-back rewrite helps does it fall back."""
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -16,6 +15,7 @@ from blade.perf.accuracy import relative_error
 from blade.backends.eager import EagerBackend, EagerExecutable
 from blade.ir.fused import is_fused
 from blade.passes import FUSION, cleanup
+from helpers import run_cli
 
 aten = torch.ops.aten
 
@@ -147,7 +147,8 @@ def test_a_right_compile_does_not_bisect():
 
 
 @pytest.fixture
-def broken_factory(tmp_path):
+def broken_factory(tmp_path, monkeypatch):
+    """A user's module `broken_mlp` with the model and the broken pipeline, for the CLI (run in this process)."""
     (tmp_path / "broken_mlp.py").write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
@@ -160,16 +161,14 @@ def broken_factory(tmp_path):
 
         PIPELINE = [cleanup.run, clamp_relus(), *FUSION]
     """))
-    return {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-
-
-def _cli(*args, env):
-    return subprocess.run([sys.executable, "-m", "blade", *args], capture_output=True, text=True, env=env)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("broken_mlp", None)
 
 
 def test_cli_compile_with_a_broken_pipeline_bisects(broken_factory, tmp_path):
-    run = _cli("compile", "broken_mlp:model", "--backend", "eager", "--passes", "broken_mlp:PIPELINE", "-o",
-               str(tmp_path / "a.blade"), env=broken_factory)
+    run = run_cli("compile", "broken_mlp:model", "--backend", "eager", "--passes", "broken_mlp:PIPELINE", "-o",
+                  str(tmp_path / "a.blade"))
     assert run.returncode == 0, run.stderr
     assert "bisection held back clamp_relus at relu_1" in run.stdout
     torch.testing.assert_close(blade.load(tmp_path / "a.blade")(X), mlp()(X))
@@ -179,13 +178,13 @@ def test_cli_verify_bisects_a_bad_artifact_and_writes_the_repair(broken_factory,
     bad = blade.compile(mlp(), (X,), backend="eager", passes=[cleanup.run, clamp_relus(), *FUSION],
                         check_accuracy=False)
     bad.save(tmp_path / "bad.blade")
-    run = _cli("verify", str(tmp_path / "bad.blade"), "--against", "broken_mlp:model", "--bisect", "--passes",
-               "broken_mlp:PIPELINE", "-o", str(tmp_path / "fixed.blade"), "--json", env=broken_factory)
+    run = run_cli("verify", str(tmp_path / "bad.blade"), "--against", "broken_mlp:model", "--bisect", "--passes",
+                  "broken_mlp:PIPELINE", "-o", str(tmp_path / "fixed.blade"), "--json")
     assert run.returncode == 1, run.stderr  # the artifact given fails its gate
     result = json.loads(run.stdout)
     assert not result["ok"] and result["bisection"]["culprits"][0]["site"] == "relu_1"
     assert result["bisection"]["repaired"] == str(tmp_path / "fixed.blade")
-    fixed = _cli("verify", str(tmp_path / "fixed.blade"), "--against", "broken_mlp:model", env=broken_factory)
+    fixed = run_cli("verify", str(tmp_path / "fixed.blade"), "--against", "broken_mlp:model")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert "clamp_relus" in json.loads((tmp_path / "fixed.blade" / "manifest.json").read_text())["report"][
         "bisection"]["culprits"][0]["pass"]

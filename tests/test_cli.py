@@ -1,4 +1,5 @@
-"""The command line: compile → inspect → run on an artifact, bench, demo; --json; exit codes."""
+"""The command line: compile → inspect → run on an artifact, bench, demo; --json; exit codes. The commands run
+in this process (helpers.run_cli); one test runs `python -m blade` itself for the entry point's exit codes."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,7 @@ import torch
 
 import blade
 import blade.models as zoo
-
-
-def blade_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "blade", *args], capture_output=True, text=True, cwd=cwd)
+from helpers import run_cli as blade_cli
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +70,11 @@ def test_failures_exit_non_zero(tmp_path):
     result = blade_cli("run", str(tmp_path))
     assert result.returncode == 1 and "manifest.json is missing" in result.stderr
     assert blade_cli("compile").returncode == 2  # usage error
+
+
+def test_python_m_blade_exits_with_the_commands_code(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "blade", "run", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 1 and "manifest.json is missing" in run.stderr
 
 
 def test_bench_and_demo_json():

@@ -1,5 +1,6 @@
 """A deployment pipeline, each step a fresh process: torch.export.save → blade compile → blade verify →
-blade export --triton-repo → blade run in a process that never imports the zoo; and `--dynamic`."""
+blade export --triton-repo → blade run in a process that never imports the zoo; the verify gate and `--dynamic`
+(the CLI in this process)."""
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import blade
 import blade.models as zoo
 from blade.frontend.dynamic import apply_ranges, parse_ranges
 from blade.errors import ConfigError
+from helpers import run_cli
 
 
 def _python(code: str, *args, cwd=None):
@@ -85,21 +87,21 @@ def test_verify_fails_on_perturbed_weights(tmp_path):
     from test_artifact import _rewrite_manifest
 
     art = tmp_path / "mlp.blade"
-    _ok(_blade("compile", "blade.models.mlp:tiny", "-o", art, "--backend", "eager", "--json"))
+    _ok(run_cli("compile", "blade.models.mlp:tiny", "-o", art, "--backend", "eager", "--json"))
     weights = safetensors.torch.load_file(art / "weights.safetensors")
     name = max(weights, key=lambda k: weights[k].numel())
     weights[name] = weights[name] + 0.05 * torch.randn_like(weights[name])
     safetensors.torch.save_file(weights, art / "weights.safetensors")
     digest = hashlib.sha256((art / "weights.safetensors").read_bytes()).hexdigest()
     _rewrite_manifest(art, lambda m: m["files"].__setitem__("weights.safetensors", digest))
-    gate = _blade("verify", art, "--against", "blade.models.mlp:tiny", "--samples", "2")
+    gate = run_cli("verify", art, "--against", "blade.models.mlp:tiny", "--samples", "2")
     assert gate.returncode == 1
     assert "rel_err" in gate.stdout + gate.stderr and "FAIL" in (gate.stdout + gate.stderr).upper()
 
 
 def test_dynamic_ranges_from_the_command_line(tmp_path):
     art = tmp_path / "bert.blade"
-    _ok(_blade("compile", "blade.models.bert:tiny", "-o", art, "--backend", "eager", "--dynamic", "batch=1:4,seq=2:48",
+    _ok(run_cli("compile", "blade.models.bert:tiny", "-o", art, "--backend", "eager", "--dynamic", "batch=1:4,seq=2:48",
                "--json"))
     dims = json.loads((art / "manifest.json").read_text())["io"]["dims"]
     assert dims["batch"] == [1, 4] and dims["seq"] == [2, 48]
@@ -107,11 +109,11 @@ def test_dynamic_ranges_from_the_command_line(tmp_path):
     loaded(*zoo.sample_inputs("bert", batch=4, seq=48))
     with pytest.raises(blade.errors.ShapeError, match="batch"):
         loaded(*zoo.sample_inputs("bert", batch=5, seq=8))
-    refused = _blade("compile", "blade.models.bert:tiny", "-o", tmp_path / "x", "--dynamic", "heads=1:4")
+    refused = run_cli("compile", "blade.models.bert:tiny", "-o", tmp_path / "x", "--dynamic", "heads=1:4")
     assert refused.returncode == 1 and "no dim of that name; it names ['batch', 'seq']" in refused.stderr
     pt2 = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(torch.nn.Linear(3, 2), (torch.randn(2, 3),)), pt2)
-    refused = _blade("compile", pt2, "-o", tmp_path / "y", "--dynamic", "batch=1:8")
+    refused = run_cli("compile", pt2, "-o", tmp_path / "y", "--dynamic", "batch=1:8")
     assert refused.returncode == 1 and "carries the dynamic dims it was exported with" in refused.stderr
 
 

@@ -2,7 +2,6 @@
 served models' outputs (ONNX Runtime on model.onnx; the Python-backend model.py under a stand-in pb_utils)."""
 import importlib.util
 import json
-import subprocess
 import sys
 import types
 
@@ -16,6 +15,7 @@ import blade
 import blade.models as zoo
 from blade.errors import InputError
 from blade.tools.serving import export_triton_repo
+from helpers import run_cli
 
 
 def _parse_config(path):
@@ -199,11 +199,9 @@ def test_scalars_unread_inputs_and_constant_outputs(tmp_path):
 
 def test_cli_export_json(bert_artifacts, tmp_path):
     _, paths = bert_artifacts
-    out = subprocess.run([sys.executable, "-m", "blade", "export", str(paths["onnxruntime"]), "--triton-repo",
-                          str(tmp_path / "repo"), "--name", "b", "--json"], capture_output=True, text=True)
+    out = run_cli("export", paths["onnxruntime"], "--triton-repo", tmp_path / "repo", "--name", "b", "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["kind"] == "onnxruntime" and data["max_batch_size"] == 64 and data["inputs"][0]["dims"] == [-1]
-    again = subprocess.run([sys.executable, "-m", "blade", "export", str(paths["onnxruntime"]), "--triton-repo",
-                            str(tmp_path / "repo"), "--name", "b"], capture_output=True, text=True)
+    again = run_cli("export", paths["onnxruntime"], "--triton-repo", tmp_path / "repo", "--name", "b")
     assert again.returncode == 1 and "already exists" in again.stderr
