@@ -1,5 +1,6 @@
 """The compile cache: hits across processes, misses on every change that matters, damaged entries,
-concurrent writers, the size limit, and `blade cache list|clear`."""
+concurrent writers, the size limit, and `blade cache list|clear`. Only the tests of another process's entries
+start one (`python -m blade`); the rest run the CLI in this process."""
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch
 import blade
 import blade.models as zoo
 from blade.runtime import cache
+from helpers import run_cli
 
 
 @pytest.fixture
@@ -31,24 +33,34 @@ def _rel_err(got, want):
     return float(torch.linalg.norm(got - want) / torch.linalg.norm(want))
 
 
-def test_second_compile_in_a_new_process_is_a_hit(cache_dir, tmp_path):
-    first = _cli("compile", "blade.models.bert:tiny", "--backend", "onnxruntime", "-o", str(tmp_path / "a"), "--json")
-    assert first.returncode == 0, first.stderr
-    miss = json.loads(first.stdout)["report"]["cache"]
-    assert miss["hit"] is False and miss["stored"] == "stored" and miss["keyed_by"] == "source"
-    second = _cli("compile", "blade.models.bert:tiny", "--backend", "onnxruntime", "-o", str(tmp_path / "b"), "--json")
-    assert second.returncode == 0, second.stderr
-    report = json.loads(second.stdout)["report"]
-    assert report["cache"]["hit"] is True and report["cache"]["key"] == miss["key"]
-    assert set(report["seconds"]) == {"cache_key", "cache_load", "total"}
-    assert report["accuracy"]["ok"], "the hit keeps the accuracy check of the compile it reuses"
+def test_two_processes_compiling_at_once_leave_one_valid_entry_that_a_third_process_hits(cache_dir, tmp_path):
+    env = {**os.environ, "BLADE_CACHE_DIR": str(cache_dir.parent), "BLADE_CACHE": "1"}
+    command = [sys.executable, "-m", "blade", "compile", "blade.models.bert:tiny", "--backend", "onnxruntime",
+               "--json", "-o"]
+    runs = [subprocess.Popen(command + [str(tmp_path / f"out{i}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env) for i in range(2)]
+    results = [(run.wait(), *run.communicate()) for run in runs]
+    assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
+    reports = [json.loads(out)["report"] for _, out, _ in results]
+    assert len({r["cache"]["key"] for r in reports}) == 1
+    key = reports[0]["cache"]["key"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == [key], "no half-written leftovers"
+    stored = [r["cache"] for r in reports if r["cache"].get("stored") == "stored"]
+    assert len(stored) == 1 and stored[0]["hit"] is False and stored[0]["keyed_by"] == "source", reports
     model, example, _ = zoo.get("bert")
     with torch.no_grad():
         want = model(*example)
+    assert _rel_err(blade.load(cache_dir / key)(*example)[0], want[0]) < 1e-4
+    third = _cli("compile", "blade.models.bert:tiny", "--backend", "onnxruntime", "-o", str(tmp_path / "b"), "--json")
+    assert third.returncode == 0, third.stderr
+    report = json.loads(third.stdout)["report"]
+    assert report["cache"]["hit"] is True and report["cache"]["key"] == key
+    assert set(report["seconds"]) == {"cache_key", "cache_load", "total"}
+    assert report["accuracy"]["ok"], "the hit keeps the accuracy check of the compile it reuses"
     got = blade.load(tmp_path / "b")(*example)
     assert _rel_err(got[0], want[0]) < 1e-4
-    off = _cli("compile", "blade.models.bert:tiny", "--backend", "onnxruntime", "-o", str(tmp_path / "c"), "--json",
-               "--no-cache")
+    off = run_cli("compile", "blade.models.bert:tiny", "--backend", "onnxruntime", "-o", str(tmp_path / "c"),
+                  "--json", "--no-cache")
     assert json.loads(off.stdout)["report"]["cache"] == {}
 
 
@@ -144,23 +156,6 @@ def test_failed_accuracy_is_not_cached(cache_dir, monkeypatch):
     assert report.cache["stored"] == "not cached: outputs differ from eager" and not cache.entries()
 
 
-def test_two_processes_compiling_at_once_leave_one_valid_entry(cache_dir, tmp_path):
-    env = {**os.environ, "BLADE_CACHE_DIR": str(cache_dir.parent), "BLADE_CACHE": "1"}
-    command = [sys.executable, "-m", "blade", "compile", "blade.models.bert:tiny", "--backend", "onnxruntime",
-               "--json", "-o"]
-    runs = [subprocess.Popen(command + [str(tmp_path / f"out{i}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env) for i in range(2)]
-    results = [(run.wait(), *run.communicate()) for run in runs]
-    assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
-    reports = [json.loads(out)["report"] for _, out, _ in results]
-    assert len({r["cache"]["key"] for r in reports}) == 1
-    assert sorted(p.name for p in cache_dir.iterdir()) == [reports[0]["cache"]["key"]], "no half-written leftovers"
-    model, example, _ = zoo.get("bert")
-    with torch.no_grad():
-        want = model(*example)
-    assert _rel_err(blade.load(cache_dir / reports[0]["cache"]["key"])(*example)[0], want[0]) < 1e-4
-
-
 def test_size_limit_evicts_least_recently_used(cache_dir, monkeypatch):
     small = [torch.nn.Linear(64, 64) for _ in range(3)]
     x = torch.randn(2, 64)
@@ -179,12 +174,12 @@ def test_size_limit_evicts_least_recently_used(cache_dir, monkeypatch):
 def test_cache_cli_list_and_clear(cache_dir):
     model, example, dynamic = zoo.get("mlp")
     key = blade.compile(model, example, dynamic_shapes=dynamic, backend="eager").report.cache["key"]
-    listed = _cli("cache", "list", "--json")
+    listed = run_cli("cache", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     entries = json.loads(listed.stdout)["entries"]
     assert [(e["key"], e["backend"]) for e in entries] == [(key, "eager")] and entries[0]["bytes"] > 0
-    assert key in _cli("cache", "list").stdout
-    cleared = _cli("cache", "clear", "--json")
+    assert key in run_cli("cache", "list").stdout
+    cleared = run_cli("cache", "clear", "--json")
     assert json.loads(cleared.stdout)["removed"] == 1 and cache.entries() == []
 
 
