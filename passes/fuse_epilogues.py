@@ -20,7 +20,7 @@ from blade.ir.graph import Graph, Node
 from blade.ops import info
 from blade.passes.fuse_norms import only_user, plain_add
 from blade.passes.manager import PassContext
-from blade.passes.rewrite import Plan, Region
+from blade.passes.rewrite import Plan, Region, commit_region_plans
 
 aten = torch.ops.aten
 EPILOGUE_ACTIVATIONS = {aten.gelu.default: "gelu", aten.relu.default: "relu", aten.silu.default: "silu",
@@ -80,13 +80,5 @@ def match_epilogue(graph: Graph, matmul: Node) -> Plan | None:
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
     """Fuse every matmul epilogue the graph has."""
-    for node in graph.call_nodes:
-        if node not in graph or node.target not in (aten.linear.default, aten.addmm.default):
-            continue
-        plan = match_epilogue(graph, node)
-        if plan is not None and ctx.allows(plan.site):
-            plan.commit(graph)
-            ctx.count(f"matmul_epilogue:{plan.region.pattern}")
-            ctx.count("regions")
-            ctx.count("ops_in_regions", len(plan.region.members))
-    return graph
+    return commit_region_plans(graph, ctx, "matmul_epilogue", lambda g, node: match_epilogue(g, node) if node.target
+                               in (aten.linear.default, aten.addmm.default) else None)

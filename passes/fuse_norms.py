@@ -25,7 +25,7 @@ from blade.ir.graph import Graph, Node, TensorMeta
 from blade.ir.shapes import same_shape
 from blade.ops.info import arg
 from blade.passes.manager import PassContext
-from blade.passes.rewrite import New, Plan, Region
+from blade.passes.rewrite import New, Plan, Region, commit_region_plans
 
 aten = torch.ops.aten
 
@@ -157,14 +157,5 @@ MATCHERS = {aten.layer_norm.default: match_skip_layer_norm, aten.mean.dim: match
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
     """Fuse every skip-layer-norm and RMSNorm the graph has."""
-    for node in graph.call_nodes:
-        match = MATCHERS.get(node.target)
-        if match is None or node not in graph:
-            continue
-        plan = match(graph, node)
-        if plan is not None and ctx.allows(plan.site):
-            plan.commit(graph)
-            ctx.count(f"reduction:{plan.region.pattern}")
-            ctx.count("regions")
-            ctx.count("ops_in_regions", len(plan.region.members))
-    return graph
+    return commit_region_plans(graph, ctx, "reduction", lambda g, node: MATCHERS[node.target](g, node) if node.target
+                               in MATCHERS else None)

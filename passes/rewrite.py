@@ -118,3 +118,18 @@ def _materialize(graph: Graph, value, made: dict[New, Node]) -> None:
         args, kwargs = _resolve(new.args, made), _resolve(new.kwargs, made)
         made[new] = graph.add_node(new.target, args, kwargs, {"val": new.val}, name=new.name)
 
+
+
+def commit_region_plans(graph: Graph, ctx, kind: str, match) -> Graph:
+    """Each call node's plan from `match(graph, node)` (None: no match), committed where the context allows it,
+    counted as a region of `kind` by its pattern."""
+    for node in graph.call_nodes:
+        if node not in graph:
+            continue
+        plan = match(graph, node)
+        if plan is not None and ctx.allows(plan.site):
+            plan.commit(graph)
+            ctx.count(f"{kind}:{plan.region.pattern}")
+            ctx.count("regions")
+            ctx.count("ops_in_regions", len(plan.region.members))
+    return graph
