@@ -13,7 +13,8 @@ SOURCES = {"blade": ROOT / "blade", "passes": ROOT / "passes", "backends": ROOT 
 # The top-level modules other than the face (blade, blade.api) are the basement: errors, config, target.
 # tools (cli, serving, verify) sit on top: they call the face like a user does.
 FLOORS = [("basement",), ("ir",), ("ops",), ("perf",), ("frontend",), ("passes", "backends"), ("runtime",),
-          ("driver",), ("face",), ("models",), ("tools",)]
+          ("driver",), ("face",), ("models",), ("llm",),
+          ("tools",)]
 FACE = {"__init__", "api"}
 MAX_TOP_LEVEL = 10
 

@@ -4,18 +4,20 @@ from __future__ import annotations
 import torch
 
 from blade.backends.base import Backend, Executable, RegionTiming, placement
+from blade.backends.eager.inplace import in_place_writes
 from blade.backends.eager.profiler import profile_module
 from blade.ir.graph import Graph, Node
 from blade.target import Target
 
 
 class EagerExecutable(Executable):
-    """Runs the graph's fx module under no_grad."""
+    """Runs the graph's fx module under no_grad; writes into a mutated input that nothing else reads run in that
+    input's memory (a KV cache update costs the new rows, not a copy of the cache)."""
 
     backend = "eager"
 
     def __init__(self, graph: Graph, device: str = "cpu"):
-        self.module = graph.to_fx()
+        self.module = graph.to_fx(in_place_writes(graph))
         self.placement = placement(graph, "torch (op by op)", device)
 
     def describe(self) -> dict:

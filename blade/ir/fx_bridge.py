@@ -134,8 +134,10 @@ def graph_from_exported(ep: torch.export.ExportedProgram, dim_names: dict, name:
     return graph
 
 
-def graph_to_fx(graph: Graph) -> torch.fx.GraphModule:
-    """Lower the IR to a GraphModule: placeholders = graph.inputs, buffers = constants."""
+def graph_to_fx(graph: Graph, targets: dict | None = None) -> torch.fx.GraphModule:
+    """Lower the IR to a GraphModule: placeholders = graph.inputs, buffers = constants; `targets` (node name ->
+    op) runs those nodes as another op (an in-place write)."""
+    targets = targets or {}
     root = torch.nn.Module()
     fx_graph = torch.fx.Graph()
     env: dict[Node, torch.fx.Node] = {}
@@ -160,7 +162,8 @@ def graph_to_fx(graph: Graph) -> torch.fx.GraphModule:
         else:
             args = map_graphs(map_refs(node.args, env.__getitem__), submodule)
             kwargs = map_graphs(map_refs(node.kwargs, env.__getitem__), submodule)
-            env[node] = fx_graph.create_node("call_function", node.target, args, kwargs, name=node.name)
+            target = targets.get(node.name, node.target)
+            env[node] = fx_graph.create_node("call_function", target, args, kwargs, name=node.name)
     outputs = tuple(env[o] if isinstance(o, Node) else o for o in graph.outputs)
     fx_graph.output(outputs if graph.returns_tuple else outputs[0])
     return torch.fx.GraphModule(root, fx_graph, class_name=f"Blade_{graph.name}")

@@ -580,11 +580,12 @@ class Graph:
 
         return graph_from_exported(ep, dim_names or {}, name)
 
-    def to_fx(self) -> torch.fx.GraphModule:
-        """A GraphModule taking the flat inputs and returning the tuple of flat outputs."""
+    def to_fx(self, targets: dict | None = None) -> torch.fx.GraphModule:
+        """A GraphModule taking the flat inputs and returning the tuple of flat outputs (`targets`: node name ->
+        the op to run instead, e.g. an in-place write)."""
         from blade.ir.fx_bridge import graph_to_fx
 
-        return graph_to_fx(self)
+        return graph_to_fx(self, targets)
 
     def copy(self) -> "Graph":
         """A structural copy sharing the constant tensors (passes work on copies)."""

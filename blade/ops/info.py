@@ -97,6 +97,8 @@ EMBEDDING_BAGS = frozenset({aten.embedding_bag.padding_idx, aten.embedding_bag.d
 
 # -- data ------------------------------------------------------------------------------------------------
 GATHERS = frozenset({aten.embedding.default, aten.index_select.default, aten.gather.default, aten.index.Tensor})
+# a functional write -> the op that does it in the tensor it writes (both return the written tensor)
+IN_PLACE_WRITES = {aten.index_put.default: aten.index_put_.default, aten.index_copy.default: aten.index_copy_.default}
 FACTORIES = frozenset({
     aten.ones.default, aten.zeros.default, aten.full.default, aten.arange.default, aten.arange.start_step,
     aten.ones_like.default, aten.zeros_like.default, aten.full_like.default,

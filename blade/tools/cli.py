@@ -418,6 +418,58 @@ def _dim_names(expr) -> set[str]:
     return set()
 
 
+def cmd_generate(args, progress) -> int:
+    """Compile a causal LM (a factory returning it) with blade.llm, generate, print tokens/s and decode MBU."""
+    import blade.llm
+    from blade.perf.peaks import machine_peaks
+    from blade.target import detect
+
+    module_name, sep, attr = args.source.partition(":")
+    if not sep:
+        raise InputError(f"source {args.source!r} must be 'module:factory' returning a causal LM "
+                         "(e.g. blade.models.hf_lm:gpt2)")
+    try:
+        model = getattr(importlib.import_module(module_name), attr)()
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"cannot load factory {args.source!r}: {exc}") from exc
+    progress(f"compiling {type(model).__name__} for generation (batch {args.batch}, max_length "
+             f"{args.prompt_length + args.max_new_tokens})")
+    lm = blade.llm.compile(model, max_batch=args.batch, max_length=args.prompt_length + args.max_new_tokens,
+                           precision=args.precision, quantize=args.quantize, backend=args.backend,
+                           cache=not args.no_cache)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if args.prompt:
+        ids = torch.tensor([[int(t) for t in args.prompt.split(",")]] * args.batch)
+    else:
+        ids = torch.randint(0, vocab, (args.batch, args.prompt_length), generator=torch.Generator().manual_seed(0))
+    every = max(1, args.max_new_tokens // 10)
+
+    def on_step(n: int) -> None:
+        if n % every == 0 or n == args.max_new_tokens:
+            progress(f"generated {n}/{args.max_new_tokens}")
+
+    tokens = lm.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         eos_token_id=[] if args.ignore_eos else None, on_step=None if args.json else on_step,
+                         generator=torch.Generator().manual_seed(args.seed))
+    stats, bandwidth = lm.stats, machine_peaks(detect()).bandwidth
+    result = {"model": type(model).__name__, "backend": lm.decode_program.backend, "batch": args.batch,
+              "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens, "prefill_s": stats.prefill_s,
+              "decode_s": stats.decode_s, "tokens_per_s": stats.tokens_per_s,
+              "decode_ms_per_step": 1e3 * stats.decode_s / max(stats.decode_steps, 1),
+              "decode_bandwidth_gbs": stats.decode_bandwidth() / 1e9, "machine_bandwidth_gbs": bandwidth / 1e9,
+              "decode_mbu": stats.decode_bandwidth() / bandwidth, "tokens": tokens[:, ids.shape[1]:].tolist()}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['model']} on {result['backend']}: {stats.new_tokens} new tokens (batch {args.batch}) in "
+              f"{stats.prefill_s + stats.decode_s:.2f} s = {stats.tokens_per_s:.1f} tok/s; decode "
+              f"{result['decode_ms_per_step']:.1f} ms a step, {result['decode_bandwidth_gbs']:.1f} GB/s = "
+              f"{100 * result['decode_mbu']:.0f}% MBU of {bandwidth / 1e9:.0f} GB/s")
+        print("row 0:", ",".join(str(t) for t in result["tokens"][0]))
+    return 0
+
+
 def cmd_demo(args, progress) -> int:
     import blade.models
 
@@ -553,6 +605,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-dim", help="the dynamic dim Triton may join requests along (default: the one named "
                    "batch, when it leads every input and output)")
     p.set_defaults(func=cmd_export)
+
+    p = common(sub.add_parser("generate", help="compile a causal LM with blade.llm and generate; tokens/s and MBU"))
+    p.add_argument("source", help="'module:factory' returning a Hugging Face causal LM (e.g. "
+                                  "blade.models.hf_lm:gpt2)")
+    p.add_argument("--batch", type=_count(1), default=1)
+    p.add_argument("--prompt", help="comma-separated token ids (default: --prompt-length random ids)")
+    p.add_argument("--prompt-length", type=_count(1), default=32)
+    p.add_argument("--max-new-tokens", type=_count(1), default=128)
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--sample", action="store_true", help="sample (default greedy)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
+    p.add_argument("--backend", default="auto", help="auto (eager, which writes the cache in place) or a backend")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="weights and KV cache in this dtype")
+    p.add_argument("--quantize", choices=["int8_weight_only"], help="weight-only int8 linear layers")
+    p.add_argument("--no-cache", action="store_true", help="compile afresh (no compile cache)")
+    p.set_defaults(func=cmd_generate)
 
     p = common(sub.add_parser("demo", help="compile a zoo model, check accuracy, compare speed with eager"), True, True)
     p.add_argument("--model", default="bert", help="a zoo model, e.g. bert or gpt (an unknown name lists them all)")
