@@ -6,18 +6,21 @@ import torch
 from blade.backends.base import Backend, Executable, RegionTiming, placement
 from blade.backends.eager.inplace import in_place_writes
 from blade.backends.eager.profiler import profile_module
+from blade.backends.kernels import registry
 from blade.ir.graph import Graph, Node
 from blade.target import Target
 
 
 class EagerExecutable(Executable):
     """Runs the graph's fx module under no_grad; writes into a mutated input that nothing else reads run in that
-    input's memory (a KV cache update costs the new rows, not a copy of the cache)."""
+    input's memory (a KV cache update costs the new rows, not a copy of the cache); aten.linear runs the kernel
+    registry's choice (blade's skinny kernel for 1..8 rows on CPU, else torch's)."""
 
     backend = "eager"
 
     def __init__(self, graph: Graph, device: str = "cpu"):
-        self.module = graph.to_fx(in_place_writes(graph))
+        targets = {n.name: registry.linear for n in graph.call_nodes if n.target == torch.ops.aten.linear.default}
+        self.module = graph.to_fx({**targets, **in_place_writes(graph)})
         self.placement = placement(graph, "torch (op by op)", device)
 
     def describe(self) -> dict:

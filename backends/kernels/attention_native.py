@@ -13,11 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -25,12 +20,12 @@ from typing import Optional
 import torch
 
 from blade import config
+from blade.backends.kernels import native_build
 from blade.ir.shapes import is_static
 from blade.target import detect
 
 SOURCE = Path(__file__).with_name("attention_bf16.cpp")
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-strict-aliasing",
-         "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+FLAGS = [*native_build.AVX512_FLAGS, "-mavx512bf16"]
 _reason: Optional[str] = None
 
 
@@ -63,7 +58,7 @@ def library() -> Optional[ctypes.CDLL]:
         _reason = "this CPU has AMX, where PyTorch's own bf16 kernels are used (this kernel is unmeasured there)"
         return None
     try:
-        lib = _load()
+        lib = native_build.load(SOURCE, FLAGS)
     except Exception as err:  # noqa: BLE001 - any failure to build or load means: run the Python kernel
         _reason = str(err)
         warnings.warn(f"blade: the fused bf16 CPU attention kernel is unavailable ({_reason}); blade::flash_attention "
@@ -76,37 +71,6 @@ def library() -> Optional[ctypes.CDLL]:
                    + [ctypes.c_int64] * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 7
                    + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
     return lib
-
-
-def _load() -> ctypes.CDLL:
-    """The library from the cache, built first when missing; a cached file that does not load is built again once."""
-    path = _built()
-    try:
-        return ctypes.CDLL(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)
-        return ctypes.CDLL(str(_built()))
-
-
-def _built() -> Path:
-    """The shared library for this source, flags and compiler, compiled into the cache when not there yet."""
-    compiler = shutil.which(config.cxx())
-    if compiler is None:
-        raise OSError(f"no C++ compiler: {config.cxx()!r} is not on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=60).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version).hexdigest()[:20]
-    target = config.cache_root() / "native" / f"attention_bf16_{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        built = Path(work) / target.name
-        result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, timeout=300)
-        if result.returncode != 0:
-            stderr = result.stderr.decode(errors="replace").strip()
-            raise OSError(f"{compiler} failed to build {SOURCE.name}: {stderr[-2000:]}")
-        os.replace(built, target)  # atomic: concurrent builders (test workers) each leave a whole file
-    return target
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:

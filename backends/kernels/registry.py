@@ -5,15 +5,20 @@ The choice order, per (op, device); the first kernel whose condition holds runs 
 
     flash_attention  cpu   native → blocked → reference
     flash_attention  cuda  triton → reference
+    qlinear          cpu   skinny → reference
     qlinear          cuda  triton → reference
+    linear           cpu   skinny → reference
 
     native   attention_native.py + attention_bf16.cpp: the fused bf16 kernel (AVX512-BF16, no AMX), where it builds
              here and takes the call (bf16, contiguous rows, an even head dim, a value dim a multiple of 16)
     blocked  attention_blocked.py: bf16 query blocks through PyTorch's bf16 GEMMs, at MIN_KEYS keys or more (where
              it measured faster than SDPA, bench/results/attention_cpu.md)
+    skinny   skinny_native.py + skinny_linear.cpp: linear layers over 1..8 rows (a decode step) at the memory's
+             speed, fp32/bf16/int8 weights (qlinear: weight_only), where it builds here (AVX-512)
     triton   attention_triton.py / qgemm_triton.py: Triton kernels, on a CUDA GPU with Triton installed, for the
              dtypes and head sizes they take
-    reference  the op's meaning in PyTorch (blade.ops): SDPA for attention, fp32 PyTorch for qlinear
+    reference  the op's meaning in PyTorch (blade.ops): SDPA for attention, fp32 PyTorch for qlinear, torch's
+             linear for aten.linear
 
 How the op finds this table without blade.ops importing a floor above it: `route_ops()` registers `flash_attention`
 and `qlinear` below as the ops' CPU and CUDA implementations with torch.library.register_kernel (their default,
@@ -22,7 +27,8 @@ it is imported; that is a registration only. Nothing is loaded then: a kernel's 
 it could take (the native kernel is compiled then, the Triton modules import triton then), and a module that fails
 to import is warned about once and skipped. Each call looks the kernel function up on its module, so a test may
 monkeypatch it. `override(op, device, kernel)` runs a kernel of one's own instead of the whole chain (tests, users);
-`describe(op, device)` says in words what runs, for reports.
+`describe(op, device)` says in words what runs, for reports. `linear` is aten.linear, which torch does not let
+anyone route: the eager backend calls `linear()` below for it.
 """
 from __future__ import annotations
 
@@ -96,6 +102,13 @@ KERNELS = (
            lambda m, q, k, v, mask, scale, causal: m.supports(q, k, v, mask),
            "blade's Triton FlashAttention kernel (attention_triton.py) where it takes the call",
            available=cuda_with_triton),
+    Kernel("qlinear", "cpu", "skinny", "skinny_native", "qlinear",
+           lambda m, x, weight, weight_scale, bias, mode, input_scale: mode == "weight_only" and m.supports(
+               x, weight, bias, weight_scale),
+           "blade's skinny CPU kernel (skinny_linear.cpp) for weight-only int8 over 1..{MAX_ROWS} rows"),
+    Kernel("linear", "cpu", "skinny", "skinny_native", "linear",
+           lambda m, x, weight, bias=None: m.supports(x, weight, bias),
+           "blade's skinny CPU kernel (skinny_linear.cpp) over 1..{MAX_ROWS} rows"),
     Kernel("qlinear", "cuda", "triton", "qgemm_triton", "qlinear",
            lambda m, x, weight, weight_scale, bias, mode, input_scale: m.supports(x, weight, weight_scale, bias, mode,
                                                                                  input_scale),
@@ -116,6 +129,7 @@ REFERENCES = {
     "flash_attention": Reference(attention_reference, "PyTorch's SDPA",
                                  "the reference (PyTorch's scaled_dot_product_attention)"),
     "qlinear": Reference(qlinear_reference, "the reference", "the reference (fp32 PyTorch)"),
+    "linear": Reference(torch.nn.functional.linear, "torch's linear", "torch's linear"),
 }
 
 _CHAINS = {(op, device): tuple(k for k in KERNELS if (k.op, k.device) == (op, device))
@@ -185,6 +199,11 @@ def qlinear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, b
     """blade::qlinear on a routed device: the chosen kernel (each checks the arguments itself)."""
     args = (x, weight, weight_scale, bias, mode, input_scale)
     return choose("qlinear", x.device.type, *args)(*args)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """aten.linear as the eager backend runs it: the chosen kernel for this call."""
+    return choose("linear", x.device.type, x, weight, bias)(x, weight, bias)
 
 
 _ROUTES = {"flash_attention": ("blade::flash_attention", flash_attention), "qlinear": ("blade::qlinear", qlinear)}

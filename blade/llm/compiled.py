@@ -141,11 +141,12 @@ class CompiledLM:
 
 
 def compile_lm(model: torch.nn.Module, *, max_batch: int = 1, max_length: int = 512, precision: str | None = None,
-               quantize: str | None = None, backend: str = "auto", check_accuracy: bool = True,
-               cache: bool | None = None) -> CompiledLM:
+               quantize: str | None = None, accuracy_budget: float | None = None, backend: str = "auto",
+               check_accuracy: bool = True, cache: bool | None = None) -> CompiledLM:
     """Compile a Hugging Face causal LM for generation: a prefill and a decode program over a static KV cache
     [max_batch, max_length] per layer, written in place. `precision` "bf16"/"fp16" runs weights and cache in
-    that dtype (a copy of the model; yours is untouched); `quantize` is blade.compile's (int8_weight_only)."""
+    that dtype (a copy of the model; yours is untouched); `quantize` and `accuracy_budget` (the largest relative
+    error of the logits vs fp32) are blade.compile's: int8_weight_only is what decoding gains from."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {sorted(p for p in PRECISIONS if p)} or None, got {precision!r}")
     if max_batch < 1 or max_length < 2:
@@ -158,7 +159,9 @@ def compile_lm(model: torch.nn.Module, *, max_batch: int = 1, max_length: int = 
     if backend == "auto":
         backend = "eager"  # the backend that writes the cache in place (see docs/llm.md)
     name = type(model).__name__
-    options = dict(backend=backend, quantize=quantize, check_accuracy=check_accuracy, cache=cache)
+    options = dict(backend=backend, quantize=quantize, accuracy_budget=accuracy_budget,
+                   check_accuracy=check_accuracy, cache=cache,
+                   passes=decode_passes())
     prefill_step = PrefillStep(model, max_batch, max_length, dtype)
     decode_step = DecodeStep(model, max_batch, max_length, dtype)
     prefill, decode = _programs(prefill_step, decode_step, model, max_batch, max_length, name, options)
@@ -171,9 +174,31 @@ def compile_lm(model: torch.nn.Module, *, max_batch: int = 1, max_length: int = 
     config = model.generation_config if getattr(model, "generation_config", None) is not None else model.config
     eos = getattr(config, "eos_token_id", None)
     eos = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),))
-    weight_bytes = sum(t.numel() * t.element_size() for t in decode.graph.constants.values())
+    weight_bytes = streamed_bytes(decode.graph)
     return CompiledLM(prefill, decode, shared, max_batch=max_batch, max_length=max_length, eos_token_ids=eos,
                       pad_token_id=getattr(config, "pad_token_id", None), weight_bytes=weight_bytes, name=name)
+
+
+def streamed_bytes(graph) -> int:
+    """Bytes of the constants a step reads whole: all but those only gathered from (an embedding reads a row)."""
+    from blade.ops.info import GATHERS
+    from blade.ops.quantized import QEMBEDDING
+
+    total = 0
+    for node in graph.constant_nodes:
+        if any(user.target not in GATHERS and user.target != QEMBEDDING for user in graph.users(node)):
+            tensor = graph.constants[node.name]
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def decode_passes() -> list:
+    """blade's graph rewrites without the fusion passes: every layer as aten.linear (linear_form), so the eager
+    backend's skinny kernel reads each weight once a step and quantize (added by blade.compile when asked) sees
+    each one; a fused region would hide its layer from the backend."""
+    from blade.passes import activations, attention, cleanup, fold, horizontal, linear_form
+
+    return [cleanup.run, linear_form.run, attention.run, fold.run, activations.run, horizontal.run]
 
 
 def _programs(prefill_step, decode_step, model, max_batch: int, max_length: int, name: str, options: dict):

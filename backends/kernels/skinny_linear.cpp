@@ -1,0 +1,124 @@
+// blade's skinny linear for decoding on CPU: y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for m < 8 rows, with W
+// stored fp32, bf16 or int8 (one fp32 scale per row n). A decode step is a matrix-vector product per layer: the
+// time is reading W once from memory, so the kernel streams each W row once and reuses it for all m rows of x
+// (which stay in L1/L2), four W rows at a time, split over OpenMP threads by blocks of rows.
+// Products and sums are fp32 (a bf16 or int8 weight widens exactly to fp32); int8 rows are scaled after the sum.
+#include <immintrin.h>
+#include <omp.h>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// W rows per block: that many weight streams in flight and rows * M accumulators, kept within the 32 zmm registers
+constexpr int rows_for(int m) { return m <= 5 ? 4 : 3; }
+
+template <typename W>
+inline __m512 widen(const W* p);
+
+template <>
+inline __m512 widen<float>(const float* p) { return _mm512_loadu_ps(p); }
+
+template <>
+inline __m512 widen<uint16_t>(const uint16_t* p) {  // bf16: the upper half of an fp32
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <>
+inline __m512 widen<int8_t>(const int8_t* p) {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+template <typename W>
+inline float widen_one(const W* p);
+template <> inline float widen_one<float>(const float* p) { return *p; }
+template <> inline float widen_one<uint16_t>(const uint16_t* p) {
+    uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+template <> inline float widen_one<int8_t>(const int8_t* p) { return static_cast<float>(*p); }
+
+// Rows n0 .. n0+R-1 of W against all M rows of x.
+template <typename W, int M, int R>
+inline void block(const float* x, int64_t x_stride, const W* w, int64_t k, int64_t n0, float* acc_out) {
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16) {
+        __m512 wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = widen<W>(w + (n0 + r) * k + j);
+        for (int m = 0; m < M; ++m) {
+            __m512 xv = _mm512_loadu_ps(x + m * x_stride + j);
+            for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) {
+            float s = _mm512_reduce_add_ps(acc[r][m]);
+            for (int64_t t = j; t < k; ++t) s += widen_one<W>(w + (n0 + r) * k + t) * x[m * x_stride + t];
+            acc_out[r * M + m] = s;
+        }
+}
+
+template <typename W, int M>
+void run(const float* x, int64_t x_stride, const W* w, const float* scale, const float* bias, float* y,
+         int64_t y_stride, int64_t n, int64_t k, int threads) {
+    constexpr int ROWS = rows_for(M);
+    const int64_t blocks = (n + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t n0 = b * ROWS;
+        float out[ROWS * M];
+        int rows;
+        if (n0 + ROWS <= n) {
+            block<W, M, ROWS>(x, x_stride, w, k, n0, out);
+            rows = ROWS;
+        } else {
+            rows = static_cast<int>(n - n0);
+            for (int r = 0; r < rows; ++r) block<W, M, 1>(x, x_stride, w, k, n0 + r, out + r * M);
+        }
+        for (int r = 0; r < rows; ++r) {
+            const float s = scale ? scale[n0 + r] : 1.0f;
+            const float add = bias ? bias[n0 + r] : 0.0f;
+            for (int m = 0; m < M; ++m) y[m * y_stride + n0 + r] = out[r * M + m] * s + add;
+        }
+    }
+}
+
+template <typename W>
+int dispatch(int64_t m, const float* x, int64_t xs, const W* w, const float* scale, const float* bias, float* y,
+             int64_t ys, int64_t n, int64_t k, int threads) {
+    switch (m) {
+        case 1: run<W, 1>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
+        case 2: run<W, 2>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
+        case 3: run<W, 3>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
+        case 4: run<W, 4>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
+        case 5: run<W, 5>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
+        case 6: run<W, 6>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
+        case 7: run<W, 7>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
+        case 8: run<W, 8>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
+        default: return 1;
+    }
+}
+
+}  // namespace
+
+// weight_kind: 0 fp32, 1 bf16, 2 int8 (scale required). x [m, k] rows x_stride apart, y [m, n] rows y_stride apart.
+// Returns 0, or 1 when m is not 1..8, 2 for an unknown weight kind.
+extern "C" int blade_skinny_linear(const float* x, int64_t m, int64_t x_stride, const void* w, int weight_kind,
+                                   const float* scale, const float* bias, float* y, int64_t y_stride, int64_t n,
+                                   int64_t k, int threads) {
+    switch (weight_kind) {
+        case 0: return dispatch(m, x, x_stride, static_cast<const float*>(w), scale, bias, y, y_stride, n, k, threads);
+        case 1: return dispatch(m, x, x_stride, static_cast<const uint16_t*>(w), scale, bias, y, y_stride, n, k,
+                                threads);
+        case 2: return dispatch(m, x, x_stride, static_cast<const int8_t*>(w), scale, bias, y, y_stride, n, k,
+                                threads);
+        default: return 2;
+    }
+}

@@ -1,0 +1,95 @@
+"""Build, load and call skinny_linear.cpp, blade's CPU kernel for linear layers over 1..8 rows (a decode step).
+
+torch's GEMM reads a weight at 13-18 GB/s for one row here and slower for eight (bench/results/llm_cpu.md); this
+kernel streams each weight row once for all rows of x, at the memory's speed. It takes fp32 or bf16 x (bf16 is
+widened to fp32 first), a contiguous [out, in] weight in fp32, bf16 or int8 with a scale per row, an optional bias;
+sums are fp32, the result in x's dtype. Built like attention_native (native_build, once per machine); where the CPU
+lacks AVX-512 or the build fails (warned once) `library()` is None and the callers run PyTorch.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from blade.backends.kernels import native_build
+from blade.target import detect
+
+SOURCE = Path(__file__).with_name("skinny_linear.cpp")
+MAX_ROWS = 8
+WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+_reason: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel, built on first use; None where it does not run here (the reason in unavailable_reason)."""
+    global _reason
+    if "avx512f" not in detect("cpu").features:
+        _reason = "this CPU has no AVX-512"
+        return None
+    try:
+        lib = native_build.load(SOURCE, native_build.AVX512_FLAGS)
+    except Exception as err:  # noqa: BLE001 - any failure to build or load means: run PyTorch's GEMM
+        _reason = str(err)
+        warnings.warn(f"blade: the skinny CPU linear kernel is unavailable ({_reason}); linear layers run PyTorch's "
+                      "GEMM. It needs a C++ compiler with AVX-512 support (g++ 8 or later, or $CXX).",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    fn = lib.blade_skinny_linear
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    return lib
+
+
+def unavailable_reason() -> Optional[str]:
+    return _reason
+
+
+def rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+             scale: Optional[torch.Tensor] = None) -> bool:
+    """Whether the kernel takes this call (and runs here): CPU, 1..8 rows of fp32/bf16 x, a contiguous 2-D weight of
+    a kind it reads whose width matches, an fp32-castable 1-D bias and scale of the right length."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or weight.device.type != "cpu":
+        return False
+    if weight.dim() != 2 or weight.dtype not in WEIGHT_KINDS or not weight.is_contiguous():
+        return False
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1] or not 1 <= rows(x) <= MAX_ROWS:
+        return False
+    if (weight.dtype == torch.int8) != (scale is not None):
+        return False
+    for vector in (bias, scale):
+        if vector is not None and (vector.shape != (weight.shape[0],) or not vector.dtype.is_floating_point):
+            return False
+    return library() is not None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ (weight · scale)ᵀ + bias for a call `supports` takes; y in x's dtype."""
+    n, k = weight.shape
+    flat = x.reshape(-1, k).float().contiguous()
+    out = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    vectors = [v.float().contiguous() if v is not None else None for v in (scale, bias)]
+    code = library().blade_skinny_linear(
+        flat.data_ptr(), flat.shape[0], k, weight.data_ptr(), WEIGHT_KINDS[weight.dtype],
+        vectors[0].data_ptr() if vectors[0] is not None else None,
+        vectors[1].data_ptr() if vectors[1] is not None else None,
+        out.data_ptr(), n, n, k, torch.get_num_threads())
+    if code != 0:
+        raise RuntimeError(f"blade_skinny_linear returned {code} for x {list(x.shape)}, weight {weight.dtype}")
+    return out.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def qlinear(x, weight, weight_scale, bias=None, mode="weight_only", input_scale=None) -> torch.Tensor:
+    """blade::qlinear (weight_only) through the kernel."""
+    return linear(x, weight, bias, weight_scale)

@@ -1,0 +1,78 @@
+"""blade's skinny CPU linear kernel (decode steps): equal to PyTorch's linear on 1..8 rows of fp32/bf16 x with fp32,
+bf16 or int8 weights; the registry picks it only for the calls it takes; linear_form gives it every layer."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blade.backends.kernels import registry, skinny_native
+
+pytestmark = pytest.mark.skipif(skinny_native.library() is None, reason=f"{skinny_native.unavailable_reason()}")
+
+
+def rel(a, b):
+    err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    assert err == err, "NaN"
+    return err
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, torch.int8])
+def test_equal_to_torch_linear(rows, kind):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 301, generator=gen)  # a width that is not a multiple of 16 exercises the tail
+    bias = torch.randn(77, generator=gen)
+    if kind == torch.int8:
+        weight = torch.randint(-127, 128, (77, 301), dtype=torch.int8, generator=gen)
+        scale = torch.rand(77, generator=gen)
+        want = torch.nn.functional.linear(x, weight.float() * scale[:, None], bias)
+    else:
+        weight, scale = torch.randn(77, 301, generator=gen).to(kind), None
+        want = torch.nn.functional.linear(x, weight.float(), bias)
+    assert skinny_native.supports(x, weight, bias, scale)
+    assert rel(skinny_native.linear(x, weight, bias, scale), want) < 1e-6
+
+
+def test_bf16_activations_give_bf16_results():
+    x = torch.randn(2, 1, 64).bfloat16()
+    weight = torch.randn(32, 64).bfloat16()
+    got = skinny_native.linear(x, weight)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 1, 32)
+    assert rel(got, torch.nn.functional.linear(x.float(), weight.float())) < 1e-2
+
+
+def test_the_registry_takes_only_what_the_kernel_takes():
+    weight = torch.randn(16, 32)
+    assert registry.choose("linear", "cpu", torch.randn(8, 32), weight, None) is not torch.nn.functional.linear
+    refused = [(torch.randn(9, 32), weight), (torch.randn(4, 32).double(), weight.double()),
+               (torch.randn(2, 32), torch.randn(32, 16).t()), (torch.randn(2, 32).half(), weight.half())]
+    for x, w in refused:
+        assert registry.choose("linear", "cpu", x, w, None) is torch.nn.functional.linear, (x.shape, x.dtype)
+    many = torch.randn(9, 32)
+    assert torch.equal(registry.linear(many, weight), torch.nn.functional.linear(many, weight))
+
+
+def test_linear_form_rewrites_conv1d_addmm_and_the_eager_backend_runs_it():
+    import blade
+
+    class Conv1D(torch.nn.Module):  # Hugging Face GPT-2's layer: addmm(bias, x, W[in, out])
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(32, 48))
+            self.bias = torch.nn.Parameter(torch.randn(48))
+            self.proj = torch.nn.Parameter(torch.randn(48, 16))
+
+        def forward(self, x):
+            hidden = torch.addmm(self.bias, x.view(-1, 32), self.weight)
+            return torch.mm(hidden, self.proj).view(*x.shape[:-1], 16)
+
+    model = Conv1D().eval()
+    x = torch.randn(1, 3, 32)
+    from blade.passes import linear_form, pipeline_for
+
+    compiled = blade.compile(model, (x,), backend="eager", cache=False,
+                             passes=[linear_form.run, *pipeline_for(2)])
+    counts = compiled.graph.count_targets()
+    assert counts.get("aten.linear.default") == 2 and "aten.addmm.default" not in counts, counts
+    fresh = torch.randn(1, 3, 32)
+    assert rel(compiled(fresh), model(fresh)) < 1e-6
