@@ -3,12 +3,14 @@
 The choice order, per (op, device); the first kernel whose condition holds runs the call, else the op's reference
 (tests/backends/test_kernel_registry.py checks these lines against KERNELS):
 
-    flash_attention  cpu   native → blocked → reference
+    flash_attention  cpu   decode → native → blocked → reference
     flash_attention  cuda  triton → reference
     qlinear          cpu   skinny → reference
     qlinear          cuda  triton → reference
     linear           cpu   skinny → reference
 
+    decode   decode_native.py + decode_attention.cpp: one query per head (a decode step), fp32 or bf16, a bool mask
+             or none: reads only the keys the mask lets a row see
     native   attention_native.py + attention_bf16.cpp: the fused bf16 kernel (AVX512-BF16, no AMX), where it builds
              here and takes the call (bf16, contiguous rows, an even head dim, a value dim a multiple of 16)
     blocked  attention_blocked.py: bf16 query blocks through PyTorch's bf16 GEMMs, at MIN_KEYS keys or more (where
@@ -92,6 +94,9 @@ class Kernel:
 
 
 KERNELS = (
+    Kernel("flash_attention", "cpu", "decode", "decode_native", "attention",
+           lambda m, q, k, v, mask, scale, causal: m.supports(q, k, v, mask, causal),
+           "blade's CPU decode kernel (decode_attention.cpp) for one query per head"),
     Kernel("flash_attention", "cpu", "native", "attention_native", "attention",
            lambda m, q, k, v, mask, scale, causal: m.supports(q, k, v, mask),
            "blade's fused bf16 CPU kernel (attention_bf16.cpp, AVX512-BF16) where it runs"),

@@ -10,8 +10,9 @@
 
 namespace {
 
-// W rows per block: that many weight streams in flight and rows * M accumulators, kept within the 32 zmm registers
-constexpr int rows_for(int m) { return m <= 5 ? 4 : 3; }
+// W rows per block: that many weight streams in flight (8 for one or two rows of x: 30 GB/s against 26 for 4 on
+// the 2-core EPYC) and rows * M accumulators, kept within the 32 zmm registers
+constexpr int rows_for(int m) { return m <= 2 ? 8 : (m <= 5 ? 4 : 3); }
 
 template <typename W>
 inline __m512 widen(const W* p);

@@ -56,7 +56,7 @@ def test_the_choice_order_is_the_documented_one():
     assert set(documented) == declared
     for (op, device), names in documented.items():
         assert registry.order(op, device) == names
-    assert documented[("flash_attention", "cpu")] == ["native", "blocked", "reference"]
+    assert documented[("flash_attention", "cpu")] == ["decode", "native", "blocked", "reference"]
 
 
 def test_cpu_attention_follows_the_order(monkeypatch):
@@ -91,7 +91,7 @@ def test_an_override_replaces_the_chain_and_is_described():
 
 def test_describe_names_the_cpu_chain():
     assert registry.describe("flash_attention", "cpu") == (
-        "blade's fused bf16 CPU kernel (attention_bf16.cpp, AVX512-BF16) where it runs; else its blocked bf16 CPU "
+        "blade's CPU decode kernel (decode_attention.cpp) for one query per head; else blade's fused bf16 CPU kernel (attention_bf16.cpp, AVX512-BF16) where it runs; else its blocked bf16 CPU "
         "kernel at 128+ keys (faster than SDPA there, bench/results/attention_cpu.md); else PyTorch's SDPA")
     assert registry.describe("qlinear", "cpu") == (
         "blade's skinny CPU kernel (skinny_linear.cpp) for weight-only int8 over 1..8 rows; else the reference")
