@@ -103,6 +103,16 @@ class CompiledLM:
             stats.decode_s = time.perf_counter() - start
         return torch.cat([input_ids, torch.stack(chosen, 1)], 1)
 
+    def serve(self, requests, *, eos_token_id=None) -> list[torch.Tensor]:
+        """Run (prompt, max_new_tokens) requests with in-flight batching (blade.llm.Engine); each output is the prompt
+        then its new tokens, in request order."""
+        from blade.llm.engine import Engine
+
+        engine = Engine(self)
+        ids = [engine.submit(prompt, new, eos_token_id) for prompt, new in requests]
+        outputs = engine.run()
+        return [outputs[i] for i in ids]
+
     def _eos(self, eos_token_id) -> tuple[int, ...]:
         if eos_token_id is None:
             return self.eos_token_ids
