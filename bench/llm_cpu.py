@@ -20,7 +20,7 @@ the median seconds of a whole generate. tokens/s = B x new / seconds. Decode fig
 prefill/decode split; for Hugging Face, decode seconds = the generate's seconds minus a generate of 1 new token
 (prefill and setup). Decode MBU = bytes a decode step must read (every weight once, in the contender's dtype, plus
 the filled part of the cache) x steps / decode seconds / the memory bandwidth blade.perf.peaks.measure reports in
-this run. Agreement = the share of new tokens equal to blade_fp32's (greedy) at the same place.
+this run; an input embedding table that is not the head's is not counted (a step reads one row of it). Agreement = the share of new tokens equal to blade_fp32's (greedy) at the same place.
 
     python bench/llm_cpu.py [--models gpt2 llama_134m] [--batches 1 8] [--prompt 32] [--new 128] [--rounds 3]
                             [--contenders ...] [--out bench/results/llm_cpu]
@@ -73,7 +73,11 @@ def blade_runner(lm):
 
 
 def weight_bytes(model, dtype_size: float) -> float:
-    seen, total = set(), 0
+    """Bytes of the parameters a decode step reads whole: all but an input embedding table not tied to the head
+    (a step gathers one row of it), as blade.llm's streamed_bytes counts them."""
+    table = model.get_input_embeddings().weight
+    tied = table.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    seen, total = set() if tied else {table.data_ptr()}, 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
