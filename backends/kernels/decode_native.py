@@ -8,44 +8,29 @@ causal. Built like the other C++ kernels (native_build); None from `library()` w
 from __future__ import annotations
 
 import ctypes
-import functools
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from blade.backends.kernels import native_build
-from blade.target import detect
 
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_reason: Optional[str] = None
+_P, _N = ctypes.c_void_p, ctypes.c_int64
+KERNEL = native_build.AvxKernel(
+    SOURCE, "blade_decode_attention",
+    [_P, _N, _N] + [_P, _N, _N, _N] * 3 + [_P] + [_N] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int],
+    "the decode attention kernel", "one-query attention runs blade's other kernels or SDPA")
 
 
-@functools.lru_cache(maxsize=1)
-def library() -> Optional[ctypes.CDLL]:
-    global _reason
-    if "avx512f" not in detect("cpu").features:
-        _reason = "this CPU has no AVX-512"
-        return None
-    try:
-        lib = native_build.load(SOURCE, native_build.AVX512_FLAGS)
-    except Exception as err:  # noqa: BLE001 - any failure to build or load means: run the next kernel
-        _reason = str(err)
-        warnings.warn(f"blade: the decode attention kernel is unavailable ({_reason}); one-query attention runs "
-                      "blade's other kernels or SDPA.", RuntimeWarning, stacklevel=3)
-        return None
-    fn = lib.blade_decode_attention
-    fn.restype = ctypes.c_int
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = ([pointer, size, size] + [pointer, size, size, size] * 3 + [pointer] + [size] * 6
-                   + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
-    return lib
+def library():
+    """The kernel's entry point, built on first use; None where it does not run here."""
+    return KERNEL.function()
 
 
 def unavailable_reason() -> Optional[str]:
-    return _reason
+    return KERNEL.reason
 
 
 def supports(q, k, v, mask, causal: bool) -> bool:
@@ -73,7 +58,7 @@ def attention(q, k, v, mask=None, scale=None, causal=False) -> torch.Tensor:
         mask_strides = tuple(0 if n == 1 else st for n, st in
                              ((mask.shape[0], mask.stride(0)), (mask.shape[1], mask.stride(1)),
                               (mask.shape[3], mask.stride(3))))
-    code = library().blade_decode_attention(
+    code = library()(
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
         None if mask is None else mask.data_ptr(), *mask_strides, out.data_ptr(), batch, q_heads, kv_heads,
         keys, head_dim, v_dim, float(scale), DTYPES[q.dtype], torch.get_num_threads())

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 from blade import config
@@ -45,3 +46,43 @@ def built(source: Path, flags: list[str]) -> Path:
             raise OSError(f"{compiler} failed to build {source.name}: {stderr[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders (test workers) each leave a whole file
     return target
+
+
+class AvxKernel:
+    """One C++ entry point built for AVX-512 on first use: `function()` is it (argtypes set, returns int), or None
+    where the CPU lacks AVX-512 or the build fails (warned once, saying what runs instead); `reason` says why."""
+
+    def __init__(self, source: Path, symbol: str, argtypes: list, what: str, instead: str):
+        self.source, self.symbol, self.argtypes, self.what, self.instead = source, symbol, argtypes, what, instead
+        self.reason: str | None = None
+        self._function = None
+        self._tried = False
+        self._lock = threading.Lock()
+
+    def function(self):
+        if not self._tried:
+            with self._lock:  # one build; concurrent first callers wait for it rather than see None
+                if not self._tried:
+                    self._function = self._build()
+                    self._tried = True
+        return self._function
+
+    def _build(self):
+        from blade.target import detect
+
+        if "avx512f" not in detect("cpu").features:
+            self.reason = "this CPU has no AVX-512"
+            return None
+        try:
+            lib = load(self.source, AVX512_FLAGS)
+        except Exception as err:  # noqa: BLE001 - any failure to build or load means: run what comes next
+            self.reason = str(err)
+            import warnings
+
+            warnings.warn(f"blade: {self.what} is unavailable ({self.reason}); {self.instead}. It needs a C++ compiler "
+                          "with AVX-512 support (g++ 8 or later, or $CXX).", RuntimeWarning, stacklevel=4)
+            return None
+        fn = getattr(lib, self.symbol)
+        fn.restype = ctypes.c_int
+        fn.argtypes = self.argtypes
+        return fn

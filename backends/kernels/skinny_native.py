@@ -9,46 +9,29 @@ lacks AVX-512 or the build fails (warned once) `library()` is None and the calle
 from __future__ import annotations
 
 import ctypes
-import functools
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from blade.backends.kernels import native_build
-from blade.target import detect
 
 SOURCE = Path(__file__).with_name("skinny_linear.cpp")
 MAX_ROWS = 8
 WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-_reason: Optional[str] = None
+_P, _N = ctypes.c_void_p, ctypes.c_int64
+KERNEL = native_build.AvxKernel(
+    SOURCE, "blade_skinny_linear", [_P, _N, _N, _P, ctypes.c_int, _P, _P, _P, _N, _N, _N, ctypes.c_int],
+    "the skinny CPU linear kernel", "linear layers run PyTorch's GEMM")
 
 
-@functools.lru_cache(maxsize=1)
-def library() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, built on first use; None where it does not run here (the reason in unavailable_reason)."""
-    global _reason
-    if "avx512f" not in detect("cpu").features:
-        _reason = "this CPU has no AVX-512"
-        return None
-    try:
-        lib = native_build.load(SOURCE, native_build.AVX512_FLAGS)
-    except Exception as err:  # noqa: BLE001 - any failure to build or load means: run PyTorch's GEMM
-        _reason = str(err)
-        warnings.warn(f"blade: the skinny CPU linear kernel is unavailable ({_reason}); linear layers run PyTorch's "
-                      "GEMM. It needs a C++ compiler with AVX-512 support (g++ 8 or later, or $CXX).",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    fn = lib.blade_skinny_linear
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    return lib
+def library():
+    """The kernel's entry point, built on first use; None where it does not run here."""
+    return KERNEL.function()
 
 
 def unavailable_reason() -> Optional[str]:
-    return _reason
+    return KERNEL.reason
 
 
 def rows(x: torch.Tensor) -> int:
@@ -80,7 +63,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     flat = x.reshape(-1, k).float().contiguous()
     out = torch.empty(flat.shape[0], n, dtype=torch.float32)
     vectors = [v.float().contiguous() if v is not None else None for v in (scale, bias)]
-    code = library().blade_skinny_linear(
+    code = library()(
         flat.data_ptr(), flat.shape[0], k, weight.data_ptr(), WEIGHT_KINDS[weight.dtype],
         vectors[0].data_ptr() if vectors[0] is not None else None,
         vectors[1].data_ptr() if vectors[1] is not None else None,
