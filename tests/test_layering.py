@@ -11,9 +11,9 @@ SOURCES = {"blade": ROOT / "blade", "passes": ROOT / "passes", "backends": ROOT 
 
 # The floors, lowest first. Packages on one floor may not import each other (passes and backends).
 # The top-level modules other than the face (blade, blade.api) are the basement: errors, config, target.
-# tools (cli, serving, verify) sit on top: they call the face like a user does.
+# serve (the model server) sits on llm; tools (cli, serving, verify) on top: they call the face like a user does.
 FLOORS = [("basement",), ("ir",), ("ops",), ("perf",), ("frontend",), ("passes", "backends"), ("runtime",),
-          ("driver",), ("face",), ("models",), ("llm",),
+          ("driver",), ("face",), ("models",), ("llm",), ("serve",),
           ("tools",)]
 FACE = {"__init__", "api"}
 MAX_TOP_LEVEL = 10

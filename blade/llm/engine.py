@@ -26,6 +26,8 @@ class Request:
     eos: tuple[int, ...]
     tokens: list[int] = field(default_factory=list)
     row: int | None = None
+    sampling: Sampling | None = None  # None: the engine's
+    generator: torch.Generator | None = None
     submitted: float = 0.0
     finished: float | None = None
 
@@ -51,8 +53,9 @@ class Engine:
         self._next_id = 0
         self.decode_steps = 0
 
-    def submit(self, prompt, max_new_tokens: int, eos_token_id=None) -> int:
-        """Queue a request (a 1-D prompt of token ids); its id."""
+    def submit(self, prompt, max_new_tokens: int, eos_token_id=None, *, sampling: Sampling | None = None,
+               generator: torch.Generator | None = None) -> int:
+        """Queue a request (a 1-D prompt of token ids), optionally with its own sampling and generator; its id."""
         prompt = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
         if prompt.numel() == 0 or max_new_tokens < 1:
             raise InputError(f"a request needs at least one prompt token and max_new_tokens >= 1, got "
@@ -61,7 +64,8 @@ class Engine:
             raise InputError(f"request of {prompt.numel()} prompt tokens + {max_new_tokens} new exceeds max_length "
                              f"{self.lm.max_length} the model was compiled for")
         eos = self.lm._eos(eos_token_id)
-        request = Request(self._next_id, prompt, max_new_tokens, eos, submitted=time.perf_counter())
+        request = Request(self._next_id, prompt, max_new_tokens, eos, sampling=sampling, generator=generator,
+                          submitted=time.perf_counter())
         self._next_id += 1
         self.waiting.append(request)
         return request.id
@@ -111,8 +115,22 @@ class Engine:
             self.step()
         return {i: r.output() for i, r in sorted(self.finished.items())}
 
+    def cancel(self, request_id: int) -> bool:
+        """Stop a waiting or running request (its caller went away); whether it was still there."""
+        for request in self.waiting:
+            if request.id == request_id:
+                self.waiting.remove(request)
+                return True
+        for row, request in enumerate(self.rows):
+            if request is not None and request.id == request_id:
+                self.rows[row] = None
+                return True
+        return False
+
     def _append(self, request: Request, logits: torch.Tensor) -> None:
-        token = self.sampling.choose(logits[None], len(request.tokens), self.generator)
+        sampling = request.sampling or self.sampling
+        generator = request.generator if request.generator is not None else self.generator
+        token = sampling.choose(logits[None], len(request.tokens), generator)
         request.tokens.append(int(token))
 
     def _retire(self, row: int) -> int:

@@ -399,6 +399,28 @@ def cmd_export(args, progress) -> int:
     return 0
 
 
+def cmd_serve(args, progress) -> int:
+    from blade.serve.options import ServeOptions, checked_artifacts
+
+    options = ServeOptions(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, batch_dim=args.batch_dim,
+                           warmup=args.warmup, max_request_bytes=int(args.max_request_mb * (1 << 20)))
+    if not args.artifacts and not args.lm:
+        raise InputError("nothing to serve: give artifact directories, or --lm MODULE:FACTORY")
+    checked_artifacts(args.artifacts, args.name)  # before KServe is imported: a wrong path fails at once
+    from blade.serve.server import serve
+
+    extra = []
+    if args.lm:
+        from blade.serve.completions import lm_model
+
+        extra.append(lm_model(args.lm, name=args.lm_name, max_batch=args.lm_max_batch, max_length=args.lm_max_length))
+    progress(f"serving {', '.join(map(str, args.artifacts + [m.name for m in extra]))} on http://0.0.0.0:"
+             f"{args.http_port}" + ("" if args.no_grpc else f" and grpc :{args.grpc_port}"))
+    return serve(args.artifacts, names=args.name, http_port=args.http_port,
+                 grpc_port=None if args.no_grpc else args.grpc_port, options=options, workers=args.workers,
+                 grace_period=args.grace_period, extra_models=extra)
+
+
 def _shape_text(shape) -> str:
     from blade.ir.shapes import size_from_json, dim_symbol
 
@@ -605,6 +627,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-dim", help="the dynamic dim Triton may join requests along (default: the one named "
                    "batch, when it leads every input and output)")
     p.set_defaults(func=cmd_export)
+
+    p = common(sub.add_parser("serve", help="serve artifacts over the Open Inference Protocol (KServe; REST and "
+                                            "gRPC) with dynamic batching; needs the serve extra"))
+    p.add_argument("artifacts", nargs="*", help="artifact directories (each a model named after its directory)")
+    p.add_argument("--name", action="append", help="the served name of each artifact, in order (repeat it)")
+    p.add_argument("--http-port", type=int, default=8080)
+    p.add_argument("--grpc-port", type=int, default=8081)
+    p.add_argument("--no-grpc", action="store_true", help="serve REST only")
+    p.add_argument("--max-batch", type=_count(1), help="rows joined into one call (default: the batch dim's upper "
+                   "bound, at most 64)")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="how long the first request of a batch waits "
+                   "for others to join it (default 5)")
+    p.add_argument("--batch-dim", help="the dynamic dim requests are joined along (default: the one named batch, "
+                   "when it leads every input and output)")
+    p.add_argument("--workers", type=_count(1), default=1, help="batches run at once (model instances; default 1)")
+    p.add_argument("--warmup", type=_count(0), default=1, help="calls on the saved examples before a model reports "
+                   "ready (default 1)")
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="larger requests are refused (default 64)")
+    p.add_argument("--grace-period", type=int, default=30, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--lm", metavar="MODULE:FACTORY", help="also serve a Hugging Face causal LM (compiled with "
+                   "blade.llm at start) on /v1/completions, OpenAI-style, token ids in and out")
+    p.add_argument("--lm-name", default="lm", help="the LM's model name in requests (default lm)")
+    p.add_argument("--lm-max-batch", type=_count(1), default=8, help="the LM's in-flight batch (default 8)")
+    p.add_argument("--lm-max-length", type=_count(2), default=512, help="prompt plus new tokens (default 512)")
+    p.set_defaults(func=cmd_serve)
 
     p = common(sub.add_parser("generate", help="compile a causal LM with blade.llm and generate; tokens/s and MBU"))
     p.add_argument("source", help="'module:factory' returning a Hugging Face causal LM (e.g. "

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blade.runtime.artifact import read_manifest, verify_files
+from blade.serve.batching import batch_dim
 from blade.errors import BackendError, InputError
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
@@ -116,29 +117,9 @@ def _check_outputs(graph) -> None:
 
 
 def _batch_dim(graph, asked: str | None) -> tuple[str | None, list[str]]:
-    """The dynamic dim Triton may batch over: named `batch` (or `asked`) and leading every input and output."""
-    import sympy
-
-    tensors = [n.val for n in graph.inputs] + [out.val for out in graph.outputs]
-    leads = [meta.shape[:1] for meta in tensors]
-    first = leads[0][0] if leads and leads[0] else None
-    if asked is not None and asked not in graph.dims:
-        raise InputError(f"--batch-dim {asked} is not a dynamic dim of {graph.name}; it has {sorted(graph.dims)}")
-    if not isinstance(first, sympy.Symbol) or any(lead != (first,) for lead in leads):
-        if asked is not None:
-            raise InputError(f"--batch-dim {asked} does not lead every input and output of {graph.name}, so Triton "
-                             "cannot batch over it")
-        return None, ["no dynamic batch: the leading dims of the inputs and outputs are not one dynamic dim, "
-                      "so max_batch_size is 0 and requests carry full shapes"]
-    if first.name != (asked or "batch"):
-        if asked is not None:
-            raise InputError(f"--batch-dim {asked} does not lead every input and output; {first.name} does")
-        return None, [f"leading dim {first.name} is not named batch, so requests are not joined along it "
-                      f"(max_batch_size 0); pass --batch-dim {first.name} if it is a batch of independent items"]
-    low = graph.dims[first.name].min
-    if low > 1:
-        return None, [f"batch dim {first.name} starts at {low}, but Triton batches from 1; max_batch_size is 0"]
-    return first.name, []
+    """The dynamic dim Triton may batch over (blade.serve's rule: named `batch` or `asked`, leading everything)."""
+    dim, why_not = batch_dim(graph, asked)
+    return dim, [f"{why_not} (Triton max_batch_size 0)"] if why_not else []
 
 
 def _max_batch_size(batch_dim: str | None, graph, asked: int | None) -> int:
