@@ -385,6 +385,10 @@ def cmd_cache(args, progress) -> int:
 
 
 def cmd_export(args, progress) -> int:
+    if (args.triton_repo is None) == (args.kserve is None):
+        raise InputError("export needs one of --triton-repo DIR (Triton Inference Server) or --kserve DIR (KServe)")
+    if args.kserve is not None:
+        return _export_kserve(args, progress)
     from blade.tools.serving import export_triton_repo
 
     progress(f"writing a Triton Inference Server model for {args.artifact} into {args.triton_repo}")
@@ -419,6 +423,25 @@ def cmd_serve(args, progress) -> int:
     return serve(args.artifacts, names=args.name, http_port=args.http_port,
                  grpc_port=None if args.no_grpc else args.grpc_port, options=options, workers=args.workers,
                  grace_period=args.grace_period, extra_models=extra)
+
+
+def _export_kserve(args, progress) -> int:
+    from blade.tools.kserve_export import export_kserve
+
+    progress(f"writing KServe deployment files for {args.artifact} into {args.kserve}")
+    serve_args = [*(["--max-batch", str(args.max_batch)] if args.max_batch else []),
+                  *(["--batch-dim", args.batch_dim] if args.batch_dim else []),
+                  *(["--max-delay-ms", str(args.max_delay_ms)] if args.max_delay_ms is not None else [])]
+    result = export_kserve(args.artifact, args.kserve, name=args.name, image=args.image, storage_uri=args.storage_uri,
+                           min_replicas=args.min_replicas, max_replicas=args.max_replicas, cpu=args.cpu,
+                           memory=args.memory, gpus=args.gpus, serve_args=serve_args)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    print(f"wrote {result.manifest} (InferenceService {result.service_name}) and {result.dockerfile}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
 
 
 def _shape_text(shape) -> str:
@@ -619,13 +642,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "clear"])
     p.set_defaults(func=cmd_cache)
 
-    p = common(sub.add_parser("export", help="write a Triton Inference Server model repository from an artifact"))
+    p = common(sub.add_parser("export", help="write a Triton Inference Server model repository, or KServe "
+                                             "deployment files, from an artifact"))
     p.add_argument("artifact")
-    p.add_argument("--triton-repo", required=True, help="model repository directory (created if absent)")
-    p.add_argument("--name", help="model name in the repository (default: the graph's name)")
+    p.add_argument("--triton-repo", help="model repository directory (created if absent)")
+    p.add_argument("--kserve", metavar="DIR", help="write an InferenceService manifest running blade serve, a "
+                   "Dockerfile and (without --storage-uri) the artifact into DIR")
+    p.add_argument("--name", help="model name (default: Triton, the graph's name; KServe, the artifact's directory)")
     p.add_argument("--max-batch", type=_count(1), help="max_batch_size (default: the batch dim's upper bound)")
-    p.add_argument("--batch-dim", help="the dynamic dim Triton may join requests along (default: the one named "
+    p.add_argument("--batch-dim", help="the dynamic dim requests are joined along (default: the one named "
                    "batch, when it leads every input and output)")
+    p.add_argument("--max-delay-ms", type=float, help="KServe: blade serve's batching window")
+    p.add_argument("--image", help="KServe: the container image (default blade-serve-NAME:VERSION)")
+    p.add_argument("--storage-uri", help="KServe: where the storage initializer fetches the artifact from (s3://, "
+                   "gs://, pvc://...); without it the artifact is copied into the image")
+    p.add_argument("--min-replicas", type=_count(0), default=1)
+    p.add_argument("--max-replicas", type=_count(1), default=1)
+    p.add_argument("--cpu", default="2", help="KServe: CPU request and limit (default 2)")
+    p.add_argument("--memory", default="4Gi", help="KServe: memory request and limit (default 4Gi)")
+    p.add_argument("--gpus", type=_count(0), help="KServe: nvidia.com/gpu limit (default 1 for a cuda artifact)")
     p.set_defaults(func=cmd_export)
 
     p = common(sub.add_parser("serve", help="serve artifacts over the Open Inference Protocol (KServe; REST and "
