@@ -175,6 +175,7 @@ def compile_lm(model: torch.nn.Module, *, max_batch: int = 1, max_length: int = 
     prefill_step = PrefillStep(model, max_batch, max_length, dtype)
     decode_step = DecodeStep(model, max_batch, max_length, dtype)
     prefill, decode = _programs(prefill_step, decode_step, model, max_batch, max_length, name, options)
+    share_constants(decode.graph, prefill.graph, keep_out={p.untyped_storage().data_ptr() for p in model.parameters()})
     shared = {n: torch.zeros_like(t) for n, t in decode.graph.state.items()}
     for program in (prefill, decode):
         if set(program.graph.state) != set(shared):
@@ -187,6 +188,37 @@ def compile_lm(model: torch.nn.Module, *, max_batch: int = 1, max_length: int = 
     weight_bytes = streamed_bytes(decode.graph)
     return CompiledLM(prefill, decode, shared, max_batch=max_batch, max_length=max_length, eos_token_ids=eos,
                       pad_token_id=getattr(config, "pad_token_id", None), weight_bytes=weight_bytes, name=name)
+
+
+def share_constants(keep, other, keep_out: set[int] = frozenset()) -> int:
+    """Point each constant of graph `other` at an equal one of graph `keep` (same shape, dtype, strides and values),
+    so that two programs of one model hold one copy of the weights (the transposed ones each compile makes
+    included); the bytes freed. Tensors whose storage is in `keep_out` (the user's own parameters) are left alone."""
+    def key(t: torch.Tensor) -> tuple:
+        flat = t.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64]
+        return tuple(t.shape), t.dtype, tuple(t.stride()), sample.double().sum().item()
+
+    by_key: dict[tuple, list[torch.Tensor]] = {}
+    for tensor in keep.constants.values():
+        if tensor.numel():
+            by_key.setdefault(key(tensor), []).append(tensor)
+    freed = 0
+    with torch.no_grad():
+        for tensor in other.constants.values():
+            ptr = tensor.untyped_storage().data_ptr()
+            if not tensor.numel() or ptr in keep_out:
+                continue
+            for candidate in by_key.get(key(tensor), []):
+                if candidate.untyped_storage().data_ptr() == ptr:
+                    break  # already one storage
+                if torch.equal(candidate, tensor):
+                    freed += tensor.numel() * tensor.element_size()
+                    # set_ re-points this very tensor object, so the backend's program that holds it reads the
+                    # kept copy too; its own storage is freed with the last reference
+                    tensor.set_(candidate)
+                    break
+    return freed
 
 
 def streamed_bytes(graph) -> int:

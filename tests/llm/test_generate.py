@@ -1,5 +1,5 @@
 """blade.llm: greedy generate equals transformers' generate at fp32 for each causal-LM family, batch 1 and 4,
-with and without left padding; stopping per row; the cache is written in place and shared by both programs."""
+with and without left padding; stopping per row; the cache (and the weights) written once, shared by both programs."""
 from __future__ import annotations
 
 import pytest
@@ -64,6 +64,25 @@ def test_the_cache_is_one_set_of_tensors_written_in_place():
     keys = next(iter(lm.cache.values()))  # row r: its prompt, then the 4 tokens decode fed back, from slot 0
     for row, filled in ((0, 4 + 4), (1, 6 + 4)):
         assert keys[row, :filled].abs().sum(-1).gt(0).all() and keys[row, filled:].abs().sum() == 0
+
+
+def test_both_programs_hold_one_copy_of_the_weights_and_leave_the_model_alone():
+    model = family("gpt2")  # Conv1D weights: each compile makes its own transposed copy
+    params = {n: (p.data_ptr(), p.clone()) for n, p in model.named_parameters()}
+    lm = blade.llm.compile(model, max_batch=2, max_length=32)
+
+    def storages(program):
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in program.graph.constants.values()}
+
+    prefill, decode = storages(lm.prefill_program), storages(lm.decode_program)
+    assert set(prefill) <= set(decode), f"{sum(prefill[p] for p in set(prefill) - set(decode))} bytes held twice"
+    for name, p in model.named_parameters():
+        assert p.data_ptr() == params[name][0] and torch.equal(p, params[name][1]), f"the model's {name} changed"
+    ids, mask = left_padded(2, [5, 3], 512, 8)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=8, pad_token_id=0), want)
 
 
 def test_sampling_is_reproducible_with_a_generator():
