@@ -145,6 +145,12 @@ class CompiledLM:
             prompts[row, :lengths[row]] = input_ids[row][mask[row]]
         return prompts, lengths
 
+    def save(self, path) -> None:
+        """Write both programs and the weights once to the directory `path`; blade.llm.load reads it back."""
+        from blade.llm.saved import save
+
+        save(self, path)
+
     def __repr__(self) -> str:
         return (f"CompiledLM({self.name}, max_batch={self.max_batch}, max_length={self.max_length}, "
                 f"backend={self.decode_program.backend})")

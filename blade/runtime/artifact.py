@@ -69,14 +69,26 @@ def _io_spec(graph: Graph) -> dict:
             "dims": {r.name: [r.min, r.max] for r in graph.dims.values()}}
 
 
-def save(compiled: CompiledModel, path) -> Path:
-    """Write `compiled` to the directory `path` (created; an existing artifact there is replaced)."""
+def save(compiled: CompiledModel, path, *, external: frozenset[str] = frozenset()) -> Path:
+    """Write `compiled` to the directory `path` (created; an existing artifact there is replaced).
+
+    Constants (or state) named in `external` are not written: a bundle that holds them once for several
+    programs (a blade.llm artifact) passes them to `load`; the manifest lists their names."""
     root = Path(path)
     if root.exists() and not (root / MANIFEST).exists() and any(root.iterdir()):
         raise ArtifactError(f"{root} exists and is not a blade artifact; choose a new path")
     root.mkdir(parents=True, exist_ok=True)
     stored, aliases = _dedupe_constants(compiled.graph)
-    stored.update({name: t.detach().cpu().contiguous() for name, t in compiled.graph.state.items()})
+    unknown = set(external) - set(compiled.graph.constants) - set(compiled.graph.state)
+    if unknown:
+        raise ArtifactError(f"external tensors {sorted(unknown)} are neither constants nor state of "
+                            f"{compiled.graph.name}")
+    stored = {n: t for n, t in stored.items() if n not in external}
+    aliases = {n: source for n, source in aliases.items() if n not in external}
+    if any(source in external for source in aliases.values()):
+        raise ArtifactError("a constant aliases an external one; pass every name of that tensor as external")
+    stored.update({name: t.detach().cpu().contiguous() for name, t in compiled.graph.state.items()
+                   if name not in external})
     (root / GRAPH).write_text(json.dumps(graph_to_json(compiled.graph), indent=1))
     safetensors.torch.save_file(stored, root / WEIGHTS)
     examples = {n.name: t.detach().cpu().contiguous() for n, t in zip(compiled.graph.user_inputs,
@@ -98,6 +110,7 @@ def save(compiled: CompiledModel, path) -> Path:
         "io": _io_spec(compiled.graph),
         "signature": compiled.signature.as_dict(),
         "constant_aliases": aliases,
+        **({"external_constants": sorted(external)} if external else {}),
         "report": compiled.report.as_dict(),
         "files": {p.relative_to(root).as_posix(): digest for p, digest in zip(files, _sha256_all(files))},
     }
@@ -203,11 +216,13 @@ def _check_target(saved: Target, requires: dict) -> Target:
     return here
 
 
-def load(path, *, trusted_namespaces: tuple[str, ...] = ()) -> CompiledModel:
+def load(path, *, trusted_namespaces: tuple[str, ...] = (),
+         external: dict[str, torch.Tensor] | None = None) -> CompiledModel:
     """Load an artifact written by CompiledModel.save: hashes and versions are checked first.
 
     The graph may call aten/prims/blade operators; name other (custom) operator namespaces in
-    `trusted_namespaces` after importing the library that registers them.
+    `trusted_namespaces` after importing the library that registers them. `external` gives the constants the
+    artifact was saved without (see `save`), by name.
     """
     root = Path(path)
     manifest = read_manifest(root)
@@ -219,6 +234,12 @@ def load(path, *, trusted_namespaces: tuple[str, ...] = ()) -> CompiledModel:
         examples = safetensors.torch.load_file(root / EXAMPLES)
     except Exception as exc:
         raise ArtifactError(f"could not read the tensors of {root}: {exc}") from exc
+    wanted = manifest.get("external_constants", [])
+    missing = [n for n in wanted if n not in (external or {})]
+    if missing:
+        raise ArtifactError(f"{root} was saved without {len(missing)} constants that the bundle it belongs to holds "
+                            f"(e.g. {missing[0]}); load the bundle (a blade.llm artifact: blade.llm.load)")
+    constants.update({n: external[n] for n in wanted})
     for name, source in manifest.get("constant_aliases", {}).items():
         if source not in constants:
             raise ArtifactError(f"constant {name} is stored as {source}, which the weights file lacks")

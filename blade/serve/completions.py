@@ -33,8 +33,26 @@ def _factory(spec: str):
 
 
 def lm_model(spec: str, *, name: str = "lm", max_batch: int = 8, max_length: int = 512):
-    """The KServe model that compiles the LM `spec` returns when the server loads it."""
-    return CompletionsModel(name, _factory(spec), max_batch=max_batch, max_length=max_length)
+    """The KServe model of `spec`: a blade.llm artifact directory (loaded as saved: no model code) or
+    'module:factory' (compiled with max_batch and max_length when the server loads it)."""
+    from pathlib import Path
+
+    if Path(spec).is_dir():
+        import blade.llm
+        from blade.llm.saved import read_lm_manifest
+
+        read_lm_manifest(spec)  # a damaged artifact fails here, before the server starts
+        return CompletionsModel(name, lambda: blade.llm.load(spec))
+    build = _factory(spec)
+
+    def compile_lm():
+        import blade.llm
+
+        built = build()
+        model = built[0] if isinstance(built, tuple) else built
+        return blade.llm.compile(model, max_batch=max_batch, max_length=max_length)
+
+    return CompletionsModel(name, compile_lm)
 
 
 class _Stream:
@@ -50,9 +68,9 @@ class _Stream:
 class CompletionsModel(kserve.Model):
     """A causal LM compiled with blade.llm at load, answering OpenAI completions requests with token ids."""
 
-    def __init__(self, name: str, build, *, max_batch: int, max_length: int):
+    def __init__(self, name: str, build_lm):
         super().__init__(name)
-        self.build, self.max_batch, self.max_length = build, max_batch, max_length
+        self.build_lm = build_lm
         self.ready = False
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
@@ -60,12 +78,9 @@ class CompletionsModel(kserve.Model):
         self._sent: dict[int, int] = {}
 
     def load(self) -> bool:
-        import blade.llm
-
-        built = self.build()
-        model = built[0] if isinstance(built, tuple) else built
-        self.vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        self.lm = blade.llm.compile(model, max_batch=self.max_batch, max_length=self.max_length)
+        self.lm = self.build_lm()
+        self.max_length = self.lm.max_length
+        self.vocab = self.lm.decode_program.graph.outputs[0].val.shape[-1]  # the logits' last dim
         self.engine = Engine(self.lm)
         threading.Thread(target=self._drive, name=f"blade-lm-{self.name}", daemon=True).start()
         self.ready = True

@@ -681,11 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "ready (default 1)")
     p.add_argument("--max-request-mb", type=float, default=64.0, help="larger requests are refused (default 64)")
     p.add_argument("--grace-period", type=int, default=30, help="seconds in-flight requests get on shutdown")
-    p.add_argument("--lm", metavar="MODULE:FACTORY", help="also serve a Hugging Face causal LM (compiled with "
-                   "blade.llm at start) on /v1/completions, OpenAI-style, token ids in and out")
+    p.add_argument("--lm", metavar="LM.blade|MODULE:FACTORY", help="also serve a causal LM on /v1/completions, "
+                   "OpenAI-style, token ids in and out: a blade.llm artifact (lm.save), or a factory returning a "
+                   "Hugging Face model (compiled with blade.llm at start)")
     p.add_argument("--lm-name", default="lm", help="the LM's model name in requests (default lm)")
-    p.add_argument("--lm-max-batch", type=_count(1), default=8, help="the LM's in-flight batch (default 8)")
-    p.add_argument("--lm-max-length", type=_count(2), default=512, help="prompt plus new tokens (default 512)")
+    p.add_argument("--lm-max-batch", type=_count(1), default=8, help="a factory LM's in-flight batch (default 8)")
+    p.add_argument("--lm-max-length", type=_count(2), default=512, help="a factory LM's prompt plus new tokens "
+                   "(default 512)")
     p.set_defaults(func=cmd_serve)
 
     p = common(sub.add_parser("generate", help="compile a causal LM with blade.llm and generate; tokens/s and MBU"))

@@ -100,3 +100,21 @@ def test_bad_completion_requests_get_400(server, body, message):
 def test_unknown_model_is_404(server):
     status, answer = complete(server, {"model": "nope", "prompt": [1]})
     assert status == 404 and "no language model 'nope'" in answer["error"]["message"]
+
+
+def test_a_saved_lm_serves_without_its_code(tmp_path, hf_greedy):
+    import blade.llm
+    from tests.serve.conftest import Server
+
+    blade.llm.compile(gpt2_tiny(), max_batch=2, max_length=64).save(tmp_path / "lm.blade")
+    server = Server(["--lm", tmp_path / "lm.blade", "--lm-name", "tiny", "--no-grpc"], tmp_path / "server.log")
+    try:
+        server.wait_live()
+        server.wait_ready(["tiny"])
+        status, answer = complete(server, {"model": "tiny", "prompt": PROMPTS[:2], "max_tokens": 7, "temperature": 0})
+        assert status == 200, answer
+        assert [c["token_ids"] for c in answer["choices"]] == [hf_greedy(p, 7) for p in PROMPTS[:2]]
+        status, answer = complete(server, {"model": "tiny", "prompt": [1] * 60, "max_tokens": 10})
+        assert status == 400 and "max length 64" in answer["error"]["message"]
+    finally:
+        server.stop()
