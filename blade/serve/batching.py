@@ -64,15 +64,19 @@ class Batcher:
 
     With `batched` False every request is one call. Otherwise requests whose inputs agree past the leading dim
     are concatenated along it, up to `max_rows` rows, waiting at most `max_delay` seconds after the oldest one
-    arrived; outputs are split back by each request's rows. Batches run one at a time in `executor` threads
-    (`run` is blocking); the oldest waiting request's group always goes next, so none waits longer than the
-    delay plus the batches ahead of it. An exception from `run` fails only the requests of that batch.
+    arrived; outputs are split back by each request's rows. Up to `concurrency` batches run at once in
+    `executor` threads (`run` is blocking; a compiled model may be called from several threads); the oldest
+    waiting request's group always goes next, so none waits longer than the delay plus the batches ahead of it.
+    An exception from `run` fails only the requests of that batch.
     """
 
     def __init__(self, run: Callable[[list[torch.Tensor]], list[torch.Tensor]], *, batched: bool, max_rows: int,
-                 max_delay: float, executor=None, on_batch: Callable[[int, int], None] | None = None):
-        if max_rows < 1 or max_delay < 0:
-            raise InputError(f"max batch must be >= 1 and max delay >= 0, got {max_rows} and {max_delay}")
+                 max_delay: float, executor=None, on_batch: Callable[[int, int], None] | None = None,
+                 concurrency: int = 1):
+        if max_rows < 1 or max_delay < 0 or concurrency < 1:
+            raise InputError(f"max batch and concurrency must be >= 1 and max delay >= 0, got {max_rows}, "
+                             f"{concurrency} and {max_delay}")
+        self.concurrency = concurrency
         self.run, self.batched, self.max_rows, self.max_delay = run, batched, max_rows, max_delay
         self.executor = executor
         self.on_batch = on_batch
@@ -113,16 +117,22 @@ class Batcher:
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.concurrency)
+        running: set[asyncio.Task] = set()
         while True:
             self._drop_cancelled()
             if not self._waiting:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            await slots.acquire()  # while every slot is busy, requests keep arriving and join the next group
             group = await self._next_group()
             if not group:
+                slots.release()
                 continue
-            await self._run_group(loop, group)
+            task = loop.create_task(self._run_group(loop, group))
+            running.add(task)
+            task.add_done_callback(lambda t: (running.discard(t), slots.release()))
 
     def _drop_cancelled(self) -> None:
         self._waiting = deque(p for p in self._waiting if not p.future.done())

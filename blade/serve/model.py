@@ -30,11 +30,11 @@ def tensor_spec(name: str, meta) -> dict:
 class ArtifactModel(kserve.Model):
     """Serves the blade artifact at `path` under `name`; loads it with blade.load (no model code, no pickle)."""
 
-    def __init__(self, name: str, path, options: ServeOptions | None = None, executor=None):
+    def __init__(self, name: str, path, options: ServeOptions | None = None, executor=None, concurrency: int = 1):
         super().__init__(name)
         self.path = path
         self.options = options or ServeOptions()
-        self.executor = executor
+        self.executor, self.concurrency = executor, concurrency
         self.ready = False
         self.compiled = None
         self.batcher: Batcher | None = None
@@ -61,7 +61,8 @@ class ArtifactModel(kserve.Model):
         max_rows = self._max_rows(graph, dim)
         self.batcher = Batcher(compiled.run_flat, batched=dim is not None, max_rows=max_rows,
                                max_delay=self.options.max_delay_ms / 1000, executor=self.executor,
-                               on_batch=lambda requests, rows: metrics.batch_done(self.name, requests, rows))
+                               on_batch=lambda requests, rows: metrics.batch_done(self.name, requests, rows),
+                               concurrency=self.concurrency)
         for _ in range(self.options.warmup):
             compiled.run_flat(list(compiled.example_inputs))
         self.compiled = compiled

@@ -61,7 +61,8 @@ def serve(artifacts, *, names: list[str] | None = None, http_port: int = 8080, g
     if workers < 1:
         raise InputError(f"--workers must be >= 1, got {workers}")
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blade-batch")
-    models = [ArtifactModel(name, path, options, executor) for name, path in checked_artifacts(artifacts, names)]
+    models = [ArtifactModel(name, path, options, executor, concurrency=workers)
+              for name, path in checked_artifacts(artifacts, names)]
     models += list(extra_models)
     kserve.model_server.args.grpc_max_receive_message_length = options.max_request_bytes
     kserve.model_server.args.grpc_max_send_message_length = max(options.max_request_bytes, 64 << 20)

@@ -123,3 +123,16 @@ def test_a_request_over_max_rows_is_refused_with_what_to_do():
     batcher = Batcher(Recorder(), batched=True, max_rows=4, max_delay=0.0)
     with pytest.raises(InputError, match="over the server's max batch of 4"):
         run(batcher.submit([torch.ones(5, 3)]))
+
+
+def test_with_concurrency_two_batches_that_cannot_join_run_at_once():
+    model = Recorder(delay=0.2)
+    batcher = Batcher(model, batched=True, max_rows=8, max_delay=0.0, concurrency=2)
+
+    async def main():
+        start = time.perf_counter()
+        await asyncio.gather(batcher.submit([torch.ones(1, 3)]), batcher.submit([torch.ones(1, 4)]))
+        return time.perf_counter() - start
+
+    elapsed = run(main())
+    assert model.calls == [[1], [1]] and elapsed < 0.35, f"two 0.2 s batches took {elapsed:.2f} s: not at once"
