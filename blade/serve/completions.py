@@ -104,6 +104,7 @@ class CompletionsModel(kserve.Model):
                     self.engine.cancel(request_id)
                     stream.put(exc)
                 self._streams.clear()
+                self._sent.clear()
                 continue
             self._deliver(finished)
 
