@@ -1,5 +1,5 @@
 """Generation on CPU: Hugging Face generate (dynamic cache, static cache, static cache under torch.compile) vs
-blade.llm (fp32, bf16, int8 weight-only), tokens/s and decode MBU, in one run on this machine.
+blade.llm (fp32, bf16, int8 and int4 weight-only), tokens/s and decode MBU, in one run on this machine.
 
 Models (random weights, blade.models.hf_lm): GPT-2 base (124 M) and a Llama-architecture model of 134 M (GQA 12/4,
 SwiGLU, RoPE). Each case: batch B of random prompts of --prompt tokens, --new new tokens, greedy, eos off
@@ -13,7 +13,8 @@ Contenders:
                     by default); its compile happens in the untimed warm-up call
 * blade_fp32/bf16/int8  blade.llm.compile(model, max_batch=8, max_length=prompt+new, precision / quantize) once per
                     model, then lm.generate(...); int8 = quantize="int8_weight_only" with
-                    accuracy_budget=0.1 (random-weight logits are flat: the 2e-2 default keeps every layer fp32)
+                    accuracy_budget=0.1 (random-weight logits are flat: the 2e-2 default keeps every layer fp32);
+                    int4 = quantize="int4_weight_only" (groups of 32) with accuracy_budget=0.3
 
 Timing: a warm-up call of every contender, then --rounds rounds interleaved over the contenders (A B C ... A B C);
 the median seconds of a whole generate. tokens/s = B x new / seconds. Decode figures: for blade from its own
@@ -45,9 +46,10 @@ import blade.target
 from blade.models import hf_lm
 from blade.perf.peaks import measure
 
-CONTENDERS = ["hf_dynamic", "hf_static", "hf_static_compile", "blade_fp32", "blade_bf16", "blade_int8"]
+CONTENDERS = ["hf_dynamic", "hf_static", "hf_static_compile", "blade_fp32", "blade_bf16", "blade_int8", "blade_int4"]
 BLADE = {"blade_fp32": {}, "blade_bf16": {"precision": "bf16"}, "blade_int8": {"quantize": "int8_weight_only",
-                                                                                   "accuracy_budget": 0.1}}
+                                                                                   "accuracy_budget": 0.1},
+         "blade_int4": {"quantize": "int4_weight_only", "accuracy_budget": 0.3}}
 
 
 def hf_runner(model, kind: str):

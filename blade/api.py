@@ -18,7 +18,7 @@ def compile(model, example_inputs=(), *, example_kwargs=None, dynamic_shapes=Non
     `optimize` picks the pass pipeline (0 none, 1 cleanup, 2 all); `passes` (a list) replaces it.
     `cache` (default $BLADE_CACHE, on) reuses an equal earlier compile from the on-disk cache.
     `precision` ("fp32", "fp16", "bf16") is what matmuls, convolutions and attention compute in;
-    `quantize` ("int8_weight_only", "int8_dynamic", "int8_static", "fp8") quantizes linear layers and
+    `quantize` ("int8_weight_only", "int8_dynamic", "int8_static", "fp8", "int4_weight_only") quantizes linear layers and
     embedding tables; `calibration_data` (an iterable of example inputs, each a tuple of arguments, a
     dict of keyword arguments or one tensor) calibrates int8_static and joins the accuracy check;
     `accuracy_budget` (max relative error vs fp32) keeps the most sensitive layers in fp32 until it

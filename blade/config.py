@@ -20,7 +20,7 @@ class CompileConfig:
     debug: bool = False  # verify the IR after every pass
     check_accuracy: bool = True
     precision: str | None = None  # "fp32" | "fp16" | "bf16": what matmuls/convs/attention compute in
-    quantize: str | None = None  # "int8_weight_only" | "int8_dynamic" | "int8_static" | "fp8"
+    quantize: str | None = None  # "int8_weight_only" | "int8_dynamic" | "int8_static" | "fp8" | "int4_weight_only"
     calibration: tuple = ()  # flat input lists observed by static quantization
     keep_high_precision: frozenset = frozenset()  # layer (node) names the accuracy guard keeps in fp32
     accuracy_budget: float | None = None  # max relative error vs fp32 the guard holds the model to

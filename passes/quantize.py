@@ -7,6 +7,9 @@ floating x; `aten.embedding(W, indices)` and `aten.embedding_bag.padding_idx(W, 
   mode)` with W quantized symmetrically per output channel (int8, or float8_e4m3fn for fp8) once, at
   compile time; "int8_static" also records the calibrated activation scale (absmax over the
   calibration inputs of what the layer reads, / 127), measured here by running the graph on them;
+- "int4_weight_only": `blade::q4linear(x, packed, scales, b)`, W quantized symmetrically per group of 32
+  weights of a row and packed two a byte (4.5 bits a weight); a layer whose input width is not a multiple of 32
+  gets int8 weight-only instead (noted);
 - every mode: embedding tables as int8 rows with a scale per row, read through
   `blade::qembedding(table_q, row_scale, indices)` (an embedding bag pools the dequantized rows it
   reads, so the fp32 table is never rebuilt). A weight shared by a table and a linear (tied
@@ -27,12 +30,14 @@ from blade.ir.graph import Graph, Node, TensorMeta
 from blade.ops.info import arg, infer_meta
 from blade.passes.cleanup import eliminate_dead_code
 from blade.passes.manager import PassContext
-from blade.ops.quantized import INT8_MAX, QEMBEDDING, QLINEAR, quantize_table, quantize_weight
+from blade.ops.quantized import (INT4_GROUP, INT8_MAX, Q4LINEAR, QEMBEDDING, QLINEAR, quantize_int4, quantize_table,
+                                 quantize_weight)
 
 aten = torch.ops.aten
-QUANTIZE_MODES = ("int8_weight_only", "int8_dynamic", "int8_static", "fp8")
+QUANTIZE_MODES = ("int8_weight_only", "int8_dynamic", "int8_static", "fp8", "int4_weight_only")
 LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-OP_MODE = {"int8_weight_only": "weight_only", "int8_dynamic": "dynamic", "int8_static": "static", "fp8": "fp8"}
+OP_MODE = {"int8_weight_only": "weight_only", "int8_dynamic": "dynamic", "int8_static": "static", "fp8": "fp8",
+           "int4_weight_only": "int4"}
 
 
 def linear_weights(node: Node) -> tuple[Node, Node | None] | None:
@@ -75,11 +80,14 @@ class _Weights:
         self.graph, self.made = graph, {}
 
     def get(self, constant: Node, mode: str) -> tuple[Node, Node]:
-        kind = "fp8" if mode == "fp8" else "int8"
+        kind = mode if mode in ("fp8", "int4") else "int8"
         key = (constant, kind)
         if key not in self.made:
             tensor = self.graph.constants[constant.name]
-            q, scale = quantize_weight(tensor, mode) if kind == "fp8" else quantize_table(tensor)
+            if kind == "int4":
+                q, scale = quantize_int4(tensor)
+            else:
+                q, scale = quantize_weight(tensor, mode) if kind == "fp8" else quantize_table(tensor)
             source = constant.target
             self.made[key] = (self.graph.add_constant(f"{constant.name}_{kind}", q.contiguous(), f"{source} ({kind})"),
                               self.graph.add_constant(f"{constant.name}_scale", scale.contiguous(), f"{source} (scale)"))
@@ -106,15 +114,22 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             ctx.note(f"not quantized (their calibration inputs were all zeros, no scale to take): {silent}")
             layers = [n for n in layers if n.name not in silent]
     weights = _Weights(graph)
+    narrow = []
     for node in layers:
         if not ctx.allows(node.name):
             continue
         if linear_weights(node):
-            _rewrite_linear(graph, node, mode, weights, scales.get(node.name))
-            ctx.count(f"qlinear_{OP_MODE[mode]}")
+            layer_mode = mode
+            if mode == "int4_weight_only" and linear_weights(node)[0].val.shape[1] % INT4_GROUP:
+                layer_mode = "int8_weight_only"
+                narrow.append(node.name)
+            _rewrite_linear(graph, node, layer_mode, weights, scales.get(node.name))
+            ctx.count("q4linear" if layer_mode == "int4_weight_only" else f"qlinear_{OP_MODE[layer_mode]}")
         else:
             _rewrite_embedding(graph, node, weights)
             ctx.count("qembedding")
+    if narrow:
+        ctx.note(f"int8 weight-only, not int4 (input width not a multiple of {INT4_GROUP}): {narrow}")
     kept = [n for n in keep if n in {m.name for m in graph.call_nodes}]
     if kept:
         ctx.note(f"kept in high precision: {sorted(kept)}")
@@ -129,10 +144,15 @@ def _rewrite_linear(graph: Graph, node: Node, mode: str, weights: _Weights, absm
     x, (weight, bias) = node.args[0], linear_weights(node)
     op_mode = OP_MODE[mode]
     q, scale = weights.get(weight, op_mode)
+    meta = dict(node.meta, quantized=op_mode, layer=node.name)
+    if op_mode == "int4":
+        new = graph.add_node(Q4LINEAR, (x, q, scale, bias), {}, meta, name=f"q{node.name}")
+        graph.replace_all_uses(node, new)
+        graph.remove_node(node)
+        return
     kwargs = {"mode": op_mode}
     if op_mode == "static":
         kwargs["input_scale"] = absmax / INT8_MAX
-    meta = dict(node.meta, quantized=op_mode, layer=node.name)
     new = graph.add_node(QLINEAR, (x, q, scale, bias), kwargs, meta, name=f"q{node.name}")
     graph.replace_all_uses(node, new)
     graph.remove_node(node)

@@ -9,13 +9,13 @@ from blade.backends.eager.profiler import profile_module
 from blade.backends.kernels import registry
 from blade.ir.graph import Graph, Node
 from blade.ops.attention import FLASH_ATTENTION
-from blade.ops.quantized import QLINEAR
+from blade.ops.quantized import Q4LINEAR, QLINEAR
 from blade.target import Target
 
 
 # What the registry runs these ops with on the CPU and CUDA devices (blade's ops are routed to the same functions)
 DIRECT = {torch.ops.aten.linear.default: registry.linear, FLASH_ATTENTION: registry.flash_attention,
-          QLINEAR: registry.qlinear}
+          QLINEAR: registry.qlinear, Q4LINEAR: registry.q4linear}
 
 
 class EagerExecutable(Executable):

@@ -6,6 +6,7 @@ The choice order, per (op, device); the first kernel whose condition holds runs 
     flash_attention  cpu   decode → native → blocked → reference
     flash_attention  cuda  triton → reference
     qlinear          cpu   skinny → reference
+    q4linear         cpu   skinny → reference
     qlinear          cuda  triton → reference
     linear           cpu   skinny → reference
 
@@ -46,7 +47,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from blade.ops.attention import attention_reference, check_attention_args, in_output_layout
-from blade.ops.quantized import qlinear_reference
+from blade.ops.quantized import q4linear_reference, qlinear_reference
 
 OpKernel = Callable[..., torch.Tensor]
 DEVICES = ("cpu", "cuda")  # the devices route_ops() sends through this table
@@ -111,6 +112,9 @@ KERNELS = (
            lambda m, x, weight, weight_scale, bias, mode, input_scale: mode == "weight_only" and m.supports(
                x, weight, bias, weight_scale),
            "blade's skinny CPU kernel (skinny_linear.cpp) for weight-only int8 over 1..{MAX_ROWS} rows"),
+    Kernel("q4linear", "cpu", "skinny", "skinny_native", "q4linear",
+           lambda m, x, packed, scales, bias: m.supports_q4(x, packed, scales, bias),
+           "blade's skinny CPU kernel (skinny_linear.cpp, int4 entry point) over 1..{MAX_ROWS} rows"),
     Kernel("linear", "cpu", "skinny", "skinny_native", "linear",
            lambda m, x, weight, bias=None: m.supports(x, weight, bias),
            "blade's skinny CPU kernel (skinny_linear.cpp) over 1..{MAX_ROWS} rows"),
@@ -135,6 +139,7 @@ REFERENCES = {
                                  "the reference (PyTorch's scaled_dot_product_attention)"),
     "qlinear": Reference(qlinear_reference, "the reference", "the reference (fp32 PyTorch)"),
     "linear": Reference(torch.nn.functional.linear, "torch's linear", "torch's linear"),
+    "q4linear": Reference(q4linear_reference, "the reference", "the reference (dequantize, fp32 PyTorch)"),
 }
 
 _CHAINS = {(op, device): tuple(k for k in KERNELS if (k.op, k.device) == (op, device))
@@ -206,12 +211,19 @@ def qlinear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, b
     return choose("qlinear", x.device.type, *args)(*args)
 
 
+def q4linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """blade::q4linear on a routed device: the chosen kernel (the reference checks the arguments)."""
+    return choose("q4linear", x.device.type, x, packed, scales, bias)(x, packed, scales, bias)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """aten.linear as the eager backend runs it: the chosen kernel for this call."""
     return choose("linear", x.device.type, x, weight, bias)(x, weight, bias)
 
 
-_ROUTES = {"flash_attention": ("blade::flash_attention", flash_attention), "qlinear": ("blade::qlinear", qlinear)}
+_ROUTES = {"flash_attention": ("blade::flash_attention", flash_attention), "qlinear": ("blade::qlinear", qlinear),
+           "q4linear": ("blade::q4linear", q4linear)}
 _ROUTED: set[tuple[str, str]] = set()
 
 

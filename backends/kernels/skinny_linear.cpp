@@ -1,5 +1,5 @@
 // blade's skinny linear for decoding on CPU: y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for m < 8 rows, with W
-// stored fp32, bf16 or int8 (one fp32 scale per row n). A decode step is a matrix-vector product per layer: the
+// stored fp32, bf16 or int8 (one fp32 scale per row n), or packed int4 with a scale per group (the _q4 entry point).
 // time is reading W once from memory, so the kernel streams each W row once and reuses it for all m rows of x
 // (which stay in L1/L2), four W rows at a time, split over OpenMP threads by blocks of rows.
 // Products and sums are fp32 (a bf16 or int8 weight widens exactly to fp32); int8 rows are scaled after the sum.
@@ -107,7 +107,106 @@ int dispatch(int64_t m, const float* x, int64_t xs, const W* w, const float* sca
     }
 }
 
+// int4 (blade::q4linear): rows n0 .. n0+R-1, each k / 2 bytes, a scale per `group` weights. A 16-byte chunk holds
+// 32 weights: low nibbles are weights 0..15, high nibbles 16..31, each stored as q + 8.
+// The stored nibble is q + 8: sum_j q_j x_j = sum_j nibble_j x_j - 8 * sum_j x_j, and sum_j x_j per group and row
+// of x (`xsum`, [M, groups]) is the same for every weight row, so the subtraction is done once per group, not per
+// weight.
+template <int M, int R>
+inline void block_q4(const float* x, int64_t x_stride, const uint8_t* w, const float* scale, const float* xsum,
+                     int64_t k, int64_t group, int64_t n0, float* acc_out) {
+    const int64_t groups = k / group;
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    float correction[R][M] = {};
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512 part[R][M];
+        for (int r = 0; r < R; ++r)
+            for (int m = 0; m < M; ++m) part[r][m] = _mm512_setzero_ps();
+        for (int64_t j = g * group; j < (g + 1) * group; j += 32) {
+            __m512 lo[R], hi[R];
+            for (int r = 0; r < R; ++r) {
+                __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n0 + r) * (k / 2) + j / 2));
+                lo[r] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, nibble)));
+                hi[r] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), nibble)));
+            }
+            for (int m = 0; m < M; ++m) {
+                __m512 xa = _mm512_loadu_ps(x + m * x_stride + j);
+                __m512 xb = _mm512_loadu_ps(x + m * x_stride + j + 16);
+                for (int r = 0; r < R; ++r) {
+                    part[r][m] = _mm512_fmadd_ps(lo[r], xa, part[r][m]);
+                    part[r][m] = _mm512_fmadd_ps(hi[r], xb, part[r][m]);
+                }
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            const float sc = scale[(n0 + r) * groups + g];
+            __m512 s = _mm512_set1_ps(sc);
+            for (int m = 0; m < M; ++m) {
+                acc[r][m] = _mm512_fmadd_ps(part[r][m], s, acc[r][m]);
+                correction[r][m] += sc * xsum[m * groups + g];
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) acc_out[r * M + m] = _mm512_reduce_add_ps(acc[r][m]) - 8.0f * correction[r][m];
+}
+
+template <int M>
+void run_q4(const float* x, int64_t x_stride, const uint8_t* w, const float* scale, const float* bias, float* y,
+            int64_t y_stride, int64_t n, int64_t k, int64_t group, int threads) {
+    constexpr int ROWS = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+    const int64_t blocks = (n + ROWS - 1) / ROWS;
+    const int64_t groups = k / group;
+    float xsum[M * 512];  // groups <= 512: k <= 16384 at group 32 (checked by the entry point)
+    for (int m = 0; m < M; ++m)
+        for (int64_t g = 0; g < groups; ++g) {
+            float t = 0.0f;
+            for (int64_t j = g * group; j < (g + 1) * group; ++j) t += x[m * x_stride + j];
+            xsum[m * groups + g] = t;
+        }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t n0 = b * ROWS;
+        float out[ROWS * M];
+        int rows;
+        if (n0 + ROWS <= n) {
+            block_q4<M, ROWS>(x, x_stride, w, scale, xsum, k, group, n0, out);
+            rows = ROWS;
+        } else {
+            rows = static_cast<int>(n - n0);
+            for (int r = 0; r < rows; ++r) block_q4<M, 1>(x, x_stride, w, scale, xsum, k, group, n0 + r, out + r * M);
+        }
+        for (int r = 0; r < rows; ++r) {
+            const float add = bias ? bias[n0 + r] : 0.0f;
+            for (int m = 0; m < M; ++m) y[m * y_stride + n0 + r] = out[r * M + m] + add;
+        }
+    }
+}
+
 }  // namespace
+
+// blade::q4linear over m = 1..8 rows of x [m, k] (rows x_stride apart): w [n, k / 2] packed, scale [n, k / group].
+// group must be a multiple of 32 dividing k, with at most 512 groups a row. Returns 0, or 1 when m is not 1..8,
+// 3 for a bad group.
+extern "C" int blade_skinny_linear_q4(const float* x, int64_t m, int64_t x_stride, const uint8_t* w,
+                                      const float* scale, const float* bias, float* y, int64_t y_stride, int64_t n,
+                                      int64_t k, int64_t group, int threads) {
+    if (group <= 0 || group % 32 || k % group || k / group > 512) return 3;
+    switch (m) {
+        case 1: run_q4<1>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 2: run_q4<2>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 3: run_q4<3>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 4: run_q4<4>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 5: run_q4<5>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 6: run_q4<6>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 7: run_q4<7>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 8: run_q4<8>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        default: return 1;
+    }
+}
 
 // weight_kind: 0 fp32, 1 bf16, 2 int8 (scale required). x [m, k] rows x_stride apart, y [m, n] rows y_stride apart.
 // Returns 0, or 1 when m is not 1..8, 2 for an unknown weight kind.

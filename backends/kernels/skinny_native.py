@@ -76,3 +76,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 def qlinear(x, weight, weight_scale, bias=None, mode="weight_only", input_scale=None) -> torch.Tensor:
     """blade::qlinear (weight_only) through the kernel."""
     return linear(x, weight, bias, weight_scale)
+
+
+KERNEL_Q4 = native_build.AvxKernel(
+    SOURCE, "blade_skinny_linear_q4", [_P, _N, _N, _P, _P, _P, _P, _N, _N, _N, _N, ctypes.c_int],
+    "the skinny CPU int4 linear kernel", "int4 layers run the reference (dequantize, then torch's GEMM)")
+
+
+def supports_q4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> bool:
+    """Whether the int4 entry point takes this blade::q4linear call: CPU, 1..8 rows of fp32/bf16 x, contiguous packed
+    weight and fp32 scales of the op's shapes (blade.ops.quantized)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not 1 <= rows(x) <= MAX_ROWS:
+        return False
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or not packed.is_contiguous():
+        return False
+    k = 2 * packed.shape[1]
+    if x.shape[-1] != k or scales.dim() != 2 or scales.shape[0] != packed.shape[0] or not scales.shape[1]:
+        return False
+    if k % scales.shape[1] or (k // scales.shape[1]) % 32 or scales.shape[1] > 512 or scales.dtype != torch.float32:
+        return False
+    if bias is not None and (bias.shape != (packed.shape[0],) or not bias.dtype.is_floating_point):
+        return False
+    return KERNEL_Q4.function() is not None
+
+
+def q4linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """blade::q4linear through the int4 entry point, for a call `supports_q4` takes; y in x's dtype."""
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    flat = x.reshape(-1, k).float().contiguous()
+    out = torch.empty(flat.shape[0], n, dtype=torch.float32)
+    scales = scales.contiguous()
+    bias = bias.float().contiguous() if bias is not None else None
+    code = KERNEL_Q4.function()(
+        flat.data_ptr(), flat.shape[0], k, packed.data_ptr(), scales.data_ptr(),
+        bias.data_ptr() if bias is not None else None, out.data_ptr(), n, n, k, k // scales.shape[1],
+        torch.get_num_threads())
+    if code != 0:
+        raise RuntimeError(f"blade_skinny_linear_q4 returned {code} for x {list(x.shape)}, packed {list(packed.shape)}")
+    return out.reshape(*x.shape[:-1], n).to(x.dtype)

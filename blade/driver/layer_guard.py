@@ -24,7 +24,7 @@ from blade.passes import PassRecord, run_pipeline
 
 # default tolerance of the compile-time accuracy check, per mode, when no budget is given
 DEFAULT_TOLERANCE = {"fp16": 1e-2, "bf16": 1e-2, "int8_weight_only": 2e-2, "int8_dynamic": 5e-2,
-                     "int8_static": 1e-1, "fp8": 1e-1}
+                     "int8_static": 1e-1, "fp8": 1e-1, "int4_weight_only": 1.5e-1}
 
 
 def tolerance_for(config: CompileConfig) -> float | None:

@@ -39,7 +39,7 @@ import torch
 from blade.ir.graph import Node, ScalarMeta, TensorMeta, iter_refs, map_refs
 from blade.ir.shapes import as_size
 from blade.ops.attention import FLASH_ATTENTION
-from blade.ops.quantized import QEMBEDDING, QLINEAR
+from blade.ops.quantized import Q4LINEAR, QEMBEDDING, QLINEAR
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -110,7 +110,7 @@ MATMULS = frozenset({aten.linear.default, aten.addmm.default, aten.baddbmm.defau
 BATCH_MATMULS = frozenset({aten.matmul.default, aten.bmm.default})
 CONVOLUTIONS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default})
 ATTENTIONS = frozenset({FLASH_ATTENTION, aten.scaled_dot_product_attention.default})
-QUANTIZED = frozenset({QLINEAR, QEMBEDDING})
+QUANTIZED = frozenset({QLINEAR, Q4LINEAR, QEMBEDDING})
 
 # -- bookkeeping -----------------------------------------------------------------------------------------
 SIZE_QUERIES = frozenset({aten.sym_size.int, aten.sym_numel.default})

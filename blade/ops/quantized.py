@@ -14,6 +14,14 @@
     round() is half to even (torch.round). A row of zeros has s = 0 and gives y = bias. The reference computes in fp32, which is exact for the
     integer products of the int8 modes up to rounding of sums beyond 2^24.
 
+`blade::q4linear(x, packed, scales, bias=None) -> y`  (weight-only int4, group-wise)
+
+    x: [..., K] float            packed: [N, K/2] uint8        scales: [N, K/G] fp32, one per group of G weights
+    G = K / scales.shape[1], a multiple of 32. Within each 32 weights of a row, byte j (0..15) holds weight j in
+    its low nibble and weight j + 16 in its high one, each as q + 8 with q in [-8, 7]; weight = q * scale of
+    its group (symmetric: scale = amax(|group|) / 7, q = clamp(round(w / scale), -8, 7)).
+    y = x @ dequantized(packed, scales)ᵀ + bias, in x's dtype. 4.5 bits a weight at G = 32 (0.14x of fp32).
+
 `blade::qembedding(table, row_scale, indices) -> rows`
 
     table: [V, D] int8    row_scale: [V] fp32    indices: any shape, int64/int32    rows: [*indices.shape, D] fp32
@@ -131,5 +139,74 @@ def quantize_table(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_weight(table, "dynamic")
 
 
+INT4_GROUP = 32  # weights per scale
+INT4_MAX = 7.0
+
+
+def check_q4linear_args(x, packed, scales, bias) -> None:
+    """Raise ShapeError naming the argument when a blade::q4linear call breaks the op's spec."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ShapeError(f"blade::q4linear: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ShapeError(f"blade::q4linear: packed must be a 2-D uint8 [out, in / 2] tensor, got "
+                         f"{packed.dtype}{list(packed.shape)}")
+    k = 2 * packed.shape[1]
+    if x.shape[-1] != k:
+        raise ShapeError(f"blade::q4linear: x has {x.shape[-1]} features, the packed weight holds {k}")
+    groups = scales.shape[1] if scales.dim() == 2 else 0
+    if scales.dim() != 2 or scales.shape[0] != packed.shape[0] or not groups or k % groups or (k // groups) % 32:
+        raise ShapeError(f"blade::q4linear: scales must be [{packed.shape[0]}, {k} / G] for a group size G that is a "
+                         f"multiple of 32, got {list(scales.shape)}")
+    if bias is not None and bias.shape != (packed.shape[0],):
+        raise ShapeError(f"blade::q4linear: bias must be [{packed.shape[0]}], got {list(bias.shape)}")
+
+
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed [N, K/2] uint8, scales [N, K/group] fp32) of a [N, K] weight, K a multiple of `group` (and 32)."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if group % 32 or k % group:
+        raise ShapeError(f"int4 quantization: {k} input features are not a multiple of the group size {group} "
+                         "(itself a multiple of 32)")
+    grouped = w.reshape(n, k // group, group)
+    scales = grouped.abs().amax(dim=-1) / INT4_MAX
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.clamp(torch.round(grouped / safe[..., None]), -8, 7).to(torch.int16) + 8
+    chunks = q.reshape(n, k // 32, 2, 16)  # per 32: weights 0..15 low nibbles, 16..31 high nibbles
+    packed = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).to(torch.uint8).reshape(n, k // 2)
+    return packed.contiguous(), scales.contiguous()
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The fp32 [N, K] weight that (packed, scales) stand for."""
+    n, half = packed.shape
+    k = 2 * half
+    bytes_ = packed.reshape(n, k // 32, 16).to(torch.int16)
+    q = torch.stack([bytes_ & 0x0F, bytes_ >> 4], dim=2).reshape(n, k).float() - 8
+    return (q.reshape(n, scales.shape[1], -1) * scales.float()[..., None]).reshape(n, k)
+
+
+def q4linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """blade::q4linear's meaning, in fp32 PyTorch."""
+    check_q4linear_args(x, packed, scales, bias)
+    out = x.float() @ dequantize_int4(packed, scales).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("blade::q4linear", mutates_args=())
+def q4linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return q4linear_reference(x, packed, scales, bias)
+
+
+@q4linear.register_fake
+def _q4linear_fake(x, packed, scales, bias=None):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
 QLINEAR = torch.ops.blade.qlinear.default
+Q4LINEAR = torch.ops.blade.q4linear.default
 QEMBEDDING = torch.ops.blade.qembedding.default

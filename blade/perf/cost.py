@@ -26,7 +26,7 @@ from blade.ops.attention import FLASH_ATTENTION
 from blade.ops.info import (ASSERTS, ATTENTIONS, CASTS, CLONES, CONVOLUTIONS, ELEMENTWISE, EMBEDDING_BAGS, FACTORIES,
                             GATHERS, LOG_SOFTMAXES, MATMULS, NORMS, POOLS, REARRANGES, REDUCTIONS, SIZE_QUERIES,
                             SOFTMAXES, SPLITS, arg)
-from blade.ops.quantized import QEMBEDDING, QLINEAR
+from blade.ops.quantized import Q4LINEAR, QEMBEDDING, QLINEAR
 from blade.ir.shapes import Size, evaluate
 
 aten = torch.ops.aten
@@ -104,6 +104,12 @@ def _linear(node: Node) -> Size:
     return 2 * out * _shape(arg(node, "weight"))[-1] + (out if arg(node, "bias") is not None else 0)
 
 
+def _q4linear(node: Node) -> Size:
+    """blade::q4linear: the matmul over x's features (the packed weight holds two a byte) and the bias."""
+    out = numel(node.val)
+    return 2 * out * _shape(node.args[0])[-1] + (out if arg(node, "bias") is not None else 0)
+
+
 def _addmm(node: Node) -> Size:
     """addmm and baddbmm: the matmul and the added input."""
     return 2 * numel(node.val) * _shape(node.args[1])[-1] + numel(node.val)
@@ -164,7 +170,7 @@ MOVES = CASTS | CLONES | GATHERS | FACTORIES | {
     aten.cat.default, aten.stack.default, aten.repeat_interleave.self_int, aten.repeat.default, aten.tril.default,
     aten.triu.default, aten.constant_pad_nd.default,
 }
-MATMUL_RULES = {**{op: _matmul for op in MATMULS}, aten.linear.default: _linear, QLINEAR: _linear,
+MATMUL_RULES = {**{op: _matmul for op in MATMULS}, aten.linear.default: _linear, QLINEAR: _linear, Q4LINEAR: _q4linear,
                 aten.addmm.default: _addmm, aten.baddbmm.default: _addmm}
 ATTENTION_RULES = {FLASH_ATTENTION: _flash_attention, aten.scaled_dot_product_attention.default: _sdpa}
 FLOP_RULES = {

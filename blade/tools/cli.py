@@ -567,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="what matmuls, convolutions and attention compute in (norms and softmax stay fp32)")
             p.add_argument("--low-precision-outputs", action="store_true", help="with --precision fp16/bf16: return "
                            "outputs in that precision, as model.to(dtype) would (keep_output_dtype=False)")
-            p.add_argument("--quantize", choices=["int8_weight_only", "int8_dynamic", "int8_static", "fp8"],
+            p.add_argument("--quantize", choices=["int8_weight_only", "int8_dynamic", "int8_static", "fp8",
+                                                  "int4_weight_only"],
                            help="quantize linear layers and embedding tables")
             p.add_argument("--calibration", metavar="PATH", help="int8_static calibration: a safetensors file, or a "
                            "directory of them, each one sample with one tensor per input name (as `run --inputs`)")
@@ -705,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
     p.add_argument("--backend", default="auto", help="auto (eager, which writes the cache in place) or a backend")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="weights and KV cache in this dtype")
-    p.add_argument("--quantize", choices=["int8_weight_only"], help="weight-only int8 linear layers")
+    p.add_argument("--quantize", choices=["int8_weight_only", "int4_weight_only"],
+                   help="weight-only int8 (per channel) or int4 (groups of 32) linear layers")
     p.add_argument("--no-cache", action="store_true", help="compile afresh (no compile cache)")
     p.set_defaults(func=cmd_generate)
 
