@@ -19,17 +19,13 @@ LM_MANIFEST = "lm.json"
 PROGRAMS = ("decode", "prefill")
 
 
-def _canonical(data: dict) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-
-
 def _storage_key(t: torch.Tensor) -> tuple:
     return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
 
 
 def save(lm, path) -> Path:
     """Write `lm` (a CompiledLM) to the directory `path`; load it with blade.llm.load."""
-    from blade.runtime.artifact import MANIFEST, save as save_artifact
+    from blade.runtime.artifact import MANIFEST, save as save_artifact, sealed
 
     root = Path(path)
     if root.exists() and not (root / LM_MANIFEST).exists() and any(root.iterdir()):
@@ -50,32 +46,24 @@ def save(lm, path) -> Path:
         "cache": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in lm.cache.items()},
         "manifests": {p: hashlib.sha256((root / p / MANIFEST).read_bytes()).hexdigest() for p in PROGRAMS},
     }
-    data["lm_sha256"] = hashlib.sha256(_canonical(data)).hexdigest()
-    (root / LM_MANIFEST).write_text(json.dumps(data, indent=1, sort_keys=True))
+    (root / LM_MANIFEST).write_text(json.dumps(sealed(data, "lm_sha256"), indent=1, sort_keys=True))
     return root
 
 
 def read_lm_manifest(path) -> dict:
     """lm.json of the artifact at `path`, after checking its own hash, its format and both programs' manifests."""
-    from blade.runtime.artifact import MANIFEST
+    from blade.runtime.artifact import MANIFEST, check_seal, read_json_object
 
     root = Path(path)
     file = root / LM_MANIFEST
     if not file.is_file():
         raise ArtifactError(f"{root} is not a blade.llm artifact: {LM_MANIFEST} is missing (a blade artifact of one "
                             "program loads with blade.load)")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{file} is not valid JSON ({exc}); the artifact is damaged") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ArtifactError(f"{file} is not a blade.llm manifest")
+    data = read_json_object(file, FORMAT, "blade.llm manifest")
     if data.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{file}: format version {data.get('format_version')!r}; this blade {__version__} reads "
                             f"{FORMAT_VERSION}; recompile with this blade")
-    claimed = data.pop("lm_sha256", None)
-    if claimed != hashlib.sha256(_canonical(data)).hexdigest():
-        raise ArtifactError(f"{file} was modified after it was written (its hash does not match); refusing to load")
+    check_seal(data, "lm_sha256", file)
     for program in PROGRAMS:
         manifest = root / program / MANIFEST
         if not manifest.is_file() or hashlib.sha256(manifest.read_bytes()).hexdigest() != data["manifests"][program]:

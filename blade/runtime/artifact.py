@@ -114,9 +114,33 @@ def save(compiled: CompiledModel, path, *, external: frozenset[str] = frozenset(
         "report": compiled.report.as_dict(),
         "files": {p.relative_to(root).as_posix(): digest for p, digest in zip(files, _sha256_all(files))},
     }
-    manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    (root / MANIFEST).write_text(json.dumps(sealed(manifest, "manifest_sha256"), indent=2, sort_keys=True))
     return root
+
+
+def sealed(data: dict, key: str) -> dict:
+    """`data` with its own sha256 (of its canonical JSON) under `key`: a manifest that shows later edits."""
+    return {**data, key: hashlib.sha256(_canonical(data)).hexdigest()}
+
+
+def read_json_object(file: Path, format_name: str, what: str) -> dict:
+    """The JSON object in `file` whose "format" is `format_name`; ArtifactError naming the file otherwise."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{file} is not valid JSON ({exc}); the artifact is damaged") from None
+    if not isinstance(data, dict) or data.get("format") != format_name:
+        raise ArtifactError(f"{file} is not a {what}")
+    return data
+
+
+def check_seal(data: dict, key: str, file: Path) -> dict:
+    """`data` without its seal (`key`), after checking the seal matches (see `sealed`)."""
+    claimed = data.pop(key, None)
+    if claimed != hashlib.sha256(_canonical(data)).hexdigest():
+        raise ArtifactError(f"{file} was modified after it was written (its hash does not match); "
+                            "refusing to load — recompile or restore the original artifact")
+    return data
 
 
 def read_manifest(path) -> dict:
@@ -125,21 +149,13 @@ def read_manifest(path) -> dict:
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(f"{root} is not a blade artifact: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); the artifact is damaged") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{manifest_path} is not a blade manifest")
+    manifest = read_json_object(manifest_path, FORMAT, "blade manifest")
     version = manifest.get("format_version")
     # checked before the hash: a newer format may hash differently, and its version is the useful message
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise ArtifactError(f"{manifest_path}: artifact format version {version} is newer than this blade "
                             f"{__version__} reads (up to {FORMAT_VERSION}); upgrade blade, or recompile with this one")
-    claimed = manifest.pop("manifest_sha256", None)
-    if claimed != hashlib.sha256(_canonical(manifest)).hexdigest():
-        raise ArtifactError(f"{manifest_path} was modified after it was written (its hash does not match); "
-                            "refusing to load — recompile or restore the original artifact")
+    check_seal(manifest, "manifest_sha256", manifest_path)
     if version not in (1, FORMAT_VERSION):
         raise ArtifactError(f"{manifest_path}: artifact format version {version!r} is not supported by "
                             f"blade {__version__} (reads {FORMAT_VERSION}); recompile with this blade")
