@@ -17,6 +17,9 @@ from blade.serve.options import ServeOptions, checked_artifacts
 log = logging.getLogger("blade.serve")
 
 
+DRAIN_LIMIT = 256 << 20  # bytes of a refused body read before the 413, not to break the client's pipe
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets 413 before anything parses it."""
 
@@ -28,6 +31,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._drain(receive, int(length))
             return await self._refuse(send, int(length))
         seen = 0
 
@@ -41,6 +45,16 @@ class BodyLimit:
             return message
 
         return await self.app(scope, counted, send)
+
+    async def _drain(self, receive, length: int) -> None:
+        """Read and drop the refused body (up to DRAIN_LIMIT bytes), so that a client still sending it reads the 413
+        instead of a broken pipe; past the limit the connection just closes after the answer."""
+        if length > DRAIN_LIMIT:
+            return
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
 
     async def _refuse(self, send, length: int):
         body = json.dumps({"error": f"the request body is {length} bytes, over the server's limit of {self.limit} "
