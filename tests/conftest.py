@@ -16,3 +16,47 @@ os.environ.setdefault("BLADE_CACHE", "0")
 os.environ.setdefault("BLADE_AUTOTUNE", "0")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fcntl  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+# The suite runs on two xdist workers (pyproject's addopts: -n 2 --dist loadfile). A file goes to one worker whole,
+# so the files that take longest are handed out first and the run does not end on one worker alone.
+LONGEST_FIRST = ("test_defaults.py", "test_cache_identity.py", "test_profile.py", "serve/test_server.py",
+                 "serve/test_completions.py", "test_cache.py", "test_pipeline.py", "test_hf_vision.py",
+                 "test_lowering.py", "llm/test_generate.py", "backends/test_inductor.py", "backends/test_onnxruntime.py")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        relative = Path(str(item.fspath)).resolve().relative_to(TESTS).as_posix()
+        return LONGEST_FIRST.index(relative) if relative in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
+# A test marked `timing` compares measured times, which the other worker's load would skew: it runs alone. Every
+# test holds a shared lock on one file while it runs and a `timing` test an exclusive one; a turnstile lock taken
+# first keeps the shared holders from starving the exclusive one.
+_LOCKS = Path(os.environ["BLADE_CACHE_DIR"])
+
+
+@pytest.fixture(autouse=True)
+def _timing_runs_alone(request):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    _LOCKS.mkdir(parents=True, exist_ok=True)
+    alone = request.node.get_closest_marker("timing") is not None
+    with open(_LOCKS / "tests-turnstile.lock", "a") as turnstile, open(_LOCKS / "tests-timing.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
