@@ -21,7 +21,7 @@ def calibrate_batch_norm(model: nn.Module, make_batch, batches: int = 3, unit_sc
     from N(0, 0.02)) become 1 first. The model comes back in eval mode."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
-        if unit_scales and norm.weight is not None and float(norm.weight.abs().mean()) < 0.1:
+        if unit_scales and norm.weight is not None and float(norm.weight.detach().abs().mean()) < 0.1:
             with torch.no_grad():
                 norm.weight.fill_(1.0)
         norm.reset_running_stats()
