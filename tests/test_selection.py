@@ -148,3 +148,75 @@ def test_auto_on_cuda_measures_triton_and_keeps_the_fastest_in_bf16():
         ref, out = model(*inputs), cm(*inputs)
     assert out.dtype == ref.dtype == torch.float32
     assert float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref)) <= 1e-2
+
+
+class ConvNet(torch.nn.Module):
+    """Conv + batch norm + ReLU, then a GELU head: blade's passes rewrite it (GELU epilogue), ONNX Runtime
+    fuses the plain form itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.norm(self.conv(x))).mean((2, 3))
+        return torch.nn.functional.gelu(self.head(y))
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return ConvNet().eval()
+
+
+MEASURED = ("triton", "onnxruntime", "eager")
+
+
+def test_a_graph_with_convolutions_also_measures_onnxruntime_on_the_lightly_optimized_graph(monkeypatch):
+    from blade.backends import base
+
+    monkeypatch.setattr(base, "MEASURED_CANDIDATES", MEASURED)
+    cm = blade.compile(_conv_net(), (torch.randn(2, 3, 16, 16),), autotune=True)
+    candidates = cm.report.backend_candidates
+    assert "ms" in candidates["onnxruntime"] and "ms" in candidates["onnxruntime (light)"]
+    assert cm.report.accuracy.ok
+    no_convs = blade.compile(mlp(), (torch.randn(4, 32),), autotune=True)
+    assert "onnxruntime (light)" not in no_convs.report.backend_candidates  # nothing ORT would lay out itself
+
+
+def test_when_the_light_graph_wins_it_is_the_compiled_graph_and_the_report_says_by_how_much(monkeypatch):
+    from blade.backends import base
+    from blade.driver import selection
+
+    monkeypatch.setattr(base, "MEASURED_CANDIDATES", MEASURED)
+    real = selection._time
+
+    def light_wins(compiled, examples, device):
+        times = real(compiled, examples, device)
+        return {name: (1e-6 if name == "onnxruntime (light)" else 1.0) for name in times}
+
+    monkeypatch.setattr(selection, "_time", light_wins)
+    model, x = _conv_net(), torch.randn(2, 3, 16, 16)
+    cm = blade.compile(model, (x,), autotune=True)
+    assert cm.backend == "onnxruntime"
+    assert "the lightly optimized graph won" in cm.report.backend_reason
+    assert [p["name"] for p in cm.report.passes] == ["cleanup"]
+    from blade.ir.fused import is_fused
+
+    assert not any(is_fused(node) for node in cm.graph.call_nodes)
+    fresh = torch.randn(2, 3, 16, 16)
+    from blade.perf.accuracy import relative_error
+
+    with torch.no_grad():
+        assert relative_error(cm(fresh), model(fresh)) <= 1e-5
+
+
+def test_lowered_precision_and_named_backends_get_no_light_candidate(monkeypatch):
+    from blade.backends import base
+
+    monkeypatch.setattr(base, "MEASURED_CANDIDATES", MEASURED)
+    named = blade.compile(_conv_net(), (torch.randn(2, 3, 16, 16),), backend="onnxruntime")
+    assert named.report.backend_candidates == {}
+    quantized = blade.compile(_conv_net(), (torch.randn(2, 3, 16, 16),), autotune=True, quantize="int8_weight_only")
+    assert "onnxruntime (light)" not in quantized.report.backend_candidates

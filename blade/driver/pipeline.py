@@ -22,11 +22,12 @@ from blade.frontend.signature import Signature
 from blade.ir.fused import calls_within
 from blade.ir.graph import dtype_name
 from blade.ir.shapes import free_dims
-from blade.perf.accuracy import Judge, exact_outputs
+from blade.perf.accuracy import Judge, cast_outputs, exact_outputs
 from blade.perf.cost import KINDS
 from blade.perf.report import CompileReport
 from blade.runtime import cache as compile_cache
 from blade.runtime.compiled import CompiledModel
+from blade.passes.precision import low_dtype
 from blade.target import detect, supports_bf16
 
 
@@ -135,17 +136,48 @@ class Compilation:
         config = self.config
         self.judge = Judge(self.captured.reference_outputs, tolerance_for(config), self.graph.output_dtypes(),
                            exact=None if config.lowers_precision else
-                           lambda: exact_outputs(self.captured.graph, self.examples))
+                           lambda: exact_outputs(self.captured.graph, self.examples), cast=self.cast_referee())
         self.candidates, self.accurate = {}, True
         if self.measure:
-            chosen = backend_selection.select(self.graph, self.target, self.examples, self.judge)
-            self.backend, self.executable, self.reason = chosen.backend, chosen.executable, chosen.reason
-            self.candidates, self.accurate = chosen.candidates, chosen.accurate
+            self.select(self.graph)
         else:
             self.executable = self.backend.compile(self.graph, self.target, example_inputs=self.examples)
         self.graph, self.records, self.executable = self.lowering.enforce_budget(
             self.graph, self.records, self.executable, self.backend, self.target)
         self.seconds["backend"] = time.perf_counter() - t
+
+    def cast_referee(self):
+        """A precision-only compile without a budget of the user's is held to the precision's default tolerance,
+        or, where the model itself cannot hold that in the precision, to the error of the model cast to it: a
+        bf16 compile never fails for being as accurate as bf16 is on this model. None otherwise."""
+        config = self.config
+        dtype = low_dtype(config.precision)
+        if dtype is None or config.quantize is not None or self.asked["accuracy_budget"] is not None:
+            return None
+        return lambda: cast_outputs(self.captured.graph, self.examples, dtype)
+
+    def select(self, graph) -> None:
+        """backend='auto', measured: every candidate compiled from `graph` and timed, and the backends that
+        optimize a plain graph themselves also from the lightly optimized graph, which becomes the compile's
+        graph when it wins."""
+        light = self.light_graph()
+        chosen = backend_selection.select(graph, self.target, self.examples, self.judge,
+                                          light=light[0] if light else None)
+        self.backend, self.executable, self.reason = chosen.backend, chosen.executable, chosen.reason
+        self.candidates, self.accurate = chosen.candidates, chosen.accurate
+        if chosen.light:
+            self.graph, self.records = light
+
+    def light_graph(self):
+        """(graph, records) of the cleanup-only pipeline, where it could beat the full one on a backend with
+        optimizations of its own: a default fp32 compile (no precision or quantization lowered, no pass list of
+        the user's) of a graph with convolutions (ONNX Runtime's layout and Conv fusions); else None."""
+        config = self.config
+        if self.passes is not None or config.lowers_precision or config.optimize != max(pipelines.PIPELINES):
+            return None
+        if not any(KINDS.get(node.target) == "conv" for node in self.captured.graph.call_nodes):
+            return None
+        return pipelines.run_pipeline(self.captured.graph, pipelines.PIPELINES[1], config)
 
     def check_accuracy(self) -> None:
         """Outputs against eager; on a miss, the bisection holds back the rewrites at fault."""
@@ -162,9 +194,8 @@ class Compilation:
             self.backend = backends.get(found.backend)
             self.reason = f"{self.reason}; after the accuracy bisection: {found.outcome}"
             if self.measure and found.outcome == "held back":  # the repaired graph: measure every candidate again
-                chosen = backend_selection.select(self.graph, self.target, self.examples, self.judge)
-                self.backend, self.executable, self.candidates = chosen.backend, chosen.executable, chosen.candidates
-                self.reason = f"{chosen.reason}; after the accuracy bisection held back rewrites"
+                self.select(self.graph)
+                self.reason = f"{self.reason}; after the accuracy bisection held back rewrites"
             self.accuracy = self.judge(self.executable(*self.examples))
         self.seconds["accuracy"] = time.perf_counter() - t
 
@@ -207,7 +238,12 @@ def explain_accuracy(report: CompileReport, bisection) -> None:
     if failing:
         report.warnings.append("outputs differ from eager beyond tolerance: " + ", ".join(
             f"output {o.index} rel_err {o.rel_err:.3g} > {o.tolerance:g}" for o in failing))
-    refereed = report.accuracy.refereed
+    cast = [o for o in report.accuracy.refereed if o.cast_rel_err is not None]
+    if cast:
+        report.warnings.append("the precision cannot hold the tolerance on this model: " + ", ".join(
+            f"output {o.index} is {o.rel_err:.3g} from fp32 eager, where the model cast to the precision is "
+            f"{o.cast_rel_err:.3g}" for o in cast) + "; accepted as no less accurate than the cast model")
+    refereed = [o for o in report.accuracy.refereed if o.cast_rel_err is None]
     if refereed:
         report.warnings.append("fp32 cannot hold the tolerance on this model (it amplifies rounding): " + ", ".join(
             f"output {o.index} is {o.rel_err:.3g} from eager, {o.exact_rel_err:.3g} from the float64 answer, where "

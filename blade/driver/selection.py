@@ -8,6 +8,11 @@ example inputs interleaved (A B A B …, an untimed idle gap after each so that 
 worker threads do not slow the next; a short call is timed in bursts of ~10 ms so that waking the
 thread pool after the gap does not dominate it), median after warm-up. A candidate that fails to
 compile or run is recorded with its error and left out. The report keeps every candidate's time.
+
+A backend that optimizes a plain graph itself (ONNX Runtime) is measured twice where the compile allows it: on
+blade's optimized graph and on the lightly optimized one (cleanup only), named "onnxruntime (light)". Where
+blade's rewrites cost the backend more than they give (a fusion that hides a Conv from ONNX Runtime's NCHWc
+layout), the light graph wins: a compile is never slower than the backend on its own, by measurement.
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ from blade.perf.timing import sample_interleaved
 DEFAULT_BUDGET_S = 120.0  # compile time the candidates after the first may take together
 GAP_S = 0.1  # ONNX Runtime's worker threads spin for tens of ms after a run (bench/ort_cpu.py measured it)
 WARMUP, MOST_REPEATS, TIMED_SECONDS, BURST_S = 2, 9, 3.0, 0.01
+# Backends with graph optimizations of their own (ONNX Runtime's layout transformer, Conv fusions), which blade's
+# rewrites can hide from them: these are also measured on the lightly optimized graph.
+LIGHT_BACKENDS = ("onnxruntime",)
 
 
 def enabled(asked: bool | None) -> bool:
@@ -44,6 +52,7 @@ class Selection:
     reason: str
     candidates: dict = field(default_factory=dict)  # name -> {"ms", "compile_s"} or {"error"} or {"skipped"}
     accurate: bool = True  # False: every candidate missed the accuracy check; this one was compiled first
+    light: bool = False  # the winner was compiled from the lightly optimized graph
 
 
 def candidates_for(graph: Graph, target: Target) -> tuple[list, dict]:
@@ -66,36 +75,43 @@ def candidates_for(graph: Graph, target: Target) -> tuple[list, dict]:
 
 
 def select(graph: Graph, target: Target, examples: list, judge: Callable[[list], Accuracy] | None = None,
-           budget_s: float = DEFAULT_BUDGET_S) -> Selection:
+           budget_s: float = DEFAULT_BUDGET_S, light: Graph | None = None) -> Selection:
     """Compile and time every candidate on `examples`; the fastest of those whose outputs the `judge` passes
-    wins. When every candidate that ran misses, the first of them is returned with `accurate` False (the
-    compile then bisects the passes on it)."""
+    wins. `light`, the lightly optimized graph (cleanup only), is a further candidate on the backends that
+    optimize a plain graph themselves (LIGHT_BACKENDS): where blade's rewrites cost such a backend its own
+    optimizations, the plain graph wins and the compile is never slower than the backend alone. When every
+    candidate that ran misses, the first of them is returned with `accurate` False (the compile then bisects the
+    passes on it)."""
     found, skipped = candidates_for(graph, target)
     results: dict[str, dict] = {name: {"skipped": why} for name, why in skipped.items()}
+    tries = [(backend, graph, backend.name) for backend in found]
+    if light is not None:
+        tries += [(backend, light, light_name(backend.name)) for backend in found if backend.name in LIGHT_BACKENDS]
     compiled, spent, inaccurate = {}, 0.0, []
-    for backend in found:
+    for backend, candidate_graph, name in tries:
         if compiled and spent > budget_s:
-            results[backend.name] = {"skipped": f"compile-time budget of {budget_s:g} s spent"}
+            results[name] = {"skipped": f"compile-time budget of {budget_s:g} s spent"}
             continue
         start = time.perf_counter()
         try:
-            executable = backend.compile(graph, target, example_inputs=examples)
+            executable = backend.compile(candidate_graph, target, example_inputs=examples)
             outputs = executable(*examples)  # the first call: lazy initialization, and it must run at all
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is reported, not fatal
             spent += time.perf_counter() - start
-            results[backend.name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             continue
         seconds = time.perf_counter() - start
         spent += seconds
         if judge is not None:
             accuracy = judge(outputs)
             if not accuracy.ok:
-                results[backend.name] = {"error": f"outputs differ from eager (rel_err {accuracy.rel_err:.3g})",
-                                         "compile_s": seconds}
-                inaccurate.append((backend, executable))
+                results[name] = {"error": f"outputs differ from eager (rel_err {accuracy.rel_err:.3g})",
+                                 "compile_s": seconds}
+                if candidate_graph is graph:
+                    inaccurate.append((backend, executable))
                 continue
-        compiled[backend.name] = (backend, executable)
-        results[backend.name] = {"compile_s": seconds}
+        compiled[name] = (backend, executable)
+        results[name] = {"compile_s": seconds}
     if not compiled and inaccurate:
         backend, executable = inaccurate[0]
         return Selection(backend, executable, f"auto (measured): no candidate matched eager; {backend.name} "
@@ -108,7 +124,16 @@ def select(graph: Graph, target: Target, examples: list, judge: Callable[[list],
     best = min(times, key=times.get)
     ranking = " < ".join(f"{name} {times[name] * 1e3:.3g} ms" for name in sorted(times, key=times.get))
     backend, executable = compiled[best]
-    return Selection(backend, executable, f"auto (measured): {ranking}", results)
+    won_light = best != backend.name
+    if won_light and backend.name in times:
+        ranking += (f"; the lightly optimized graph won, {times[backend.name] / times[best]:.2f}x the optimized "
+                    f"one on {backend.name}")
+    return Selection(backend, executable, f"auto (measured): {ranking}", results, light=won_light)
+
+
+def light_name(backend: str) -> str:
+    """The candidate name of `backend` compiled from the lightly optimized graph."""
+    return f"{backend} (light)"
 
 
 def _time(compiled: dict, examples: list, device: str) -> dict[str, float]:
