@@ -75,3 +75,50 @@ def test_nan_and_lowered_tolerances_are_never_refereed():
     assert not judge([torch.full((4,), 2.0)]).ok and judge.exact() is not None
     assert judge([torch.full((4,), 2.0)]).outputs[0].exact_rel_err is None, "a lowered compile keeps its budget"
     assert relative_error(torch.ones(4), torch.ones(4)) == 0.0
+
+
+# ---------------------------------------------------------------- the cast-model referee of a low-precision compile
+
+class DeepLinear(torch.nn.Module):
+    """40 orthogonal 64-wide linears: in bf16 the rounding of every layer adds up past bf16's 1e-2 tolerance."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(40))
+        for layer in self.layers:
+            torch.nn.init.orthogonal_(layer.weight)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_bf16_compile_as_accurate_as_the_model_cast_to_bf16_passes_and_says_so():
+    model, x = DeepLinear().eval(), torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    compiled = blade.compile(model, (x,), precision="bf16", backend="eager")
+    (output,) = compiled.report.accuracy.outputs
+    assert output.rel_err > output.tolerance == 1e-2, "the model cannot hold 1e-2 in bf16"
+    assert output.ok and output.refereed and output.rel_err <= output.cast_rel_err
+    assert "no less accurate than the cast model" in " ".join(compiled.report.warnings)
+    assert "model cast to its precision" in str(compiled.report)
+
+
+def test_a_user_budget_is_held_as_given():
+    """accuracy_budget is the user's: no cast referee lifts it (the guard keeps layers in fp32 instead)."""
+    model, x = DeepLinear().eval(), torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    compiled = blade.compile(model, (x,), precision="bf16", backend="eager", accuracy_budget=1e-2)
+    assert compiled.report.accuracy.rel_err <= 1e-2 and compiled.report.quantization["kept_high_precision"]
+
+
+def test_worse_than_the_cast_model_still_fails_and_nan_never_passes():
+    ref = torch.randn(1000, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    cast = ref + 0.03 * noise  # the cast model: 3e-2 off
+    judge = Judge([ref], tolerance=1e-2, cast=lambda: [cast.bfloat16()])
+    assert judge([ref + 0.02 * noise]).ok
+    assert not judge([ref + 0.05 * noise]).ok
+    assert not judge([torch.full_like(ref, math.nan)]).ok
+    overflowed = Judge([ref], tolerance=1e-2, cast=lambda: [torch.full_like(ref, math.inf)])
+    assert not overflowed([ref + 0.05 * noise]).ok, "a cast model that overflows sets no bar"

@@ -27,17 +27,21 @@ class OutputError:
     tolerance: float
     exact_rel_err: float | None = None  # against the float64 answer, when the referee was asked
     eager_exact_rel_err: float | None = None  # eager's own fp32 output against the float64 answer
+    cast_rel_err: float | None = None  # a low-precision compile: the model cast to that dtype, against eager
 
     @property
     def ok(self) -> bool:
         if self.rel_err <= self.tolerance:  # False for NaN
             return True
+        if self.cast_rel_err is not None:  # as accurate as the precision is on this model
+            return self.rel_err <= self.cast_rel_err
         return self.exact_rel_err is not None and self.eager_exact_rel_err is not None and \
             self.exact_rel_err <= max(self.tolerance, REFEREE_FACTOR * self.eager_exact_rel_err)
 
     @property
     def refereed(self) -> bool:
-        """Passed only by the float64 referee (eager's own rounding misses the tolerance)."""
+        """Passed only by a referee: the float64 answer (eager's own rounding misses the tolerance) or, in a
+        low-precision compile, the model cast to that precision (which misses it too)."""
         return self.ok and not self.rel_err <= self.tolerance
 
 
@@ -74,7 +78,7 @@ class Accuracy:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Accuracy":
-        numeric = ("max_abs", "rel_err", "cosine", "tolerance", "exact_rel_err", "eager_exact_rel_err")
+        numeric = ("max_abs", "rel_err", "cosine", "tolerance", "exact_rel_err", "eager_exact_rel_err", "cast_rel_err")
         fields = OutputError.__dataclass_fields__
         return cls([OutputError(**{k: float(v) if k in numeric and v is not None else v for k, v in o.items()
                                    if k in fields}) for o in data.get("outputs", [])])
@@ -166,9 +170,10 @@ class Judge:
     """
 
     def __init__(self, references: list, tolerance: float | None = None, declared: list | None = None,
-                 exact: Callable[[], list | None] | None = None):
+                 exact: Callable[[], list | None] | None = None, cast: Callable[[], list | None] | None = None):
         self.references, self.tolerance, self.declared = references, tolerance, declared
         self._exact, self._exact_outputs, self._exact_done = exact, None, False
+        self._cast, self._cast_outputs, self._cast_done = cast, None, False
 
     def exact(self) -> list | None:
         if not self._exact_done:
@@ -176,9 +181,25 @@ class Judge:
             self._exact_outputs = self._exact() if self._exact is not None else None
         return self._exact_outputs
 
+    def cast(self) -> list | None:
+        """The outputs of the model cast to the compile's low precision (computed once, on demand), or None."""
+        if not self._cast_done:
+            self._cast_done = True
+            self._cast_outputs = self._cast() if self._cast is not None else None
+        return self._cast_outputs
+
     def __call__(self, outputs: list) -> Accuracy:
         accuracy = compare(outputs, self.references, self.tolerance, self.declared)
-        misses = [o for o in accuracy.outputs if not o.ok and o.dtype == "float32" and math.isfinite(o.rel_err)]
+        misses = [o for o in accuracy.outputs if not o.ok and math.isfinite(o.rel_err)]
+        if self.tolerance is not None and misses and self._cast is not None and self.cast() is not None:
+            for miss in misses:
+                ref, low = self.references[miss.index], self.cast()[miss.index]
+                if isinstance(ref, torch.Tensor) and ref.is_floating_point() and isinstance(low, torch.Tensor) \
+                        and low.shape == ref.shape:
+                    error = relative_error(low.to(ref.dtype), ref)
+                    miss.cast_rel_err = error if math.isfinite(error) else None  # an overflow sets no bar
+            return accuracy
+        misses = [o for o in misses if o.dtype == "float32"]
         if self.tolerance is not None or not misses or self.exact() is None:
             return accuracy
         exact = self.exact()
@@ -193,27 +214,38 @@ class Judge:
 def exact_outputs(graph, inputs: list) -> list | None:
     """The graph's flat outputs computed in float64 — its fp32 weights, inputs and dtype arguments promoted —
     or None where it cannot run so (an op without a float64 kernel, a dtype the graph relies on)."""
-    wide = graph.copy()
-    for name, tensor in list(wide.constants.items()):
+    return outputs_in(graph, inputs, torch.float64)
+
+
+def cast_outputs(graph, inputs: list, dtype: torch.dtype) -> list | None:
+    """The graph's flat outputs with every fp32 weight, input and dtype argument cast to `dtype` (bf16, fp16):
+    what `model.to(dtype)` computes, the error that precision costs on this model; None where it cannot run so."""
+    return outputs_in(graph, inputs, dtype)
+
+
+def outputs_in(graph, inputs: list, dtype: torch.dtype) -> list | None:
+    """The graph run with its fp32 constants, inputs and dtype arguments in `dtype`, or None where it cannot."""
+    moved = graph.copy()
+    for name, tensor in list(moved.constants.items()):
         if tensor.dtype == torch.float32:
-            wide.constants[name] = tensor.double()
-    for node in wide.call_nodes:
-        wide.set_args(node, _promoted(node.args), _promoted(node.kwargs))
+            moved.constants[name] = tensor.to(dtype)
+    for node in moved.call_nodes:
+        moved.set_args(node, _promoted(node.args, dtype), _promoted(node.kwargs, dtype))
     try:
-        module = wide.to_fx()
+        module = moved.to_fx()
         with torch.no_grad():
-            outputs = list(module(*[t.double() if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+            outputs = list(module(*[t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
                                    for t in inputs]))
-    except Exception:  # noqa: BLE001 - no float64 answer: the fp32 verdict stands
+    except Exception:  # noqa: BLE001 - no answer in that dtype: the verdict at the tolerance stands
         return None
     return outputs
 
 
-def _promoted(value):
+def _promoted(value, dtype: torch.dtype = torch.float64):
     if value is torch.float32:
-        return torch.float64
+        return dtype
     if isinstance(value, (list, tuple)):
-        return type(value)(_promoted(v) for v in value)
+        return type(value)(_promoted(v, dtype) for v in value)
     if isinstance(value, dict):
-        return {k: _promoted(v) for k, v in value.items()}
+        return {k: _promoted(v, dtype) for k, v in value.items()}
     return value
