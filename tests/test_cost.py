@@ -44,6 +44,15 @@ def test_conv2d():
     assert cost.bytes == sympy.expand(4 * (b * 3 * 100 + 8 * 3 * 9 + 8 + b * 8 * 100))
 
 
+def test_a_depthwise_conv2d_with_same_padding_is_a_convolution():
+    """padding="same" captures as aten.conv2d.padding (HF EfficientNet): counted, and lowered by precision."""
+    conv = torch.nn.Conv2d(8, 8, 3, padding="same", groups=8, bias=False)
+    graph = capture(conv.eval(), (torch.randn(2, 8, 10, 10),), dynamic_shapes=({0: BATCH},)).graph
+    (node,) = [n for n in graph.call_nodes if n.target is torch.ops.aten.conv2d.padding]
+    assert node_kind(node) == "conv"
+    assert graph_cost(graph).flops == 2 * b * 8 * 10 * 10 * 1 * 3 * 3
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_counts_what_it_computes(causal):
     def attend(q, k, v):

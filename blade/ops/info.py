@@ -108,7 +108,9 @@ FACTORIES = frozenset({
 MATMULS = frozenset({aten.linear.default, aten.addmm.default, aten.baddbmm.default, aten.mm.default,
                      aten.bmm.default, aten.matmul.default})
 BATCH_MATMULS = frozenset({aten.matmul.default, aten.bmm.default})
-CONVOLUTIONS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default})
+# the .padding overloads take padding="same"/"valid" (HF EfficientNet's depthwise convolutions)
+CONVOLUTIONS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+                          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding})
 ATTENTIONS = frozenset({FLASH_ATTENTION, aten.scaled_dot_product_attention.default})
 QUANTIZED = frozenset({QLINEAR, Q4LINEAR, QEMBEDDING})
 
