@@ -45,6 +45,7 @@ class Compilation:
                       "keep_output_dtype": keep_output_dtype, "cache": cache, "autotune": autotune}
         self.start = time.perf_counter()
         self.seconds: dict[str, float] = {}
+        self.light_fp32 = False  # a lowered-precision compile whose fp32 light graph was the fastest
 
     def run(self) -> CompiledModel:
         """configure → cache (by source) → capture → cache (by graph) → passes → backend → accuracy → report."""
@@ -165,15 +166,21 @@ class Compilation:
                                           light=light[0] if light else None)
         self.backend, self.executable, self.reason = chosen.backend, chosen.executable, chosen.reason
         self.candidates, self.accurate = chosen.candidates, chosen.accurate
+        self.light_fp32 = chosen.light and self.config.lowers_precision
         if chosen.light:
             self.graph, self.records = light
 
     def light_graph(self):
         """(graph, records) of the cleanup-only pipeline, where it could beat the full one on a backend with
-        optimizations of its own: a default fp32 compile (no precision or quantization lowered, no pass list of
-        the user's) of a graph with convolutions (ONNX Runtime's layout and Conv fusions); else None."""
-        config = self.config
-        if self.passes is not None or config.lowers_precision or config.optimize != max(pipelines.PIPELINES):
+        optimizations of its own: a default compile (no pass list of the user's) of a graph with convolutions
+        (ONNX Runtime's layout and Conv fusions), in fp32 or with precision='bf16'/'fp16' asked for (nothing
+        quantized, fp32 outputs, no budget of the user's): the light graph stays fp32, more accurate than asked,
+        and wins only where it is faster than every lowered candidate (depthwise convolutions, which bf16 does
+        not speed up on CPU); else None."""
+        config, asked = self.config, self.asked
+        if self.passes is not None or config.optimize != max(pipelines.PIPELINES) or config.quantize is not None:
+            return None
+        if config.lowers_precision and (not config.keep_output_dtype or asked["accuracy_budget"] is not None):
             return None
         if not any(KINDS.get(node.target) == "conv" for node in self.captured.graph.call_nodes):
             return None
@@ -220,6 +227,9 @@ class Compilation:
             report.accuracy = self.accuracy
             report.seconds["accuracy"] = self.seconds["accuracy"]
             explain_accuracy(report, self.bisection)
+        if self.light_fp32:
+            report.warnings.append(f"precision={self.config.precision!r} asked for, compiled in fp32 on {self.backend.name}: "
+                                   "faster here than every lowered candidate (the report's candidates)")
         if self.downgraded:
             report.warnings.append("precision='bf16' asked for, compiled in fp32: this CPU has no bf16 matmul "
                                    "instructions")

@@ -85,8 +85,9 @@ def select(graph: Graph, target: Target, examples: list, judge: Callable[[list],
     found, skipped = candidates_for(graph, target)
     results: dict[str, dict] = {name: {"skipped": why} for name, why in skipped.items()}
     tries = [(backend, graph, backend.name) for backend in found]
-    if light is not None:
-        tries += [(backend, light, light_name(backend.name)) for backend in found if backend.name in LIGHT_BACKENDS]
+    if light is not None:  # the backends that take the light graph (an fp32 one may be refused the lowered graph)
+        tries += [(backend, light, light_name(backend.name)) for backend in candidates_for(light, target)[0]
+                  if backend.name in LIGHT_BACKENDS]
     compiled, spent, inaccurate = {}, 0.0, []
     for backend, candidate_graph, name in tries:
         if compiled and spent > budget_s:
@@ -125,9 +126,10 @@ def select(graph: Graph, target: Target, examples: list, judge: Callable[[list],
     ranking = " < ".join(f"{name} {times[name] * 1e3:.3g} ms" for name in sorted(times, key=times.get))
     backend, executable = compiled[best]
     won_light = best != backend.name
-    if won_light and backend.name in times:
-        ranking += (f"; the lightly optimized graph won, {times[backend.name] / times[best]:.2f}x the optimized "
-                    f"one on {backend.name}")
+    if won_light:
+        rivals = [name for name in times if name != best]
+        ranking += (f"; the lightly optimized graph won, {times[min(rivals, key=times.get)] / times[best]:.2f}x "
+                    "the fastest optimized candidate" if rivals else "; the lightly optimized graph won")
     return Selection(backend, executable, f"auto (measured): {ranking}", results, light=won_light)
 
 
