@@ -87,3 +87,16 @@ def test_non_contiguous_inputs_work():
     cm = blade.compile(Flatten(), (torch.randn(3, 4),), backend="eager")
     x = torch.randn(4, 3).t()
     assert torch.equal(cm(x), Flatten()(x))
+
+
+def test_a_call_shaped_like_the_last_good_one_is_still_checked_after_it(cm):
+    """flatten remembers the last matching structure to skip re-deriving it; a differently shaped call after a
+    good one (a None, a list for a tensor, a missing input) is refused all the same."""
+    tokens, mask = torch.zeros(2, 4, 3, dtype=torch.int64), torch.ones(2, 4)
+    cm(tokens, mask)
+    for bad, error in [((tokens, None), InputError), ((tokens, [mask]), InputError), ((tokens,), InputError)]:
+        with pytest.raises(error):
+            cm(*bad)
+    with pytest.raises(ShapeError):
+        cm(tokens, torch.ones(2, 5))
+    assert torch.equal(cm(tokens, mask), TwoInputs()(tokens, mask))

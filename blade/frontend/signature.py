@@ -25,6 +25,9 @@ class Signature:
     out_tree: dict
     arg_names: list[str] = field(default_factory=list)
     constants: dict[int, object] = field(default_factory=dict)
+    # the TreeSpec of the last call whose structure matched in_tree: a call shaped like it skips the JSON compare
+    _matched_spec: object = field(default=None, init=False, repr=False, compare=False)
+    _out_count: int | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def positional_count(self) -> int:
@@ -37,6 +40,8 @@ class Signature:
     def flatten(self, args: tuple, kwargs: dict) -> list:
         """The flat input leaves of a call, in the order the graph's inputs expect."""
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        if spec == self._matched_spec and not any(leaf is None for leaf in leaves):
+            return self._without_constants(leaves, args, kwargs)
         if spec_to_json(spec) != self.in_tree or any(leaf is None for leaf in leaves):
             args, kwargs = self._rebind(args, kwargs)
             leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -46,6 +51,8 @@ class Signature:
         if any(leaf is None for leaf in leaves):
             raise InputError(f"an input the model was compiled with is None; pass a tensor "
                              f"(compiled inputs: {describe(self.in_tree)})")
+        if spec_to_json(spec) == self.in_tree:
+            self._matched_spec = spec
         return self._without_constants(leaves, args, kwargs)
 
     def _without_constants(self, leaves: list, args, kwargs) -> list:
@@ -98,8 +105,10 @@ class Signature:
         return tuple(given[k] for k in wanted_pos), {k: given[k] for k in self.keyword_names}
 
     def unflatten(self, outputs: list):
-        if len(outputs) != count_leaves(self.out_tree):
-            raise BackendError(f"backend returned {len(outputs)} outputs, expected {count_leaves(self.out_tree)}")
+        if self._out_count is None:
+            self._out_count = count_leaves(self.out_tree)
+        if len(outputs) != self._out_count:
+            raise BackendError(f"backend returned {len(outputs)} outputs, expected {self._out_count}")
         return unflatten(self.out_tree, outputs)
 
     def as_dict(self) -> dict:

@@ -6,6 +6,7 @@ this process; otherwise the output comes back as a dict (keyed containers) or a 
 """
 from __future__ import annotations
 
+import functools
 import sys
 from collections import namedtuple
 from typing import Any
@@ -80,6 +81,12 @@ def _keys_of(cls, context, n: int) -> tuple[list[str] | None, list[str]]:
 
 
 def _registered_class(name: str) -> type | None:
+    return _registered_class_among(name, len(pytree.SUPPORTED_NODES))
+
+
+@functools.lru_cache(maxsize=256)
+def _registered_class_among(name: str, registered: int) -> type | None:
+    """The registered class named `name`, looked up once per size of the registry (a registration changes it)."""
     for cls in pytree.SUPPORTED_NODES:
         if _qualname(cls) == name:
             return cls
