@@ -222,7 +222,7 @@ def test_lowered_precision_and_named_backends_get_no_light_candidate(monkeypatch
     assert "onnxruntime (light)" not in quantized.report.backend_candidates
 
 
-def test_a_bf16_compile_also_measures_the_fp32_light_graph_and_says_when_it_wins(monkeypatch):
+def test_a_bf16_compile_also_measures_the_fp32_graph_on_onnxruntime_and_says_when_it_wins(monkeypatch):
     """Depthwise convolutions gain nothing from bf16 on CPU: there ONNX Runtime in fp32 can beat every bf16
     candidate, and the compile is then fp32 (more accurate than asked), with a warning."""
     import blade.target
@@ -234,11 +234,11 @@ def test_a_bf16_compile_also_measures_the_fp32_light_graph_and_says_when_it_wins
     monkeypatch.setattr(base, "MEASURED_CANDIDATES", MEASURED)
     model, x = _conv_net(), torch.randn(2, 3, 16, 16)
     plain = blade.compile(model, (x,), autotune=True, precision="bf16")
-    assert "ms" in plain.report.backend_candidates["onnxruntime (light)"]
+    assert "ms" in plain.report.backend_candidates["onnxruntime (fp32)"]
     assert "onnxruntime" not in {n for n, c in plain.report.backend_candidates.items() if "ms" in c}
     real = selection._time
     monkeypatch.setattr(selection, "_time", lambda compiled, examples, device: {
-        name: (1e-6 if name == "onnxruntime (light)" else 1.0) for name in real(compiled, examples, device)})
+        name: (1e-6 if name == "onnxruntime (fp32)" else 1.0) for name in real(compiled, examples, device)})
     cm = blade.compile(model, (x,), autotune=True, precision="bf16")
     assert cm.backend == "onnxruntime" and set(cm.report.matmul_precision.values()) == {"fp32"}
     assert any("compiled in fp32 on onnxruntime" in w for w in cm.report.warnings)
@@ -246,4 +246,4 @@ def test_a_bf16_compile_also_measures_the_fp32_light_graph_and_says_when_it_wins
     with torch.no_grad():
         assert out.dtype == torch.float32 and torch.allclose(out, model(x), rtol=1e-4, atol=1e-5)
     with_budget = blade.compile(model, (x,), autotune=True, precision="bf16", accuracy_budget=0.05)
-    assert "onnxruntime (light)" not in with_budget.report.backend_candidates
+    assert "onnxruntime (fp32)" not in with_budget.report.backend_candidates

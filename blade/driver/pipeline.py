@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 import torch.utils._pytree as pytree
@@ -163,7 +164,8 @@ class Compilation:
         graph when it wins."""
         light = self.light_graph()
         chosen = backend_selection.select(graph, self.target, self.examples, self.judge,
-                                          light=light[0] if light else None)
+                                          light=light[0] if light else None,
+                                          label="fp32" if self.config.lowers_precision else "light")
         self.backend, self.executable, self.reason = chosen.backend, chosen.executable, chosen.reason
         self.candidates, self.accurate = chosen.candidates, chosen.accurate
         self.light_fp32 = chosen.light and self.config.lowers_precision
@@ -171,12 +173,12 @@ class Compilation:
             self.graph, self.records = light
 
     def light_graph(self):
-        """(graph, records) of the cleanup-only pipeline, where it could beat the full one on a backend with
-        optimizations of its own: a default compile (no pass list of the user's) of a graph with convolutions
-        (ONNX Runtime's layout and Conv fusions), in fp32 or with precision='bf16'/'fp16' asked for (nothing
-        quantized, fp32 outputs, no budget of the user's): the light graph stays fp32, more accurate than asked,
-        and wins only where it is faster than every lowered candidate (depthwise convolutions, which bf16 does
-        not speed up on CPU); else None."""
+        """(graph, records) of an alternative a backend with optimizations of its own may run faster, for a
+        default compile (no pass list of the user's) of a graph with convolutions (ONNX Runtime's layout and
+        Conv fusions): in fp32, the cleanup-only pipeline's graph; with precision='bf16'/'fp16' asked for
+        (nothing quantized, fp32 outputs, no budget of the user's), the fp32 pipeline's graph, more accurate
+        than asked, which wins only where it is faster than every lowered candidate (depthwise convolutions,
+        which bf16 does not speed up on CPU); else None."""
         config, asked = self.config, self.asked
         if self.passes is not None or config.optimize != max(pipelines.PIPELINES) or config.quantize is not None:
             return None
@@ -184,6 +186,9 @@ class Compilation:
             return None
         if not any(KINDS.get(node.target) == "conv" for node in self.captured.graph.call_nodes):
             return None
+        if config.lowers_precision:
+            return pipelines.run_pipeline(self.captured.graph, pipelines.pipeline_for(config.optimize),
+                                          replace(config, precision=None))
         return pipelines.run_pipeline(self.captured.graph, pipelines.PIPELINES[1], config)
 
     def check_accuracy(self) -> None:

@@ -12,7 +12,9 @@ compile or run is recorded with its error and left out. The report keeps every c
 A backend that optimizes a plain graph itself (ONNX Runtime) is measured twice where the compile allows it: on
 blade's optimized graph and on the lightly optimized one (cleanup only), named "onnxruntime (light)". Where
 blade's rewrites cost the backend more than they give (a fusion that hides a Conv from ONNX Runtime's NCHWc
-layout), the light graph wins: a compile is never slower than the backend on its own, by measurement.
+layout), the light graph wins: a compile is never slower than the backend on its own, by measurement. In a
+bf16/fp16 compile the alternative is the fp32 graph ("onnxruntime (fp32)"), for where no lowered candidate
+beats ONNX Runtime in fp32.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ class Selection:
     reason: str
     candidates: dict = field(default_factory=dict)  # name -> {"ms", "compile_s"} or {"error"} or {"skipped"}
     accurate: bool = True  # False: every candidate missed the accuracy check; this one was compiled first
-    light: bool = False  # the winner was compiled from the lightly optimized graph
+    light: bool = False  # the winner was compiled from the alternative (light or fp32) graph
 
 
 def candidates_for(graph: Graph, target: Target) -> tuple[list, dict]:
@@ -75,10 +77,11 @@ def candidates_for(graph: Graph, target: Target) -> tuple[list, dict]:
 
 
 def select(graph: Graph, target: Target, examples: list, judge: Callable[[list], Accuracy] | None = None,
-           budget_s: float = DEFAULT_BUDGET_S, light: Graph | None = None) -> Selection:
+           budget_s: float = DEFAULT_BUDGET_S, light: Graph | None = None, label: str = "light") -> Selection:
     """Compile and time every candidate on `examples`; the fastest of those whose outputs the `judge` passes
-    wins. `light`, the lightly optimized graph (cleanup only), is a further candidate on the backends that
-    optimize a plain graph themselves (LIGHT_BACKENDS): where blade's rewrites cost such a backend its own
+    wins. `light`, an alternative graph named by `label` (the lightly optimized one, cleanup only, or a lowered
+    compile's fp32 one), is a further candidate on the backends that optimize a plain graph themselves
+    (LIGHT_BACKENDS): where blade's rewrites cost such a backend its own
     optimizations, the plain graph wins and the compile is never slower than the backend alone. When every
     candidate that ran misses, the first of them is returned with `accurate` False (the compile then bisects the
     passes on it)."""
@@ -86,7 +89,7 @@ def select(graph: Graph, target: Target, examples: list, judge: Callable[[list],
     results: dict[str, dict] = {name: {"skipped": why} for name, why in skipped.items()}
     tries = [(backend, graph, backend.name) for backend in found]
     if light is not None:  # the backends that take the light graph (an fp32 one may be refused the lowered graph)
-        tries += [(backend, light, light_name(backend.name)) for backend in candidates_for(light, target)[0]
+        tries += [(backend, light, light_name(backend.name, label)) for backend in candidates_for(light, target)[0]
                   if backend.name in LIGHT_BACKENDS]
     compiled, spent, inaccurate = {}, 0.0, []
     for backend, candidate_graph, name in tries:
@@ -128,14 +131,15 @@ def select(graph: Graph, target: Target, examples: list, judge: Callable[[list],
     won_light = best != backend.name
     if won_light:
         rivals = [name for name in times if name != best]
-        ranking += (f"; the lightly optimized graph won, {times[min(rivals, key=times.get)] / times[best]:.2f}x "
-                    "the fastest optimized candidate" if rivals else "; the lightly optimized graph won")
+        what = "lightly optimized" if label == "light" else label
+        ranking += (f"; the {what} graph won, {times[min(rivals, key=times.get)] / times[best]:.2f}x "
+                    "the fastest other candidate" if rivals else f"; the {what} graph won")
     return Selection(backend, executable, f"auto (measured): {ranking}", results, light=won_light)
 
 
-def light_name(backend: str) -> str:
-    """The candidate name of `backend` compiled from the lightly optimized graph."""
-    return f"{backend} (light)"
+def light_name(backend: str, label: str = "light") -> str:
+    """The candidate name of `backend` compiled from the alternative graph `label`."""
+    return f"{backend} ({label})"
 
 
 def _time(compiled: dict, examples: list, device: str) -> dict[str, float]:
