@@ -1,8 +1,8 @@
 """Graph passes and the pipelines that order them, one plain list per optimization level."""
 from blade.config import OPTIMIZE_LEVELS
 from blade.errors import ConfigError
-from blade.passes import (activations, attention, cleanup, conv_bn, fold, fuse_epilogues, fuse_loops, fuse_norms, horizontal,
-                          precision, quantize)
+from blade.passes import (activations, attention, cleanup, conv_bn, fold, fuse_epilogues, fuse_loops, fuse_norms, global_pool,
+                          horizontal, precision, quantize)
 from blade.passes.manager import Pass, PassContext, PassRecord, run_pipeline
 
 # The fusion passes, in the order they must run: named norm shapes, then matmul epilogues, then the
@@ -12,7 +12,7 @@ FUSION: list[Pass] = [fuse_norms.run, fuse_epilogues.run, fuse_loops.run]
 PIPELINES: dict[int, list[Pass]] = {
     0: [],
     1: [cleanup.run],
-    2: [cleanup.run, conv_bn.run, attention.run, fold.run, activations.run, horizontal.run, *FUSION],
+    2: [cleanup.run, conv_bn.run, global_pool.run, attention.run, fold.run, activations.run, horizontal.run, *FUSION],
 }
 
 
