@@ -2,7 +2,7 @@
 
 Only for the calls blade's fused native kernel (backends/kernels/attention_native.py) does not take, decided per node
 when the graph is handed to Inductor (InductorExecutable): no AVX512-BF16, AMX, or no C++ compiler here, an odd
-head dim, a value dim off a multiple of 16. blade's other bf16 CPU kernel (backends/kernels/attention_blocked.py) is a
+head dim. blade's other bf16 CPU kernel (backends/kernels/attention_blocked.py) is a
 Python op of about 25 PyTorch calls per layer. Over at most SHORT_KEYS keys it computes a single block, and that
 overhead is a large part of the call; written as plain ops instead — a bf16 GEMM for the scores, one fused
 Inductor kernel for scale, mask, causal triangle and the fp32 softmax, a bf16 GEMM for the output — it leaves

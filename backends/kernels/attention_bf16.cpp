@@ -7,7 +7,9 @@
 //   P = softmax(S) per row in fp32, rounded to bf16 (as PyTorch's bf16 softmax output)
 //   O = P·V                                  vdpbf16ps again, fp32 accumulation, rounded to bf16 into [B, Sq, Hq, Dv]
 // K and V are first repacked once per key head into the pair layouts vdpbf16ps reads (K: [D/2][keys] pairs of
-// dimensions, V: [keys/2][Dv] pairs of keys), into a buffer of the calling thread. The mask (additive fp32, or bool) is
+// dimensions, V: [keys/2][Dv'] pairs of keys, Dv' = Dv rounded up to 16 with zero columns, so that a value dim off a
+// multiple of 16 (MobileViT's 36 and 60) runs the same 16-wide steps and stores only its own lanes), into a buffer of
+// the calling thread. The mask (additive fp32, or bool) is
 // read in place with its broadcast strides. A row with no key left (every key it may see is masked: -inf or False)
 // gives zeros, decided from the mask and the triangle alone, as the op's spec says.
 #include <immintrin.h>
@@ -84,16 +86,17 @@ void score_rows(const bf16* const* q_rows, const int32_t* kpairs, int64_t key_st
   for (; j < keys; j += 16) score_block<R, 1>(q_rows, kpairs + j, key_stride, dim_pairs, s_rows, j, scale);
 }
 
-// O[r][e0 .. e0 + 16·NV) = Σ_j P[r][j] · V[j][e] over key pairs [0, key_pairs); written as bf16 (zeros for dead rows).
+// O[r][e0 .. e0 + 16·NV) = Σ_j P[r][j] · V[j][e] over key pairs [0, key_pairs); written as bf16 (zeros for dead rows),
+// only the columns below v_dim (V's packed rows are v_pad wide).
 template <int R, int NV>
-inline void output_block(const bf16* const* p_rows, const int32_t* vpairs, int64_t v_dim, int64_t key_pairs,
-                         bf16* const* o_rows, const bool* dead, int64_t e0) {
+inline void output_block(const bf16* const* p_rows, const int32_t* vpairs, int64_t v_pad, int64_t v_dim,
+                         int64_t key_pairs, bf16* const* o_rows, const bool* dead, int64_t e0) {
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < NV; ++n) acc[r][n] = _mm512_setzero_ps();
   for (int64_t jp = 0; jp < key_pairs; ++jp) {
     __m512i vals[NV];
-    for (int n = 0; n < NV; ++n) vals[n] = _mm512_loadu_si512(vpairs + jp * v_dim + e0 + 16 * n);
+    for (int n = 0; n < NV; ++n) vals[n] = _mm512_loadu_si512(vpairs + jp * v_pad + e0 + 16 * n);
     for (int r = 0; r < R; ++r) {
       const __m512i pp = _mm512_set1_epi32(load_pair(p_rows[r] + 2 * jp));
       for (int n = 0; n < NV; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], (__m512bh)pp, (__m512bh)vals[n]);
@@ -102,16 +105,16 @@ inline void output_block(const bf16* const* p_rows, const int32_t* vpairs, int64
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < NV; ++n) {
       const __m512 o = dead[r] ? _mm512_setzero_ps() : acc[r][n];
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o_rows[r] + e0 + 16 * n), to_bf16(o));
+      _mm256_mask_storeu_epi16(o_rows[r] + e0 + 16 * n, lanes_below(v_dim - e0 - 16 * n), to_bf16(o));
     }
 }
 
 template <int R>
-void output_rows(const bf16* const* p_rows, const int32_t* vpairs, int64_t v_dim, int64_t key_pairs,
+void output_rows(const bf16* const* p_rows, const int32_t* vpairs, int64_t v_pad, int64_t v_dim, int64_t key_pairs,
                  bf16* const* o_rows, const bool* dead) {
   int64_t e = 0;
-  for (; e + 64 <= v_dim; e += 64) output_block<R, 4>(p_rows, vpairs, v_dim, key_pairs, o_rows, dead, e);
-  for (; e < v_dim; e += 16) output_block<R, 1>(p_rows, vpairs, v_dim, key_pairs, o_rows, dead, e);
+  for (; e + 64 <= v_pad; e += 64) output_block<R, 4>(p_rows, vpairs, v_pad, v_dim, key_pairs, o_rows, dead, e);
+  for (; e < v_pad; e += 16) output_block<R, 1>(p_rows, vpairs, v_pad, v_dim, key_pairs, o_rows, dead, e);
 }
 
 // Row groups of up to 8 (scores) and 4 (outputs): the accumulators fill the 32 zmm registers without spilling.
@@ -123,11 +126,11 @@ void scores(const bf16* const* q_rows, int rows, const int32_t* kpairs, int64_t 
   for (; r < rows; ++r) score_rows<1>(q_rows + r, kpairs, key_stride, dim_pairs, s_rows + r, keys, scale);
 }
 
-void outputs(const bf16* const* p_rows, int rows, const int32_t* vpairs, int64_t v_dim, int64_t key_pairs,
-             bf16* const* o_rows, const bool* dead) {
+void outputs(const bf16* const* p_rows, int rows, const int32_t* vpairs, int64_t v_pad, int64_t v_dim,
+             int64_t key_pairs, bf16* const* o_rows, const bool* dead) {
   int r = 0;
-  for (; r + 4 <= rows; r += 4) output_rows<4>(p_rows + r, vpairs, v_dim, key_pairs, o_rows + r, dead + r);
-  for (; r < rows; ++r) output_rows<1>(p_rows + r, vpairs, v_dim, key_pairs, o_rows + r, dead + r);
+  for (; r + 4 <= rows; r += 4) output_rows<4>(p_rows + r, vpairs, v_pad, v_dim, key_pairs, o_rows + r, dead + r);
+  for (; r < rows; ++r) output_rows<1>(p_rows + r, vpairs, v_pad, v_dim, key_pairs, o_rows + r, dead + r);
 }
 
 enum MaskKind { NO_MASK = 0, ADDITIVE = 1, BOOLEAN = 2 };
@@ -179,19 +182,20 @@ bool softmax_row(float* s, bf16* p, int64_t limit, int64_t padded_keys, MaskKind
   return false;
 }
 
-// K [keys, D] (row stride k_row) as int32 pairs [D/2][padded_keys]; V [keys, Dv] as int32 pairs [padded/2][Dv].
+// K [keys, D] (row stride k_row) as int32 pairs [D/2][padded_keys]; V [keys, Dv] as int32 pairs [padded/2][v_pad],
+// zeros past the keys and past Dv.
 void pack_head(const bf16* k, int64_t k_row, const bf16* v, int64_t v_row, int64_t keys, int64_t padded_keys,
-               int64_t dim, int64_t v_dim, int32_t* kpairs, int32_t* vpairs) {
+               int64_t dim, int64_t v_dim, int64_t v_pad, int32_t* kpairs, int32_t* vpairs) {
   const int64_t dim_pairs = dim / 2;
   for (int64_t j = 0; j < padded_keys; ++j)
     for (int64_t p = 0; p < dim_pairs; ++p)
       kpairs[p * padded_keys + j] = j < keys ? load_pair(k + j * k_row + 2 * p) : 0;
   bf16* out = reinterpret_cast<bf16*>(vpairs);
   for (int64_t jp = 0; jp < padded_keys / 2; ++jp)
-    for (int64_t e = 0; e < v_dim; ++e) {
+    for (int64_t e = 0; e < v_pad; ++e) {
       const int64_t j = 2 * jp;
-      out[2 * (jp * v_dim + e)] = j < keys ? v[j * v_row + e] : 0;
-      out[2 * (jp * v_dim + e) + 1] = j + 1 < keys ? v[(j + 1) * v_row + e] : 0;
+      out[2 * (jp * v_pad + e)] = j < keys && e < v_dim ? v[j * v_row + e] : 0;
+      out[2 * (jp * v_pad + e) + 1] = j + 1 < keys && e < v_dim ? v[(j + 1) * v_row + e] : 0;
     }
 }
 
@@ -202,7 +206,7 @@ extern "C" {
 // out: [B, Sq, Hq, Dv] contiguous. Strides are in elements; the last dimension of q, k, v and the mask must be
 // contiguous. mask: null, fp32 additive (mask_kind 1) or bool as bytes (2, nonzero keeps the key), broadcast to
 // [B, Hq, Sq, keys] by its strides (0 where it broadcasts). Returns 0, or 1 for arguments this kernel does not take
-// (odd D, Dv not a multiple of 16, no keys, query heads not a multiple of key heads, an unknown mask kind), or 2 when
+// (odd D, no value dim, no keys, query heads not a multiple of key heads, an unknown mask kind), or 2 when
 // its buffers cannot be allocated. num_threads: the OpenMP team (torch's intra-op count; 0: OpenMP's default).
 int blade_attention_bf16(const bf16* q, int64_t q_sb, int64_t q_sh, int64_t q_ss,
                          const bf16* k, int64_t k_sb, int64_t k_sh, int64_t k_ss,
@@ -210,12 +214,13 @@ int blade_attention_bf16(const bf16* q, int64_t q_sb, int64_t q_sh, int64_t q_ss
                          const void* mask, int mask_kind, int64_t m_sb, int64_t m_sh, int64_t m_sq, bf16* out,
                          int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t keys, int64_t dim,
                          int64_t v_dim, float scale, int causal, int num_threads) {
-  if (dim < 2 || dim % 2 != 0 || v_dim % 16 != 0 || keys < 1 || kv_heads < 1 || q_heads % kv_heads != 0) return 1;
+  if (dim < 2 || dim % 2 != 0 || v_dim < 1 || keys < 1 || kv_heads < 1 || q_heads % kv_heads != 0) return 1;
   if (mask_kind < NO_MASK || mask_kind > BOOLEAN || (mask == nullptr) != (mask_kind == NO_MASK)) return 1;
   const MaskKind kind = static_cast<MaskKind>(mask_kind);
   const int64_t mask_item = kind == ADDITIVE ? sizeof(float) : 1;
   const int64_t padded = (keys + KEY_ALIGN - 1) / KEY_ALIGN * KEY_ALIGN;
-  const int64_t head_elems = padded * (dim + v_dim) / 2, group = q_heads / kv_heads;
+  const int64_t v_pad = (v_dim + 15) / 16 * 16;
+  const int64_t head_elems = padded * (dim + v_pad) / 2, group = q_heads / kv_heads;
   const int64_t tiles = (q_len + TILE_ROWS - 1) / TILE_ROWS, units = batch * q_heads * tiles;
   // Buffers of the calling thread (concurrent calls never share them), kept across calls (no page faults on fresh
   // memory each call) unless huge; allocated here, outside the parallel region, where a failure can be reported.
@@ -242,8 +247,8 @@ int blade_attention_bf16(const bf16* q, int64_t q_sb, int64_t q_sh, int64_t q_ss
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t h = 0; h < kv_heads; ++h) {
         int32_t* kp = scratch + (b * kv_heads + h) * head_elems;
-        pack_head(k + b * k_sb + h * k_sh, k_ss, v + b * v_sb + h * v_sh, v_ss, keys, padded, dim, v_dim, kp,
-                  kp + padded * dim / 2);
+        pack_head(k + b * k_sb + h * k_sh, k_ss, v + b * v_sb + h * v_sh, v_ss, keys, padded, dim, v_dim, v_pad,
+                  kp, kp + padded * dim / 2);
       }
     float* const s_buf = scores_base + strip * omp_get_thread_num();
     bf16* const p_buf = probs_base + strip * omp_get_thread_num();
@@ -276,7 +281,7 @@ int blade_attention_bf16(const bf16* q, int64_t q_sb, int64_t q_sh, int64_t q_ss
             : static_cast<const char*>(mask) + (b * m_sb + h * m_sh + i * m_sq) * mask_item;
         dead[r] = softmax_row(s_rows[r], p_rows[r], limit, seen_padded, kind, mask_row);
       }
-      outputs(p_rows, static_cast<int>(rows), vp, v_dim, seen_padded / 2, o_rows, dead);
+      outputs(p_rows, static_cast<int>(rows), vp, v_pad, v_dim, seen_padded / 2, o_rows, dead);
     }
   }
   constexpr size_t KEEP_BYTES = size_t(256) << 20;  // a larger call's buffers are given back, not kept for good

@@ -74,8 +74,7 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
-    """Whether the native kernel takes these: bf16 CPU q/k/v with contiguous rows, an even head dim, a value dim that
-    is a multiple of 16, keys, and a bool or floating mask (or none); and whether it is on and loaded here."""
+    """Whether the native kernel takes these: bf16 CPU q/k/v with contiguous rows, an even head dim, a value dim, keys, and a bool or floating mask (or none); and whether it is on and loaded here."""
     if any(t.dim() != 4 for t in (q, k, v)) or q.dtype != k.dtype or q.dtype != v.dtype or k.shape[2] == 0:
         return False
     if any(t.device.type != "cpu" for t in (q, k, v) + (() if mask is None else (mask,))):
@@ -88,12 +87,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
 
 
 def takes_shapes(dtype: torch.dtype, head_dim, v_dim, q_heads, kv_heads) -> bool:
-    """What the kernel needs of the dtype and head sizes (bf16, an even head dim, a value dim a multiple of 16, query
+    """What the kernel needs of the dtype and head sizes (bf16, an even head dim, a value dim, query
     heads a multiple of key heads; symbolic sizes are not taken), and that it is on and loaded here."""
     sizes = (head_dim, v_dim, q_heads, kv_heads)
     if dtype != torch.bfloat16 or not all(is_static(n) for n in sizes) or not enabled():
         return False
-    if head_dim < 2 or head_dim % 2 or v_dim % 16 or kv_heads < 1 or q_heads % kv_heads:
+    if head_dim < 2 or head_dim % 2 or v_dim < 1 or kv_heads < 1 or q_heads % kv_heads:
         return False
     return library() is not None
 

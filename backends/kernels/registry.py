@@ -13,7 +13,7 @@ The choice order, per (op, device); the first kernel whose condition holds runs 
     decode   decode_native.py + decode_attention.cpp: one query per head (a decode step), fp32 or bf16, a bool mask
              or none: reads only the keys the mask lets a row see
     native   attention_native.py + attention_bf16.cpp: the fused bf16 kernel (AVX512-BF16, no AMX), where it builds
-             here and takes the call (bf16, contiguous rows, an even head dim, a value dim a multiple of 16)
+             here and takes the call (bf16, contiguous rows, an even head dim)
     blocked  attention_blocked.py: bf16 query blocks through PyTorch's bf16 GEMMs, at MIN_KEYS keys or more (where
              it measured faster than SDPA, bench/results/attention_cpu.md)
     skinny   skinny_native.py + skinny_linear.cpp: linear layers over 1..8 rows (a decode step) at the memory's

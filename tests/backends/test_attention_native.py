@@ -45,7 +45,8 @@ def test_matches_the_reference(q_len, k_len, causal):
 
 
 @native
-@pytest.mark.parametrize("dim,v_dim", [(2, 16), (32, 48), (64, 64), (80, 80), (128, 128), (64, 144)])
+@pytest.mark.parametrize("dim,v_dim", [(2, 16), (32, 48), (64, 64), (80, 80), (128, 128), (64, 144),
+                                       (36, 36), (60, 60), (64, 40), (2, 1), (48, 17), (8, 8)])
 def test_head_dims(dim, v_dim):
     check(*qkv(dim=dim, v_dim=v_dim, q_len=20, k_len=50), causal=True)
 
@@ -147,11 +148,11 @@ def test_per_query_and_per_head_masks():
 
 @native
 def test_what_it_does_not_take_goes_elsewhere(monkeypatch):
-    """Odd head dims, value dims off 16, fp32, zero keys, contiguity off the last dim, and BLADE_NATIVE_ATTENTION=0
+    """Odd head dims, fp32, zero keys, contiguity off the last dim, and BLADE_NATIVE_ATTENTION=0
     are not taken; the op then runs the blocked kernel or the reference, still correctly."""
     q, k, v = (t.to(BF16) for t in qkv(q_len=200, k_len=200))
     assert not attention_native.supports(q[..., :63], k[..., :63], v, None)
-    assert not attention_native.supports(q, k, v[..., :40], None)
+    assert attention_native.supports(q, k, v[..., :40], None)  # a value dim off 16: its tail lanes are masked
     assert not attention_native.supports(q.float(), k.float(), v.float(), None)
     assert not attention_native.supports(q, k[:, :, :0], v[:, :, :0], None)
     assert not attention_native.supports(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, None)
@@ -164,8 +165,8 @@ def test_what_it_does_not_take_goes_elsewhere(monkeypatch):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     fp32 = [t.float() for t in (q, k, v)]
-    narrow_ref = attention_reference(fp32[0], fp32[1], fp32[2][..., :40], None, None, True)
-    assert rel(FLASH_ATTENTION(q, k, v[..., :40].contiguous(), None, None, True), narrow_ref) <= 1e-2
+    odd_ref = attention_reference(fp32[0][..., :63], fp32[1][..., :63], fp32[2], None, None, True)
+    assert rel(FLASH_ATTENTION(q[..., :63].contiguous(), k[..., :63].contiguous(), v, None, None, True), odd_ref) <= 1e-2
     assert rel(FLASH_ATTENTION(q, k, v, None, None, True), attention_reference(*fp32, None, None, True)) <= 1e-2
     assert calls == ["blocked_attention", "attention"]
 
@@ -296,10 +297,10 @@ def test_scores_far_below_the_row_max():
 
 @native
 def test_inductor_lowers_only_the_nodes_the_native_kernel_does_not_take():
-    """Heads of 16 (the native kernel takes them) keep the op; heads of 8 (it does not) become plain ops."""
+    """Heads of 16 (the native kernel takes them) keep the op; heads of 1 (it does not) become plain ops."""
     import blade
 
-    model = CausalAttentionLayers(((4, 16), (8, 8))).eval()
+    model = CausalAttentionLayers(((4, 16), (64, 1))).eval()
     gen = torch.Generator().manual_seed(1)
     cm = blade.compile(model, (torch.randn(2, 24, 64, generator=gen),), backend="inductor", precision="bf16",
                        cache=False, check_accuracy=False)
