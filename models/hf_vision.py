@@ -48,7 +48,9 @@ SIZES = ("reference", "tiny")
 
 
 def get(name: str, size: str = "reference", batch: int = 1, seed: int = 0):
-    """(model in eval mode, example inputs of `batch`, dynamic_shapes with the batch dynamic) for network `name`."""
+    """(model in eval mode, example inputs of `batch`, dynamic_shapes) for network `name`: the batch dim dynamic when
+    `batch` > 1, else None (torch.export specializes a dim whose example size is 1, so a dynamic batch of 1 would
+    fail to capture)."""
     if name not in NAMES:
         raise ValueError(f"unknown network {name!r}; choose one of {list(NAMES)}")
     if size not in SIZES:
@@ -77,7 +79,8 @@ def _classifier(name: str, size: str, batch: int, seed: int):
     image = pixels[size]
     calibrate_batch_norm(model, lambda: torch.randn(2, 3, image, image, generator=generator),
                          unit_scales=name == "efficientnet_b0")
-    return model, (torch.randn(batch, 3, image, image, generator=generator),), ({0: Dim("batch", min=1, max=64)},)
+    dynamic = ({0: Dim("batch", min=1, max=64)},) if batch > 1 else None
+    return model, (torch.randn(batch, 3, image, image, generator=generator),), dynamic
 
 
 def _unet_config(size: str) -> dict:
@@ -107,7 +110,8 @@ def ddpm_unet(size: str = "reference", batch: int = 1, seed: int = 0):
         torch.manual_seed(seed)
         model = diffusers.UNet2DModel(**_unet_config(size)).eval()
     batch_dim = Dim("batch", min=1, max=32)  # torch.export finds a guard batch <= 63 in the timestep embedding
-    return model, _unet_inputs(size, batch, torch.Generator().manual_seed(seed)), ({0: batch_dim}, {0: batch_dim})
+    dynamic = ({0: batch_dim}, {0: batch_dim}) if batch > 1 else None
+    return model, _unet_inputs(size, batch, torch.Generator().manual_seed(seed)), dynamic
 
 
 def _factory(name: str):

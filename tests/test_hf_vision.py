@@ -44,3 +44,16 @@ def test_unknown_network_or_size_is_named():
         hf_vision.get("resnet")
     with pytest.raises(ValueError, match="unknown size 'base'"):
         hf_vision.get("resnet50", "base")
+
+
+def test_a_factory_at_its_defaults_captures_as_a_cli_source():
+    """`blade compile blade.models.hf_vision:NAME` calls the factory with batch 1: a static batch, not a dynamic one
+    torch.export would refuse to specialize."""
+    import blade
+
+    model, example, dynamic_shapes = hf_vision.mobilenet_v2("tiny")
+    assert example[0].shape[0] == 1 and dynamic_shapes is None
+    cm = blade.compile(model, example, backend="eager", cache=False)
+    fresh = hf_vision.sample_inputs("mobilenet_v2", "tiny", batch=1, seed=3)
+    with torch.no_grad():
+        assert relative_error(_main_output(cm(*fresh)), _main_output(model(*fresh))) <= 1e-5
