@@ -20,15 +20,15 @@ from blade.passes.manager import PassContext
 
 aten = torch.ops.aten
 POOLS = {aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3}
-POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+POOL_ARGS = ("self", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
 
-def _pooled_dims(node: Node) -> list[int] | None:
-    """The dims a whole-input average pool reduces (negative indices), or None when the pool is not one."""
+def _pooled_dims(node: Node) -> tuple[Node, list[int]] | None:
+    """(the pooled tensor, the dims a whole-input average pool reduces, negative), or None when the pool is not one."""
     rank = POOLS[node.target]
     bound = dict(zip(POOL_ARGS, node.args))
     bound.update(node.kwargs)
-    x, out = bound["input"], node.meta.get("val")
+    x, out = bound.get("self"), node.meta.get("val")
     if not isinstance(x, Node) or not isinstance(out, TensorMeta) or bound.get("divisor_override") is not None:
         return None
     padding = bound.get("padding", 0)
@@ -41,17 +41,18 @@ def _pooled_dims(node: Node) -> list[int] | None:
         return None
     if any(k < s for k, s in zip(kernel, sizes)):
         return None
-    return list(range(-rank, 0))
+    return x, list(range(-rank, 0))
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
     for node in list(graph.call_nodes):
         if node.target not in POOLS:
             continue
-        dims = _pooled_dims(node)
-        if dims is None or not ctx.allows(node.name):
+        found = _pooled_dims(node)
+        if found is None or not ctx.allows(node.name):
             continue
-        mean = graph.add_node(aten.mean.dim, (node.args[0], dims, True), {}, meta=dict(node.meta), name=node.name)
+        x, dims = found
+        mean = graph.add_node(aten.mean.dim, (x, dims, True), {}, meta=dict(node.meta), name=node.name)
         graph.replace_all_uses(node, mean)
         graph.remove_node(node)
         ctx.count("global_average_pools")

@@ -56,7 +56,9 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
 }
 
-inline __mmask16 lanes_below(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1u); }
+inline __mmask16 lanes_below(int64_t n) {
+  return n <= 0 ? 0 : n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1u);
+}
 
 // S[r][j0 .. j0 + 16·NV) = scale · q_r · k_j for R query rows; kpairs points at key j0 of dimension pair 0.
 template <int R, int NV>

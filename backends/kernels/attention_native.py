@@ -74,7 +74,8 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
-    """Whether the native kernel takes these: bf16 CPU q/k/v with contiguous rows, an even head dim, a value dim, keys, and a bool or floating mask (or none); and whether it is on and loaded here."""
+    """Whether the native kernel takes these: bf16 CPU q/k/v with contiguous rows, an even head dim, a value dim,
+    keys, and a bool or floating mask (or none); and whether it is on and loaded here."""
     if any(t.dim() != 4 for t in (q, k, v)) or q.dtype != k.dtype or q.dtype != v.dtype or k.shape[2] == 0:
         return False
     if any(t.device.type != "cpu" for t in (q, k, v) + (() if mask is None else (mask,))):
