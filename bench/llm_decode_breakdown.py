@@ -1,0 +1,124 @@
+"""Where a blade.llm decode step's time goes on CPU: the linear kernels against the memory, and the rest.
+
+One process, GPT-2 base (random weights, blade.models.hf_lm), blade.llm fp32 at batch 1, max_length 160:
+* the decode step as generate runs it (median of --steps steps after a warm-up);
+* the same step with blade's skinny linear kernel replaced by an empty output of the right shape: what is left is
+  everything but the linears' arithmetic and weight reads (the fx graph's other ops, the kernel registry's choice,
+  the wrappers), so step − this = the linears' own time;
+* the skinny kernel alone on the step's weight shapes, one layer's weights at a time and all of them (larger than the
+  caches), in GB/s of weight read, beside torch's linear and a plain read (torch.sum) of the same weights;
+* the memory bandwidth blade.perf.peaks.measure reports now (the denominator of bench/llm_cpu.py's MBU).
+The order is interleaved where it matters (step, stubbed step, step again). Writes bench/results/<--out>.md/.json.
+
+    python bench/llm_decode_breakdown.py [--steps 40] [--out llm_decode_breakdown]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import _repo_path  # noqa: F401 - import blade from this checkout
+import torch
+
+import blade.llm
+import blade.target
+from blade.backends.kernels import skinny_native
+from blade.models import hf_lm
+from blade.perf.peaks import measure
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def empty_linear(x, weight, bias=None, scale=None):
+    """The skinny kernel's call without its arithmetic: an output of the right shape and dtype."""
+    return torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
+
+
+def step_times(lm, steps: int) -> dict:
+    token = torch.tensor([5])
+    position = iter(range(40, 10 ** 6))
+
+    def step():
+        with torch.no_grad():
+            lm.decode(token, torch.tensor([next(position) % 150]))
+
+    real = skinny_native.linear
+    out = {"step": median_seconds(step, steps)}
+    skinny_native.linear = empty_linear
+    try:
+        out["step_without_linear_kernels"] = median_seconds(step, steps)
+    finally:
+        skinny_native.linear = real
+    out["step_again"] = median_seconds(step, steps)
+    return out
+
+
+def gemv_rates(weights: list[torch.Tensor], repeats: int) -> dict:
+    """GB/s of weight read: blade's skinny kernel, torch's linear, and a plain read, over these weights in turn."""
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    gigabytes = sum(w.numel() * w.element_size() for w in weights) / 1e9
+    calls = {"skinny": lambda: [skinny_native.linear(inputs[w.shape[1]], w) for w in weights],
+             "torch_linear": lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights],
+             "read_sum": lambda: [w.sum() for w in weights]}
+    return {name: gigabytes / median_seconds(fn, repeats) for name, fn in calls.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--out", default="llm_decode_breakdown")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    target = blade.target.detect("cpu")
+    model = hf_lm.gpt2()
+    lm = blade.llm.compile(model, max_batch=1, max_length=160, cache=False)
+    lm.generate(torch.randint(0, 50000, (1, 32)), max_new_tokens=8)
+    steps = step_times(lm, args.steps)
+    layer = model.transformer.h[0]
+    shapes = [tuple(layer.attn.c_attn.weight.shape[::-1]), tuple(layer.attn.c_proj.weight.shape[::-1]),
+              tuple(layer.mlp.c_fc.weight.shape[::-1]), tuple(layer.mlp.c_proj.weight.shape[::-1])]
+    one_layer = [torch.randn(*s) for s in shapes]
+    every_layer = [torch.randn(*s) for _ in model.transformer.h for s in shapes]
+    head = [torch.randn(model.config.vocab_size, model.config.n_embd)]
+    rates = {"one layer (in cache)": gemv_rates(one_layer, 50), "all 12 layers": gemv_rates(every_layer, 10),
+             "LM head": gemv_rates(head, 10)}
+    bandwidth = measure(target).bandwidth
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "wpe" not in n)
+    result = {"machine": f"{target.describe()}, torch {torch.__version__}, python {platform.python_version()}",
+              "steps": steps, "gemv_gb_per_s": rates, "bandwidth_gb_per_s": bandwidth / 1e9,
+              "weight_mb": weight_bytes / 1e6, "command": f"python bench/llm_decode_breakdown.py --steps {args.steps}"}
+    lines = [f"# blade.llm decode step on CPU, where the time goes (`{result['command']}`)", "",
+             f"Machine: {result['machine']}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. GPT-2 base fp32, "
+             f"batch 1; {weight_bytes / 1e6:.0f} MB of weights read per step (the LM head tied to the embedding).", "",
+             "| decode step | ms |", "|---|---:|",
+             f"| as generate runs it | {steps['step'] * 1e3:.1f} |",
+             f"| linear kernels replaced by an empty output | {steps['step_without_linear_kernels'] * 1e3:.1f} |",
+             f"| as generate runs it, again | {steps['step_again'] * 1e3:.1f} |", "",
+             "| weights | blade skinny GB/s | torch linear GB/s | torch.sum (read) GB/s |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {r['skinny']:.1f} | {r['torch_linear']:.1f} | {r['read_sum']:.1f} |"
+              for name, r in rates.items()]
+    lines += ["", f"Memory bandwidth blade.perf.peaks.measure reports now: **{bandwidth / 1e9:.1f} GB/s** "
+              "(the better of a 256 MB copy and read)."]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
