@@ -2,6 +2,8 @@
 
 One process, GPT-2 base (random weights, blade.models.hf_lm), blade.llm fp32 at batch 1, max_length 160:
 * the decode step as generate runs it (median of --steps steps after a warm-up);
+* the step's fx module calling every aten op through its OpOverload instead of the eager backend's fast calls,
+  alternating step by step with the module as compiled: the median paired difference is what the fast calls save;
 * the same step with blade's skinny linear kernel replaced by an empty output of the right shape: what is left is
   everything but the linears' arithmetic and weight reads (the fx graph's other ops, the kernel registry's choice,
   the wrappers), so step − this = the linears' own time;
@@ -65,7 +67,29 @@ def step_times(lm, steps: int) -> dict:
     finally:
         skinny_native.linear = real
     out["step_again"] = median_seconds(step, steps)
+    out["fast_calls_saving"] = fast_calls_saving(lm, step, 3 * steps)
     return out
+
+
+def fast_calls_saving(lm, step, pairs: int) -> float:
+    """Seconds a step saves by the eager backend's fast calls: the median over alternating steps of (the fx module
+    calling every aten op through its OpOverload) - (the module as compiled)."""
+    from blade.backends.eager import EagerExecutable
+
+    executable = lm.decode_program.executable
+    modules = {"fast": executable.module,
+               "overloads": EagerExecutable(lm.decode_program.graph, fast_calls=False).module}
+    times = {name: [] for name in modules}
+    try:
+        for i in range(pairs):
+            for name in (("fast", "overloads") if i % 2 else ("overloads", "fast")):
+                executable.module = modules[name]
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        executable.module = modules["fast"]
+    return statistics.median(a - b for a, b in zip(times["overloads"], times["fast"]))
 
 
 def gemv_rates(weights: list[torch.Tensor], repeats: int) -> dict:
@@ -108,7 +132,9 @@ def main() -> None:
              "| decode step | ms |", "|---|---:|",
              f"| as generate runs it | {steps['step'] * 1e3:.1f} |",
              f"| linear kernels replaced by an empty output | {steps['step_without_linear_kernels'] * 1e3:.1f} |",
-             f"| as generate runs it, again | {steps['step_again'] * 1e3:.1f} |", "",
+             f"| as generate runs it, again | {steps['step_again'] * 1e3:.1f} |",
+             f"| saved by the eager backend's fast calls (paired: every aten op through its OpOverload − as "
+             f"compiled) | {steps['fast_calls_saving'] * 1e3:.2f} |", "",
              "| weights | blade skinny GB/s | torch linear GB/s | torch.sum (read) GB/s |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {r['skinny']:.1f} | {r['torch_linear']:.1f} | {r['read_sum']:.1f} |"
               for name, r in rates.items()]

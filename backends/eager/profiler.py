@@ -24,9 +24,11 @@ class _Annotated(torch.fx.Interpreter):
             return super().run_node(n)
 
 
-def profile_module(module: torch.fx.GraphModule, tensors: list[torch.Tensor], warmup: int,
-                   repeat: int) -> list[RegionTiming]:
-    """Median time per call of every call node; on CUDA the device time of the kernels it launched."""
+def profile_module(module: torch.fx.GraphModule, tensors: list[torch.Tensor], warmup: int, repeat: int,
+                   ops: dict[str, str] | None = None) -> list[RegionTiming]:
+    """Median time per call of every call node; on CUDA the device time of the kernels it launched. `ops` names
+    each node's op as the IR has it (the module may call a faster function for it)."""
+    ops = ops or {}
     device = "cuda" if any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor)) else "cpu"
     interpreter = _Annotated(module)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -42,6 +44,6 @@ def profile_module(module: torch.fx.GraphModule, tensors: list[torch.Tensor], wa
         if event.name.startswith(_PREFIX) and event.device_type == DeviceType.CPU:
             micros = event.device_time_total if device == "cuda" else event.cpu_time_total
             samples[event.name.removeprefix(_PREFIX)].append(micros / 1e6)
-    return [RegionTiming(n.name, "torch", (format_target(n.target),), (n.name,),
+    return [RegionTiming(n.name, "torch", (ops.get(n.name) or format_target(n.target),), (n.name,),
                          statistics.median(samples[n.name][warmup:] or samples[n.name]))
             for n in module.graph.nodes if n.name in samples]

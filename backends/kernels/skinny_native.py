@@ -56,21 +56,29 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return library() is not None
 
 
+def fp32_pointer(t: Optional[torch.Tensor]):
+    """The address of `t` as contiguous fp32 and the tensor that holds it (a copy when `t` is not that already)."""
+    if t is None:
+        return None, None
+    if t.dtype is not torch.float32 or not t.is_contiguous():
+        t = t.float().contiguous()
+    return t.data_ptr(), t
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ (weight · scale)ᵀ + bias for a call `supports` takes; y in x's dtype."""
+    """y = x @ (weight · scale)ᵀ + bias for a call `supports` takes; y in x's dtype. A decode step makes ~50 of these
+    calls, so fp32 x is read in place and y written in its final shape (no reshapes or casts around the kernel)."""
     n, k = weight.shape
-    flat = x.reshape(-1, k).float().contiguous()
-    out = torch.empty(flat.shape[0], n, dtype=torch.float32)
-    vectors = [v.float().contiguous() if v is not None else None for v in (scale, bias)]
-    code = library()(
-        flat.data_ptr(), flat.shape[0], k, weight.data_ptr(), WEIGHT_KINDS[weight.dtype],
-        vectors[0].data_ptr() if vectors[0] is not None else None,
-        vectors[1].data_ptr() if vectors[1] is not None else None,
-        out.data_ptr(), n, n, k, torch.get_num_threads())
+    x_ptr, flat = fp32_pointer(x)
+    scale_ptr, scale = fp32_pointer(scale)
+    bias_ptr, bias = fp32_pointer(bias)
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    code = library()(x_ptr, flat.numel() // k, k, weight.data_ptr(), WEIGHT_KINDS[weight.dtype], scale_ptr, bias_ptr,
+                     out.data_ptr(), n, n, k, torch.get_num_threads())
     if code != 0:
         raise RuntimeError(f"blade_skinny_linear returned {code} for x {list(x.shape)}, weight {weight.dtype}")
-    return out.reshape(*x.shape[:-1], n).to(x.dtype)
+    return out if x.dtype is torch.float32 else out.to(x.dtype)
 
 
 def qlinear(x, weight, weight_scale, bias=None, mode="weight_only", input_scale=None) -> torch.Tensor:
@@ -105,14 +113,12 @@ def q4linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """blade::q4linear through the int4 entry point, for a call `supports_q4` takes; y in x's dtype."""
     n, k = packed.shape[0], 2 * packed.shape[1]
-    flat = x.reshape(-1, k).float().contiguous()
-    out = torch.empty(flat.shape[0], n, dtype=torch.float32)
-    scales = scales.contiguous()
-    bias = bias.float().contiguous() if bias is not None else None
-    code = KERNEL_Q4.function()(
-        flat.data_ptr(), flat.shape[0], k, packed.data_ptr(), scales.data_ptr(),
-        bias.data_ptr() if bias is not None else None, out.data_ptr(), n, n, k, k // scales.shape[1],
-        torch.get_num_threads())
+    x_ptr, flat = fp32_pointer(x)
+    scales_ptr, scales = fp32_pointer(scales)
+    bias_ptr, bias = fp32_pointer(bias)
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    code = KERNEL_Q4.function()(x_ptr, flat.numel() // k, k, packed.data_ptr(), scales_ptr, bias_ptr, out.data_ptr(),
+                                n, n, k, k // scales.shape[1], torch.get_num_threads())
     if code != 0:
         raise RuntimeError(f"blade_skinny_linear_q4 returned {code} for x {list(x.shape)}, packed {list(packed.shape)}")
-    return out.reshape(*x.shape[:-1], n).to(x.dtype)
+    return out if x.dtype is torch.float32 else out.to(x.dtype)
