@@ -17,7 +17,8 @@ The choice order, per (op, device); the first kernel whose condition holds runs 
     blocked  attention_blocked.py: bf16 query blocks through PyTorch's bf16 GEMMs, at MIN_KEYS keys or more (where
              it measured faster than SDPA, bench/results/attention_cpu.md)
     skinny   skinny_native.py + skinny_linear.cpp: linear layers over 1..8 rows (a decode step) at the memory's
-             speed, fp32/bf16/int8 weights (qlinear: weight_only), where it builds here (AVX-512)
+             speed, fp32/bf16/int8 weights (qlinear: weight_only), where it builds here (AVX-512); int8 and int4
+             weights up to 128 rows (a short prefill), 8 a pass, where the reference would dequantize first
     triton   attention_triton.py / qgemm_triton.py: Triton kernels, on a CUDA GPU with Triton installed, for the
              dtypes and head sizes they take
     reference  the op's meaning in PyTorch (blade.ops): SDPA for attention, fp32 PyTorch for qlinear, torch's
@@ -111,10 +112,10 @@ KERNELS = (
     Kernel("qlinear", "cpu", "skinny", "skinny_native", "qlinear",
            lambda m, x, weight, weight_scale, bias, mode, input_scale: mode == "weight_only" and m.supports(
                x, weight, bias, weight_scale),
-           "blade's skinny CPU kernel (skinny_linear.cpp) for weight-only int8 over 1..{MAX_ROWS} rows"),
+           "blade's skinny CPU kernel (skinny_linear.cpp) for weight-only int8 over 1..{MAX_QUANTIZED_ROWS} rows"),
     Kernel("q4linear", "cpu", "skinny", "skinny_native", "q4linear",
            lambda m, x, packed, scales, bias: m.supports_q4(x, packed, scales, bias),
-           "blade's skinny CPU kernel (skinny_linear.cpp, int4 entry point) over 1..{MAX_ROWS} rows"),
+           "blade's skinny CPU kernel (skinny_linear.cpp, int4 entry point) over 1..{MAX_QUANTIZED_ROWS} rows"),
     Kernel("linear", "cpu", "skinny", "skinny_native", "linear",
            lambda m, x, weight, bias=None: m.supports(x, weight, bias),
            "blade's skinny CPU kernel (skinny_linear.cpp) over 1..{MAX_ROWS} rows"),

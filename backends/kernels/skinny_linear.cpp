@@ -188,13 +188,21 @@ void run_q4(const float* x, int64_t x_stride, const uint8_t* w, const float* sca
 
 }  // namespace
 
-// blade::q4linear over m = 1..8 rows of x [m, k] (rows x_stride apart): w [n, k / 2] packed, scale [n, k / group].
-// group must be a multiple of 32 dividing k, with at most 512 groups a row. Returns 0, or 1 when m is not 1..8,
-// 3 for a bad group.
+// blade::q4linear over m >= 1 rows of x [m, k] (rows x_stride apart), 8 at a time: w [n, k / 2] packed, scale
+// [n, k / group]. group must be a multiple of 32 dividing k, with at most 512 groups a row. Returns 0, or 1 when m
+// is below 1, 3 for a bad group.
 extern "C" int blade_skinny_linear_q4(const float* x, int64_t m, int64_t x_stride, const uint8_t* w,
                                       const float* scale, const float* bias, float* y, int64_t y_stride, int64_t n,
                                       int64_t k, int64_t group, int threads) {
     if (group <= 0 || group % 32 || k % group || k / group > 512) return 3;
+    if (m > 8) {  // a short prompt's prefill: each block of 8 rows reads the weight once (see skinny_native.py)
+        for (int64_t first = 0; first < m; first += 8) {
+            const int code = blade_skinny_linear_q4(x + first * x_stride, m - first < 8 ? m - first : 8, x_stride, w,
+                                                    scale, bias, y + first * y_stride, y_stride, n, k, group, threads);
+            if (code != 0) return code;
+        }
+        return 0;
+    }
     switch (m) {
         case 1: run_q4<1>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
         case 2: run_q4<2>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
@@ -208,11 +216,20 @@ extern "C" int blade_skinny_linear_q4(const float* x, int64_t m, int64_t x_strid
     }
 }
 
-// weight_kind: 0 fp32, 1 bf16, 2 int8 (scale required). x [m, k] rows x_stride apart, y [m, n] rows y_stride apart.
-// Returns 0, or 1 when m is not 1..8, 2 for an unknown weight kind.
+// weight_kind: 0 fp32, 1 bf16, 2 int8 (scale required). x [m, k] rows x_stride apart, y [m, n] rows y_stride apart;
+// m >= 1 rows, 8 at a time. Returns 0, or 1 when m is below 1, 2 for an unknown weight kind.
 extern "C" int blade_skinny_linear(const float* x, int64_t m, int64_t x_stride, const void* w, int weight_kind,
                                    const float* scale, const float* bias, float* y, int64_t y_stride, int64_t n,
                                    int64_t k, int threads) {
+    if (m > 8) {
+        for (int64_t first = 0; first < m; first += 8) {
+            const int code = blade_skinny_linear(x + first * x_stride, m - first < 8 ? m - first : 8, x_stride, w,
+                                                 weight_kind, scale, bias, y + first * y_stride, y_stride, n, k,
+                                                 threads);
+            if (code != 0) return code;
+        }
+        return 0;
+    }
     switch (weight_kind) {
         case 0: return dispatch(m, x, x_stride, static_cast<const float*>(w), scale, bias, y, y_stride, n, k, threads);
         case 1: return dispatch(m, x, x_stride, static_cast<const uint16_t*>(w), scale, bias, y, y_stride, n, k,

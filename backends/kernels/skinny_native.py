@@ -1,10 +1,14 @@
-"""Build, load and call skinny_linear.cpp, blade's CPU kernel for linear layers over 1..8 rows (a decode step).
+"""Build, load and call skinny_linear.cpp, blade's CPU kernel for linear layers over few rows (a decode step).
 
 torch's GEMM reads a weight at 13-18 GB/s for one row here and slower for eight (bench/results/llm_cpu.md); this
-kernel streams each weight row once for all rows of x, at the memory's speed. It takes fp32 or bf16 x (bf16 is
-widened to fp32 first), a contiguous [out, in] weight in fp32, bf16 or int8 with a scale per row, an optional bias;
-sums are fp32, the result in x's dtype. Built like attention_native (native_build, once per machine); where the CPU
-lacks AVX-512 or the build fails (warned once) `library()` is None and the callers run PyTorch.
+kernel streams each weight row once for all rows of x (up to 8 at a time), at the memory's speed. It takes fp32 or
+bf16 x (bf16 is widened to fp32 first), a contiguous [out, in] weight in fp32, bf16 or int8 with a scale per row, an
+optional bias; sums are fp32, the result in x's dtype. It takes 1..MAX_ROWS rows of x with an fp32 or bf16 weight
+(torch's GEMM is faster beyond) and 1..MAX_QUANTIZED_ROWS with an int8 or int4 weight, 8 rows a pass over the
+weight: there the alternative, the op's reference, first dequantizes the whole weight, which cost 2-8x the kernel's
+time at 32 rows (a short prompt's prefill) and more than it from about 200 int4 rows on this 2-core CPU. Built like
+attention_native (native_build, once per machine); where the CPU lacks AVX-512 or the build fails (warned once)
+`library()` is None and the callers run PyTorch.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from blade.backends.kernels import native_build
 
 SOURCE = Path(__file__).with_name("skinny_linear.cpp")
 MAX_ROWS = 8
+MAX_QUANTIZED_ROWS = 128
 WEIGHT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 _P, _N = ctypes.c_void_p, ctypes.c_int64
 KERNEL = native_build.AvxKernel(
@@ -40,13 +45,15 @@ def rows(x: torch.Tensor) -> int:
 
 def supports(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
              scale: Optional[torch.Tensor] = None) -> bool:
-    """Whether the kernel takes this call (and runs here): CPU, 1..8 rows of fp32/bf16 x, a contiguous 2-D weight of
-    a kind it reads whose width matches, an fp32-castable 1-D bias and scale of the right length."""
+    """Whether the kernel takes this call (and runs here): CPU, 1..MAX_ROWS rows of fp32/bf16 x (MAX_QUANTIZED_ROWS
+    for an int8 weight), a contiguous 2-D weight of a kind it reads whose width matches, an fp32-castable 1-D bias
+    and scale of the right length."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or weight.device.type != "cpu":
         return False
     if weight.dim() != 2 or weight.dtype not in WEIGHT_KINDS or not weight.is_contiguous():
         return False
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1] or not 1 <= rows(x) <= MAX_ROWS:
+    most = MAX_QUANTIZED_ROWS if weight.dtype == torch.int8 else MAX_ROWS
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1] or not 1 <= rows(x) <= most:
         return False
     if (weight.dtype == torch.int8) != (scale is not None):
         return False
@@ -93,9 +100,11 @@ KERNEL_Q4 = native_build.AvxKernel(
 
 def supports_q4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> bool:
-    """Whether the int4 entry point takes this blade::q4linear call: CPU, 1..8 rows of fp32/bf16 x, contiguous packed
-    weight and fp32 scales of the op's shapes (blade.ops.quantized)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not 1 <= rows(x) <= MAX_ROWS:
+    """Whether the int4 entry point takes this blade::q4linear call: CPU, 1..MAX_QUANTIZED_ROWS rows of fp32/bf16 x,
+    contiguous packed weight and fp32 scales of the op's shapes (blade.ops.quantized)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not 1 <= rows(x) <= MAX_QUANTIZED_ROWS:
         return False
     if packed.dtype != torch.uint8 or packed.dim() != 2 or not packed.is_contiguous():
         return False

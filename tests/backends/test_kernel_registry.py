@@ -94,7 +94,7 @@ def test_describe_names_the_cpu_chain():
         "blade's CPU decode kernel (decode_attention.cpp) for one query per head; else blade's fused bf16 CPU kernel (attention_bf16.cpp, AVX512-BF16) where it runs; else its blocked bf16 CPU "
         "kernel at 128+ keys (faster than SDPA there, bench/results/attention_cpu.md); else PyTorch's SDPA")
     assert registry.describe("qlinear", "cpu") == (
-        "blade's skinny CPU kernel (skinny_linear.cpp) for weight-only int8 over 1..8 rows; else the reference")
+        "blade's skinny CPU kernel (skinny_linear.cpp) for weight-only int8 over 1..128 rows; else the reference")
 
 
 def test_a_kernel_module_that_fails_to_import_is_warned_once_and_skipped(monkeypatch):

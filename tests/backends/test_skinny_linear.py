@@ -76,3 +76,26 @@ def test_linear_form_rewrites_conv1d_addmm_and_the_eager_backend_runs_it():
     assert counts.get("aten.linear.default") == 2 and "aten.addmm.default" not in counts, counts
     fresh = torch.randn(1, 3, 32)
     assert rel(compiled(fresh), model(fresh)) < 1e-6
+
+
+@pytest.mark.parametrize("rows", [9, 20, 128])
+def test_quantized_weights_take_a_prefill_of_rows_8_a_pass(rows):
+    from blade.ops.quantized import q4linear_reference, quantize_int4
+
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows // 2, 64, generator=gen) if rows % 2 == 0 else torch.randn(rows, 64, generator=gen)
+    weight = torch.randint(-127, 128, (40, 64), dtype=torch.int8, generator=gen)
+    scale, bias = torch.rand(40, generator=gen), torch.randn(40, generator=gen)
+    assert skinny_native.supports(x, weight, bias, scale)
+    want = torch.nn.functional.linear(x, weight.float() * scale[:, None], bias)
+    assert rel(skinny_native.linear(x, weight, bias, scale), want) < 1e-6
+    packed, scales = quantize_int4(torch.randn(40, 64, generator=gen), 32)
+    assert skinny_native.supports_q4(x, packed, scales, bias)
+    assert rel(skinny_native.q4linear(x, packed, scales, bias), q4linear_reference(x, packed, scales, bias)) < 1e-5
+
+
+def test_beyond_the_row_limits_the_reference_runs():
+    weight = torch.randint(-127, 128, (16, 32), dtype=torch.int8)
+    assert not skinny_native.supports(torch.randn(skinny_native.MAX_QUANTIZED_ROWS + 1, 32), weight, None,
+                                      torch.rand(16))
+    assert not skinny_native.supports(torch.randn(skinny_native.MAX_ROWS + 1, 32), weight.float())
