@@ -47,6 +47,18 @@ float dot(const float* q, const T* k, int64_t d) {
     return s;
 }
 
+// Keys ahead of the one being scored whose K and V rows are prefetched: in a decode step the KV cache is out of the
+// CPU caches (the weights streamed through them) and one head's rows are a row of all heads apart, so each row was
+// a miss waited for (GPT-2 base: 110 us a call in the step at ~90 keys, 38 us with the cache warm). 16 ahead saved
+// 0.36 ms of a 21.5 ms step, 8 ahead 0.26 ms (alternating steps, one process).
+constexpr int64_t AHEAD = 16;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+    const char* p = reinterpret_cast<const char*>(row);
+    for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
 template <typename T>
 void run(const T* q, const int64_t qs[2], const T* k, const int64_t ks[3], const T* v, const int64_t vs[3],
          const bool* mask, const int64_t ms[3], T* out, int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t keys,
@@ -64,7 +76,20 @@ void run(const T* q, const int64_t qs[2], const T* k, const int64_t ks[3], const
             const bool* mrow = mask ? mask + b * ms[0] + h * ms[1] : nullptr;
             int64_t n = 0;
             float top = -INFINITY;
+            const T* kbase = k + b * ks[0] + g * ks[1];
+            const T* vbase = v + b * vs[0] + g * vs[1];
+            for (int64_t j = 0; j < AHEAD && j < keys; ++j) {
+                if (!mrow || mrow[j * ms[2]]) {
+                    prefetch_row(kbase + j * ks[2], d);
+                    prefetch_row(vbase + j * vs[2], dv);
+                }
+            }
             for (int64_t j = 0; j < keys; ++j) {
+                const int64_t next = j + AHEAD;
+                if (next < keys && (!mrow || mrow[next * ms[2]])) {
+                    prefetch_row(kbase + next * ks[2], d);
+                    prefetch_row(vbase + next * vs[2], dv);  // read after the scores: in L1/L2 by then
+                }
                 if (mrow && !mrow[j * ms[2]]) continue;
                 const float s = dot(qf.data(), k + b * ks[0] + g * ks[1] + j * ks[2], d);
                 scores[n] = s;
