@@ -1,5 +1,6 @@
-"""The float64 referee: an fp32 model that amplifies rounding beyond the tolerance (subnormal outputs) compiles
-when blade is no further from the exact answer than eager itself, and a wrong rewrite is still caught."""
+"""The float64 referee: an fp32 model that amplifies rounding beyond the tolerance (subnormal outputs), or a bf16
+model whose outputs hold bf16's accuracy, compiles when blade is no further from the exact answer than eager itself,
+and a wrong rewrite is still caught."""
 import math
 
 import torch
@@ -64,6 +65,38 @@ def test_exact_outputs_promote_weights_inputs_and_dtype_arguments():
     captured = capture(Cast(), (torch.randn(2, 8),))
     (out,) = exact_outputs(captured.graph, [torch.randn(2, 8)])
     assert out.dtype == torch.float64
+
+
+class Bf16Scaled(torch.nn.Module):
+    """A bf16 model with an fp32 output (as an LM's logits): the output holds bf16's accuracy, not fp32's 1e-5."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(64, 64, generator=torch.Generator().manual_seed(4)).bfloat16())
+
+    def forward(self, x):
+        return ((x @ self.w) * 3.7 * 1.3).float()
+
+
+def test_a_bf16_models_exact_answer_is_its_weights_in_float64():
+    captured = capture(Bf16Scaled(), (X.bfloat16(),))
+    (out,) = exact_outputs(captured.graph, [X.bfloat16()])
+    assert out.dtype == torch.float64
+    want = (X.bfloat16().double() @ Bf16Scaled().w.double()) * 3.7 * 1.3
+    assert relative_error(out, want) < 1e-12
+
+
+def test_a_bf16_model_keeps_a_rewrite_that_rounds_differently_and_loses_a_wrong_one():
+    model, x = Bf16Scaled().eval(), X.bfloat16()
+    compiled = blade.compile(model, (x,), backend="eager", passes=[merge_scales()])
+    (output,) = compiled.report.accuracy.outputs
+    assert output.rel_err > 1e-5, "one rounding of bf16 instead of two: more than fp32's tolerance apart"
+    assert output.ok and output.refereed and compiled.report.bisection == {}
+    assert output.exact_rel_err <= 2 * output.eager_exact_rel_err
+    assert len(compiled.graph.call_nodes) < len(capture(model, (x,)).graph.call_nodes)
+    wrong = blade.compile(model, (x,), backend="eager", passes=[merge_scales(factor=1.05)])
+    assert wrong.report.bisection["culprits"][0]["pass"] == "merge_scales"
+    torch.testing.assert_close(wrong(x), model(x), rtol=0, atol=0)
 
 
 def test_nan_and_lowered_tolerances_are_never_refereed():

@@ -11,9 +11,10 @@ import torch
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-# An fp32 output that misses its tolerance against eager still passes when it is no further from the exact
-# (float64) answer than this many times eager's own fp32 outputs are: the model amplifies rounding so much that
-# eager itself misses the tolerance, and a reordered computation rounds differently by as much (see Judge).
+# A floating output that misses its tolerance against eager still passes when it is no further from the exact
+# (float64) answer than this many times eager's own outputs are: the model amplifies rounding so much that eager
+# itself misses the tolerance (or, in a bf16 model, computes in bf16 what it returns in fp32), and a reordered
+# computation rounds differently by as much (see Judge).
 REFEREE_FACTOR = 2.0
 
 
@@ -166,7 +167,9 @@ class Judge:
     times eager's own fp32 output is. That happens only where the model amplifies rounding beyond the
     tolerance — eager itself is then that far off (HF's random-init MobileViT has subnormal outputs, 1e-40,
     where fp32 keeps a few bits: eager is 0.14 from the float64 answer, plain ONNX Runtime 0.12 from eager) —
-    while a rewrite that computes something else lands far beyond it. NaN never passes.
+    while a rewrite that computes something else lands far beyond it. The same holds for a model that is bf16 or
+    fp16 itself (blade.llm's precision="bf16" programs: bf16 weights, the logits returned in fp32): its exact
+    answer is its own weights and inputs in float64, and eager's rounding is bf16's. NaN never passes.
     """
 
     def __init__(self, references: list, tolerance: float | None = None, declared: list | None = None,
@@ -199,7 +202,7 @@ class Judge:
                     error = relative_error(low.to(ref.dtype), ref)
                     miss.cast_rel_err = error if math.isfinite(error) else None  # an overflow sets no bar
             return accuracy
-        misses = [o for o in misses if o.dtype == "float32"]
+        misses = [o for o in misses if o.dtype in ("float32", "bfloat16", "float16")]
         if self.tolerance is not None or not misses or self.exact() is None:
             return accuracy
         exact = self.exact()
@@ -211,10 +214,15 @@ class Judge:
         return accuracy
 
 
+# A graph's floating dtypes that the exact answer promotes to float64: a bf16 or fp16 model's exact answer is its
+# weights and inputs, as they are, computed in float64.
+LOW_AND_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def exact_outputs(graph, inputs: list) -> list | None:
-    """The graph's flat outputs computed in float64 — its fp32 weights, inputs and dtype arguments promoted —
-    or None where it cannot run so (an op without a float64 kernel, a dtype the graph relies on)."""
-    return outputs_in(graph, inputs, torch.float64)
+    """The graph's flat outputs computed in float64 — its fp32, bf16 and fp16 weights, inputs and dtype arguments
+    promoted — or None where it cannot run so (an op without a float64 kernel, a dtype the graph relies on)."""
+    return outputs_in(graph, inputs, torch.float64, LOW_AND_SINGLE)
 
 
 def cast_outputs(graph, inputs: list, dtype: torch.dtype) -> list | None:
@@ -223,29 +231,30 @@ def cast_outputs(graph, inputs: list, dtype: torch.dtype) -> list | None:
     return outputs_in(graph, inputs, dtype)
 
 
-def outputs_in(graph, inputs: list, dtype: torch.dtype) -> list | None:
-    """The graph run with its fp32 constants, inputs and dtype arguments in `dtype`, or None where it cannot."""
+def outputs_in(graph, inputs: list, dtype: torch.dtype, replaced: tuple = (torch.float32,)) -> list | None:
+    """The graph run with its constants, inputs and dtype arguments of the `replaced` dtypes in `dtype`, or None
+    where it cannot."""
     moved = graph.copy()
     for name, tensor in list(moved.constants.items()):
-        if tensor.dtype == torch.float32:
+        if tensor.dtype in replaced:
             moved.constants[name] = tensor.to(dtype)
     for node in moved.call_nodes:
-        moved.set_args(node, _promoted(node.args, dtype), _promoted(node.kwargs, dtype))
+        moved.set_args(node, _promoted(node.args, dtype, replaced), _promoted(node.kwargs, dtype, replaced))
     try:
         module = moved.to_fx()
         with torch.no_grad():
-            outputs = list(module(*[t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+            outputs = list(module(*[t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in replaced else t
                                    for t in inputs]))
     except Exception:  # noqa: BLE001 - no answer in that dtype: the verdict at the tolerance stands
         return None
     return outputs
 
 
-def _promoted(value, dtype: torch.dtype = torch.float64):
-    if value is torch.float32:
+def _promoted(value, dtype: torch.dtype = torch.float64, replaced: tuple = (torch.float32,)):
+    if isinstance(value, torch.dtype) and value in replaced:
         return dtype
     if isinstance(value, (list, tuple)):
-        return type(value)(_promoted(v, dtype) for v in value)
+        return type(value)(_promoted(v, dtype, replaced) for v in value)
     if isinstance(value, dict):
-        return {k: _promoted(v, dtype) for k, v in value.items()}
+        return {k: _promoted(v, dtype, replaced) for k, v in value.items()}
     return value
