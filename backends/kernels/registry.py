@@ -17,8 +17,9 @@ The choice order, per (op, device); the first kernel whose condition holds runs 
     blocked  attention_blocked.py: bf16 query blocks through PyTorch's bf16 GEMMs, at MIN_KEYS keys or more (where
              it measured faster than SDPA, bench/results/attention_cpu.md)
     skinny   skinny_native.py + skinny_linear.cpp: linear layers over 1..8 rows (a decode step) at the memory's
-             speed, fp32/bf16/int8 weights (qlinear: weight_only), where it builds here (AVX-512); int8 and int4
-             weights up to 128 rows (a short prefill), 8 a pass, where the reference would dequantize first
+             speed, fp32/bf16/int8 weights (qlinear: weight_only), where it builds here (AVX-512), a bf16 model's
+             layers through vdpbf16ps (AVX512-BF16); int8 and int4 weights up to 128 rows (a short prefill), 8 a
+             pass, where the reference would dequantize first
     triton   attention_triton.py / qgemm_triton.py: Triton kernels, on a CUDA GPU with Triton installed, for the
              dtypes and head sizes they take
     reference  the op's meaning in PyTorch (blade.ops): SDPA for attention, fp32 PyTorch for qlinear, torch's

@@ -3,7 +3,8 @@
 torch's GEMM reads a weight at 13-18 GB/s for one row here and slower for eight (bench/results/llm_cpu.md); this
 kernel streams each weight row once for all rows of x (up to 8 at a time), at the memory's speed. It takes fp32 or
 bf16 x (bf16 is widened to fp32 first), a contiguous [out, in] weight in fp32, bf16 or int8 with a scale per row, an
-optional bias; sums are fp32, the result in x's dtype. It takes 1..MAX_ROWS rows of x with an fp32 or bf16 weight
+optional bias; sums are fp32, the result in x's dtype. A bf16 model's call (bf16 x, weight and bias) on a CPU with
+AVX512-BF16 reads x and writes y in bf16 in place, through vdpbf16ps (`uses_bf16_dot`). It takes 1..MAX_ROWS rows of x with an fp32 or bf16 weight
 (torch's GEMM is faster beyond) and 1..MAX_QUANTIZED_ROWS with an int8 or int4 weight, 8 rows a pass over the
 weight: there the alternative, the op's reference, first dequantizes the whole weight, which cost 2-8x the kernel's
 time at 32 rows (a short prompt's prefill) and more than it from about 200 int4 rows on this 2-core CPU. Built like
@@ -63,6 +64,23 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return library() is not None
 
 
+_BF16_DOT: list[bool] = []
+
+
+def uses_bf16_dot(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether this call takes the kernel's bf16 path (weight kind 3): bf16 x, weight and bias, a contiguous x and
+    a CPU with AVX512-BF16."""
+    if x.dtype is not torch.bfloat16 or weight.dtype is not torch.bfloat16 or not x.is_contiguous():
+        return False
+    if bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_contiguous()):
+        return False
+    if not _BF16_DOT:
+        from blade.target import detect
+
+        _BF16_DOT.append("avx512_bf16" in detect("cpu").features)
+    return _BF16_DOT[0]
+
+
 def fp32_pointer(t: Optional[torch.Tensor]):
     """The address of `t` as contiguous fp32 and the tensor that holds it (a copy when `t` is not that already)."""
     if t is None:
@@ -77,6 +95,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """y = x @ (weight · scale)ᵀ + bias for a call `supports` takes; y in x's dtype. A decode step makes ~50 of these
     calls, so fp32 x is read in place and y written in its final shape (no reshapes or casts around the kernel)."""
     n, k = weight.shape
+    if scale is None and uses_bf16_dot(x, weight, bias):
+        out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+        code = library()(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), 3, None,
+                         None if bias is None else bias.data_ptr(), out.data_ptr(), n, n, k, torch.get_num_threads())
+        if code != 0:
+            raise RuntimeError(f"blade_skinny_linear returned {code} for bf16 x {list(x.shape)}")
+        return out
     x_ptr, flat = fp32_pointer(x)
     scale_ptr, scale = fp32_pointer(scale)
     bias_ptr, bias = fp32_pointer(bias)

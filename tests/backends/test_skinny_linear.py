@@ -41,6 +41,38 @@ def test_bf16_activations_give_bf16_results():
     assert rel(got, torch.nn.functional.linear(x.float(), weight.float())) < 1e-2
 
 
+needs_bf16_dot = pytest.mark.skipif(not skinny_native.uses_bf16_dot(torch.ones(1, 32).bfloat16(),
+                                                                 torch.ones(1, 32).bfloat16(), None),
+                                    reason="this CPU has no AVX512-BF16")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_model_calls_take_the_bf16_dot_path_and_round_as_torch(rows, bias):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 301, generator=gen).bfloat16()  # 301: 9 steps of 32 and a tail of 13
+    weight = torch.randn(77, 301, generator=gen).bfloat16()
+    b = torch.randn(77, generator=gen).bfloat16() if bias else None
+    got = skinny_native.linear(x, weight, b)
+    exact = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 77)
+    assert rel(got, exact) < 4e-3  # the final bf16 rounding: half a bf16 ulp is 2^-9
+    assert (got == exact.bfloat16()).float().mean() > 0.95  # the rest: fp32 sums in another order
+
+
+@needs_bf16_dot
+def test_bf16_dot_path_keeps_nan_and_ignores_a_non_contiguous_x():
+    weight = torch.randn(16, 64).bfloat16()
+    x = torch.randn(2, 64).bfloat16()
+    x[1, 5] = float("nan")
+    got = skinny_native.linear(x, weight)
+    assert torch.isnan(got[1]).all() and not torch.isnan(got[0]).any()
+    wide = torch.randn(2, 128).bfloat16()[:, ::2]
+    assert not skinny_native.uses_bf16_dot(wide, weight, None)
+    assert rel(skinny_native.linear(wide, weight), torch.nn.functional.linear(wide.float(), weight.float())) < 1e-2
+
+
 def test_the_registry_takes_only_what_the_kernel_takes():
     weight = torch.randn(16, 32)
     assert registry.choose("linear", "cpu", torch.randn(8, 32), weight, None) is not torch.nn.functional.linear
