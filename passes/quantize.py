@@ -15,7 +15,11 @@ floating x; `aten.embedding(W, indices)` and `aten.embedding_bag.padding_idx(W, 
   reads, so the fp32 table is never rebuilt). A weight shared by a table and a linear (tied
   embeddings) is quantized once for both when the layer is int8.
 
-Leaves alone: layers named in config.keep_high_precision (the accuracy guard's choice), computed
+A linear named in config.keep_high_precision (the accuracy guard's choice) gets its mode's next rung where it has
+one (KEPT_AS: int4_weight_only's kept layers are int8 weight-only, a quarter of fp32's bytes, ~1/18 of int4's
+rounding error), and stays as it is otherwise.
+
+Leaves alone: other layers named in config.keep_high_precision, computed
 weights, float64 layers, fp16/bf16 embedding tables, embedding bags with a padding index, and (noted
 in the report) an int8_static layer whose calibration input was all zeros.
 """
@@ -35,6 +39,7 @@ from blade.ops.quantized import (INT4_GROUP, INT8_MAX, Q4LINEAR, QEMBEDDING, QLI
 
 aten = torch.ops.aten
 QUANTIZE_MODES = ("int8_weight_only", "int8_dynamic", "int8_static", "fp8", "int4_weight_only")
+KEPT_AS = {"int4_weight_only": "int8_weight_only"}  # the mode a kept linear gets instead of its own, where not fp32
 LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 OP_MODE = {"int8_weight_only": "weight_only", "int8_dynamic": "dynamic", "int8_static": "static", "fp8": "fp8",
            "int4_weight_only": "int4"}
@@ -102,6 +107,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         raise ConfigError(f"quantize={mode!r} is not a mode; choose one of {list(QUANTIZE_MODES)} or None")
     keep = set(ctx.config.keep_high_precision)
     layers = [n for n in quantizable_layers(graph) if n.name not in keep]
+    next_rung = [n for n in quantizable_layers(graph) if n.name in keep and mode in KEPT_AS and linear_weights(n)]
     scales = calibrate(graph, [n for n in layers if linear_weights(n)], ctx.config.calibration) \
         if mode == "int8_static" else {}
     if mode == "int8_static":
@@ -115,12 +121,12 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             layers = [n for n in layers if n.name not in silent]
     weights = _Weights(graph)
     narrow = []
-    for node in layers:
+    for node in layers + next_rung:
         if not ctx.allows(node.name):
             continue
         if linear_weights(node):
-            layer_mode = mode
-            if mode == "int4_weight_only" and linear_weights(node)[0].val.shape[1] % INT4_GROUP:
+            layer_mode = KEPT_AS[mode] if node.name in keep else mode
+            if layer_mode == "int4_weight_only" and linear_weights(node)[0].val.shape[1] % INT4_GROUP:
                 layer_mode = "int8_weight_only"
                 narrow.append(node.name)
             _rewrite_linear(graph, node, layer_mode, weights, scales.get(node.name))
@@ -130,6 +136,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             ctx.count("qembedding")
     if narrow:
         ctx.note(f"int8 weight-only, not int4 (input width not a multiple of {INT4_GROUP}): {narrow}")
+    if next_rung:
+        ctx.note(f"kept at {KEPT_AS[mode]}, not {mode}: {sorted(n.name for n in next_rung)}")
     kept = [n for n in keep if n in {m.name for m in graph.call_nodes}]
     if kept:
         ctx.note(f"kept in high precision: {sorted(kept)}")

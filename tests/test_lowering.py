@@ -114,6 +114,43 @@ def test_guard_keeps_the_sensitive_layer_in_fp32_and_meets_the_budget(backend):
     assert rel_and_cosine(cm(*fresh), model(*fresh))[0] <= 0.02
 
 
+class Spiky(torch.nn.Module):
+    """Three 64-wide linears; the middle one has a weight 20x the rest in every row's first and second group of 32,
+    on an input channel that is nearly zero: int4's group scale rounds the group's other weights to zero (0.69
+    error), int8's row scale keeps them."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.first, self.middle, self.last = (torch.nn.Linear(64, 64), torch.nn.Linear(64, 64),
+                                              torch.nn.Linear(64, 32))
+        with torch.no_grad():
+            for layer in (self.first, self.middle, self.last):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) / 8)
+            self.middle.weight[:, 0] = self.middle.weight[:, 32] = 2.5
+        gain = torch.ones(64)
+        gain[0] = gain[32] = 1e-3
+        self.register_buffer("gain", gain)
+
+    def forward(self, x):
+        return self.last(torch.relu(self.middle(self.first(x) * self.gain)))
+
+
+def test_int4_keeps_its_sensitive_layer_at_int8_not_fp32():
+    model, example = Spiky().eval(), (torch.randn(4, 64, generator=torch.Generator().manual_seed(1)),)
+    cm = blade.compile(model, example, backend="eager", quantize="int4_weight_only", accuracy_budget=0.2)
+    summary = cm.report.quantization
+    assert summary["error_all_lowered"] > 0.2 >= summary["error_eager"]
+    assert summary["kept_high_precision"] == ["linear_1"]
+    targets = cm.graph.count_targets()
+    assert targets == {"blade.q4linear.default": 2, "blade.qlinear.default": 1, "aten.mul.Tensor": 1,
+                       "aten.relu.default": 1}, targets
+    (kept,) = [n for n in cm.graph.call_nodes if n.target == QLINEAR]
+    assert kept.meta["layer"] == "linear_1" and kept.kwargs.get("mode", "weight_only") == "weight_only"
+    fresh = (torch.randn(4, 64, generator=torch.Generator().manual_seed(7)),)
+    assert rel_and_cosine(cm(*fresh), model(*fresh))[0] <= 0.2
+
+
 def test_an_impossible_budget_raises_with_the_per_layer_errors():
     with pytest.raises(AccuracyError, match=r"cannot meet accuracy_budget=1e-12.*linear_1 ") as info:
         blade.compile(Outliers().eval(), outlier_inputs(0), backend="eager", quantize="int8_dynamic",

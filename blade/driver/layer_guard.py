@@ -21,6 +21,7 @@ from blade.errors import AccuracyError
 from blade.ir.fused import calls_within
 from blade.ir.graph import Graph
 from blade.passes import PassRecord, run_pipeline
+from blade.passes.quantize import KEPT_AS
 
 # default tolerance of the compile-time accuracy check, per mode, when no budget is given
 DEFAULT_TOLERANCE = {"fp16": 1e-2, "bf16": 1e-2, "int8_weight_only": 2e-2, "int8_dynamic": 5e-2,
@@ -33,6 +34,11 @@ def tolerance_for(config: CompileConfig) -> float | None:
         return config.accuracy_budget
     tolerances = [DEFAULT_TOLERANCE[m] for m in (config.quantize, config.precision) if m in DEFAULT_TOLERANCE]
     return max(tolerances) if tolerances else None
+
+
+def kept_as(config: CompileConfig) -> str:
+    """What a layer the guard keeps computes in: fp32, or the next rung of the quantize mode (int4 -> int8)."""
+    return KEPT_AS.get(config.quantize, "fp32").replace("_", " ")
 
 
 def tolerance_of(summary: dict) -> float | None:
@@ -98,7 +104,8 @@ class Guard:
         return graph_error(self.lowered(keep)[0], self.samples, self.references)
 
     def choose(self, budget: float) -> GuardResult:
-        """The fewest most-sensitive layers to keep in fp32 so that the eager error is within budget."""
+        """The fewest most-sensitive layers to keep (in fp32, or int4's next rung) so that the eager error is within
+        budget."""
         all_lowered = self.error(())
         sensitivity = {name: self.error([n for n in self.layers if n != name]) for name in self.layers}
         ranked = sorted(self.layers, key=lambda n: -sensitivity[n])
@@ -137,7 +144,7 @@ class Guard:
         return AccuracyError(
             f"{what} cannot meet accuracy_budget={result.budget:g}: the relative error vs fp32 is "
             f"{result.error_all_lowered:.3g} with all {len(self.layers)} layers lowered and still {floor:.3g} "
-            f"({measured_on}) with {len(result.kept)} kept in fp32 (at most all but one is kept: a model with "
-            f"nothing lowered is not what was asked for). Error with one layer alone lowered: "
+            f"({measured_on}) with {len(result.kept)} kept in {kept_as(self.config)} (at most all but one is kept: "
+            f"a model with nothing lowered is not what was asked for). Error with one layer alone lowered: "
             f"{shown}. Raise the budget, choose a milder mode, or calibrate on more representative data.",
             layers=dict(worst))
