@@ -4,8 +4,9 @@ torch's GEMM reads a weight at 13-18 GB/s for one row here and slower for eight 
 kernel streams each weight row once for all rows of x (up to 8 at a time), at the memory's speed. It takes fp32 or
 bf16 x (bf16 is widened to fp32 first), a contiguous [out, in] weight in fp32, bf16 or int8 with a scale per row, an
 optional bias; sums are fp32, the result in x's dtype. A bf16 model's call (bf16 x, weight and bias) on a CPU with
-AVX512-BF16 reads x and writes y in bf16 in place, through vdpbf16ps (`uses_bf16_dot`). It takes 1..MAX_ROWS rows of x with an fp32 or bf16 weight
-(torch's GEMM is faster beyond) and 1..MAX_QUANTIZED_ROWS with an int8 or int4 weight, 8 rows a pass over the
+AVX512-BF16 reads x and writes y in bf16 in place, through vdpbf16ps (`uses_bf16_dot`). It takes 1..MAX_ROWS rows
+of x with an fp32 or bf16 weight (torch's GEMM is faster beyond) and 1..MAX_QUANTIZED_ROWS with an int8 or int4
+weight (int4: groups of any multiple of 32 weights dividing the row), 8 rows a pass over the
 weight: there the alternative, the op's reference, first dequantizes the whole weight, which cost 2-8x the kernel's
 time at 32 rows (a short prompt's prefill) and more than it from about 200 int4 rows on this 2-core CPU. Built like
 attention_native (native_build, once per machine); where the CPU lacks AVX-512 or the build fails (warned once)
@@ -136,7 +137,7 @@ def supports_q4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     k = 2 * packed.shape[1]
     if x.shape[-1] != k or scales.dim() != 2 or scales.shape[0] != packed.shape[0] or not scales.shape[1]:
         return False
-    if k % scales.shape[1] or (k // scales.shape[1]) % 32 or scales.shape[1] > 512 or scales.dtype != torch.float32:
+    if k % scales.shape[1] or (k // scales.shape[1]) % 32 or scales.dtype != torch.float32:
         return False
     if bias is not None and (bias.shape != (packed.shape[0],) or not bias.dtype.is_floating_point):
         return False
