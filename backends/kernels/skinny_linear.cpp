@@ -2,8 +2,8 @@
 // stored fp32, bf16 or int8 (one fp32 scale per row n), or packed int4 with a scale per group (the _q4 entry point).
 // time is reading W once from memory, so the kernel streams each W row once and reuses it for all m rows of x
 // (which stay in L1/L2), 3-8 W rows at a time, split over OpenMP threads by blocks of rows. One row of x (a decode
-// step at batch 1) reads the W rows one after another instead, one sequential stream with 4 chunks in flight:
-// 1.15-1.2x the interleaved blocks over GPT-2 base's weights (fp32, bf16, int8; paired, through skinny_native).
+// step at batch 1..4) reads the W rows one after another instead, one sequential stream (run_seq: 1.03-1.35x the
+// interleaved blocks over GPT-2 base's weights, fp32, bf16 and int8, paired through skinny_native).
 // Products and sums are fp32 (a bf16 or int8 weight widens exactly to fp32); int8 rows are scaled after the sum.
 // bf16 x with a bf16 weight (weight kind 3, a bf16 model's decode step) takes vdpbf16ps on CPUs with AVX512-BF16:
 // 32 weights a load and one instruction, not a widening per 16, which left the bf16 kernel at ~42 GB/s of weight
@@ -15,8 +15,8 @@
 
 namespace {
 
-// W rows per block for 2..8 rows of x: that many weight streams in flight (8 for two rows of x: 30 GB/s against 26
-// for 4 on the 2-core EPYC) and rows * M accumulators, kept within the 32 zmm registers
+// W rows per block for 5..8 rows of x (and the bf16 path's 2..8): that many weight streams in flight and rows * M
+// accumulators, kept within the 32 zmm registers
 constexpr int rows_for(int m) { return m <= 2 ? 8 : (m <= 5 ? 4 : 3); }
 
 template <typename W>
@@ -96,22 +96,39 @@ void run(const float* x, int64_t x_stride, const W* w, const float* scale, const
     }
 }
 
-// One row of x: each W row as one sequential stream, 4 chunks of 16 in flight on their own accumulators.
-template <typename W>
-void run_one_row(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t n, int64_t k,
-                 int threads) {
+// 1..4 rows of x: each W row as one sequential stream (the rows one after another), U chunks of 16 in flight on
+// their own accumulators per row of x. Paired against the interleaved blocks over GPT-2 base's weights: fp32
+// 1.20 / 1.10 / 1.27 / 1.12x at 1 / 2 / 3 / 4 rows, int8 1.15 / 1.35 / 1.31 / 1.03x; from 5 rows int8 is 0.76-0.82x
+// this way (the interleaved blocks reuse each x load for 3-4 W rows), so 5..8 rows stay interleaved.
+template <typename W, int M>
+void run_seq(const float* x, int64_t x_stride, const W* w, const float* scale, const float* bias, float* y,
+             int64_t y_stride, int64_t n, int64_t k, int threads) {
+    constexpr int U = M <= 2 ? 4 : 2;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < n; ++r) {
         const W* row = w + r * k;
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        __m512 acc[M][U];
+        for (int m = 0; m < M; ++m)
+            for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
         int64_t j = 0;
-        for (; j + 64 <= k; j += 64)
-            for (int u = 0; u < 4; ++u)
-                acc[u] = _mm512_fmadd_ps(widen<W>(row + j + 16 * u), _mm512_loadu_ps(x + j + 16 * u), acc[u]);
-        for (; j + 16 <= k; j += 16) acc[0] = _mm512_fmadd_ps(widen<W>(row + j), _mm512_loadu_ps(x + j), acc[0]);
-        float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-        for (; j < k; ++j) sum += widen_one<W>(row + j) * x[j];
-        y[r] = sum * (scale ? scale[r] : 1.0f) + (bias ? bias[r] : 0.0f);
+        for (; j + 16 * U <= k; j += 16 * U)
+            for (int u = 0; u < U; ++u) {
+                const __m512 wv = widen<W>(row + j + 16 * u);
+                for (int m = 0; m < M; ++m)
+                    acc[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * x_stride + j + 16 * u), acc[m][u]);
+            }
+        for (; j + 16 <= k; j += 16) {
+            const __m512 wv = widen<W>(row + j);
+            for (int m = 0; m < M; ++m)
+                acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * x_stride + j), acc[m][0]);
+        }
+        for (int m = 0; m < M; ++m) {
+            __m512 total = acc[m][0];
+            for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[m][u]);
+            float sum = _mm512_reduce_add_ps(total);
+            for (int64_t t = j; t < k; ++t) sum += widen_one<W>(row + t) * x[m * x_stride + t];
+            y[m * y_stride + r] = sum * (scale ? scale[r] : 1.0f) + (bias ? bias[r] : 0.0f);
+        }
     }
 }
 
@@ -119,10 +136,10 @@ template <typename W>
 int dispatch(int64_t m, const float* x, int64_t xs, const W* w, const float* scale, const float* bias, float* y,
              int64_t ys, int64_t n, int64_t k, int threads) {
     switch (m) {
-        case 1: run_one_row<W>(x, w, scale, bias, y, n, k, threads); return 0;
-        case 2: run<W, 2>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
-        case 3: run<W, 3>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
-        case 4: run<W, 4>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
+        case 1: run_seq<W, 1>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
+        case 2: run_seq<W, 2>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
+        case 3: run_seq<W, 3>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
+        case 4: run_seq<W, 4>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
         case 5: run<W, 5>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
         case 6: run<W, 6>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
         case 7: run<W, 7>(x, xs, w, scale, bias, y, ys, n, k, threads); return 0;
@@ -191,7 +208,7 @@ void run_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, const uint
     }
 }
 
-// Weight kind 3, one row of x: each W row as one sequential stream (as run_one_row).
+// Weight kind 3, one row of x: each W row as one sequential stream (as run_seq; 1.20x, paired).
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 void run_bf16_one_row(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t n, int64_t k,
                       int threads) {

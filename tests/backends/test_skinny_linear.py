@@ -16,7 +16,7 @@ def rel(a, b):
     return err
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, torch.int8])
 def test_equal_to_torch_linear(rows, kind):
     gen = torch.Generator().manual_seed(rows)
