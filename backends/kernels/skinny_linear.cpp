@@ -250,7 +250,8 @@ int dispatch_bf16(int64_t m, const uint16_t* x, int64_t xs, const uint16_t* w, c
 // weights, (nibble - 8) * scale, are one zmm table; vpermps looks each nibble up in it (it reads the low 4 bits of
 // a lane, so the high nibble needs only a shift), which gives the dequantized fp32 weights in 2 instructions per 16
 // where masking, widening and converting took 3-4. Over a Llama-134M weight set (64 MB, through q4linear, paired
-// against the masked version): 1.05x at two rows of x, 1.27x at eight; one row (row_q4, a stream a row) 1.58x.
+// against the masked version): 1.27x at eight rows of x; at one row (row_q4, a stream a W row) 1.58x, and the
+// stream a W row is 1.46 / 1.17 / 1.07x the interleaved blocks at 2 / 3 / 4 rows.
 // The weights are exactly the reference's dequantized ones (blade.ops.quantized.dequantize_int4).
 template <int M, int R>
 inline void block_q4(const float* x, int64_t x_stride, const uint8_t* w, const float* scale, int64_t k,
@@ -285,51 +286,60 @@ inline void block_q4(const float* x, int64_t x_stride, const uint8_t* w, const f
         for (int m = 0; m < M; ++m) acc_out[r * M + m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// One row of x: each W row is read as one sequential stream (the rows one after another), 4 chunks of 32 in flight
-// on their own accumulators. Interleaving 4-8 rows, as for more rows of x, measured 1.1-1.2x slower here: an int4
-// row is only 6-16 cache lines, too short a stream each for the prefetcher.
-// CHUNKS_A_GROUP: a group's chunks of 32 (0: `group` / 32 at run time, a division a chunk).
-template <int CHUNKS_A_GROUP>
-inline float row_q4(const float* x, const uint8_t* w, const float* scale, int64_t k, int64_t group) {
+// 1..4 rows of x: each W row is read as one sequential stream (the rows one after another), U chunks of 32 in
+// flight on their own accumulators per row of x. Interleaving 4-8 W rows, as for more rows of x, measured 1.1-1.3x
+// slower at one row of x: an int4 row is only 6-16 cache lines, too short a stream each for the prefetcher.
+// CHUNKS_A_GROUP: a group's chunks of 32 (0: `group` / 32 at run time, a division a chunk). out[m] for row m of x.
+template <int M, int CHUNKS_A_GROUP>
+inline void row_q4(const float* x, int64_t x_stride, const uint8_t* w, const float* scale, int64_t k, int64_t group,
+                   float* out) {
     const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    constexpr int U = 4;
-    __m512 acc[U];
-    for (int u = 0; u < U; ++u) acc[u] = _mm512_setzero_ps();
+    constexpr int U = M <= 2 ? 4 : 2;
+    __m512 acc[M][U];
+    for (int m = 0; m < M; ++m)
+        for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
     const int64_t chunks = k / 32;
-    auto step = [&](int64_t c, __m512& a) {
+    auto step = [&](int64_t c, int u) {
         const int64_t g = CHUNKS_A_GROUP ? c / CHUNKS_A_GROUP : c * 32 / group;
         const __m512 table = _mm512_mul_ps(levels, _mm512_set1_ps(scale[g]));
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * 16)));
-        a = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, table), _mm512_loadu_ps(x + c * 32), a);
-        a = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table), _mm512_loadu_ps(x + c * 32 + 16), a);
+        const __m512 lo = _mm512_permutexvar_ps(b, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+        for (int m = 0; m < M; ++m) {
+            acc[m][u] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + m * x_stride + c * 32), acc[m][u]);
+            acc[m][u] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + m * x_stride + c * 32 + 16), acc[m][u]);
+        }
     };
     int64_t c = 0;
     for (; c + U <= chunks; c += U)
-        for (int u = 0; u < U; ++u) step(c + u, acc[u]);
-    for (; c < chunks; ++c) step(c, acc[0]);
-    __m512 total = acc[0];
-    for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[u]);
-    return _mm512_reduce_add_ps(total);
+        for (int u = 0; u < U; ++u) step(c + u, u);
+    for (; c < chunks; ++c) step(c, 0);
+    for (int m = 0; m < M; ++m) {
+        __m512 total = acc[m][0];
+        for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[m][u]);
+        out[m] = _mm512_reduce_add_ps(total);
+    }
 }
 
-void run_q4_one_row(const float* x, const uint8_t* w, const float* scale, const float* bias, float* y, int64_t n,
-                    int64_t k, int64_t group, int threads) {
+template <int M>
+void run_q4_seq(const float* x, int64_t x_stride, const uint8_t* w, const float* scale, const float* bias, float* y,
+                int64_t y_stride, int64_t n, int64_t k, int64_t group, int threads) {
     const int64_t groups = k / group;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < n; ++r) {
         const uint8_t* row = w + r * (k / 2);
         const float* row_scale = scale + r * groups;
-        const float dot = group == 32 ? row_q4<1>(x, row, row_scale, k, group)
-                          : group == 128 ? row_q4<4>(x, row, row_scale, k, group)
-                                         : row_q4<0>(x, row, row_scale, k, group);
-        y[r] = dot + (bias ? bias[r] : 0.0f);
+        float out[M];
+        if (group == 32) row_q4<M, 1>(x, x_stride, row, row_scale, k, group, out);
+        else if (group == 128) row_q4<M, 4>(x, x_stride, row, row_scale, k, group, out);
+        else row_q4<M, 0>(x, x_stride, row, row_scale, k, group, out);
+        for (int m = 0; m < M; ++m) y[m * y_stride + r] = out[m] + (bias ? bias[r] : 0.0f);
     }
 }
 
 template <int M>
 void run_q4(const float* x, int64_t x_stride, const uint8_t* w, const float* scale, const float* bias, float* y,
             int64_t y_stride, int64_t n, int64_t k, int64_t group, int threads) {
-    constexpr int ROWS = M == 2 ? 4 : (M <= 4 ? 2 : 1);  // W rows a block (one row of x: run_q4_one_row)
+    constexpr int ROWS = 1;  // W rows a block, for 5..8 rows of x (1..4: run_q4_seq)
     const int64_t blocks = (n + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -368,10 +378,10 @@ extern "C" int blade_skinny_linear_q4(const float* x, int64_t m, int64_t x_strid
         return 0;
     }
     switch (m) {
-        case 1: run_q4_one_row(x, w, scale, bias, y, n, k, group, threads); return 0;
-        case 2: run_q4<2>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
-        case 3: run_q4<3>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
-        case 4: run_q4<4>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 1: run_q4_seq<1>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 2: run_q4_seq<2>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 3: run_q4_seq<3>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 4: run_q4_seq<4>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
         case 5: run_q4<5>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
         case 6: run_q4<6>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
         case 7: run_q4<7>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
