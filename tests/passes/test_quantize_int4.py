@@ -39,7 +39,7 @@ def test_quantization_error_is_that_of_4_bits_and_zero_groups_stay_zero():
 
 
 @pytest.mark.skipif(skinny_native.KERNEL_Q4.function() is None, reason=f"{skinny_native.KERNEL_Q4.reason}")
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_the_kernel_equals_the_reference(rows, group):
     gen = torch.Generator().manual_seed(rows + group)
