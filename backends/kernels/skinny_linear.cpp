@@ -245,56 +245,25 @@ int dispatch_bf16(int64_t m, const uint16_t* x, int64_t xs, const uint16_t* w, c
     }
 }
 
-// int4 (blade::q4linear): rows n0 .. n0+R-1, each k / 2 bytes, a scale per `group` weights. A 16-byte chunk holds
-// 32 weights: low nibbles are weights 0..15, high nibbles 16..31, each stored as q + 8. A group's 16 possible
-// weights, (nibble - 8) * scale, are one zmm table; vpermps looks each nibble up in it (it reads the low 4 bits of
-// a lane, so the high nibble needs only a shift), which gives the dequantized fp32 weights in 2 instructions per 16
-// where masking, widening and converting took 3-4. Over a Llama-134M weight set (64 MB, through q4linear, paired
-// against the masked version): 1.27x at eight rows of x; at one row (row_q4, a stream a W row) 1.58x, and the
-// stream a W row is 1.46 / 1.17 / 1.07x the interleaved blocks at 2 / 3 / 4 rows.
-// The weights are exactly the reference's dequantized ones (blade.ops.quantized.dequantize_int4).
-template <int M, int R>
-inline void block_q4(const float* x, int64_t x_stride, const uint8_t* w, const float* scale, int64_t k,
-                     int64_t group, int64_t n0, float* acc_out) {
-    const int64_t groups = k / group;
-    const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    __m512 acc[R][M];
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-        __m512 table[R];
-        for (int r = 0; r < R; ++r) table[r] = _mm512_mul_ps(levels, _mm512_set1_ps(scale[(n0 + r) * groups + g]));
-        for (int64_t j = g * group; j < (g + 1) * group; j += 32) {
-            __m512 lo[R], hi[R];
-            for (int r = 0; r < R; ++r) {
-                __m512i b = _mm512_cvtepu8_epi32(
-                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n0 + r) * (k / 2) + j / 2)));
-                lo[r] = _mm512_permutexvar_ps(b, table[r]);
-                hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table[r]);
-            }
-            for (int m = 0; m < M; ++m) {
-                __m512 xa = _mm512_loadu_ps(x + m * x_stride + j);
-                __m512 xb = _mm512_loadu_ps(x + m * x_stride + j + 16);
-                for (int r = 0; r < R; ++r) {
-                    acc[r][m] = _mm512_fmadd_ps(lo[r], xa, acc[r][m]);
-                    acc[r][m] = _mm512_fmadd_ps(hi[r], xb, acc[r][m]);
-                }
-            }
-        }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) acc_out[r * M + m] = _mm512_reduce_add_ps(acc[r][m]);
-}
-
-// 1..4 rows of x: each W row is read as one sequential stream (the rows one after another), U chunks of 32 in
-// flight on their own accumulators per row of x. Interleaving 4-8 W rows, as for more rows of x, measured 1.1-1.3x
-// slower at one row of x: an int4 row is only 6-16 cache lines, too short a stream each for the prefetcher.
+// int4 (blade::q4linear): each W row k / 2 bytes, a scale per `group` weights. A 16-byte chunk holds 32 weights:
+// low nibbles are weights 0..15, high nibbles 16..31, each stored as q + 8. A group's 16 possible weights,
+// (nibble - 8) * scale, are one zmm table; vpermps looks each nibble up in it (it reads the low 4 bits of a lane, so
+// the high nibble needs only a shift), which gives the dequantized fp32 weights in 2 instructions per 16 where
+// masking, widening and converting took 3-4. The weights are exactly the reference's dequantized ones
+// (blade.ops.quantized.dequantize_int4). Over a Llama-134M weight set (64 MB, through q4linear, paired against the
+// masked kernel with 1-4 W rows interleaved a block): 1.58x at one row of x, 1.46 / 1.17 / 1.07x at 2 / 3 / 4 rows,
+// 1.27x at eight.
+//
+// Each W row is read as one sequential stream (the rows one after another), U chunks of 32 in flight on their own
+// accumulators per row of x: interleaving 4-8 W rows measured 1.1-1.3x slower at one row of x (an int4 row is only
+// 6-16 cache lines, too short a stream each for the prefetcher), and from 5 rows of x one chunk a step already
+// keeps 10-16 fused multiply-adds in flight.
 // CHUNKS_A_GROUP: a group's chunks of 32 (0: `group` / 32 at run time, a division a chunk). out[m] for row m of x.
 template <int M, int CHUNKS_A_GROUP>
 inline void row_q4(const float* x, int64_t x_stride, const uint8_t* w, const float* scale, int64_t k, int64_t group,
                    float* out) {
     const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    constexpr int U = M <= 2 ? 4 : 2;
+    constexpr int U = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
     __m512 acc[M][U];
     for (int m = 0; m < M; ++m)
         for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
@@ -321,8 +290,8 @@ inline void row_q4(const float* x, int64_t x_stride, const uint8_t* w, const flo
 }
 
 template <int M>
-void run_q4_seq(const float* x, int64_t x_stride, const uint8_t* w, const float* scale, const float* bias, float* y,
-                int64_t y_stride, int64_t n, int64_t k, int64_t group, int threads) {
+void run_q4(const float* x, int64_t x_stride, const uint8_t* w, const float* scale, const float* bias, float* y,
+            int64_t y_stride, int64_t n, int64_t k, int64_t group, int threads) {
     const int64_t groups = k / group;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < n; ++r) {
@@ -336,35 +305,10 @@ void run_q4_seq(const float* x, int64_t x_stride, const uint8_t* w, const float*
     }
 }
 
-template <int M>
-void run_q4(const float* x, int64_t x_stride, const uint8_t* w, const float* scale, const float* bias, float* y,
-            int64_t y_stride, int64_t n, int64_t k, int64_t group, int threads) {
-    constexpr int ROWS = 1;  // W rows a block, for 5..8 rows of x (1..4: run_q4_seq)
-    const int64_t blocks = (n + ROWS - 1) / ROWS;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t n0 = b * ROWS;
-        float out[ROWS * M];
-        int rows;
-        if (n0 + ROWS <= n) {
-            block_q4<M, ROWS>(x, x_stride, w, scale, k, group, n0, out);
-            rows = ROWS;
-        } else {
-            rows = static_cast<int>(n - n0);
-            for (int r = 0; r < rows; ++r) block_q4<M, 1>(x, x_stride, w, scale, k, group, n0 + r, out + r * M);
-        }
-        for (int r = 0; r < rows; ++r) {
-            const float add = bias ? bias[n0 + r] : 0.0f;
-            for (int m = 0; m < M; ++m) y[m * y_stride + n0 + r] = out[r * M + m] + add;
-        }
-    }
-}
-
 }  // namespace
 
 // blade::q4linear over m >= 1 rows of x [m, k] (rows x_stride apart), 8 at a time: w [n, k / 2] packed, scale
-// [n, k / group]. group must be a multiple of 32 dividing k. Returns 0, or 1 when m
-// is below 1, 3 for a bad group.
+// [n, k / group]. group must be a multiple of 32 dividing k. Returns 0, or 1 when m is below 1, 3 for a bad group.
 extern "C" int blade_skinny_linear_q4(const float* x, int64_t m, int64_t x_stride, const uint8_t* w,
                                       const float* scale, const float* bias, float* y, int64_t y_stride, int64_t n,
                                       int64_t k, int64_t group, int threads) {
@@ -378,10 +322,10 @@ extern "C" int blade_skinny_linear_q4(const float* x, int64_t m, int64_t x_strid
         return 0;
     }
     switch (m) {
-        case 1: run_q4_seq<1>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
-        case 2: run_q4_seq<2>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
-        case 3: run_q4_seq<3>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
-        case 4: run_q4_seq<4>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 1: run_q4<1>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 2: run_q4<2>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 3: run_q4<3>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
+        case 4: run_q4<4>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
         case 5: run_q4<5>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
         case 6: run_q4<6>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
         case 7: run_q4<7>(x, x_stride, w, scale, bias, y, y_stride, n, k, group, threads); return 0;
