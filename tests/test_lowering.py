@@ -151,6 +151,14 @@ def test_int4_keeps_its_sensitive_layer_at_int8_not_fp32():
     assert rel_and_cosine(cm(*fresh), model(*fresh))[0] <= 0.2
 
 
+def test_an_impossible_int4_budget_says_the_kept_layers_were_int8():
+    model, example = Spiky().eval(), (torch.randn(4, 64, generator=torch.Generator().manual_seed(1)),)
+    with pytest.raises(AccuracyError, match=r"cannot meet accuracy_budget=1e-09.*kept in int8 weight only") as info:
+        blade.compile(model, example, backend="eager", quantize="int4_weight_only", accuracy_budget=1e-9)
+    assert set(info.value.layers) == {"linear", "linear_1", "linear_2"}
+    assert info.value.layers["linear_1"] == max(info.value.layers.values())
+
+
 def test_an_impossible_budget_raises_with_the_per_layer_errors():
     with pytest.raises(AccuracyError, match=r"cannot meet accuracy_budget=1e-12.*linear_1 ") as info:
         blade.compile(Outliers().eval(), outlier_inputs(0), backend="eager", quantize="int8_dynamic",

@@ -1,9 +1,9 @@
 // blade's skinny linear for decoding on CPU: y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for m < 8 rows, with W
 // stored fp32, bf16 or int8 (one fp32 scale per row n), or packed int4 with a scale per group (the _q4 entry point).
 // time is reading W once from memory, so the kernel streams each W row once and reuses it for all m rows of x
-// (which stay in L1/L2), 3-8 W rows at a time, split over OpenMP threads by blocks of rows. One row of x (a decode
-// step at batch 1..4) reads the W rows one after another instead, one sequential stream (run_seq: 1.03-1.35x the
-// interleaved blocks over GPT-2 base's weights, fp32, bf16 and int8, paired through skinny_native).
+// (which stay in L1/L2), split over OpenMP threads by rows. 1..4 rows of x (a decode step at batch 1..4) read the
+// W rows one after another, one sequential stream (run_seq: 1.03-1.47x interleaving 3-8 W rows a block, over GPT-2
+// base's weights, fp32, bf16 and int8, paired through skinny_native); 5..8 rows of x interleave 3-4 W rows a block.
 // Products and sums are fp32 (a bf16 or int8 weight widens exactly to fp32); int8 rows are scaled after the sum.
 // bf16 x with a bf16 weight (weight kind 3, a bf16 model's decode step) takes vdpbf16ps on CPUs with AVX512-BF16:
 // 32 weights a load and one instruction, not a widening per 16, which left the bf16 kernel at ~42 GB/s of weight
@@ -15,7 +15,7 @@
 
 namespace {
 
-// W rows per block for 5..8 rows of x (and the bf16 path's 2..8): that many weight streams in flight and rows * M
+// W rows per block for 5..8 rows of x: that many weight streams in flight and rows * M
 // accumulators, kept within the 32 zmm registers
 constexpr int rows_for(int m) { return m <= 2 ? 8 : (m <= 5 ? 4 : 3); }
 
@@ -208,35 +208,52 @@ void run_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, const uint
     }
 }
 
-// Weight kind 3, one row of x: each W row as one sequential stream (as run_seq; 1.20x, paired).
+// Weight kind 3, 1..4 rows of x: each W row as one sequential stream, U chunks of 32 in flight per row of x (as
+// run_seq, which it repeats because the AVX512-BF16 intrinsics need this target attribute on every function).
+// Paired against run_bf16's interleaved blocks over GPT-2 base's weights: 1.20 / 1.16 / 1.20 / 1.47x at 1..4 rows.
+template <int M>
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-void run_bf16_one_row(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t n, int64_t k,
-                      int threads) {
+void run_bf16_seq(const uint16_t* x, int64_t x_stride, const uint16_t* w, const uint16_t* bias, uint16_t* y,
+                  int64_t y_stride, int64_t n, int64_t k, int threads) {
+    constexpr int U = M <= 2 ? 4 : 2;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < n; ++r) {
         const uint16_t* row = w + r * k;
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        __m512 acc[M][U];
+        for (int m = 0; m < M; ++m)
+            for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
         int64_t j = 0;
-        for (; j + 128 <= k; j += 128)
-            for (int u = 0; u < 4; ++u)
-                acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(row + j + 32 * u),
-                                          (__m512bh)_mm512_loadu_si512(x + j + 32 * u));
-        for (; j + 32 <= k; j += 32)
-            acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(row + j),
-                                      (__m512bh)_mm512_loadu_si512(x + j));
-        float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-        for (; j < k; ++j) sum += widen_one<uint16_t>(row + j) * widen_one<uint16_t>(x + j);
-        y[r] = to_bf16(sum + (bias ? widen_one<uint16_t>(bias + r) : 0.0f));
+        for (; j + 32 * U <= k; j += 32 * U)
+            for (int u = 0; u < U; ++u) {
+                const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + j + 32 * u);
+                for (int m = 0; m < M; ++m)
+                    acc[m][u] = _mm512_dpbf16_ps(acc[m][u], wv,
+                                                 (__m512bh)_mm512_loadu_si512(x + m * x_stride + j + 32 * u));
+            }
+        for (; j + 32 <= k; j += 32) {
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + j);
+            for (int m = 0; m < M; ++m)
+                acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_loadu_si512(x + m * x_stride + j));
+        }
+        const float add = bias ? widen_one<uint16_t>(bias + r) : 0.0f;
+        for (int m = 0; m < M; ++m) {
+            __m512 total = acc[m][0];
+            for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[m][u]);
+            float sum = _mm512_reduce_add_ps(total);
+            for (int64_t t = j; t < k; ++t)
+                sum += widen_one<uint16_t>(row + t) * widen_one<uint16_t>(x + m * x_stride + t);
+            y[m * y_stride + r] = to_bf16(sum + add);
+        }
     }
 }
 
 int dispatch_bf16(int64_t m, const uint16_t* x, int64_t xs, const uint16_t* w, const uint16_t* bias, uint16_t* y,
                   int64_t ys, int64_t n, int64_t k, int threads) {
     switch (m) {
-        case 1: run_bf16_one_row(x, w, bias, y, n, k, threads); return 0;
-        case 2: run_bf16<2>(x, xs, w, bias, y, ys, n, k, threads); return 0;
-        case 3: run_bf16<3>(x, xs, w, bias, y, ys, n, k, threads); return 0;
-        case 4: run_bf16<4>(x, xs, w, bias, y, ys, n, k, threads); return 0;
+        case 1: run_bf16_seq<1>(x, xs, w, bias, y, ys, n, k, threads); return 0;
+        case 2: run_bf16_seq<2>(x, xs, w, bias, y, ys, n, k, threads); return 0;
+        case 3: run_bf16_seq<3>(x, xs, w, bias, y, ys, n, k, threads); return 0;
+        case 4: run_bf16_seq<4>(x, xs, w, bias, y, ys, n, k, threads); return 0;
         case 5: run_bf16<5>(x, xs, w, bias, y, ys, n, k, threads); return 0;
         case 6: run_bf16<6>(x, xs, w, bias, y, ys, n, k, threads); return 0;
         case 7: run_bf16<7>(x, xs, w, bias, y, ys, n, k, threads); return 0;

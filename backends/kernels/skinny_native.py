@@ -15,6 +15,7 @@ attention_native (native_build, once per machine); where the CPU lacks AVX-512 o
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -65,7 +66,12 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return library() is not None
 
 
-_BF16_DOT: list[bool] = []
+@functools.lru_cache(maxsize=1)
+def has_bf16_dot() -> bool:
+    """Whether this CPU has AVX512-BF16's vdpbf16ps."""
+    from blade.target import detect
+
+    return "avx512_bf16" in detect("cpu").features
 
 
 def uses_bf16_dot(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -75,11 +81,7 @@ def uses_bf16_dot(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         return False
     if bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_contiguous()):
         return False
-    if not _BF16_DOT:
-        from blade.target import detect
-
-        _BF16_DOT.append("avx512_bf16" in detect("cpu").features)
-    return _BF16_DOT[0]
+    return has_bf16_dot()
 
 
 def fp32_pointer(t: Optional[torch.Tensor]):

@@ -47,7 +47,7 @@ needs_bf16_dot = pytest.mark.skipif(not skinny_native.uses_bf16_dot(torch.ones(1
 
 
 @needs_bf16_dot
-@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
 @pytest.mark.parametrize("bias", [True, False])
 def test_bf16_model_calls_take_the_bf16_dot_path_and_round_as_torch(rows, bias):
     gen = torch.Generator().manual_seed(rows)
