@@ -42,9 +42,10 @@ def check_profile_json(data: dict) -> None:
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 @pytest.mark.timing
 def test_base_region_times_sum_to_the_end_to_end_time(capsys, model_name, backend):
-    # Two tries: on this 2-core VM one profile in ~20 ran 18 % off while its neighbours ran within 3 %
-    # (a timing outlier, not a different sum); a real gap between regions and the call shows in both.
-    for attempt in range(2):
+    # Three tries: on this 2-core VM one profile in ~20 ran 18 % off while its neighbours ran within 3 %, and on a
+    # contended CI machine (calls 3x slower than here) two in a row ran 23 % under: a whole call's median takes
+    # the host's stalls that the per-node medians filter out. A real gap between regions and the call shows in all.
+    for attempt in range(3):
         code, out, err = run_cli(capsys, "profile", model_name, "--size", "base", "--batch", "1", "--seq", "64",
                                  "--backend", backend, "--json", "--repeat", "10", "--warmup", "3")
         assert code == 0, err
