@@ -76,12 +76,14 @@ def softmax_plan(graph: Graph, sizes: SizeOnly, softmax: Node) -> tuple[Plan, Ne
 
 
 def _describe_sdpa(sdpa: Node, flash: New) -> str:
-    return f"{sdpa.name} -> flash_attention (scale={flash.args[4]:.6g}{', causal' if flash.args[5] else ''})"
+    groups = sdpa.args[0].val.shape[1] // flash.args[1].val.shape[1] if sdpa.args[0].val.rank == 4 else 1
+    notes = (", causal" if flash.args[5] else "") + (f", gqa groups={groups}" if flash.args[1] is not sdpa.args[1] else "")
+    return f"{sdpa.name} -> flash_attention (scale={flash.args[4]:.6g}{notes})"
 
 
 def _plan(graph: Graph, sizes: SizeOnly, node: Node) -> tuple[Plan, New]:
     if node.target is aten.scaled_dot_product_attention.default:
-        plan, flash = sdpa_plan(node)
+        plan, flash = sdpa_plan(graph, node)
         plan.description = _describe_sdpa(node, flash)
         return plan, flash
     return softmax_plan(graph, sizes, node)

@@ -18,7 +18,7 @@ from blade.ops import info
 from blade.ops.attention import FLASH_ATTENTION
 from blade.ops.info import arg
 from blade.passes.attention_canonical import NoMatch, Peeled, ScaledMask
-from blade.passes.attention_match import Attention
+from blade.passes.attention_match import Attention, unrepeated_kv
 from blade.passes.manager import PassContext
 from blade.passes.rewrite import New, Plan
 
@@ -60,9 +60,14 @@ def attention_plan(att: Attention, softmax: Node, out: Node) -> tuple[Plan, New]
     return Plan(softmax.name, reroute=[(out, result)]), flash
 
 
-def sdpa_plan(node: Node) -> tuple[Plan, New]:
-    """The plan that replaces an SDPA call by blade::flash_attention (raises NoMatch where the op differs)."""
+def sdpa_plan(graph: Graph, node: Node) -> tuple[Plan, New]:
+    """The plan that replaces an SDPA call by blade::flash_attention (raises NoMatch where the op differs). K/V heads
+    repeated for grouped-query attention (Hugging Face's repeat_kv) are read without the repeat: the op reads a
+    query head's K/V head in place, where the repeat copies the whole cache every decode step."""
     q, k, v = node.args[:3]
+    unrepeated = unrepeated_kv(graph, k, v)
+    if unrepeated:
+        k, v = unrepeated[:2]
     mask, dropout = arg(node, "attn_mask"), arg(node, "dropout_p")
     causal, scale = bool(arg(node, "is_causal")), arg(node, "scale")
     if dropout:

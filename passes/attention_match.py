@@ -106,11 +106,19 @@ def strip_head_repeat(graph: Graph, x: Node) -> tuple[Node, int] | None:
     return None
 
 
+def unrepeated_kv(graph: Graph, k: Node, v: Node) -> tuple[Node, Node, int] | None:
+    """(k, v, groups) read through the same head repeat of both (grouped-query attention), else None."""
+    k_found, v_found = strip_head_repeat(graph, k), strip_head_repeat(graph, v)
+    if k_found and v_found and k_found[1] == v_found[1] and k_found[1] > 1:
+        return k_found[0], v_found[0], k_found[1]
+    return None
+
+
 def strip_gqa(graph: Graph, att: Attention) -> None:
     """Read K/V through a head repeat (grouped-query attention), or note one K/V head (multi-query)."""
-    k, v = strip_head_repeat(graph, att.k), strip_head_repeat(graph, att.v)
-    if k and v and k[1] == v[1] and k[1] > 1:
-        att.k, att.v, att.groups = k[0], v[0], k[1]
+    found = unrepeated_kv(graph, att.k, att.v)
+    if found:
+        att.k, att.v, att.groups = found
     elif att.k.val.rank == 4 and is_static(att.k.val.shape[1]) and att.k.val.shape[1] == 1 \
             and not same_size(att.q.val.shape[1], 1):
         att.groups = att.q.val.shape[1]  # one K/V head broadcast by the matmul: multi-query

@@ -66,6 +66,18 @@ def test_the_cache_is_one_set_of_tensors_written_in_place():
         assert keys[row, :filled].abs().sum(-1).gt(0).all() and keys[row, filled:].abs().sum() == 0
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2"])  # 2 and 1 key/value heads for 4 query heads
+def test_grouped_heads_read_the_cache_without_repeating_it(name):
+    model = family(name)
+    lm = blade.llm.compile(model, max_batch=2, max_length=32)
+    kv_heads = model.config.num_key_value_heads
+    for program in (lm.prefill_program, lm.decode_program):
+        assert "aten.clone.default" not in program.graph.count_targets()  # repeat_kv's copy of the cache
+        attention = [n for n in program.graph.call_nodes if str(n.target) == "blade.flash_attention.default"]
+        assert len(attention) == model.config.num_hidden_layers
+        assert all(n.args[1].val.shape[1] == kv_heads == n.args[2].val.shape[1] for n in attention)
+
+
 def test_both_programs_hold_one_copy_of_the_weights_and_leave_the_model_alone():
     model = family("gpt2")  # Conv1D weights: each compile makes its own transposed copy
     params = {n: (p.data_ptr(), p.clone()) for n, p in model.named_parameters()}

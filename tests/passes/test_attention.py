@@ -221,9 +221,10 @@ def test_unbounded_seq_keeps_a_size_only_mask_explicit_and_says_why():
     check_fresh(model, cm)
 
 
+@pytest.mark.parametrize("spelling", ["causal_tril", "sdpa_causal_scale"])  # SDPA: what Hugging Face calls
 @pytest.mark.parametrize("style", [pytest.param("repeat_interleave", marks=gqa_capture_may_fail()),
                                    pytest.param("hf_repeat_kv", marks=gqa_capture_may_fail()), "mqa_expand"])
-def test_grouped_query_attention_reads_kv_heads_without_the_repeat(style):
+def test_grouped_query_attention_reads_kv_heads_without_the_repeat(style, spelling):
     kv_heads = 1 if style == "mqa_expand" else 2
 
     def repeat(x):
@@ -235,7 +236,7 @@ def test_grouped_query_attention_reads_kv_heads_without_the_repeat(style):
         b, h, s, d = x.shape
         return x[:, :, None, :, :].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
 
-    body = lambda q, k, v: BODIES["causal_tril"](q, repeat(k), repeat(v))  # noqa: E731
+    body = lambda q, k, v: BODIES[spelling](q, repeat(k), repeat(v))  # noqa: E731
     model, cm = compile_body(body, kv_heads=kv_heads)
     (node,) = flash_nodes(cm)
     q, k, v = node.args[:3]
