@@ -10,21 +10,22 @@ from blade.backends.eager.profiler import profile_module
 from blade.backends.kernels import registry
 from blade.ir.graph import Graph, Node, format_target
 from blade.ops.attention import FLASH_ATTENTION
-from blade.ops.quantized import Q4LINEAR, QLINEAR
+from blade.ops.quantized import Q4LINEAR, QEMBEDDING, QLINEAR, qembedding_reference
 from blade.target import Target
 
 
 # What the registry runs these ops with on the CPU and CUDA devices (blade's ops are routed to the same functions)
 DIRECT = {torch.ops.aten.linear.default: registry.linear, FLASH_ATTENTION: registry.flash_attention,
-          QLINEAR: registry.qlinear, Q4LINEAR: registry.q4linear}
+          QLINEAR: registry.qlinear, Q4LINEAR: registry.q4linear, QEMBEDDING: qembedding_reference}
 
 
 class EagerExecutable(Executable):
     """Runs the graph's fx module under no_grad; writes into a mutated input that nothing else reads run in that
     input's memory (a KV cache update costs the new rows, not a copy of the cache); aten.linear, blade's attention
     and quantized linear call the kernel registry's choice directly (for aten.linear: blade's skinny kernel on 1..8
-    rows on CPU, else torch's), skipping the dispatcher's ~30 µs a call that a decode step pays ~60 times; the
-    commonest small aten ops run as the torch functions that bind them (fast_calls), without OpOverload's layer."""
+    rows on CPU, else torch's), and blade's int8 embedding its reference, skipping the dispatcher's 6-30 µs a call
+    that a decode step pays ~60 times; the commonest small aten ops run as the torch functions that bind them
+    (fast_calls), without OpOverload's layer."""
 
     backend = "eager"
 

@@ -1,8 +1,9 @@
 """The torch functions that run the aten ops a decode step makes most often, for the eager backend's fx module.
 
 fx code calls each op as an OpOverload (`torch.ops.aten.reshape.default(...)`), whose Python layer costs 1-2 µs a
-call on top of the op; a GPT-2 decode step makes ~300 calls of these small ops (views, adds, layer norms), about
-4 % of the step on the 2-core CPU (bench/results/llm_decode_breakdown.md). The functions below bind the same aten
+call on top of the op; a GPT-2 decode step makes ~300 calls of these small ops (views, adds, layer norms; Llama's
+RMSNorm, RoPE and SwiGLU add powers, splits and SiLUs), about 4 % of the step on the 2-core CPU
+(bench/results/llm_decode_breakdown.md). The functions below bind the same aten
 ops through torch's own argument parser (torch._C._VariableFunctions or a Tensor method) and take the arguments
 as fx passes them: positional as in the schema, keyword-only ones by name. tests/backends/test_fast_calls.py runs
 each against its OpOverload (values, strides, aliasing). index_put_ is not here: its function refuses the None
@@ -44,5 +45,10 @@ FAST_CALLS = {
     aten.mm.default: _VF.mm,
     aten.addmm.default: _VF.addmm,
     aten.matmul.default: _VF.matmul,
+    aten.pow.Tensor_Scalar: _VF.pow,
+    aten.split_with_sizes.default: _VF.split_with_sizes,
+    aten.expand.default: torch.Tensor.expand,
+    aten.silu.default: torch._C._nn.silu,
+    aten.gelu.default: torch._C._nn.gelu,
 }
 

@@ -32,6 +32,9 @@ def samples():
         (aten.rsqrt.default, (x.abs() + 1,), {}), (aten.mean.dim, (x, [1, 2], True), {}),
         (aten.bmm.default, (x, y.transpose(1, 2)), {}), (aten.mm.default, (m, n), {}),
         (aten.addmm.default, (torch.randn(2), m, n), {"beta": 0.5}), (aten.matmul.default, (x, torch.randn(4, 2)), {}),
+        (aten.pow.Tensor_Scalar, (x, 2), {}), (aten.split_with_sizes.default, (x, [1, 3], -1), {}),
+        (aten.expand.default, (x[:, :1], [2, 5, 4]), {}), (aten.silu.default, (x,), {}),
+        (aten.gelu.default, (x,), {}), (aten.gelu.default, (x,), {"approximate": "tanh"}),
     ]
 
 
