@@ -110,3 +110,11 @@ def test_gpu_peaks_cover_every_dtype_and_sit_under_the_datasheet(quick, monkeypa
     if sheet:
         for dtype, rate in measured.matmul.items():
             assert rate < 1.1 * sheet["matmul"][dtype], (dtype, rate)
+
+
+def test_memory_bandwidth_is_the_better_of_measures_copy_and_read(monkeypatch):
+    monkeypatch.setattr(peaks, "_bandwidths", lambda device, repeats: {"copy": 30e9, "read": 45e9})
+    assert peaks.memory_bandwidth("cpu") == 45e9
+    monkeypatch.undo()
+    rate = peaks.memory_bandwidth("cpu", repeats=1)
+    assert 1e9 < rate < 1e13  # a real measurement of this machine's memory, in bytes/s

@@ -283,6 +283,12 @@ def _tf32(allowed: bool):
         setattr(settings, name, previous)
 
 
+def memory_bandwidth(device: str, repeats: int | None = None) -> float:
+    """Bytes/s of the memory now: the better of a large copy and a large read (measure's figure, without the
+    matmuls), for a benchmark that measures its roof beside each round where the memory's speed moves."""
+    return max(_bandwidths(device, repeats or REPEATS).values())
+
+
 def _bandwidths(device: str, repeats: int) -> dict[str, float]:
     """Bytes/s of a large copy ((read + written) / time) and of a large read (a sum): work that mostly
     reads, such as a decoding step streaming its weights, can beat a copy, which also pays for writing."""
