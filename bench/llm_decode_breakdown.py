@@ -1,10 +1,12 @@
 """Where a blade.llm decode step's time goes on CPU: the linear kernels against the memory, and the rest.
 
-One process, GPT-2 base (random weights, blade.models.hf_lm), blade.llm fp32 at batch 1, max_length 160:
+One process, --model (GPT-2 base or Llama-134M, random weights, blade.models.hf_lm), blade.llm at batch 1,
+max_length 160, fp32 or --quantize's weights:
 * the decode step as generate runs it (median of --steps steps after a warm-up);
 * the step's fx module calling every aten op through its OpOverload instead of the eager backend's fast calls,
   alternating step by step with the module as compiled: the median paired difference is what the fast calls save;
-* the same step with blade's skinny linear kernel replaced by an empty output of the right shape: what is left is
+* the same step with blade's skinny linear kernels (fp32/int8 and int4) replaced by an empty output of the right
+  shape: what is left is
   everything but the linears' arithmetic and weight reads (the fx graph's other ops, the kernel registry's choice,
   the wrappers), so step − this = the linears' own time;
 * the skinny kernel alone on the step's weight shapes, one layer's weights at a time and all of them (larger than the
@@ -12,7 +14,8 @@ One process, GPT-2 base (random weights, blade.models.hf_lm), blade.llm fp32 at 
 * the memory bandwidth blade.perf.peaks.measure reports now (the denominator of bench/llm_cpu.py's MBU).
 The order is interleaved where it matters (step, stubbed step, step again). Writes bench/results/<--out>.md/.json.
 
-    python bench/llm_decode_breakdown.py [--steps 40] [--out llm_decode_breakdown]
+    python bench/llm_decode_breakdown.py [--model gpt2] [--quantize int4_weight_only] [--steps 40]
+                                         [--out llm_decode_breakdown]
 """
 from __future__ import annotations
 
@@ -51,6 +54,16 @@ def empty_linear(x, weight, bias=None, scale=None):
     return torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
 
 
+def layer_weight_shapes(model) -> list[list[tuple[int, int]]]:
+    """[out, in] of every linear (GPT-2's Conv1D transposed) in each decoder layer, in module order."""
+    from transformers.pytorch_utils import Conv1D
+
+    layers = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList)
+                  and len(m) == model.config.num_hidden_layers)
+    return [[tuple(m.weight.shape) if isinstance(m, torch.nn.Linear) else tuple(m.weight.shape[::-1])
+             for m in layer.modules() if isinstance(m, (torch.nn.Linear, Conv1D))] for layer in layers]
+
+
 def step_times(lm, steps: int) -> dict:
     token = torch.tensor([5])
     position = iter(range(40, 10 ** 6))
@@ -59,13 +72,14 @@ def step_times(lm, steps: int) -> dict:
         with torch.no_grad():
             lm.decode(token, torch.tensor([next(position) % 150]))
 
-    real = skinny_native.linear
+    real, real_q4 = skinny_native.linear, skinny_native.q4linear
     out = {"step": median_seconds(step, steps)}
     skinny_native.linear = empty_linear
+    skinny_native.q4linear = lambda x, packed, scales, bias=None: empty_linear(x, packed)
     try:
         out["step_without_linear_kernels"] = median_seconds(step, steps)
     finally:
-        skinny_native.linear = real
+        skinny_native.linear, skinny_native.q4linear = real, real_q4
     out["step_again"] = median_seconds(step, steps)
     out["fast_calls_saving"] = fast_calls_saving(lm, step, 3 * steps)
     return out
@@ -104,31 +118,36 @@ def gemv_rates(weights: list[torch.Tensor], repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt2", choices=["gpt2", "llama_134m"])
+    parser.add_argument("--quantize", default=None, choices=["int8_weight_only", "int4_weight_only"],
+                        help="weights of the step (the GB/s table is fp32 whatever this is)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", default="llm_decode_breakdown")
     args = parser.parse_args()
     torch.manual_seed(0)
     target = blade.target.detect("cpu")
-    model = hf_lm.gpt2()
-    lm = blade.llm.compile(model, max_batch=1, max_length=160, cache=False)
-    lm.generate(torch.randint(0, 50000, (1, 32)), max_new_tokens=8)
+    model = getattr(hf_lm, args.model)()
+    quantized = {"quantize": args.quantize, "accuracy_budget": 0.3} if args.quantize else {}
+    lm = blade.llm.compile(model, max_batch=1, max_length=160, cache=False, **quantized)
+    lm.generate(torch.randint(0, model.config.vocab_size, (1, 32)), max_new_tokens=8)
     steps = step_times(lm, args.steps)
-    layer = model.transformer.h[0]
-    shapes = [tuple(layer.attn.c_attn.weight.shape[::-1]), tuple(layer.attn.c_proj.weight.shape[::-1]),
-              tuple(layer.mlp.c_fc.weight.shape[::-1]), tuple(layer.mlp.c_proj.weight.shape[::-1])]
-    one_layer = [torch.randn(*s) for s in shapes]
-    every_layer = [torch.randn(*s) for _ in model.transformer.h for s in shapes]
-    head = [torch.randn(model.config.vocab_size, model.config.n_embd)]
+    layers = layer_weight_shapes(model)
+    one_layer = [torch.randn(*s) for s in layers[0]]
+    every_layer = [torch.randn(*s) for layer in layers for s in layer]
+    head = [torch.randn(*model.get_output_embeddings().weight.shape)]
     rates = {"one layer (in cache)": gemv_rates(one_layer, 50), "all 12 layers": gemv_rates(every_layer, 10),
              "LM head": gemv_rates(head, 10)}
     bandwidth = measure(target).bandwidth
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "wpe" not in n)
+    weight_bytes = lm.weight_bytes
+    options = (f" --model {args.model}" if args.model != "gpt2" else "") + \
+        (f" --quantize {args.quantize}" if args.quantize else "")
     result = {"machine": f"{target.describe()}, torch {torch.__version__}, python {platform.python_version()}",
-              "steps": steps, "gemv_gb_per_s": rates, "bandwidth_gb_per_s": bandwidth / 1e9,
-              "weight_mb": weight_bytes / 1e6, "command": f"python bench/llm_decode_breakdown.py --steps {args.steps}"}
+              "model": args.model, "quantize": args.quantize, "steps": steps, "gemv_gb_per_s": rates,
+              "bandwidth_gb_per_s": bandwidth / 1e9, "weight_mb": weight_bytes / 1e6,
+              "command": f"python bench/llm_decode_breakdown.py{options} --steps {args.steps}"}
     lines = [f"# blade.llm decode step on CPU, where the time goes (`{result['command']}`)", "",
-             f"Machine: {result['machine']}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. GPT-2 base fp32, "
-             f"batch 1; {weight_bytes / 1e6:.0f} MB of weights read per step (the LM head tied to the embedding).", "",
+             f"Machine: {result['machine']}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {args.model}, "
+             f"{args.quantize or 'fp32'} weights, batch 1; {weight_bytes / 1e6:.0f} MB of weights read per step.", "",
              "| decode step | ms |", "|---|---:|",
              f"| as generate runs it | {steps['step'] * 1e3:.1f} |",
              f"| linear kernels replaced by an empty output | {steps['step_without_linear_kernels'] * 1e3:.1f} |",

@@ -243,10 +243,11 @@ def streamed_bytes(graph) -> int:
 def decode_passes() -> list:
     """blade's graph rewrites without the fusion passes: every layer as aten.linear (linear_form), so the eager
     backend's skinny kernel reads each weight once a step and quantize (added by blade.compile when asked) sees
-    each one; a fused region would hide its layer from the backend."""
-    from blade.passes import activations, attention, cleanup, fold, horizontal, linear_form
+    each one; a fused region would hide its layer from the backend. RoPE's rotate_half becomes a roll (rotary):
+    the eager backend pays for ops by their count."""
+    from blade.passes import activations, attention, cleanup, fold, horizontal, linear_form, rotary
 
-    return [cleanup.run, linear_form.run, attention.run, fold.run, activations.run, horizontal.run]
+    return [cleanup.run, linear_form.run, attention.run, rotary.run, fold.run, activations.run, horizontal.run]
 
 
 def _programs(prefill_step, decode_step, model, max_batch: int, max_length: int, name: str, options: dict):
