@@ -44,7 +44,9 @@ def check_profile_json(data: dict) -> None:
 def test_base_region_times_sum_to_the_end_to_end_time(capsys, model_name, backend):
     # Three tries: on this 2-core VM one profile in ~20 ran 18 % off while its neighbours ran within 3 %, and on a
     # contended CI machine (calls 3x slower than here) two in a row ran 23 % under: a whole call's median takes
-    # the host's stalls that the per-node medians filter out. A real gap between regions and the call shows in all.
+    # the host's stalls that the per-node medians filter out. A real gap between regions and the call shows in
+    # every try; where every try's end-to-end samples spread by more than 20 % the machine could not time it.
+    spreads = []
     for attempt in range(3):
         code, out, err = run_cli(capsys, "profile", model_name, "--size", "base", "--batch", "1", "--seq", "64",
                                  "--backend", backend, "--json", "--repeat", "10", "--warmup", "3")
@@ -53,6 +55,11 @@ def test_base_region_times_sum_to_the_end_to_end_time(capsys, model_name, backen
         model = data["model"]
         if 0.85 <= model["regions_time_ms"] / model["time_ms"] <= 1.15:
             break
+        spreads.append(max(model["time_ms_samples"]) / min(model["time_ms_samples"]))
+    else:
+        if min(spreads) > 1.2:
+            pytest.skip(f"the machine was too unsteady to time: each try's end-to-end calls spread by over 20 % "
+                        f"(max/min {', '.join(f'{s:.2f}' for s in spreads)})")
     check_profile_json(data)
     assert sum(r["time_ms"] for r in data["regions"]) == pytest.approx(model["regions_time_ms"])
     assert 0.85 <= model["regions_time_ms"] / model["time_ms"] <= 1.15, model

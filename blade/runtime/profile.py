@@ -106,6 +106,7 @@ def profile(compiled, tensors: list[torch.Tensor], *, warmup: int = 3, repeat: i
     seconds = statistics.median(samples)
     regions = [_region(graph, costs, dims, peaks, t, device) for t in timings]
     model = _model(graph, costs, dims, peaks, seconds, regions, device)
+    model["time_ms_samples"] = [t * 1e3 for t in samples]  # their spread says how steady the machine was
     return Profile(graph.name, compiled.backend, peaks.device, dims, model, regions, peaks, dict(costs.unknown),
                    _warnings(compiled, model, peaks))
 
