@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -172,15 +173,12 @@ def compile_lm(model: torch.nn.Module, *, max_batch: int = 1, max_length: int = 
     if dtype != next(model.parameters()).dtype:
         model = copy.deepcopy(model).to(dtype)
     model = model.eval()
-    if backend == "auto":
-        backend = "eager"  # the backend that writes the cache in place (see docs/llm.md)
     name = type(model).__name__
-    options = dict(backend=backend, quantize=quantize, accuracy_budget=accuracy_budget,
-                   check_accuracy=check_accuracy, cache=cache,
+    options = dict(quantize=quantize, accuracy_budget=accuracy_budget, check_accuracy=check_accuracy, cache=cache,
                    passes=decode_passes())
     prefill_step = PrefillStep(model, max_batch, max_length, dtype)
     decode_step = DecodeStep(model, max_batch, max_length, dtype)
-    prefill, decode = _programs(prefill_step, decode_step, model, max_batch, max_length, name, options)
+    prefill, decode = _programs(prefill_step, decode_step, model, max_batch, max_length, name, options, backend)
     share_constants(decode.graph, prefill.graph, keep_out={p.untyped_storage().data_ptr() for p in model.parameters()})
     shared = {n: torch.zeros_like(t) for n, t in decode.graph.state.items()}
     for program in (prefill, decode):
@@ -250,9 +248,30 @@ def decode_passes() -> list:
     return [cleanup.run, linear_form.run, attention.run, rotary.run, fold.run, activations.run, horizontal.run]
 
 
-def _programs(prefill_step, decode_step, model, max_batch: int, max_length: int, name: str, options: dict):
-    """blade.compile of both steps, batch (and prompt length) dynamic."""
+def step_backends(backend: str, model: torch.nn.Module) -> tuple[str, str]:
+    """The backends of the prefill and decode programs: `backend` for both when named; for "auto", the eager backend
+    (it writes the cache in place and runs blade's kernels per call) for the prefill, and for the decode step the
+    same program with its glue compiled by Inductor (inductor_step) where that runs (a CPU with a C++ compiler),
+    else eager."""
+    if backend != "auto":
+        return backend, backend
+    from blade.backends import get
+    from blade.target import detect
+
+    device = next(model.parameters()).device.type
+    return "eager", "inductor_step" if get("inductor_step").available(detect(device)) else "eager"
+
+
+def _programs(prefill_step, decode_step, model, max_batch: int, max_length: int, name: str, options: dict,
+              backend: str = "auto"):
+    """blade.compile of both steps, batch (and prompt length) dynamic; an auto decode step that Inductor cannot
+    compile here falls back to the eager backend (warned). A decode step on Inductor is called at the example batch
+    and at batch 1 before it is returned, so that neither kind of batch compiles during a generate."""
     from torch.export import Dim
+
+    from blade.errors import BackendError
+
+    prefill_backend, decode_backend = step_backends(backend, model)
 
     batch = Dim("batch", min=1, max=max_batch) if max_batch > 1 else None
     length = Dim("length", min=1, max=max_length)
@@ -262,8 +281,25 @@ def _programs(prefill_step, decode_step, model, max_batch: int, max_length: int,
     rows = torch.arange(example_batch)
     prefill = blade.compile(prefill_step, (ids, rows, torch.full((example_batch,), ids.shape[1] - 1)),
                             dynamic_shapes=({0: batch, 1: length}, {0: batch}, {0: batch}),
-                            name=f"{name}.prefill", **options)
-    positions = torch.full((example_batch, 1), ids.shape[1])
-    decode = blade.compile(decode_step, (ids[:, :1], positions), dynamic_shapes=({0: batch}, {0: batch}),
-                           name=f"{name}.decode", **options)
+                            name=f"{name}.prefill", backend=prefill_backend, **options)
+    # laid out as decode() passes them (dynamo compiles again for other strides)
+    tokens, positions = ids[:, 0].clone()[:, None], torch.full((example_batch,), ids.shape[1])[:, None]
+
+    def compile_decode(chosen: str):
+        decode = blade.compile(decode_step, (tokens, positions), dynamic_shapes=({0: batch}, {0: batch}),
+                               name=f"{name}.decode", backend=chosen, **options)
+        if decode.backend == "inductor_step":  # both kinds of batch compiled now (a cached program compiles here)
+            with torch.no_grad():
+                for rows in sorted({example_batch, 1}):
+                    decode(tokens[:rows], positions[:rows])
+        return decode
+
+    try:
+        decode = compile_decode(decode_backend)
+    except BackendError as exc:
+        if backend != "auto" or decode_backend == "eager":
+            raise
+        warnings.warn(f"blade.llm: Inductor could not compile the decode step of {name} ({exc}); it runs on the "
+                      "eager backend instead", RuntimeWarning, stacklevel=3)
+        decode = compile_decode("eager")
     return prefill, decode
