@@ -1,21 +1,21 @@
 """Where a blade.llm decode step's time goes on CPU: the linear kernels against the memory, and the rest.
 
 One process, --model (GPT-2 base or Llama-134M, random weights, blade.models.hf_lm), blade.llm at batch 1,
-max_length 160, fp32 or --quantize's weights:
+max_length 160, fp32 or --quantize's weights, --backend (auto: the decode step on inductor_step where it runs):
 * the decode step as generate runs it (median of --steps steps after a warm-up);
-* the step's fx module calling every aten op through its OpOverload instead of the eager backend's fast calls,
-  alternating step by step with the module as compiled: the median paired difference is what the fast calls save;
+* the decode graph on the eager backend calling every aten op through its OpOverload instead of its fast calls,
+  alternating step by step with the same backend's fast calls: the median paired difference is what they save;
 * the same step with blade's skinny linear kernels (fp32/int8 and int4) replaced by an empty output of the right
   shape: what is left is
-  everything but the linears' arithmetic and weight reads (the fx graph's other ops, the kernel registry's choice,
+  everything but the linears' arithmetic and weight reads (the graph's other ops, the kernel registry's choice,
   the wrappers), so step − this = the linears' own time;
 * the skinny kernel alone on the step's weight shapes, one layer's weights at a time and all of them (larger than the
   caches), in GB/s of weight read, beside torch's linear and a plain read (torch.sum) of the same weights;
 * the memory bandwidth blade.perf.peaks.measure reports now (the denominator of bench/llm_cpu.py's MBU).
 The order is interleaved where it matters (step, stubbed step, step again). Writes bench/results/<--out>.md/.json.
 
-    python bench/llm_decode_breakdown.py [--model gpt2] [--quantize int4_weight_only] [--steps 40]
-                                         [--out llm_decode_breakdown]
+    python bench/llm_decode_breakdown.py [--model gpt2] [--quantize int4_weight_only] [--backend auto]
+                                         [--steps 40] [--out llm_decode_breakdown]
 """
 from __future__ import annotations
 
@@ -86,23 +86,23 @@ def step_times(lm, steps: int) -> dict:
 
 
 def fast_calls_saving(lm, step, pairs: int) -> float:
-    """Seconds a step saves by the eager backend's fast calls: the median over alternating steps of (the fx module
-    calling every aten op through its OpOverload) - (the module as compiled)."""
+    """Seconds an eager-backend step saves by its fast calls: the median over alternating steps of (the decode graph
+    on the eager backend calling every aten op through its OpOverload) - (the same with the fast calls)."""
     from blade.backends.eager import EagerExecutable
 
-    executable = lm.decode_program.executable
-    modules = {"fast": executable.module,
-               "overloads": EagerExecutable(lm.decode_program.graph, fast_calls=False).module}
-    times = {name: [] for name in modules}
+    program = lm.decode_program
+    compiled = program.executable
+    executables = {"fast": EagerExecutable(program.graph), "overloads": EagerExecutable(program.graph, fast_calls=False)}
+    times = {name: [] for name in executables}
     try:
         for i in range(pairs):
             for name in (("fast", "overloads") if i % 2 else ("overloads", "fast")):
-                executable.module = modules[name]
+                program.executable = executables[name]
                 start = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - start)
     finally:
-        executable.module = modules["fast"]
+        program.executable = compiled
     return statistics.median(a - b for a, b in zip(times["overloads"], times["fast"]))
 
 
@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--model", default="gpt2", choices=["gpt2", "llama_134m"])
     parser.add_argument("--quantize", default=None, choices=["int8_weight_only", "int4_weight_only"],
                         help="weights of the step (the GB/s table is fp32 whatever this is)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "eager", "inductor_step"],
+                        help="blade.llm.compile's backend (auto: the decode step on inductor_step where it runs)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", default="llm_decode_breakdown")
     args = parser.parse_args()
@@ -128,7 +130,7 @@ def main() -> None:
     target = blade.target.detect("cpu")
     model = getattr(hf_lm, args.model)()
     quantized = {"quantize": args.quantize, "accuracy_budget": 0.3} if args.quantize else {}
-    lm = blade.llm.compile(model, max_batch=1, max_length=160, cache=False, **quantized)
+    lm = blade.llm.compile(model, max_batch=1, max_length=160, cache=False, backend=args.backend, **quantized)
     lm.generate(torch.randint(0, model.config.vocab_size, (1, 32)), max_new_tokens=8)
     steps = step_times(lm, args.steps)
     layers = layer_weight_shapes(model)
@@ -140,20 +142,22 @@ def main() -> None:
     bandwidth = measure(target).bandwidth
     weight_bytes = lm.weight_bytes
     options = (f" --model {args.model}" if args.model != "gpt2" else "") + \
-        (f" --quantize {args.quantize}" if args.quantize else "")
+        (f" --quantize {args.quantize}" if args.quantize else "") + \
+        (f" --backend {args.backend}" if args.backend != "auto" else "")
     result = {"machine": f"{target.describe()}, torch {torch.__version__}, python {platform.python_version()}",
               "model": args.model, "quantize": args.quantize, "steps": steps, "gemv_gb_per_s": rates,
               "bandwidth_gb_per_s": bandwidth / 1e9, "weight_mb": weight_bytes / 1e6,
               "command": f"python bench/llm_decode_breakdown.py{options} --steps {args.steps}"}
     lines = [f"# blade.llm decode step on CPU, where the time goes (`{result['command']}`)", "",
              f"Machine: {result['machine']}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {args.model}, "
-             f"{args.quantize or 'fp32'} weights, batch 1; {weight_bytes / 1e6:.0f} MB of weights read per step.", "",
+             f"{args.quantize or 'fp32'} weights, batch 1, the decode program on {lm.decode_program.backend}; "
+             f"{weight_bytes / 1e6:.0f} MB of weights read per step.", "",
              "| decode step | ms |", "|---|---:|",
              f"| as generate runs it | {steps['step'] * 1e3:.1f} |",
              f"| linear kernels replaced by an empty output | {steps['step_without_linear_kernels'] * 1e3:.1f} |",
              f"| as generate runs it, again | {steps['step_again'] * 1e3:.1f} |",
-             f"| saved by the eager backend's fast calls (paired: every aten op through its OpOverload − as "
-             f"compiled) | {steps['fast_calls_saving'] * 1e3:.2f} |", "",
+             f"| saved by the eager backend's fast calls (paired, on that backend: every aten op through its "
+             f"OpOverload − with them) | {steps['fast_calls_saving'] * 1e3:.2f} |", "",
              "| weights | blade skinny GB/s | torch linear GB/s | torch.sum (read) GB/s |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {r['skinny']:.1f} | {r['torch_linear']:.1f} | {r['read_sum']:.1f} |"
               for name, r in rates.items()]
