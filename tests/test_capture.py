@@ -131,7 +131,7 @@ def test_non_tensor_inputs_are_rejected():
 
 
 def test_unknown_backend_and_level_are_config_errors():
-    with pytest.raises(ConfigError, match=r"unknown backend 'tensorrt'; registered backends: \['eager', 'inductor', 'onnxruntime', 'triton'\]"):
+    with pytest.raises(ConfigError, match=r"unknown backend 'tensorrt'; registered backends: \['eager', 'inductor', 'inductor_step', 'onnxruntime', 'triton'\]"):
         blade.compile(Structured(), (torch.randn(3, 6),), backend="tensorrt")
     with pytest.raises(ConfigError, match="optimize=7 is not a level"):
         blade.compile(Structured(), (torch.randn(3, 6),), optimize=7, backend="eager")

@@ -262,11 +262,24 @@ def step_backends(backend: str, model: torch.nn.Module) -> tuple[str, str]:
     return "eager", "inductor_step" if get("inductor_step").available(detect(device)) else "eager"
 
 
+def compile_decode_shapes(decode, max_batch: int) -> None:
+    """Call a decode program on inductor_step at batch 2 (where max_batch allows) and at batch 1, token 0 into slot
+    0, so that Inductor compiles both kinds of batch now rather than in a generate; the cache is zeroed after."""
+    if decode.backend != "inductor_step":
+        return
+    with torch.no_grad():
+        for rows in sorted({min(2, max_batch), 1}):
+            # two tensors (dynamo guards on aliasing), laid out as decode() passes them
+            decode(torch.zeros((rows,), dtype=torch.long)[:, None], torch.zeros((rows,), dtype=torch.long)[:, None])
+        for tensor in decode.graph.state.values():
+            tensor.zero_()
+
+
 def _programs(prefill_step, decode_step, model, max_batch: int, max_length: int, name: str, options: dict,
               backend: str = "auto"):
     """blade.compile of both steps, batch (and prompt length) dynamic; an auto decode step that Inductor cannot
-    compile here falls back to the eager backend (warned). A decode step on Inductor is called at the example batch
-    and at batch 1 before it is returned, so that neither kind of batch compiles during a generate."""
+    compile here falls back to the eager backend (warned). A decode step on Inductor compiles for batch 1 and for
+    more before it is returned (compile_decode_shapes)."""
     from torch.export import Dim
 
     from blade.errors import BackendError
@@ -288,10 +301,7 @@ def _programs(prefill_step, decode_step, model, max_batch: int, max_length: int,
     def compile_decode(chosen: str):
         decode = blade.compile(decode_step, (tokens, positions), dynamic_shapes=({0: batch}, {0: batch}),
                                name=f"{name}.decode", backend=chosen, **options)
-        if decode.backend == "inductor_step":  # both kinds of batch compiled now (a cached program compiles here)
-            with torch.no_grad():
-                for rows in sorted({example_batch, 1}):
-                    decode(tokens[:rows], positions[:rows])
+        compile_decode_shapes(decode, max_batch)  # a program from blade's compile cache compiles here
         return decode
 
     try:

@@ -85,8 +85,9 @@ def _zeroed_cache(spec, root: Path) -> dict[str, torch.Tensor]:
 
 
 def load(path):
-    """The CompiledLM saved at `path` (hashes checked; no pickle, no model code); its KV cache starts zeroed."""
-    from blade.llm.compiled import CompiledLM, streamed_bytes
+    """The CompiledLM saved at `path` (hashes checked; no pickle, no model code); its KV cache starts zeroed. A decode
+    program on inductor_step compiles here (seconds), as in blade.llm.compile."""
+    from blade.llm.compiled import CompiledLM, compile_decode_shapes, streamed_bytes
     from blade.runtime.artifact import load as load_artifact
 
     root = Path(path)
@@ -103,6 +104,7 @@ def load(path):
     for program in (prefill, decode):
         if set(program.graph.state) != set(shared) or any(program.graph.state[n] is not t for n, t in shared.items()):
             raise ArtifactError(f"the prefill and decode programs of {root} keep other state than its cache; damaged")
+    compile_decode_shapes(decode, data["max_batch"])  # Inductor's code is not saved: it compiles now
     return CompiledLM(prefill, decode, shared, max_batch=data["max_batch"], max_length=data["max_length"],
                       eos_token_ids=tuple(data["eos_token_ids"]), pad_token_id=data["pad_token_id"],
                       weight_bytes=streamed_bytes(decode.graph), name=data["name"])

@@ -39,6 +39,21 @@ def test_loaded_lm_generates_what_the_compiled_one_does_with_the_weights_stored_
     assert torch.equal(loaded, want)
 
 
+def test_a_loaded_decode_step_compiles_at_load_and_not_in_generate(tmp_path):
+    model = family("llama")
+    blade.llm.compile(model, max_batch=2, max_length=32).save(tmp_path / "lm.blade")
+    loaded = blade.llm.load(tmp_path / "lm.blade")
+    assert loaded.decode_program.backend == "inductor_step"
+    assert all(t.abs().sum() == 0 for t in loaded.cache.values()), "the load's compiling calls leave no trace"
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for batch in (1, 2):
+        ids, mask = left_padded(batch, [5, 3][:batch], 512, 7)
+        with torch.no_grad():
+            want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(loaded.generate(ids, mask, max_new_tokens=6, pad_token_id=0), want)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
 def test_damage_and_the_wrong_loader_are_refused(tmp_path):
     lm = blade.llm.compile(family("gpt2"), max_batch=1, max_length=32)
     root = tmp_path / "lm.blade"
