@@ -55,13 +55,15 @@ def attention(q, k, v, mask=None, scale=None, causal=False) -> torch.Tensor:
     if mask is not None:
         if mask.dim() < 4:
             mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        mask_strides = tuple(0 if n == 1 else st for n, st in
-                             ((mask.shape[0], mask.stride(0)), (mask.shape[1], mask.stride(1)),
-                              (mask.shape[3], mask.stride(3))))
+        sizes, strides = mask.shape, mask.stride()
+        mask_strides = (0 if sizes[0] == 1 else strides[0], 0 if sizes[1] == 1 else strides[1],
+                        0 if sizes[3] == 1 else strides[3])
+    q_strides, k_strides, v_strides = q.stride(), k.stride(), v.stride()
     code = library()(
-        q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
-        None if mask is None else mask.data_ptr(), *mask_strides, out.data_ptr(), batch, q_heads, kv_heads,
-        keys, head_dim, v_dim, float(scale), DTYPES[q.dtype], torch.get_num_threads())
+        q.data_ptr(), q_strides[0], q_strides[1], k.data_ptr(), k_strides[0], k_strides[1], k_strides[2],
+        v.data_ptr(), v_strides[0], v_strides[1], v_strides[2], None if mask is None else mask.data_ptr(),
+        *mask_strides, out.data_ptr(), batch, q_heads, kv_heads, keys, head_dim, v_dim, float(scale),
+        DTYPES[q.dtype], torch.get_num_threads())
     if code != 0:
         raise ValueError(f"blade's decode attention refused q {tuple(q.shape)} {q.dtype}")
     return out.transpose(1, 2)

@@ -93,6 +93,16 @@ def fp32_pointer(t: Optional[torch.Tensor]):
     return t.data_ptr(), t
 
 
+def fp32_address(t: Optional[torch.Tensor]):
+    """The address of `t` where it is contiguous fp32 already (or None), else False: the copy-free common case of
+    fp32_pointer without building a tuple (a decode step makes ~60 kernel calls)."""
+    if t is None:
+        return None
+    if t.dtype is torch.float32 and t.is_contiguous():
+        return t.data_ptr()
+    return False
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ (weight · scale)ᵀ + bias for a call `supports` takes; y in x's dtype. A decode step makes ~50 of these
@@ -105,11 +115,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         if code != 0:
             raise RuntimeError(f"blade_skinny_linear returned {code} for bf16 x {list(x.shape)}")
         return out
-    x_ptr, flat = fp32_pointer(x)
-    scale_ptr, scale = fp32_pointer(scale)
-    bias_ptr, bias = fp32_pointer(bias)
+    x_ptr, scale_ptr, bias_ptr = fp32_address(x), fp32_address(scale), fp32_address(bias)
+    if x_ptr is False or scale_ptr is False or bias_ptr is False:
+        held = fp32_pointer(x), fp32_pointer(scale), fp32_pointer(bias)  # the copies live until the call returns
+        x_ptr, scale_ptr, bias_ptr = (address for address, _ in held)
     out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    code = library()(x_ptr, flat.numel() // k, k, weight.data_ptr(), WEIGHT_KINDS[weight.dtype], scale_ptr, bias_ptr,
+    code = library()(x_ptr, x.numel() // k, k, weight.data_ptr(), WEIGHT_KINDS[weight.dtype], scale_ptr, bias_ptr,
                      out.data_ptr(), n, n, k, torch.get_num_threads())
     if code != 0:
         raise RuntimeError(f"blade_skinny_linear returned {code} for x {list(x.shape)}, weight {weight.dtype}")
@@ -150,11 +161,12 @@ def q4linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """blade::q4linear through the int4 entry point, for a call `supports_q4` takes; y in x's dtype."""
     n, k = packed.shape[0], 2 * packed.shape[1]
-    x_ptr, flat = fp32_pointer(x)
-    scales_ptr, scales = fp32_pointer(scales)
-    bias_ptr, bias = fp32_pointer(bias)
+    x_ptr, scales_ptr, bias_ptr = fp32_address(x), fp32_address(scales), fp32_address(bias)
+    if x_ptr is False or scales_ptr is False or bias_ptr is False:
+        held = fp32_pointer(x), fp32_pointer(scales), fp32_pointer(bias)  # the copies live until the call returns
+        x_ptr, scales_ptr, bias_ptr = (address for address, _ in held)
     out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    code = KERNEL_Q4.function()(x_ptr, flat.numel() // k, k, packed.data_ptr(), scales_ptr, bias_ptr, out.data_ptr(),
+    code = KERNEL_Q4.function()(x_ptr, x.numel() // k, k, packed.data_ptr(), scales_ptr, bias_ptr, out.data_ptr(),
                                 n, n, k, k // scales.shape[1], torch.get_num_threads())
     if code != 0:
         raise RuntimeError(f"blade_skinny_linear_q4 returned {code} for x {list(x.shape)}, packed {list(packed.shape)}")

@@ -131,3 +131,17 @@ def test_beyond_the_row_limits_the_reference_runs():
     assert not skinny_native.supports(torch.randn(skinny_native.MAX_QUANTIZED_ROWS + 1, 32), weight, None,
                                       torch.rand(16))
     assert not skinny_native.supports(torch.randn(skinny_native.MAX_ROWS + 1, 32), weight.float())
+
+
+def test_an_input_copied_for_the_call_keeps_the_result_in_its_dtype():
+    """x that is not contiguous fp32 (bf16, or a strided view) is copied for the kernel; y is in x's dtype."""
+    from blade.ops.quantized import dequantize_int4, quantize_int4
+
+    weight = torch.randn(16, 64)
+    packed, scales = quantize_int4(weight, 32)
+    for x in (torch.randn(2, 64).bfloat16(), torch.randn(2, 128)[:, ::2]):
+        got = skinny_native.linear(x, weight)
+        assert got.dtype == x.dtype and rel(got.float(), torch.nn.functional.linear(x.float(), weight)) < 1e-2
+        got = skinny_native.q4linear(x, packed, scales)
+        want = torch.nn.functional.linear(x.float(), dequantize_int4(packed, scales))
+        assert got.dtype == x.dtype and rel(got.float(), want) < 1e-2
