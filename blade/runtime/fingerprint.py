@@ -95,13 +95,22 @@ def user_code_digest(skip: tuple[str, ...] = ()) -> str:
 
 
 # Code that compilers write and load as modules (Inductor's kernels, Triton's launchers, blade's own
-# generated kernels): not the user's code, and new with every compile.
+# generated kernels): not the user's code, and new with every compile. Their default directories carry these
+# marks; a directory set by the compilers' own variables is skipped too (_generated_roots).
 _GENERATED = ("torchinductor_", f"{os.sep}triton{os.sep}", f"{os.sep}blade_triton_")
+_GENERATED_DIR_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 def _is_user_file(path: str, skip: tuple[str, ...]) -> bool:
     real = _real(path)
-    return not real.startswith(_skipped_prefixes(skip)) and not any(mark in real for mark in _GENERATED)
+    if real.startswith(_skipped_prefixes(skip)) or any(mark in real for mark in _GENERATED):
+        return False
+    return not real.startswith(_generated_roots(tuple(os.environ.get(v, "") for v in _GENERATED_DIR_VARIABLES)))
+
+
+@functools.lru_cache(maxsize=8)
+def _generated_roots(directories: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(os.path.realpath(d) + os.sep for d in directories if d)
 
 
 @functools.lru_cache(maxsize=None)

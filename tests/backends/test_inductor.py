@@ -1,6 +1,8 @@
 """The inductor backend: blade's optimized IR through torch.compile, against eager on fresh inputs."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -87,6 +89,27 @@ def test_inductor_generated_modules_are_not_user_code():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
     blade.compile(model, (torch.randn(3, 8),), backend="inductor")
     assert fingerprint.user_code_digest(skip=skip) == before
+
+
+def test_inductor_modules_in_a_cache_directory_of_ones_own_are_not_user_code(monkeypatch, tmp_path):
+    """TORCHINDUCTOR_CACHE_DIR elsewhere (a path without Inductor's default mark): its modules are skipped too."""
+    from blade.runtime import cache
+    from blade.runtime import fingerprint
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "kernels"))
+    (tmp_path / "kernels").mkdir()
+    generated = tmp_path / "kernels" / "blade_test_generated_module.py"
+    generated.write_text("VALUE = 1\n")
+    skip = tuple(cache._blade_dirs())
+    before = fingerprint.user_code_digest(skip=skip)
+    monkeypatch.syspath_prepend(str(tmp_path / "kernels"))
+    __import__("blade_test_generated_module")
+    try:
+        assert fingerprint.user_code_digest(skip=skip) == before
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+        assert fingerprint.user_code_digest(skip=skip) != before, "the same file outside a compiler's directory counts"
+    finally:
+        sys.modules.pop("blade_test_generated_module", None)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN (mkldnn) GEMMs: x86/ARM CPU builds")
