@@ -367,10 +367,24 @@ def stable_value(value, depth: int = 0, seen: frozenset = frozenset(), memo: dic
     raise Unstable(f"attribute of type {type(value).__qualname__} has no stable hash")
 
 
+@functools.lru_cache(maxsize=1)
+def _settle_dynamo_patch() -> None:
+    """Install now the patch of torch.nn.Module.__init__/__setstate__ that dynamo installs at the first
+    torch.compile of a process (its generation tagging), so that torch.nn.Module's code is keyed the same before
+    and after one: else a model's first compile in a process misses the cache of every later one. Idempotent;
+    where this torch has no such hook, nothing."""
+    try:
+        from torch._dynamo.mutation_guard import install_generation_tagging_init
+    except ImportError:
+        return
+    install_generation_tagging_init()
+
+
 def module_digest(model: torch.nn.Module) -> str:
     """Code, plain attributes, training flags and weights of every submodule; Unstable when hooks are set."""
     from torch.nn.modules import module as nn_module
 
+    _settle_dynamo_patch()
     if any(getattr(nn_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
         raise Unstable("global forward hooks are registered")
     parts, memo = [], {}

@@ -1,6 +1,7 @@
 """The inductor backend: blade's optimized IR through torch.compile, against eager on fresh inputs."""
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -89,6 +90,17 @@ def test_inductor_generated_modules_are_not_user_code():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
     blade.compile(model, (torch.randn(3, 8),), backend="inductor")
     assert fingerprint.user_code_digest(skip=skip) == before
+
+
+def test_a_models_key_is_the_same_before_and_after_the_first_torch_compile_of_a_process():
+    """Dynamo patches torch.nn.Module.__init__ at its first compile; a model's digest must not see it (a fresh
+    process, where nothing has compiled yet)."""
+    script = ("import torch; from blade.runtime.fingerprint import module_digest; m = torch.nn.Linear(4, 4); "
+              "before = module_digest(m); torch.compile(torch.nn.Tanh(), backend='inductor')(torch.randn(3)); "
+              "print(before == module_digest(m))")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "True"
 
 
 def test_inductor_modules_in_a_cache_directory_of_ones_own_are_not_user_code(monkeypatch, tmp_path):
