@@ -96,6 +96,12 @@ def native_attention() -> bool:
     return _flag("BLADE_NATIVE_ATTENTION")
 
 
+def compiler_cache_dirs() -> tuple[str, ...]:
+    """$TORCHINDUCTOR_CACHE_DIR and $TRITON_CACHE_DIR where set: where Inductor and Triton write the code they load
+    as modules (not the user's code, for the compile cache's key)."""
+    return tuple(d for d in (os.environ.get("TORCHINDUCTOR_CACHE_DIR"), os.environ.get("TRITON_CACHE_DIR")) if d)
+
+
 def cxx() -> str:
     """$CXX (default g++): the C++ compiler that builds the native attention kernel."""
     return os.environ.get("CXX", "g++")

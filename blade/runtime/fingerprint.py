@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 
+from blade import config
+
 
 class Unstable(Exception):
     """Something that decides the compile has no stable hash (a hook, an object without a source file)."""
@@ -98,19 +100,18 @@ def user_code_digest(skip: tuple[str, ...] = ()) -> str:
 # generated kernels): not the user's code, and new with every compile. Their default directories carry these
 # marks; a directory set by the compilers' own variables is skipped too (_generated_roots).
 _GENERATED = ("torchinductor_", f"{os.sep}triton{os.sep}", f"{os.sep}blade_triton_")
-_GENERATED_DIR_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 def _is_user_file(path: str, skip: tuple[str, ...]) -> bool:
     real = _real(path)
     if real.startswith(_skipped_prefixes(skip)) or any(mark in real for mark in _GENERATED):
         return False
-    return not real.startswith(_generated_roots(tuple(os.environ.get(v, "") for v in _GENERATED_DIR_VARIABLES)))
+    return not real.startswith(_generated_roots(config.compiler_cache_dirs()))
 
 
 @functools.lru_cache(maxsize=8)
 def _generated_roots(directories: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(os.path.realpath(d) + os.sep for d in directories if d)
+    return tuple(os.path.realpath(d) + os.sep for d in directories)
 
 
 @functools.lru_cache(maxsize=None)
