@@ -32,13 +32,9 @@ import blade.target
 from blade.backends.eager import EagerExecutable
 from blade.backends.kernels import skinny_native
 from blade.models import hf_lm
+from llm_decode_breakdown import empty_linear
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def empty_linear(x, weight, bias=None, scale=None):
-    """The skinny kernel's call without its arithmetic: an output of the right shape and dtype."""
-    return torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
 
 
 def compile_seconds(model, backend: str, quantized: dict):

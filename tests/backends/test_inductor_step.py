@@ -13,6 +13,7 @@ from blade.backends.eager import DIRECT  # noqa: E402
 from blade.backends.inductor import step  # noqa: E402
 from blade.backends.inductor.kernel_calls import kernel_ops  # noqa: E402
 from blade.backends.kernels import registry  # noqa: E402
+from blade.errors import ShapeError  # noqa: E402
 from blade.ops.attention import FLASH_ATTENTION, attention_reference  # noqa: E402
 from blade.ops.quantized import Q4LINEAR, QEMBEDDING, QLINEAR, quantize_int4, quantize_table, quantize_weight  # noqa: E402
 from llm_models import family, left_padded  # noqa: E402
@@ -94,3 +95,12 @@ def test_auto_falls_back_to_the_eager_backend_where_inductor_cannot_compile(monk
 def test_a_named_backend_runs_both_programs():
     lm = blade.llm.compile(family("llama"), max_batch=1, max_length=32, backend="eager")
     assert (lm.prefill_program.backend, lm.decode_program.backend) == ("eager", "eager")
+
+
+def test_a_bad_input_to_a_compiled_step_is_named_before_inductor_sees_it():
+    lm = blade.llm.compile(family("gpt2"), max_batch=2, max_length=32)
+    assert lm.decode_program.backend == "inductor_step"
+    with pytest.raises(ShapeError, match="input_ids"):
+        lm.decode_program(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ShapeError, match="positions"):
+        lm.decode_program(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1))
